@@ -1,0 +1,7 @@
+"""ReCARE Studio: concept unlearning that keeps co-occurring benign concepts (ICLR 2026).
+
+The library never imports gradio; the app (`ui/`) and the CLI (`python -m recare`) are two
+views over the same calls.
+"""
+
+__version__ = "0.1.0"

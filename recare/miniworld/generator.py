@@ -1,0 +1,457 @@
+"""Train the mini world's text-to-image model and save it as a Stable Diffusion pipeline folder.
+
+The recipe, step by step (all on CPU, deterministic for a seed and a thread count):
+
+1. render ``num_images`` scenes once with their captions (``world.sample_dataset``);
+2. train the ``AutoencoderKL`` on the renders (L1 + MSE reconstruction + a small KL term), then
+   set ``scaling_factor`` = 1 / std of the latents, as SD does (the decoder is sharpened in step 5);
+3. encode every render to its latent posterior once (mean and std are cached);
+4. train the ``UNet2DConditionModel`` with the epsilon-prediction DDPM loss (Min-SNR weighted)
+   jointly with the ``CLIPTextModel``, on cached latents with large batches; 10% of captions are
+   dropped to the empty prompt for classifier-free guidance; an auxiliary head (not saved) makes
+   the text encoder's pooled state predict which concepts the caption names; EMA weights are saved;
+5. fine-tune the decoder alone (encoder frozen: the latent space does not move), with an extra L1
+   on image gradients that keeps thin details such as a cigarette (SD's ft-MSE decoder, in small);
+6. save ``StableDiffusionPipeline(vae, text_encoder, tokenizer, unet, DDIMScheduler)`` with
+   ``save_pretrained`` (safety checker off, weights in float16) plus ``recare_training.json``
+   (the recipe, seed, timings).
+
+``python -m recare.miniworld.generator OUT_DIR [--smoke]`` runs it; the bundled weights live in
+``checkpoints/mini-world/pipeline``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import world
+from .generator_models import (
+    GeneratorRecipe, build_scheduler, build_text_encoder, build_unet, build_vae, scheduler_kwargs,
+)
+from .tokenizer import CONTEXT_LENGTH, build_clip_tokenizer, write_vocab_files
+
+PIPELINE_DIRNAME = "pipeline"
+TRAINING_RECORD = "recare_training.json"
+
+
+class GeneratorTrainingError(RuntimeError):
+    """Raised when the generator recipe cannot run (bad arguments, unwritable output folder)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------
+def _to_unit_range(images_uint8: np.ndarray) -> torch.Tensor:
+    """uint8 (n, 64, 64, 3) -> float32 (n, 3, 64, 64) in [-1, 1] (SD's VAE input range)."""
+    x = torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def _cosine_lr(step: int, total: int, warmup: int) -> float:
+    """Linear warmup then cosine decay to 5% of the peak (a multiplier of the base lr)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
+    with torch.no_grad():
+        torch._foreach_lerp_(ema, params, 1.0 - decay)
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Captions -> (n, 77) int64 ids padded like the SD pipeline pads prompts."""
+    return tokenizer(captions, padding="max_length", max_length=CONTEXT_LENGTH, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def caption_concepts(captions: list[str]) -> torch.Tensor:
+    """(n, len(CONCEPTS)) float multi-hot of the concepts each caption names (the auxiliary target)."""
+    out = torch.zeros(len(captions), len(world.CONCEPTS))
+    for i, text in enumerate(captions):
+        for name in world.prompt_concepts(text):
+            out[i, world.CONCEPT_INDEX[name]] = 1.0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: the autoencoder
+# ---------------------------------------------------------------------------------------------
+def train_vae(vae, images: np.ndarray, recipe: GeneratorRecipe, generator: torch.Generator, progress: bool = True) -> list[float]:
+    """Train ``vae`` on uint8 renders; returns the loss curve (one value per step).
+
+    Args:
+        vae: an ``AutoencoderKL`` (trained in place).
+        images: uint8 (n, 64, 64, 3) renders.
+        recipe: sizes and knobs (``vae_steps``, ``vae_batch``, ``vae_lr``, ``vae_kl_weight``).
+        generator: torch CPU generator (batches, flips, posterior samples).
+        progress: show a tqdm bar.
+    """
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    warmup = max(1, recipe.vae_steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, recipe.vae_steps, warmup))
+    losses = []
+    bar = tqdm(range(recipe.vae_steps), desc="autoencoder", disable=not progress)
+    for _ in bar:
+        idx = torch.randint(0, len(images), (recipe.vae_batch,), generator=generator)
+        x = _to_unit_range(images[idx.numpy()])
+        flip = torch.rand(len(x), generator=generator) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        recon = vae.decode(z).sample
+        # reconstruction: per-pixel L1 + MSE; KL: per-image sum (SD's convention), weighted small
+        loss = (recon - x).abs().mean() + (recon - x).pow(2).mean() + recipe.vae_kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    vae.eval()
+    return losses
+
+
+def _edge_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """L1 between horizontal and vertical finite differences: keeps thin details (a cigarette) sharp."""
+    dx = (a[..., :, 1:] - a[..., :, :-1]) - (b[..., :, 1:] - b[..., :, :-1])
+    dy = (a[..., 1:, :] - a[..., :-1, :]) - (b[..., 1:, :] - b[..., :-1, :])
+    return dx.abs().mean() + dy.abs().mean()
+
+
+def refine_decoder(vae, images: np.ndarray, recipe: GeneratorRecipe, generator: torch.Generator, progress: bool = True) -> list[float]:
+    """Fine-tune only the decoder (encoder frozen, so the latent space the UNet learns is unchanged).
+
+    As Stable Diffusion's ft-EMA/ft-MSE decoders: sharper images at no cost to the diffusion model.
+    Loss: L1 + MSE + L1 of image gradients, on decodes of posterior samples.
+
+    Args:
+        vae: a trained ``AutoencoderKL`` (decoder and post_quant_conv trained in place).
+        images: uint8 (n, 64, 64, 3) renders.
+        recipe: ``decoder_steps``, ``vae_batch``, ``decoder_lr``, ``edge_weight``.
+        generator: torch CPU generator.
+        progress: show a tqdm bar.
+    """
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=recipe.decoder_lr, weight_decay=0.0)
+    warmup = max(1, recipe.decoder_steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, recipe.decoder_steps, warmup))
+    vae.eval()
+    vae.decoder.train()
+    losses = []
+    bar = tqdm(range(recipe.decoder_steps), desc="decoder refinement", disable=not progress)
+    for _ in bar:
+        idx = torch.randint(0, len(images), (recipe.vae_batch,), generator=generator)
+        x = _to_unit_range(images[idx.numpy()])
+        flip = torch.rand(len(x), generator=generator) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        with torch.no_grad():
+            posterior = vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        recon = vae.decode(z).sample
+        loss = (recon - x).abs().mean() + (recon - x).pow(2).mean() + recipe.edge_weight * _edge_l1(recon, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    vae.eval()
+    return losses
+
+
+@torch.no_grad()
+def encode_latents(vae, images: np.ndarray, batch_size: int = 256, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std (unscaled) of every render: two float32 (n, 4, 8, 8) tensors."""
+    means, stds = [], []
+    for start in tqdm(range(0, len(images), batch_size), desc="encode latents", disable=not progress):
+        dist = vae.encode(_to_unit_range(images[start : start + batch_size])).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: UNet + text encoder
+# ---------------------------------------------------------------------------------------------
+def train_unet_and_text(
+    unet, text_encoder, latents_mean: torch.Tensor, latents_std: torch.Tensor, input_ids: torch.Tensor,
+    concept_targets: torch.Tensor, empty_ids: torch.Tensor, recipe: GeneratorRecipe, generator: torch.Generator,
+    progress: bool = True,
+) -> list[float]:
+    """Joint epsilon-prediction training of ``unet`` and ``text_encoder``; EMA weights are copied in at the end.
+
+    Args:
+        unet, text_encoder: the models (trained in place; they end holding their EMA weights).
+        latents_mean, latents_std: cached posteriors, already multiplied by the VAE scaling factor.
+        input_ids: (n, 77) caption ids; concept_targets: (n, C) auxiliary multi-hot targets.
+        empty_ids: (77,) ids of the empty prompt (the unconditional caption).
+        recipe: sizes and knobs; generator: torch CPU generator.
+        progress: show a tqdm bar.
+
+    Returns:
+        The diffusion-loss curve (one value per step).
+    """
+    from diffusers import DDPMScheduler
+
+    noise_scheduler = DDPMScheduler(**scheduler_kwargs())
+    alphas_cumprod = noise_scheduler.alphas_cumprod
+    snr = alphas_cumprod / (1.0 - alphas_cumprod)
+    head = torch.nn.Linear(text_encoder.config.hidden_size, concept_targets.shape[1])
+    torch.nn.init.zeros_(head.bias)
+
+    unet.train()
+    text_encoder.train()
+    groups = [
+        {"params": list(unet.parameters()), "lr": recipe.unet_lr, "weight_decay": 0.01},
+        {"params": list(text_encoder.parameters()) + list(head.parameters()), "lr": recipe.text_lr, "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, recipe.unet_steps, recipe.warmup_steps))
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = [p.detach().clone() for p in params]
+
+    n = len(latents_mean)
+    order = torch.randperm(n, generator=generator)
+    cursor = 0
+    losses = []
+    bar = tqdm(range(recipe.unet_steps), desc="unet + text encoder", disable=not progress)
+    for step in bar:
+        if cursor + recipe.unet_batch > n:  # next epoch
+            order, cursor = torch.randperm(n, generator=generator), 0
+        idx = order[cursor : cursor + recipe.unet_batch]
+        cursor += recipe.unet_batch
+        b = len(idx)
+        # clean latents: a fresh sample of each cached posterior
+        z0 = latents_mean[idx] + latents_std[idx] * torch.randn(latents_mean[idx].shape, generator=generator)
+        # captions, ~10% replaced by the empty prompt (classifier-free guidance)
+        drop = torch.rand(b, generator=generator) < recipe.caption_dropout
+        ids = torch.where(drop[:, None], empty_ids[None, :], input_ids[idx])
+        out = text_encoder(ids)
+        # forward diffusion at a uniform timestep, then predict the noise (Eq.: DDPM epsilon loss)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator)
+        noise = torch.randn(z0.shape, generator=generator)
+        zt = noise_scheduler.add_noise(z0, noise, t)
+        pred = unet(zt, t, encoder_hidden_states=out.last_hidden_state).sample
+        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        if recipe.min_snr_gamma > 0:  # Min-SNR-gamma weights for epsilon prediction: min(snr, g) / snr
+            weight = torch.clamp(snr[t], max=recipe.min_snr_gamma) / snr[t]
+            diffusion_loss = (weight * per_sample).mean()
+        else:
+            diffusion_loss = per_sample.mean()
+        loss = diffusion_loss
+        if recipe.aux_weight > 0 and (~drop).any():
+            logits = head(out.pooler_output[~drop])
+            loss = loss + recipe.aux_weight * F.binary_cross_entropy_with_logits(logits, concept_targets[idx][~drop])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        _ema_update(ema, params, min(recipe.ema_decay, (1 + step) / (10 + step)))
+        losses.append(float(per_sample.detach().mean()))
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    unet.eval()
+    text_encoder.eval()
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------
+def assemble_pipeline(vae, text_encoder, tokenizer, unet):
+    """Wrap the parts in a ``StableDiffusionPipeline`` exactly like SD v1.4 (no safety checker)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=build_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def save_pipeline(pipe, folder: Path, record: dict, fp16: bool = True) -> Path:
+    """``save_pretrained`` into a temporary sibling, then rename over ``folder`` (atomic-ish).
+
+    Args:
+        pipe: the assembled pipeline (its modules are not modified).
+        folder: destination (replaced if it exists).
+        record: JSON-able training record written as ``recare_training.json`` inside the folder.
+        fp16: store the weights in float16.
+    """
+    import copy
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    try:
+        to_save = copy.deepcopy(pipe)
+        if fp16:
+            to_save.to(torch.float16)
+        to_save.save_pretrained(tmp, safe_serialization=True)
+        write_vocab_files(tmp / "tokenizer")  # vocab.json + merges.txt: loadable by slow tokenizers too
+        (tmp / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            folder.rename(old)
+            tmp.rename(folder)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe
+# ---------------------------------------------------------------------------------------------
+STAGE1_FIELDS = ("num_images", "data_seed", "vae_channels", "vae_layers_per_block", "vae_norm_groups", "vae_steps",
+                 "vae_batch", "vae_lr", "vae_kl_weight", "num_threads")
+
+
+def _stage1_cache_file(cache_dir, recipe: GeneratorRecipe, seed: int) -> Path | None:
+    if cache_dir is None:
+        return None
+    import hashlib
+
+    key = json.dumps({k: recipe.to_dict()[k] for k in STAGE1_FIELDS} | {"seed": seed}, sort_keys=True)
+    return Path(cache_dir) / f"generator-stage1-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+
+
+def train_generator(
+    out_dir: str | os.PathLike, seed: int = 0, smoke: bool = False, progress: bool = True,
+    recipe: GeneratorRecipe | None = None, cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Train the mini-world text-to-image model on CPU and save it as ``out_dir/pipeline``.
+
+    Args:
+        out_dir: parent folder (e.g. ``checkpoints/mini-world``); the pipeline goes to ``out_dir/pipeline``.
+        seed: seed of everything (renders use ``recipe.data_seed + seed``); same seed and thread
+            count give the same weights.
+        smoke: tiny sizes and a few steps (seconds), for tests.
+        progress: show tqdm bars.
+        recipe: override the sizes/knobs (default: ``GeneratorRecipe()`` or ``GeneratorRecipe.smoke()``).
+        cache_dir: optional folder keeping the trained autoencoder and the encoded latents, keyed by
+            the seed and the data/autoencoder part of the recipe, so that re-running with other UNet
+            settings skips stages 1-2 (the result is identical to a full run).
+
+    Returns:
+        The pipeline folder, loadable with ``StableDiffusionPipeline.from_pretrained``.
+
+    Raises:
+        GeneratorTrainingError: the output folder cannot be created.
+    """
+    recipe = recipe or (GeneratorRecipe.smoke() if smoke else GeneratorRecipe())
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GeneratorTrainingError(f"cannot create output folder {out_dir}: {exc}; pick a writable path.") from exc
+    threads = torch.get_num_threads()
+    torch.set_num_threads(recipe.num_threads)
+    timings: dict[str, float] = {}
+    try:
+        # stage 1+2: renders -> autoencoder -> cached latents (reused from cache_dir when the
+        # data/autoencoder part of the recipe and the seed match; each stage has its own seed)
+        t0 = time.perf_counter()
+        tokenizer = build_clip_tokenizer()
+        cache_file = _stage1_cache_file(cache_dir, recipe, seed)
+        images = None
+        if cache_file is not None and cache_file.is_file():
+            cached = torch.load(cache_file, weights_only=True)
+            vae = build_vae(recipe)
+            vae.load_state_dict(cached["vae"])
+            vae.eval()
+            captions, mean, std, vae_loss = cached["captions"], cached["mean"], cached["std"], float(cached["vae_loss"])
+            timings["stage1_cached"] = 1.0
+        else:
+            images, captions, _ = world.sample_dataset(recipe.num_images, seed=recipe.data_seed + seed)
+            timings["render_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            torch.manual_seed(seed)  # parameter initialisation
+            vae = build_vae(recipe)
+            vae_losses = train_vae(vae, images, recipe, torch.Generator().manual_seed(seed), progress)
+            vae_loss = float(np.mean(vae_losses[-50:]))
+            timings["vae_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            mean, std = encode_latents(vae, images, progress=progress)
+            timings["encode_s"] = time.perf_counter() - t0
+            if cache_file is not None:
+                cache_file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache_file.with_suffix(".tmp")
+                torch.save({"vae": vae.state_dict(), "captions": captions, "mean": mean, "std": std,
+                            "vae_loss": vae_loss}, tmp)
+                os.replace(tmp, cache_file)
+        # SD's scaling_factor: 1 / std of the (sampled) latents
+        generator = torch.Generator().manual_seed(seed + 1)
+        scaling = float(1.0 / (mean + std * torch.randn(mean.shape, generator=generator)).std())
+        vae.register_to_config(scaling_factor=scaling)
+
+        # stage 3: UNet + text encoder on cached latents
+        t0 = time.perf_counter()
+        input_ids = tokenize(tokenizer, captions)
+        empty_ids = tokenize(tokenizer, [""])[0]
+        targets = caption_concepts(captions)
+        torch.manual_seed(seed + 1)  # parameter initialisation
+        text_encoder = build_text_encoder(recipe)
+        unet = build_unet(recipe)
+        unet_losses = train_unet_and_text(unet, text_encoder, mean * scaling, std * scaling, input_ids, targets,
+                                          empty_ids, recipe, generator, progress)
+        timings["unet_s"] = time.perf_counter() - t0
+
+        # stage 4: sharpen the decoder (encoder frozen, so the UNet's latent space is unchanged)
+        t0 = time.perf_counter()
+        if recipe.decoder_steps > 0:
+            if images is None:
+                images, _, _ = world.sample_dataset(recipe.num_images, seed=recipe.data_seed + seed)
+            decoder_losses = refine_decoder(vae, images, recipe, torch.Generator().manual_seed(seed + 2), progress)
+            vae_loss = float(np.mean(decoder_losses[-50:]))
+        del images
+        timings["decoder_s"] = time.perf_counter() - t0
+
+        pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet)
+        record = {
+            "seed": seed, "smoke": smoke, "recipe": recipe.to_dict(), "scaling_factor": scaling,
+            "timings_s": {k: round(v, 1) for k, v in timings.items()}, "threads": recipe.num_threads,
+            "final_vae_loss": vae_loss, "final_unet_loss": float(np.mean(unet_losses[-50:])),
+            "torch": torch.__version__,
+        }
+        return save_pipeline(pipe, out_dir / PIPELINE_DIRNAME, record, fp16=recipe.save_fp16)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: ``python -m recare.miniworld.generator OUT_DIR [--seed N] [--smoke]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=train_generator.__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="keep/reuse the autoencoder + latents here")
+    args = parser.parse_args(argv)
+    print(train_generator(args.out_dir, seed=args.seed, smoke=args.smoke, cache_dir=args.cache_dir))
+
+
+if __name__ == "__main__":
+    main()

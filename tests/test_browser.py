@@ -1,0 +1,150 @@
+"""The app in a real browser: Playwright driving Debian's headless Chromium.
+
+Generate a few images, build the CARE-set, click a point on the plot and see the token toggle
+in the plot, the table and the final set, toggle a cluster from the legend, then download
+careset.json and check its content. Runs on the mini world when it is installed, else on tiny
+random models. Set RECARE_SCREENSHOTS=1 to (re)write the README screenshots in
+assets/screenshots/ (otherwise they go to the test's temp folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.test_app_fixtures import app_url, write_words  # noqa: F401  (fixture)
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "assets" / "screenshots"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
+                                                     "(apt-get install -y chromium; CI installs it)"),
+]
+
+PLOT = "#careset-plot .recare-plot"
+
+
+def _plot_state(page) -> dict[str, str]:
+    """token -> status ('kept' / 'dropped: ...') as drawn by plotly in the page."""
+    return page.evaluate(
+        """sel => {
+            const host = document.querySelector(sel); const out = {};
+            for (const trace of host.data) { for (const row of (trace.customdata || [])) { out[row[0]] = row[4]; } }
+            return out; }""",
+        PLOT,
+    )
+
+
+def _table_keep(page, token: str) -> bool:
+    """Whether the token's 'keep' checkbox is ticked in the token table."""
+    cell = page.locator("#cs-table [data-col='1']", has_text=token).filter(
+        has=page.locator(f"text='{token}'")).first
+    row = cell.get_attribute("data-row")
+    return page.locator(f"#cs-table [data-testid='cell-{row}-0'] input[type=checkbox]").is_checked()
+
+
+def test_generate_build_click_and_download(app_url, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    shots = SCREENSHOTS if os.environ.get("RECARE_SCREENSHOTS") == "1" else tmp_path
+    shots.mkdir(parents=True, exist_ok=True)
+    real_world = app_url["real_world"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 1000}, accept_downloads=True)
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(app_url["url"])
+
+        # ---- Generate ----
+        if not real_world:
+            page.fill("#gen-prompt textarea", "a photo of a cat")
+        page.fill("#gen-num input[type=number]", "6")
+        page.keyboard.press("Tab")
+        page.fill("#gen-steps input[type=number]", "8" if real_world else "2")
+        page.keyboard.press("Tab")
+        page.click("#gen-run")
+        expect(page.locator("#gen-status")).to_contain_text("Done", timeout=120_000)
+        expect(page.locator("#gen-gallery img")).to_have_count(6)
+        page.screenshot(path=str(shots / "generate.png"))
+
+        # ---- CARE-set ----
+        page.get_by_role("tab", name="2 · CARE-set").click()
+        if not real_world:  # tiny random models: a small word list and small K / N
+            page.get_by_label("uploaded word list").check()
+            page.set_input_files("#cs-wordlist input[type=file]", str(write_words(tmp_path / "words.txt")))
+            page.get_by_text("Algorithm 1 parameters").click()
+            page.get_by_label("K (tokens per image)").fill("8")
+            page.get_by_label("N (candidates)").fill("30")
+            page.get_by_label("Clusters").fill("4")
+            page.keyboard.press("Tab")
+            expect(page.locator("#cs-wordlist a[href*='words.txt']")).to_have_count(1)
+        page.click("#cs-build")
+        expect(page.locator("#cs-status")).to_contain_text("Built from 6 images", timeout=120_000)
+        page.wait_for_selector(f"{PLOT} .scatterlayer .point")
+        before = _plot_state(page)
+        assert before and all(s == "kept" or s.startswith("dropped") for s in before.values())
+
+        # Click the first point of the first cluster: it toggles everywhere.
+        token = page.evaluate("sel => document.querySelector(sel).data[0].customdata[0][0]", PLOT)
+        was_kept = before[token] == "kept"
+        assert _table_keep(page, token) is was_kept
+        point = page.locator(f"{PLOT} .scatterlayer .trace").first.locator(".point").first
+        point.scroll_into_view_if_needed()
+        box = point.bounding_box()
+        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        expect(page.locator("#cs-status")).to_contain_text(f"“{token}” {'dropped' if was_kept else 'kept'}")
+        page.wait_for_function(
+            """([sel, token, kept]) => { const h = document.querySelector(sel);
+                 for (const t of h.data) for (const r of (t.customdata || [])) if (r[0] === token) return (r[4] === 'kept') === kept;
+                 return false; }""",
+            arg=[PLOT, token, not was_kept],
+        )
+        assert _plot_state(page)[token] == ("kept" if not was_kept else "dropped: manual")
+        expect(page.locator("#cs-table [data-col='1']", has_text=token).first).to_be_visible()
+        page.wait_for_function(
+            """([token, kept]) => { for (const c of document.querySelectorAll("#cs-table [data-col='1']")) {
+                 if (c.innerText.trim() !== token) continue; const row = c.getAttribute('data-row');
+                 const box = document.querySelector(`#cs-table [data-testid='cell-${row}-0'] input[type=checkbox]`);
+                 return box && box.checked === kept; } return false; }""",
+            arg=[token, not was_kept],
+        )
+        final = page.locator("#careset-final textarea").input_value().splitlines()
+        assert (token in final) is (not was_kept)
+
+        # Click a cluster's legend entry: the whole cluster flips, and the Clusters checkboxes follow.
+        legend = page.locator(f"{PLOT} .legend .traces").first
+        legend.click()
+        expect(page.locator("#cs-status")).to_contain_text("Cluster 0")
+        cluster_dropped = "dropped" in page.locator("#cs-status").inner_text()
+        state = _plot_state(page)
+        members = page.evaluate("sel => document.querySelector(sel).data[0].customdata.map(r => r[0])", PLOT)
+        assert all((state[t] == "kept") is (not cluster_dropped) for t in members)
+        page.get_by_role("tab", name="Clusters").click()
+        expect(page.locator("#cs-clusters input[type=checkbox]").first).to_be_checked(checked=not cluster_dropped)
+        page.get_by_role("tab", name="Tokens").click()
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=str(shots / "careset.png"), clip={"x": 0, "y": 0, "width": 1440, "height": 1060},
+                        full_page=True)
+
+        # Download careset.json: official format, exactly the live set.
+        final = [t.replace("  (custom)", "") for t in page.locator("#careset-final textarea").input_value().splitlines() if t]
+        with page.expect_download() as download:
+            page.click("#cs-download")
+        data = json.loads(Path(download.value.path()).read_text())
+        key = next(k for k in data if k.endswith("_care_word"))
+        assert data[key] == ["A " + t for t in final]
+        style = "painting" if f"{key}_painting" in data else "photo"
+        prefix = "A painting of " if style == "painting" else "A photo of "
+        assert data[f"{key}_{style}"] == [prefix + t for t in final]
+        assert token in members and (token in final) is (not cluster_dropped)  # the cluster edit overrides the token's
+
+        assert not errors, f"page errors: {errors}"
+        browser.close()

@@ -1,0 +1,108 @@
+"""Mini world models: bundled oracle and mini CLIP load through the library and read renders;
+the training recipe runs end to end at smoke size."""
+
+import json
+
+import numpy as np
+import pytest
+
+from recare.miniworld import world as W
+from recare.models import mini_world_dir
+
+
+def _bundled(name):
+    folder = mini_world_dir() / name
+    if not folder.is_dir():
+        pytest.fail(f"the bundled mini world has no {name}/ at {folder}; train it with python -m recare.miniworld.train")
+    return folder
+
+
+def test_bundled_oracle_reads_held_out_renders():
+    from recare.miniworld.oracle import load_oracle
+
+    oracle = load_oracle(_bundled("oracle"))
+    images, _, labels = W.sample_dataset(96, seed=20240)
+    probs = oracle.predict(images)
+    assert probs.shape == (96, len(W.CONCEPTS)) and oracle.concepts == W.CONCEPTS
+    accuracy = ((probs >= 0.5) == labels).mean(0)
+    assert accuracy.min() >= 0.85, dict(zip(W.CONCEPTS, accuracy.round(2)))
+    # PIL input of another size goes through the same path
+    from PIL import Image
+
+    img, scene = W.render_prompt_scene("a photo of a tench", np.random.default_rng(1))
+    big = Image.fromarray(img).resize((128, 128))
+    assert oracle.detect([big], "tench")[0]
+
+
+def test_bundled_clip_loads_through_the_library_and_classifies_renders():
+    from recare.models import load_encoder
+
+    _bundled("clip")
+    encoder = load_encoder("mini-world", device="cpu")
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    cases = {"tench": "a photo of a tench", "stars": "stars in the night sky", "person": "a photo of a person",
+             "house": "a photo of a house"}
+    labels = W.CARE_LABELS
+    text = encoder.encode_texts(labels)
+    assert text.shape[0] == len(labels) and np.allclose(np.linalg.norm(text, axis=1), 1, atol=1e-3)
+    hits = 0
+    for concept, prompt in cases.items():
+        for _ in range(5):
+            background = {"tench": "freshwater", "stars": "night", "house": "grass"}.get(concept)
+            scene = W.sample_scene(rng, style="photo", background=background, include=(concept,),
+                                   exclude=[t for t in W.THINGS if t != concept])
+            img = encoder.encode_images([Image.fromarray(W.render(scene))])
+            allowed = [i for i, c in enumerate(labels) if c not in W.BACKGROUNDS or c == concept]
+            scores = img[0] @ text.T
+            hits += labels[allowed[int(np.argmax(scores[allowed]))]] == concept
+    assert hits >= 18, hits
+    # the bundled tokenizer is the real CLIP BPE (tench = two tokens, as in OpenAI CLIP)
+    assert encoder.tokenizer("tench")["input_ids"] == [49406, 1149, 634, 49407]
+
+
+def test_bundled_recare_json_describes_the_three_tasks():
+    from recare.config import CareSetConfig
+    from recare.miniworld.train import read_recare_json
+
+    spec = read_recare_json(mini_world_dir() / "recare.json")
+    assert set(spec["tasks"]) == set(W.TASKS)
+    for task in spec["tasks"].values():
+        CareSetConfig(reference_word=task["reference_word"], prompt_style=task["prompt_style"],
+                      **{k: v for k, v in spec["careset"].items() if k in CareSetConfig.__dataclass_fields__}).validate()
+        for care in task["care_concepts"]:
+            assert care in spec["care_labels"] and care in spec["vocabulary"]["words"]
+    assert spec["careset"]["top_n"] <= len(spec["vocabulary"]["words"])
+
+
+def test_smoke_recipe_trains_oracle_and_clip_and_writes_recare_json(tmp_path):
+    from recare.miniworld.clip import load_mini_clip
+    from recare.miniworld.oracle import load_oracle
+    from recare.miniworld.train import main
+
+    main(["--out", str(tmp_path / "mw"), "--smoke", "--skip", "generator"])
+    oracle = load_oracle(tmp_path / "mw" / "oracle")
+    assert oracle.predict(W.sample_dataset(4, seed=0)[0]).shape == (4, len(W.CONCEPTS))
+    clip = load_mini_clip(tmp_path / "mw" / "clip")
+    feats = clip.encode_texts(["tench", "a photo of a lake"])
+    assert feats.shape[0] == 2 and np.all(np.isfinite(feats))
+    spec = json.loads((tmp_path / "mw" / "recare.json").read_text())
+    assert spec["training"]["smoke"] is True and "oracle" in spec["training"]["seconds"]
+
+
+def test_training_is_deterministic_for_a_seed(tmp_path):
+    from recare.miniworld.oracle import OracleConfig, train_oracle
+
+    a, _ = train_oracle(None, OracleConfig(seed=3), smoke=True, progress=False, n_eval=8)
+    b, _ = train_oracle(None, OracleConfig(seed=3), smoke=True, progress=False, n_eval=8)
+    images = W.sample_dataset(4, seed=1)[0]
+    assert np.array_equal(a.predict(images), b.predict(images))
+
+
+@pytest.mark.slow
+def test_smoke_recipe_with_generator(tmp_path):
+    from recare.miniworld.train import train_all
+
+    record = train_all(tmp_path / "mw", smoke=True, progress=False)
+    assert (tmp_path / "mw" / "pipeline").is_dir() and "generator" in record["seconds"]

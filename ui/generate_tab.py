@@ -1,0 +1,174 @@
+"""Generate workspace: make the target images (or upload them); they feed the CARE-set.
+
+Layout first, event wiring last. Every callback works on the session in gr.State and calls the
+library (`recare.generate`, `recare.safety` through ui.image_set).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import gradio as gr
+
+from recare.config import ConfigError, GenerateConfig
+from recare.generate import ImageInputError, generate_images, load_images
+from recare.models import MINI_WORLD, ModelLoadError
+from recare.runs import atomic_write_json
+from recare import worldspec
+from ui.common import AppContext, ok, problem
+from ui.image_set import add_images, gallery_items, summary_line
+from ui.session import Session, ensure_session
+
+MAX_IMAGES = 64
+
+
+def create_generate_tab(ctx: AppContext) -> dict[str, Any]:
+    """Build the Generate workspace inside the current gr.Tab (mini-world defaults when installed).
+
+    Args:
+        ctx: the shell's context (model cache, session state, model picker).
+    """
+    d = worldspec.generate_defaults()
+    c: dict[str, Any] = {}
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1, min_width=300):
+            c["prompt"] = gr.Textbox(label="Prompt", value=d.prompt, lines=2, elem_id="gen-prompt",
+                                     info="What the target images show; the concept you will erase.")
+            tasks = worldspec.mini_world_tasks()
+            if tasks:
+                gr.Examples([[t["target_prompt"]] for t in tasks], [c["prompt"]], label="Mini-world tasks")
+            with gr.Row():
+                c["num_images"] = gr.Slider(0, MAX_IMAGES, value=d.num_images, step=1, label="Images", elem_id="gen-num")
+                c["seed"] = gr.Number(value=d.base_seed, precision=0, label="Base seed",
+                                      info="image i uses seed base + i")
+            with gr.Row():
+                c["steps"] = gr.Slider(1, 100, value=d.steps, step=1, label="Steps", elem_id="gen-steps")
+                c["guidance"] = gr.Slider(0, 15, value=d.guidance, step=0.5, label="Guidance")
+            with gr.Row():
+                c["generate"] = gr.Button("Generate", variant="primary", elem_id="gen-run")
+                c["cancel"] = gr.Button("Cancel", variant="stop", elem_id="gen-cancel")
+            with gr.Accordion("…or upload your own images", open=False):
+                c["upload"] = gr.File(label="Images or a .zip of images", file_count="multiple",
+                                      file_types=[".png", ".jpg", ".jpeg", ".webp", ".zip"], elem_id="gen-upload")
+                c["use_upload"] = gr.Button("Use these images", elem_id="gen-use-upload")
+            with gr.Accordion("Safety", open=False):
+                gr.Markdown(
+                    "Images flagged by the NudeNet detector (exposed-body labels ≥ 0.75, as in the paper) are "
+                    "**blurred by default**. Select an image and press *Reveal / hide* to see it."
+                )
+                c["show_unchecked"] = gr.Checkbox(
+                    False, label="Show images the detector could not check (only matters when NudeNet is unavailable)")
+        with gr.Column(scale=2):
+            c["status"] = gr.Markdown("No images yet: generate some or upload images / a zip.", elem_id="gen-status")
+            c["gallery"] = gr.Gallery(label="Target images", columns=4, height=520, object_fit="contain",
+                                      preview=False, elem_id="gen-gallery", interactive=False)
+            with gr.Row():
+                c["selected"] = gr.Number(value=None, precision=0, label="Image # (click one in the gallery)", scale=1, minimum=0)
+                c["reveal"] = gr.Button("Reveal / hide selected image", scale=1, elem_id="gen-reveal")
+
+    # ---- wiring ------------------------------------------------------------------------------
+    inputs = [c["prompt"], c["num_images"], c["seed"], c["steps"], c["guidance"], ctx.model_name, ctx.session]
+    outputs = [ctx.session, c["gallery"], c["status"]]
+
+    def generate(prompt, num_images, seed, steps, guidance, model_name, session, progress=gr.Progress()):
+        # Size and batch size come from the mini world's spec only when generating on the mini world.
+        base = d if str(model_name).strip() == MINI_WORLD else GenerateConfig()
+        yield from _generate(ctx, base, prompt, num_images, seed, steps, guidance, model_name, session, progress)
+
+    c["generate_event"] = c["generate"].click(generate, inputs, outputs, api_name="generate", concurrency_limit=2)
+    c["cancel"].click(_cancelled, [ctx.session], [c["status"]], cancels=[c["generate_event"]], api_name="cancel")
+    c["use_upload"].click(_use_upload, [c["upload"], ctx.session], outputs, api_name="upload_images")
+    c["gallery"].select(_select, None, [c["selected"]], api_name=False)
+    c["reveal"].click(_toggle_reveal, [c["selected"], ctx.session], outputs, api_name="toggle_reveal")
+    c["show_unchecked"].input(_show_unchecked, [c["show_unchecked"], ctx.session], outputs, api_name="show_unchecked")
+    return c
+
+
+def _generate(ctx: AppContext, base: GenerateConfig, prompt, num_images, seed, steps, guidance, model_name, session: Session | None,
+              progress):
+    """Generator: yields (session, gallery, status) after each batch."""
+    session = ensure_session(session)
+    try:
+        config = dataclasses.replace(
+            base, prompt=(prompt or "").strip(), num_images=int(num_images or 0),
+            base_seed=int(seed if seed is not None else 42), steps=int(steps or 0),
+            guidance=float(guidance if guidance is not None else 7.5))
+        config.validate()
+    except (ConfigError, TypeError, ValueError) as e:
+        yield session, gr.skip(), problem(str(e))
+        return
+    try:
+        progress(0, desc=f"loading {model_name}")
+        pipe = ctx.models.pipeline(model_name)
+    except ModelLoadError as e:
+        yield session, gr.skip(), problem(f"Could not load the model: {e}")
+        return
+    session.run_id += 1
+    run_id = session.run_id
+    session.clear_images()
+    session.source = f"“{config.prompt}” · {model_name} · {config.steps} steps · guidance {config.guidance}"
+    total = config.num_images
+    yield session, [], f"Generating {total} images…"
+    for start in range(0, total, config.batch_size):
+        count = min(config.batch_size, total - start)
+        batch_config = dataclasses.replace(config, num_images=count, base_seed=config.base_seed + start)
+        progress(start / total, desc=f"image {start + 1}-{start + count} of {total}")
+        result = generate_images(pipe, batch_config)
+        if session.run_id != run_id:
+            return  # cancelled (or superseded) while this batch ran: keep what was there
+        add_images(session, result.images, result.seeds)
+        atomic_write_json(session.image_dir / "manifest.json", {
+            **config.to_dict(), "model": model_name, "seeds": session.seeds,
+            "files": [p.name for p in session.images], "flags": session.flags, "checked": session.checked})
+        done = len(session.images)
+        status = summary_line(session) if done == total else f"Generated {done} of {total}… " + summary_line(session)
+        yield session, gallery_items(session), status
+    yield session, gallery_items(session), ok(f"Done. {summary_line(session)}")
+
+
+def _cancelled(session: Session | None) -> str:
+    if session is not None:
+        session.run_id += 1  # the running generator drops its in-flight batch
+    n = len(session.images) if session else 0
+    return f"Cancelled. The {n} image{'s' if n != 1 else ''} made so far are kept."
+
+
+def _use_upload(files, session: Session | None):
+    session = ensure_session(session)
+    paths = [f if isinstance(f, str) else getattr(f, "name", f) for f in (files or [])]
+    if not paths:
+        return session, gr.skip(), problem("No files uploaded: drop images or a .zip of images first.")
+    try:
+        images = load_images(paths)
+    except ImageInputError as e:
+        return session, gr.skip(), problem(f"Could not use the upload: {e}")
+    session.clear_images()
+    session.source = f"uploaded, {len(paths)} file{'s' if len(paths) != 1 else ''}"
+    add_images(session, images, [None] * len(images))
+    return session, gallery_items(session), ok(summary_line(session))
+
+
+def _select(evt: gr.SelectData):
+    return evt.index if isinstance(evt.index, int) else (evt.index[0] if evt.index else None)
+
+
+def _toggle_reveal(index, session: Session | None):
+    session = ensure_session(session)
+    if index is None or not (0 <= int(index) < len(session.images)):
+        msg = "Select an image in the gallery first." if session.images else "There are no images to reveal yet."
+        return session, gr.skip(), problem(msg)
+    i = int(index)
+    if i in session.revealed:
+        session.revealed.discard(i)
+    elif session.is_hidden(i):
+        session.revealed.add(i)
+    else:
+        return session, gr.skip(), f"Image #{i} is not hidden."
+    return session, gallery_items(session), summary_line(session)
+
+
+def _show_unchecked(value: bool, session: Session | None):
+    session = ensure_session(session)
+    session.show_unchecked = bool(value)
+    return session, gallery_items(session), summary_line(session)

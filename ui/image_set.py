@@ -1,0 +1,96 @@
+"""The session's image set on disk: add images, check them for nudity, and list them for a gallery.
+
+Images flagged by `recare.safety` (or every image, when the detector is unavailable and the user
+has not opted in) are shown as blurred copies; the originals never leave the session folder
+unless the user reveals them one by one.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Sequence
+
+from PIL import Image
+
+from recare import safety
+from recare.runs import atomic_write_bytes
+from ui.session import Session
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def add_images(session: Session, images: Sequence[Image.Image], seeds: Sequence[int | None]) -> None:
+    """Save `images` into the session folder, run the safety check on them, and append them.
+
+    Args:
+        session: the session (its image set grows).
+        images: the new images.
+        seeds: one seed per image (None for uploaded images).
+    """
+    try:
+        results = safety.check_images(images)
+        flags = [r.flagged for r in results]
+    except safety.SafetyUnavailableError:
+        session.checked = False
+        flags = [True] * len(images)
+    for image, seed, flag in zip(images, seeds, flags):
+        index = len(session.images)
+        path = session.image_dir / f"{index:04d}.png"
+        atomic_write_bytes(path, _png_bytes(image))
+        if flag or not session.checked:
+            atomic_write_bytes(_hidden_path(session, index), _png_bytes(safety.blur(image)))
+        session.images.append(path)
+        session.seeds.append(seed)
+        session.flags.append(bool(flag))
+
+
+def _hidden_path(session: Session, index: int):
+    return session.image_dir / f"{index:04d}.hidden.png"
+
+
+def load_session_images(session: Session) -> list[Image.Image]:
+    """The session's images as RGB PIL images (originals, for feature extraction)."""
+    out = []
+    for path in session.images:
+        with Image.open(path) as im:
+            out.append(im.convert("RGB"))
+    return out
+
+
+def gallery_items(session: Session) -> list[tuple[str, str]]:
+    """(file path, caption) per image, the blurred copy where the image is hidden."""
+    items = []
+    for i, path in enumerate(session.images):
+        seed = session.seeds[i]
+        label = f"#{i} · seed {seed}" if seed is not None else f"#{i} · uploaded"
+        if session.is_hidden(i):
+            hidden = _hidden_path(session, i)
+            if not hidden.is_file():
+                with Image.open(path) as im:
+                    atomic_write_bytes(hidden, _png_bytes(safety.blur(im)))
+            why = "flagged by NudeNet" if session.checked else "not checked (detector unavailable)"
+            items.append((str(hidden), f"{label} · hidden: {why}"))
+        else:
+            items.append((str(path), label + (" · revealed" if i in session.revealed else "")))
+    return items
+
+
+def summary_line(session: Session) -> str:
+    """One Markdown line: how many images, how many hidden, and where they came from."""
+    n = len(session.images)
+    if n == 0:
+        return "No images yet: generate some or upload images / a zip."
+    hidden = sum(session.is_hidden(i) for i in range(n))
+    flagged = sum(session.flags) if session.checked else None
+    parts = [f"**{n} image{'s' if n != 1 else ''}** ({session.source})"]
+    if flagged is None:
+        parts.append("the nudity detector is unavailable, so every image is blurred until you opt in")
+    elif flagged:
+        parts.append(f"{flagged} flagged by NudeNet")
+    if hidden:
+        parts.append(f"{hidden} shown blurred (select one and press *Reveal / hide*)")
+    return " · ".join(parts)

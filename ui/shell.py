@@ -1,0 +1,119 @@
+"""The app shell: header with the model picker, one tab per workspace, per-session state.
+
+Workspaces plug in through the tab registry `TABS`: each entry names a tab and the function
+that builds it inside a `gr.Tab` and returns its components. Later workspaces (Train, Compare)
+replace their placeholder entries without touching the shell.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import gradio as gr
+
+from recare import models
+from ui.careset_tab import create_careset_tab
+from ui.cluster_plot import plotly_js_path
+from ui.common import AppContext, ok, problem
+from ui.generate_tab import create_generate_tab
+from ui.placeholder_tabs import create_compare_tab, create_train_tab
+from ui.session import close_session, max_session_age_s, new_session, sweep_sessions, workspace_root
+
+
+@dataclasses.dataclass(frozen=True)
+class TabSpec:
+    """One workspace: its title, the key its components are stored under, and its builder."""
+
+    title: str
+    key: str
+    build: Callable[[AppContext], dict[str, Any]]
+
+
+TABS: tuple[TabSpec, ...] = (
+    TabSpec("1 · Generate", "generate", create_generate_tab),
+    TabSpec("2 · CARE-set", "careset", create_careset_tab),
+    TabSpec("3 · Train", "train", create_train_tab),
+    TabSpec("4 · Compare", "compare", create_compare_tab),
+)
+
+MODEL_CHOICES = (models.MINI_WORLD, models.DEFAULT_HUB_MODEL)
+
+CSS = """
+.gradio-container { max-width: 1400px !important; }
+#recare-header h1 { margin-bottom: 0; }
+#recare-header p { margin-top: 2px; color: var(--body-text-color-subdued); }
+#careset-plot { border: 1px solid var(--border-color-primary); border-radius: 8px; background: white; }
+#careset-final textarea { font-family: var(--font-mono); }
+"""
+
+
+def create_app(model: str = models.MINI_WORLD, device: str = "auto", workspace: str | Path | None = None,
+               tabs: tuple[TabSpec, ...] = TABS) -> gr.Blocks:
+    """Build the Gradio app (not launched). Launch it with `demo.queue().launch(**launch_kwargs(workspace))`.
+
+    Args:
+        model: the model picked when a page opens ("mini-world", a hub id or a local diffusers folder).
+        device: "auto" or a torch device for every model.
+        workspace: root of the per-session folders; default $RECARE_WORKSPACE or a temp dir.
+        tabs: the workspaces to show (default: the registry TABS).
+    """
+    from ui.model_cache import ModelCache
+
+    root = Path(workspace).expanduser().resolve() if workspace is not None else workspace_root()
+    root.mkdir(parents=True, exist_ok=True)
+    sweep_sessions(root, max_session_age_s())
+    cache = ModelCache(device=device)
+    with gr.Blocks(title="ReCARE Studio", delete_cache=(3600, 6 * 3600), analytics_enabled=False) as demo:
+        session = gr.State(new_session(root), delete_callback=close_session)
+        with gr.Row(elem_id="recare-header", equal_height=True):
+            with gr.Column(scale=3):
+                gr.Markdown(
+                    "# ReCARE Studio\n"
+                    "Erase a concept from a text-to-image model while keeping the benign concepts that co-occur "
+                    "with it (the **CARE-set**), after *ReCARE* (ICLR 2026)."
+                )
+            with gr.Column(scale=2):
+                with gr.Row():
+                    model_name = gr.Dropdown(
+                        choices=list(dict.fromkeys([model, *MODEL_CHOICES])), value=model, allow_custom_value=True,
+                        label="Model", info="mini-world (bundled, offline), a hub id, or a local diffusers folder",
+                        elem_id="model-name", scale=3)
+                    load = gr.Button("Load", scale=1, elem_id="model-load")
+                model_status = gr.Markdown(f"Device: **{cache.device}**", elem_id="model-status")
+        ctx = AppContext(models=cache, session=session, model_name=model_name)
+        with gr.Tabs():
+            for spec in tabs:
+                with gr.Tab(spec.title, id=spec.key):
+                    for name, component in spec.build(ctx).items():
+                        ctx.components[f"{spec.key}.{name}"] = component
+
+        def load_model(name: str) -> str:
+            try:
+                cache.pipeline(name)
+            except models.ModelLoadError as e:
+                return problem(f"Could not load the model: {e}") + f"  \nDevice: **{cache.device}**"
+            return ok(f"Loaded **{name}** on **{cache.device}**.")
+
+        load.click(load_model, [model_name], [model_status], api_name="load_model")
+    demo.recare_context = ctx  # for tests and later workspaces: every component by "<tab>.<name>"
+    return demo
+
+
+def launch_kwargs(workspace: str | Path | None = None) -> dict[str, Any]:
+    """Arguments for `demo.launch`: the minimal allowed paths, theme and CSS.
+
+    Files are served only from the workspace root (session folders) and plotly.min.js.
+
+    Args:
+        workspace: the same root given to create_app (default $RECARE_WORKSPACE or a temp dir).
+    """
+    root = Path(workspace).expanduser().resolve() if workspace is not None else workspace_root()
+    return {
+        "allowed_paths": [str(root), str(plotly_js_path())],
+        "theme": gr.themes.Soft(primary_hue="indigo", secondary_hue="rose"),
+        "css": CSS,
+        "ssr_mode": False,
+        "footer_links": ["api", "gradio"],
+    }
