@@ -115,9 +115,8 @@ def _generate(ctx: AppContext, base: GenerateConfig, prompt, num_images, seed, s
         batch_config = dataclasses.replace(config, num_images=count, base_seed=config.base_seed + start)
         progress(start / total, desc=f"image {start + 1}-{start + count} of {total}")
         result = generate_images(pipe, batch_config)
-        if session.run_id != run_id:
+        if not add_images(session, result.images, result.seeds, run_id=run_id):
             return  # cancelled (or superseded) while this batch ran: keep what was there
-        add_images(session, result.images, result.seeds)
         atomic_write_json(session.image_dir / "manifest.json", {
             **config.to_dict(), "model": model_name, "seeds": session.seeds,
             "files": [p.name for p in session.images], "flags": session.flags, "checked": session.checked})
@@ -128,9 +127,11 @@ def _generate(ctx: AppContext, base: GenerateConfig, prompt, num_images, seed, s
 
 
 def _cancelled(session: Session | None) -> str:
-    if session is not None:
-        session.run_id += 1  # the running generator drops its in-flight batch
-    n = len(session.images) if session else 0
+    if session is None or not session.id:
+        return "Nothing to cancel."
+    with session.lock:  # the running generator drops its in-flight batch
+        session.run_id += 1
+        n = len(session.images)
     return f"Cancelled. The {n} image{'s' if n != 1 else ''} made so far are kept."
 
 

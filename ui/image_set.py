@@ -23,29 +23,39 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def add_images(session: Session, images: Sequence[Image.Image], seeds: Sequence[int | None]) -> None:
+def add_images(session: Session, images: Sequence[Image.Image], seeds: Sequence[int | None],
+               run_id: int | None = None) -> bool:
     """Save `images` into the session folder, run the safety check on them, and append them.
 
     Args:
         session: the session (its image set grows).
         images: the new images.
         seeds: one seed per image (None for uploaded images).
+        run_id: the generation run these images belong to; when given and the session has moved
+            on (Cancel bumped `session.run_id`), nothing is added.
+
+    Returns:
+        Whether the images were added.
     """
-    try:
+    try:  # the slow part runs outside the lock, so Cancel answers at once
         results = safety.check_images(images)
-        flags = [r.flagged for r in results]
+        flags, checked = [r.flagged for r in results], True
     except safety.SafetyUnavailableError:
-        session.checked = False
-        flags = [True] * len(images)
-    for image, seed, flag in zip(images, seeds, flags):
-        index = len(session.images)
-        path = session.image_dir / f"{index:04d}.png"
-        atomic_write_bytes(path, _png_bytes(image))
-        if flag or not session.checked:
-            atomic_write_bytes(_hidden_path(session, index), _png_bytes(safety.blur(image)))
-        session.images.append(path)
-        session.seeds.append(seed)
-        session.flags.append(bool(flag))
+        flags, checked = [True] * len(images), False
+    with session.lock:
+        if run_id is not None and session.run_id != run_id:
+            return False
+        session.checked = session.checked and checked
+        for image, seed, flag in zip(images, seeds, flags):
+            index = len(session.images)
+            path = session.image_dir / f"{index:04d}.png"
+            atomic_write_bytes(path, _png_bytes(image))
+            if flag or not session.checked:
+                atomic_write_bytes(_hidden_path(session, index), _png_bytes(safety.blur(image)))
+            session.images.append(path)
+            session.seeds.append(seed)
+            session.flags.append(bool(flag))
+    return True
 
 
 def _hidden_path(session: Session, index: int):

@@ -15,11 +15,32 @@ import os
 import secrets
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 SESSION_PREFIX = "s-"
+class _SessionLocks:
+    """One lock per session id, kept outside the dataclass (gr.State deep-copies its default
+    value and a Lock cannot be copied). It makes "is this run still current? then append its
+    images" atomic with respect to Cancel, so the count Cancel reports is the count kept.
+    Holds no user data: only locks, dropped when the session closes."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+
+    def get(self, session_id: str) -> threading.Lock:
+        with self._guard:  # two threads asking at once must get the same lock
+            return self._locks.setdefault(session_id, threading.Lock())
+
+    def drop(self, session_id: str) -> None:
+        with self._guard:
+            self._locks.pop(session_id, None)
+
+
+_LOCKS = _SessionLocks()
 DEFAULT_MAX_AGE_S = 6 * 3600  # idle sessions older than this are swept (override: $RECARE_SESSION_MAX_AGE_S)
 
 
@@ -93,6 +114,11 @@ class Session:
     def rich_careset_path(self) -> Path:
         return self.folder / "careset.rich.json"
 
+    @property
+    def lock(self) -> threading.Lock:
+        """The session's lock: hold it while changing the image set from a running job."""
+        return _LOCKS.get(self.id)
+
     def touch(self) -> None:
         """Mark the session as active so the age-based sweep leaves it alone."""
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -148,6 +174,7 @@ def close_session(session: Session | None) -> None:
     """Delete a session's folder (the gr.State delete_callback)."""
     if isinstance(session, Session) and session.id:
         shutil.rmtree(session.folder, ignore_errors=True)
+        _LOCKS.drop(session.id)
 
 
 def sweep_sessions(root: Path, max_age_s: float, now: float | None = None) -> list[Path]:
