@@ -42,11 +42,13 @@ class CareSetError(ValueError):
 # Step 2: candidates (Eq. 5)
 # ---------------------------------------------------------------------------------------------
 
-def _check_features(name: str, x: np.ndarray) -> np.ndarray:
+def _check_features(name: str, x: np.ndarray, finite: bool = True) -> np.ndarray:
     x = np.asarray(x)
     if x.ndim != 2 or x.shape[0] == 0:
         raise CareSetError(f"{name} must be a non-empty 2-D array (rows = items), got shape {x.shape}.")
-    if not np.isfinite(x).all():
+    # NaN and inf propagate through a row sum, so the cheap sum finds them; the exact check
+    # only runs when the sum is not finite (huge but finite values could overflow it).
+    if finite and not np.isfinite(x.sum(axis=1, dtype=np.float32)).all() and not np.isfinite(x).all():
         raise CareSetError(f"{name} contains NaN or infinite values.")
     return x
 
@@ -68,28 +70,37 @@ def topk_mask(scores: np.ndarray, k: int) -> np.ndarray:
     return above | (equal & (np.cumsum(equal, axis=1) <= need))
 
 
-def topk_indices(scores: np.ndarray, k: int) -> np.ndarray:
+def topk_indices(scores, k: int) -> np.ndarray:
     """(rows, k) column indices of the k largest entries per row, same tie rule as topk_mask.
 
     A top-k search finds the k largest in O(columns) per row but picks arbitrarily among entries
     equal to the k-th value; only rows where such a tie straddles the cut (rare: duplicate
     vocabulary features) are redone with the exact rule.
+
+    Args:
+        scores: (rows, columns) numpy array or torch tensor.
     """
     import torch  # torch.topk is about twice as fast as np.argpartition here, and multi-threaded
 
+    scores = torch.as_tensor(scores)
     k = min(k, scores.shape[1])
-    values, idx = torch.topk(torch.from_numpy(np.ascontiguousarray(scores)), k, dim=1, sorted=False)
-    idx = idx.numpy()
-    kth = values.min(dim=1, keepdim=True).values.numpy()
-    ambiguous = np.flatnonzero((scores >= kth).sum(axis=1) > k)
+    # One more than k, sorted: a tie straddles the cut exactly when the (k+1)-th largest value
+    # equals the k-th.
+    values, idx = torch.topk(scores, min(k + 1, scores.shape[1]), dim=1, sorted=True)
+    if values.shape[1] > k:
+        ambiguous = torch.nonzero(values[:, k] == values[:, k - 1]).flatten().numpy()
+    else:
+        ambiguous = np.zeros(0, dtype=np.int64)
+    idx = idx[:, :k]
+    idx = idx.numpy().copy()
     if len(ambiguous):
-        exact = topk_mask(scores[ambiguous], k)
+        exact = topk_mask(scores[ambiguous].numpy(), k)
         idx[ambiguous] = np.nonzero(exact)[1].reshape(len(ambiguous), k)
     return idx
 
 
 def topk_counts(
-    image_features: np.ndarray, vocab_features: np.ndarray, top_k: int = 50, chunk: int = 256
+    image_features: np.ndarray, vocab_features: np.ndarray, top_k: int = 50, chunk: int = 512
 ) -> np.ndarray:
     """How many images have each vocabulary token among their top-K most similar (Eq. 5).
 
@@ -102,8 +113,10 @@ def topk_counts(
     Returns:
         (V,) int64 counts.
     """
+    import torch  # its fp16 -> fp32 conversion and matrix product are the fast path on CPU
+
     image_features = _check_features("image_features", image_features).astype(np.float32, copy=False)
-    vocab_features = _check_features("vocab_features", vocab_features)
+    vocab_features = _check_features("vocab_features", vocab_features, finite=False)
     if image_features.shape[1] != vocab_features.shape[1]:
         raise CareSetError(
             f"Image features have dimension {image_features.shape[1]} but vocabulary features have "
@@ -111,10 +124,13 @@ def topk_counts(
         )
     if top_k < 1:
         raise CareSetError(f"top_k must be at least 1 (got {top_k}).")
-    vocab32 = vocab_features.astype(np.float32, copy=False)
+    vocab32 = torch.from_numpy(np.ascontiguousarray(vocab_features)).float()
+    if not torch.isfinite(vocab32.sum(dim=1)).all() and not torch.isfinite(vocab32).all():
+        raise CareSetError("vocab_features contains NaN or infinite values.")
+    images = torch.from_numpy(np.ascontiguousarray(image_features))
     counts = np.zeros(vocab32.shape[0], dtype=np.int64)
-    for start in range(0, image_features.shape[0], chunk):
-        scores = image_features[start : start + chunk] @ vocab32.T
+    for start in range(0, images.shape[0], chunk):
+        scores = images[start : start + chunk] @ vocab32.T
         counts += np.bincount(topk_indices(scores, top_k).ravel(), minlength=len(counts))
     return counts
 

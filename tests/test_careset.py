@@ -102,6 +102,10 @@ def test_select_candidates_rejects_nan():
     bad[0, 0] = np.nan
     with pytest.raises(CareSetError, match="NaN"):
         select_candidates(bad, np.ones((5, 4)))
+    vocab = np.ones((5, 4), dtype=np.float16)
+    vocab[3, 1] = np.inf
+    with pytest.raises(CareSetError, match="vocab_features contains NaN or infinite"):
+        select_candidates(np.ones((2, 4)), vocab)
 
 
 # ---- Eq. 7 ------------------------------------------------------------------------------------
