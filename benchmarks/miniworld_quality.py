@@ -115,8 +115,10 @@ def main(argv=None) -> int:
             prompts += [(p, c) for c, ps in task["care_prompts"].items() for p in ps]
             for prompt, concept in prompts:
                 images = generate(prompt, n_gen)
-                share = float(oracle.detect(images, concept).mean())
-                _row(rows, "generator (oracle finds concept)", f"{prompt!r} -> {concept}", f"{share:.2f}", ">= 0.80", share >= 0.8)
+                found = oracle.detect(images, concept)
+                share = float(found.mean())
+                value = f"{int(found.sum())}/{len(found)} = {share:.3f}"  # 51/64 shows as 0.797, not a passing-looking 0.80
+                _row(rows, "generator (oracle finds concept)", f"{prompt!r} -> {concept}", value, ">= 0.80", share >= 0.8)
         torch.manual_seed(0)
         t = time.time()
         generate(spec["tasks"]["tench"]["target_prompt"], 8)

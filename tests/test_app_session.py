@@ -57,3 +57,29 @@ def test_ui_modules_hold_no_mutable_globals():
             if name.startswith("__") or getattr(value, "__module__", None) not in (None, module.__name__):
                 continue
             assert not isinstance(value, (list, dict, set)), f"ui.{info.name}.{name} is a mutable module global"
+
+
+def test_cluster_legend_names_follow_manual_cluster_edits():
+    from recare.careset import build_care_set
+    from recare.config import CareSetConfig
+    from tests.test_careset import toy_world
+    from ui.figures import careset_figure
+
+    images, vocab, tokens, target = toy_world()
+    built = build_care_set(images, vocab, tokens, target, CareSetConfig(reference_word="syn", top_k=20, top_n=40, n_clusters=4))
+    nearest = next(k for k in range(4) if built.cluster_fate(k) != "kept")
+
+    def legend(careset):
+        return {t.meta["cluster"]: t.name for t in careset_figure(careset).data if t.meta}
+
+    assert "dropped: nearest" in legend(built)[nearest] or "dropped: farthest" in legend(built)[nearest]
+    kept = built.with_edits(toggle_clusters=[nearest])
+    size = int((built.labels == nearest).sum())
+    assert legend(kept)[nearest] == f"cluster {nearest} · kept: manual ({size}/{size})"
+    # Toggling again removes the manual edit: Algorithm 1's decision and label come back.
+    again = kept.with_edits(toggle_clusters=[nearest])
+    assert legend(again)[nearest] == legend(built)[nearest]
+    kept_cluster = next(k for k in range(4) if built.cluster_fate(k) == "kept")
+    forced = built.with_edits(drop_clusters=[kept_cluster])
+    kept_size = int((built.labels == kept_cluster).sum())
+    assert legend(forced)[kept_cluster] == f"cluster {kept_cluster} · dropped: manual (0/{kept_size})"

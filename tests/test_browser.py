@@ -66,13 +66,14 @@ def test_generate_build_click_and_download(app_url, tmp_path):
         # ---- Generate ----
         if not real_world:
             page.fill("#gen-prompt textarea", "a photo of a cat")
-        page.fill("#gen-num input[type=number]", "6")
+        n_images = 12 if real_world else 6
+        page.fill("#gen-num input[type=number]", str(n_images))
         page.keyboard.press("Tab")
-        page.fill("#gen-steps input[type=number]", "8" if real_world else "2")
+        page.fill("#gen-steps input[type=number]", "25" if real_world else "2")
         page.keyboard.press("Tab")
         page.click("#gen-run")
         expect(page.locator("#gen-status")).to_contain_text("Done", timeout=120_000)
-        expect(page.locator("#gen-gallery img")).to_have_count(6)
+        expect(page.locator("#gen-gallery img")).to_have_count(n_images)
         page.screenshot(path=str(shots / "generate.png"))
 
         # ---- CARE-set ----
@@ -87,7 +88,7 @@ def test_generate_build_click_and_download(app_url, tmp_path):
             page.keyboard.press("Tab")
             expect(page.locator("#cs-wordlist a[href*='words.txt']")).to_have_count(1)
         page.click("#cs-build")
-        expect(page.locator("#cs-status")).to_contain_text("Built from 6 images", timeout=120_000)
+        expect(page.locator("#cs-status")).to_contain_text(f"Built from {n_images} images", timeout=120_000)
         page.wait_for_selector(f"{PLOT} .scatterlayer .point")
         before = _plot_state(page)
         assert before and all(s == "kept" or s.startswith("dropped") for s in before.values())
@@ -129,6 +130,10 @@ def test_generate_build_click_and_download(app_url, tmp_path):
         assert all((state[t] == "kept") is (not cluster_dropped) for t in members)
         page.get_by_role("tab", name="Clusters").click()
         expect(page.locator("#cs-clusters input[type=checkbox]").first).to_be_checked(checked=not cluster_dropped)
+        # ... and a second click brings it back.
+        legend.click()
+        expect(page.locator("#cs-status")).to_contain_text(f"Cluster 0 {'kept' if cluster_dropped else 'dropped'}")
+        assert all((_plot_state(page)[t] == "kept") is cluster_dropped for t in members)
         page.get_by_role("tab", name="Tokens").click()
         page.evaluate("window.scrollTo(0, 0)")
         page.screenshot(path=str(shots / "careset.png"), clip={"x": 0, "y": 0, "width": 1440, "height": 1060},
@@ -144,7 +149,7 @@ def test_generate_build_click_and_download(app_url, tmp_path):
         style = "painting" if f"{key}_painting" in data else "photo"
         prefix = "A painting of " if style == "painting" else "A photo of "
         assert data[f"{key}_{style}"] == [prefix + t for t in final]
-        assert token in members and (token in final) is (not cluster_dropped)  # the cluster edit overrides the token's
+        assert token in members and (token in final) is cluster_dropped  # the last cluster edit overrides the token's
 
         assert not errors, f"page errors: {errors}"
         browser.close()

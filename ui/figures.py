@@ -58,7 +58,10 @@ def careset_figure(careset: CareSet, height: int = 600) -> go.Figure:
         row = summary[k]
         idx = [i for i in range(len(careset.tokens)) if int(careset.labels[i]) == k]
         fate = row["fate"]
-        name = f"cluster {k} · {'kept' if fate == 'kept' else 'dropped: ' + fate.replace(' cluster', '')}"
+        if row["overridden"]:  # a manual cluster edit outranks what Algorithm 1 decided
+            name = f"cluster {k} · {'kept' if careset.cluster_overrides[k] else 'dropped'}: manual"
+        else:
+            name = f"cluster {k} · {'kept' if fate == 'kept' else 'dropped: ' + fate.replace(' cluster', '')}"
         fig.add_trace(
             go.Scatter(
                 x=[float(careset.points[i, 0]) for i in idx],
