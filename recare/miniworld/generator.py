@@ -89,6 +89,25 @@ def caption_concepts(captions: list[str]) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Stage 1: the autoencoder
 # ---------------------------------------------------------------------------------------------
+def _random_flipped_batch(images: np.ndarray, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """A random batch of renders in [-1, 1], each flipped left-right with probability 1/2."""
+    idx = torch.randint(0, len(images), (batch,), generator=generator)
+    x = _to_unit_range(images[idx.numpy()])
+    flip = torch.rand(len(x), generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def _step(loss: torch.Tensor, opt, sched, params: list, losses: list[float], bar) -> None:
+    """One clipped optimiser step; records the loss and shows its running mean on the bar."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    losses.append(float(loss.detach()))
+    bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+
+
 def train_vae(vae, images: np.ndarray, recipe: GeneratorRecipe, generator: torch.Generator, progress: bool = True) -> list[float]:
     """Train ``vae`` on uint8 renders; returns the loss curve (one value per step).
 
@@ -100,28 +119,20 @@ def train_vae(vae, images: np.ndarray, recipe: GeneratorRecipe, generator: torch
         progress: show a tqdm bar.
     """
     vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    params = list(vae.parameters())
+    opt = torch.optim.AdamW(params, lr=recipe.vae_lr, weight_decay=0.0)
     warmup = max(1, recipe.vae_steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, recipe.vae_steps, warmup))
     losses = []
     bar = tqdm(range(recipe.vae_steps), desc="autoencoder", disable=not progress)
     for _ in bar:
-        idx = torch.randint(0, len(images), (recipe.vae_batch,), generator=generator)
-        x = _to_unit_range(images[idx.numpy()])
-        flip = torch.rand(len(x), generator=generator) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        x = _random_flipped_batch(images, recipe.vae_batch, generator)
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         recon = vae.decode(z).sample
         # reconstruction: per-pixel L1 + MSE; KL: per-image sum (SD's convention), weighted small
         loss = (recon - x).abs().mean() + (recon - x).pow(2).mean() + recipe.vae_kl_weight * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        _step(loss, opt, sched, params, losses, bar)
     vae.eval()
     return losses
 
@@ -155,22 +166,13 @@ def refine_decoder(vae, images: np.ndarray, recipe: GeneratorRecipe, generator: 
     losses = []
     bar = tqdm(range(recipe.decoder_steps), desc="decoder refinement", disable=not progress)
     for _ in bar:
-        idx = torch.randint(0, len(images), (recipe.vae_batch,), generator=generator)
-        x = _to_unit_range(images[idx.numpy()])
-        flip = torch.rand(len(x), generator=generator) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        x = _random_flipped_batch(images, recipe.vae_batch, generator)
         with torch.no_grad():
             posterior = vae.encode(x).latent_dist
             z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         recon = vae.decode(z).sample
         loss = (recon - x).abs().mean() + (recon - x).pow(2).mean() + recipe.edge_weight * _edge_l1(recon, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        _step(loss, opt, sched, params, losses, bar)
     vae.eval()
     return losses
 

@@ -81,11 +81,12 @@ def write_recare_json(path: str | os.PathLike, spec: dict) -> Path:
 
 
 def read_recare_json(path: str | os.PathLike | None = None) -> dict:
-    """Read a mini world's ``recare.json`` (default: the bundled one)."""
-    if path is None:
-        root = os.environ.get("RECARE_MINI_WORLD") or Path(__file__).resolve().parents[2] / "checkpoints" / "mini-world"
-        path = Path(root) / "recare.json"
-    path = Path(path)
+    """Read a mini world's ``recare.json`` (default: the one ``recare.models`` loads, so
+    ``$RECARE_MINI_WORLD`` is honoured the same way); unlike ``recare.worldspec``, a missing or
+    broken file is an error here, since the recipe and the benchmark cannot go on without it."""
+    from recare.models import mini_world_dir
+
+    path = Path(path) if path is not None else mini_world_dir() / "recare.json"
     if not path.is_file():
         raise FileNotFoundError(f"no recare.json at {path}; write one with `python -m recare.miniworld.train --out DIR`.")
     return json.loads(path.read_text(encoding="utf-8"))
