@@ -79,7 +79,9 @@ def test_generate_build_click_and_download(app_url, tmp_path):
         # ---- CARE-set ----
         page.get_by_role("tab", name="2 · CARE-set").click()
         if not real_world:  # tiny random models: a small word list and small K / N
+            expect(page.locator("#cs-wordlist")).to_be_hidden()  # shown only for an uploaded list
             page.get_by_label("uploaded word list").check()
+            expect(page.locator("#cs-wordlist")).to_be_visible()
             page.set_input_files("#cs-wordlist input[type=file]", str(write_words(tmp_path / "words.txt")))
             page.get_by_text("Algorithm 1 parameters").click()
             page.get_by_label("K (tokens per image)").fill("8")

@@ -59,7 +59,7 @@ def create_careset_tab(ctx: AppContext) -> dict[str, Any]:
                 [("mini-world words", VOCAB_MINI), ("CLIP BPE (49,408)", VOCAB_BPE), ("uploaded word list", VOCAB_FILE)],
                 value=VOCAB_MINI if has_mini_vocab else VOCAB_BPE, label="Vocabulary", elem_id="cs-vocab")
             c["word_list"] = gr.File(label="Word list (.txt, one word per line)", file_types=[".txt"],
-                                     elem_id="cs-wordlist", height=90)
+                                     elem_id="cs-wordlist", height=90, visible=c["vocabulary"].value == VOCAB_FILE)
             with gr.Accordion("Algorithm 1 parameters", open=False):
                 with gr.Row():
                     c["top_k"] = gr.Number(d.top_k, precision=0, label="K (tokens per image)")
@@ -134,6 +134,8 @@ def create_careset_tab(ctx: AppContext) -> dict[str, Any]:
     if prompt is not None:  # a mini-world task prompt sets its reference word and prompt style
         prompt.change(_task_defaults, [prompt], [c["reference_word"], c["prompt_style"]], api_name=False,
                       show_progress="hidden")
+    c["vocabulary"].change(lambda choice: gr.File(visible=choice == VOCAB_FILE), [c["vocabulary"]], [c["word_list"]],
+                           api_name=False, show_progress="hidden")
     c["build"].click(build, params + [ctx.session], views, api_name="build_careset", concurrency_limit=2)
     c["plot"].click(_plot_click, [ctx.session], views, api_name=False)
     c["toggle_token_btn"].click(_toggle_token, [c["toggle_token_box"], ctx.session], views, api_name="toggle_token")
