@@ -12,6 +12,8 @@ Rows (bar in brackets):
   vocabulary) on 200 generated target images keeps the CARE concept and drops the target word
   and its synonyms, for all three tasks                                   [pass]
 * speed: 8 images at the default settings on CPU                         [<= 5 s]
+* information (no bar): for each task, how often the oracle finds the target in images of the
+  task's first CARE prompt (e.g. smoking in "a photo of a person")
 
 ``--renders`` runs the CARE-set rows on rendered target scenes instead of generated images
 (no generator needed); ``--quick`` uses fewer images everywhere (a sanity run, not the bars).
@@ -28,7 +30,7 @@ import numpy as np
 
 
 def _row(rows, section, item, value, bar, ok):
-    rows.append((section, item, value, bar, "ok" if ok else "FAIL"))
+    rows.append((section, item, value, bar, "-" if ok is None else "ok" if ok else "FAIL"))
 
 
 def careset_for_task(task, image_features, encoder, spec, vocab_cache=None):
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
         if name in BAR_CONCEPTS:
             _row(rows, "mini CLIP zero-shot top-1", name, f"{acc:.3f}", ">= 0.90", acc >= 0.90)
         else:
-            _row(rows, "mini CLIP zero-shot top-1 (info)", name, f"{acc:.3f}", "-", True)
+            _row(rows, "mini CLIP zero-shot top-1 (info)", name, f"{acc:.3f}", "-", None)
 
     pipe = None
     try:
@@ -101,13 +103,17 @@ def main(argv=None) -> int:
 
     gen = spec["generation"]
 
-    def generate(prompt, n):
+    generated = {}
+
+    def generate(prompt, n, cache=True):
         from recare.config import GenerateConfig
         from recare.generate import generate_images
 
-        cfg = GenerateConfig(prompt=prompt, num_images=n, base_seed=gen["base_seed"], steps=gen["steps"],
-                             guidance=gen["guidance"], batch_size=gen["batch_size"])
-        return generate_images(pipe, cfg).images
+        if not cache or (prompt, n) not in generated:  # the leak rows reuse the CARE prompts' images
+            cfg = GenerateConfig(prompt=prompt, num_images=n, base_seed=gen["base_seed"], steps=gen["steps"],
+                                 guidance=gen["guidance"], batch_size=gen["batch_size"])
+            generated[prompt, n] = generate_images(pipe, cfg).images
+        return generated[prompt, n]
 
     if pipe is not None:
         for task in spec["tasks"].values():
@@ -119,9 +125,14 @@ def main(argv=None) -> int:
                 share = float(found.mean())
                 value = f"{int(found.sum())}/{len(found)} = {share:.3f}"  # 51/64 shows as 0.797, not a passing-looking 0.80
                 _row(rows, "generator (oracle finds concept)", f"{prompt!r} -> {concept}", value, ">= 0.80", share >= 0.8)
+            # information, no bar: how often the target shows up where only the CARE concept was asked for
+            care_prompt = next(iter(task["care_prompts"].values()))[0]
+            leak = oracle.detect(generate(care_prompt, n_gen), task["target_concept"])
+            _row(rows, "generator (info: target leak)", f"{care_prompt!r} -> {task['target_concept']}",
+                 f"{int(leak.sum())}/{len(leak)} = {float(leak.mean()):.3f}", "-", None)
         torch.manual_seed(0)
         t = time.time()
-        generate(spec["tasks"]["tench"]["target_prompt"], 8)
+        generate(spec["tasks"]["tench"]["target_prompt"], 8, cache=False)
         secs = time.time() - t
         _row(rows, "speed", f"8 images, {gen['steps']} steps, guidance {gen['guidance']}, CPU", f"{secs:.2f} s", "<= 5 s", secs <= 5)
 
@@ -152,8 +163,9 @@ def main(argv=None) -> int:
         print(f"{section:34s} {item:{width}s} {value:>34s}  {bar:>30s}  {res}")
     for name, kept, dropped, reason in kept_dropped:
         print(f"\nCARE-set {name}: kept {kept}\n  dropped {dropped}" + (f"\n  problem: {reason}" if reason else ""))
-    print(f"\noracle eval {oracle_s:.1f} s; {sum(r[4] == 'ok' for r in rows)}/{len(rows)} rows pass")
-    return 0 if all(r[4] == "ok" for r in rows) else 1
+    barred = [r for r in rows if r[4] != "-"]
+    print(f"\noracle eval {oracle_s:.1f} s; {sum(r[4] == 'ok' for r in barred)}/{len(barred)} rows with a bar pass")
+    return 0 if all(r[4] == "ok" for r in barred) else 1
 
 
 if __name__ == "__main__":

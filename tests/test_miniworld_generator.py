@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -63,10 +64,55 @@ def test_smoke_recipe_is_deterministic_for_a_seed(tmp_path, smoke_folder):
     from safetensors.torch import load_file
 
     again = train_generator(tmp_path, seed=0, smoke=True, progress=False)
-    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+                 "vae/diffusion_pytorch_model.safetensors"):
         a, b = load_file(smoke_folder / part), load_file(again / part)
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_smoking_masks_cover_the_cigarette_and_where_it_would_be():
+    from recare.miniworld import world
+    from recare.miniworld.generator import smoking_masks
+
+    rng = np.random.default_rng(3)
+    smoker = world.sample_scene(rng, include=("smoking",))
+    person = world.sample_scene(rng, include=("person",), exclude=("smoking",))
+    nobody = world.sample_scene(rng, include=("tench",), exclude=("person",))
+    masks = smoking_masks([smoker, person, nobody])
+    assert masks.shape == (3, world.SIZE, world.SIZE)
+    # the smoker's mask is exactly what the smoking thing changes, and it is a thin detail
+    bare = dataclasses.replace(smoker, things=tuple(t for t in smoker.things if t.kind != "smoking"))
+    changed = np.abs(world.render(smoker).astype(int) - world.render(bare).astype(int)).max(-1) > 0
+    np.testing.assert_array_equal(masks[0], changed)
+    assert 20 < masks[0].sum() < 0.15 * world.SIZE ** 2
+    assert masks[1].sum() > 20  # where a cigarette would be on a person who does not smoke
+    assert not masks[2].any()
+
+
+def test_detail_refinement_changes_only_the_decoder(tmp_path, smoke_folder):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from recare.miniworld.generator import refine_decoder_details
+
+    folder = tmp_path / "pipeline"
+    shutil.copytree(smoke_folder, folder)
+    before = {p: load_file(folder / p) for p in ("vae/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.safetensors")}
+    recipe = GeneratorRecipe.smoke()
+    record = refine_decoder_details(folder, seed=1, recipe=recipe, progress=False)
+    vae = load_file(folder / "vae/diffusion_pytorch_model.safetensors")
+    unet = load_file(folder / "unet/diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(unet[k], v) for k, v in before["unet/diffusion_pytorch_model.safetensors"].items())
+    old_vae = before["vae/diffusion_pytorch_model.safetensors"]
+    changed = {k for k in vae if not torch.equal(vae[k], old_vae[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
+    assert vae[next(iter(changed))].dtype == torch.float16  # saved as the recipe says
+    saved = json.loads((folder / TRAINING_RECORD).read_text())
+    assert saved["detail_refinement"] == record and record["recipe"]["detail_steps"] == recipe.detail_steps
+    assert saved["smoke"] is True  # the earlier stages' record is kept
+    assert not list(folder.glob(".vae.*"))  # no temporary folders left behind
 
 
 def test_unwritable_output_folder_is_a_clear_error(tmp_path):

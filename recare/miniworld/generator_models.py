@@ -40,6 +40,13 @@ class GeneratorRecipe:
     decoder_steps: int = 1_200  # then decoder-only refinement (encoder frozen: same latent space)
     decoder_lr: float = 1e-3
     edge_weight: float = 1.0  # L1 on image gradients during decoder refinement (sharp thin details)
+    # detail refinement of the saved decoder: the cigarette is ~180 of 4,096 pixels, so a plain
+    # per-pixel loss lets the decoder blur it away; these renders weight its pixels up
+    detail_images: int = 8_000
+    detail_steps: int = 1_800
+    detail_lr: float = 5e-4
+    detail_mask_weight: float = 20.0  # loss weight of cigarette/smoke pixels (1 elsewhere)
+    detail_smoking_share: float = 0.5  # share of the renders that include smoking
     # text encoder (CLIPTextModel)
     text_hidden: int = 96
     text_layers: int = 3
@@ -71,6 +78,7 @@ class GeneratorRecipe:
         """Tiny sizes and a few steps: the whole recipe in seconds (for CI)."""
         return replace(
             cls(), num_images=256, vae_channels=(8, 8, 8, 8), vae_norm_groups=4, vae_steps=3, decoder_steps=2, vae_batch=8,
+            detail_images=16, detail_steps=2,
             text_hidden=16, text_layers=1, text_heads=2, text_mlp=32, unet_channels=(32, 32), unet_heads=2,
             unet_norm_groups=8, unet_steps=3, unet_batch=8, warmup_steps=1,
         )
