@@ -100,9 +100,24 @@ def test_training_is_deterministic_for_a_seed(tmp_path):
     assert np.array_equal(a.predict(images), b.predict(images))
 
 
-@pytest.mark.slow
-def test_smoke_recipe_with_generator(tmp_path):
+def test_smoke_recipe_runs_every_stage(tmp_path):
+    """The whole recipe at tiny sizes (CI keeps it working): the generator in a second process."""
     from recare.miniworld.train import train_all
 
     record = train_all(tmp_path / "mw", smoke=True, progress=False)
-    assert (tmp_path / "mw" / "pipeline").is_dir() and "generator" in record["seconds"]
+    assert {"oracle", "clip", "generator", "total"} <= set(record["seconds"])
+    assert json.loads((tmp_path / "mw" / "pipeline" / "recare_training.json").read_text())["smoke"] is True
+    assert "detail_refinement" in record["stages"]["generator"]
+    spec = json.loads((tmp_path / "mw" / "recare.json").read_text())
+    assert spec["training"]["stages"]["generator"]["seed"] == 0 and set(spec["tasks"]) == {"tench", "van_gogh", "smoking"}
+
+
+@pytest.mark.slow
+def test_parallel_and_sequential_recipes_give_the_same_generator(tmp_path):
+    from recare.miniworld.train import train_all
+
+    train_all(tmp_path / "par", smoke=True, progress=False, skip=("oracle", "clip"), parallel=True)
+    train_all(tmp_path / "seq", smoke=True, progress=False, skip=("oracle", "clip"), parallel=False)
+    for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                 "text_encoder/model.safetensors"):
+        assert (tmp_path / "par" / "pipeline" / part).read_bytes() == (tmp_path / "seq" / "pipeline" / part).read_bytes()
