@@ -91,8 +91,7 @@ def topk_indices(scores, k: int) -> np.ndarray:
         ambiguous = torch.nonzero(values[:, k] == values[:, k - 1]).flatten().numpy()
     else:
         ambiguous = np.zeros(0, dtype=np.int64)
-    idx = idx[:, :k]
-    idx = idx.numpy().copy()
+    idx = idx[:, :k].numpy()
     if len(ambiguous):
         exact = topk_mask(scores[ambiguous].numpy(), k)
         idx[ambiguous] = np.nonzero(exact)[1].reshape(len(ambiguous), k)

@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 SESSION_PREFIX = "s-"
+DEFAULT_MAX_AGE_S = 6 * 3600  # idle sessions older than this are swept (override: $RECARE_SESSION_MAX_AGE_S)
+
+
 class _SessionLocks:
     """One lock per session id, kept outside the dataclass (gr.State deep-copies its default
     value and a Lock cannot be copied). It makes "is this run still current? then append its
@@ -41,7 +44,6 @@ class _SessionLocks:
 
 
 _LOCKS = _SessionLocks()
-DEFAULT_MAX_AGE_S = 6 * 3600  # idle sessions older than this are swept (override: $RECARE_SESSION_MAX_AGE_S)
 
 
 def workspace_root() -> Path:

@@ -301,14 +301,15 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet):
     )
 
 
-def save_pipeline(pipe, folder: Path, record: dict, fp16: bool = True) -> Path:
-    """``save_pretrained`` into a temporary sibling, then rename over ``folder`` (atomic-ish).
+def _save_pretrained_over(model, folder: Path, fp16: bool, finish=None) -> Path:
+    """``save_pretrained`` a copy of ``model`` into a temporary sibling of ``folder``, then swap
+    it in for ``folder`` (atomic-ish: a failure leaves the old folder as it was).
 
     Args:
-        pipe: the assembled pipeline (its modules are not modified).
+        model: a diffusers pipeline or model (not modified).
         folder: destination (replaced if it exists).
-        record: JSON-able training record written as ``recare_training.json`` inside the folder.
         fp16: store the weights in float16.
+        finish: optional ``finish(tmp)`` that adds files before the swap.
     """
     import copy
 
@@ -316,12 +317,13 @@ def save_pipeline(pipe, folder: Path, record: dict, fp16: bool = True) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
     try:
-        to_save = copy.deepcopy(pipe)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the folder it becomes is not
+        to_save = copy.deepcopy(model)
         if fp16:
             to_save.to(torch.float16)
         to_save.save_pretrained(tmp, safe_serialization=True)
-        write_vocab_files(tmp / "tokenizer")  # vocab.json + merges.txt: loadable by slow tokenizers too
-        (tmp / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        if finish is not None:
+            finish(tmp)
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
             folder.rename(old)
@@ -333,6 +335,22 @@ def save_pipeline(pipe, folder: Path, record: dict, fp16: bool = True) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def save_pipeline(pipe, folder: Path, record: dict, fp16: bool = True) -> Path:
+    """``save_pretrained`` into a temporary sibling, then rename over ``folder`` (atomic-ish).
+
+    Args:
+        pipe: the assembled pipeline (its modules are not modified).
+        folder: destination (replaced if it exists).
+        record: JSON-able training record written as ``recare_training.json`` inside the folder.
+        fp16: store the weights in float16.
+    """
+    def finish(tmp: Path) -> None:
+        write_vocab_files(tmp / "tokenizer")  # vocab.json + merges.txt: loadable by slow tokenizers too
+        (tmp / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+    return _save_pretrained_over(pipe, folder, fp16, finish)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,7 +446,7 @@ def refine_decoder_details(folder: str | os.PathLike, seed: int = 0, recipe: Gen
             _step(loss, opt, sched, params, losses, bar)
         vae.eval()
         train_s = time.perf_counter() - t0
-        _save_vae(vae, folder, fp16=recipe.save_fp16)
+        _save_pretrained_over(vae, folder / "vae", fp16=recipe.save_fp16)
         detail = {"seed": seed, "recipe": {k: v for k, v in recipe.to_dict().items() if k.startswith("detail_")},
                   "timings_s": {"render_s": round(render_s, 1), "train_s": round(train_s, 1)},
                   "final_loss": float(np.mean(losses[-50:])), "threads": recipe.num_threads}
@@ -439,26 +457,6 @@ def refine_decoder_details(folder: str | os.PathLike, seed: int = 0, recipe: Gen
         return detail
     finally:
         torch.set_num_threads(threads)
-
-
-def _save_vae(vae, folder: Path, fp16: bool) -> None:
-    """Replace ``folder/vae`` with ``vae`` (written beside it first, then swapped in)."""
-    import copy
-
-    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".vae.tmp-"))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the folder it becomes is not
-        to_save = copy.deepcopy(vae)
-        if fp16:
-            to_save.to(torch.float16)
-        to_save.save_pretrained(tmp, safe_serialization=True)
-        old = folder / f".vae.old-{os.getpid()}"
-        (folder / "vae").rename(old)
-        tmp.rename(folder / "vae")
-        shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------

@@ -132,9 +132,9 @@ def train_all(out_dir: str | os.PathLike, seed: int = 0, smoke: bool = False, pr
     start = time.time()
     generator = None
     if "generator" not in skip and parallel:
-        generator = _start_generator_process(out, seed, smoke)
         import torch
 
+        generator = _start_generator_process(out, seed, smoke)
         threads_before = torch.get_num_threads()
         torch.set_num_threads(1)  # the other core is the generator's
     try:
@@ -146,19 +146,18 @@ def train_all(out_dir: str | os.PathLike, seed: int = 0, smoke: bool = False, pr
             t = time.time()
             _, m = train_clip(out / "clip", MiniClipConfig(seed=seed), smoke=smoke, progress=progress)
             record["seconds"]["clip"], record["metrics"]["clip_min_top1"] = round(time.time() - t, 1), m["min_top1"]
-    except BaseException:
-        if generator is not None:  # do not leave the generator training on its own
-            generator[0].terminate()
-            generator[0].wait()
-        raise
-    if generator is not None:
-        process, log_path = generator
-        code = process.wait()
-        torch.set_num_threads(threads_before)
-        if code != 0:
-            raise RuntimeError(f"the generator stage failed (exit code {code}); its log: {log_path}")
-        record["seconds"]["generator"] = round(time.time() - start, 1)
-    elif "generator" not in skip:
+        if generator is not None:
+            process, log_path = generator
+            if process.wait() != 0:
+                raise RuntimeError(f"the generator stage failed (exit code {process.returncode}); its log: {log_path}")
+            record["seconds"]["generator"] = round(time.time() - start, 1)
+    finally:
+        if generator is not None:
+            if generator[0].poll() is None:  # do not leave the generator training on its own
+                generator[0].terminate()
+                generator[0].wait()
+            torch.set_num_threads(threads_before)
+    if generator is None and "generator" not in skip:
         from recare.miniworld.generator import train_generator
 
         t = time.time()
