@@ -147,3 +147,25 @@ def test_bundled_pipeline_loads_offline_and_is_deterministic():
     assert np.abs(a - c).mean() > 1e-3
     size = sum(f.stat().st_size for f in BUNDLED.rglob("*") if f.is_file())
     assert size <= 25 * 2**20, f"bundled pipeline is {size / 2**20:.1f} MB"
+
+
+def test_two_process_recipe_fails_clearly_without_its_parts(tmp_path):
+    """The decoder part waits for the autoencoder the UNet part writes; a dead producer, an
+    unknown part or a join before both parts exist are clear errors, not hangs."""
+    from recare.miniworld.generator import assemble_generator, parts_dir, train_generator_part
+
+    with pytest.raises(GeneratorTrainingError, match="unknown generator part"):
+        train_generator_part(tmp_path, "everything", smoke=True, progress=False)
+    with pytest.raises(GeneratorTrainingError, match="never written"):
+        train_generator_part(tmp_path, "decoder", smoke=True, progress=False, alive=lambda: False)
+    with pytest.raises(GeneratorTrainingError, match=r"parts missing .*unet\.pt"):
+        assemble_generator(tmp_path, smoke=True)
+    assert not (tmp_path / "pipeline").exists()
+    train_generator_part(tmp_path, "unet", smoke=True, progress=False)
+    with pytest.raises(GeneratorTrainingError, match=r"parts missing .*vae\.pt"):
+        assemble_generator(tmp_path, smoke=True)
+    train_generator_part(tmp_path, "decoder", smoke=True, progress=False, alive=lambda: False)  # its input exists now
+    folder = assemble_generator(tmp_path, smoke=True)
+    record = json.loads((folder / TRAINING_RECORD).read_text())
+    assert record["parallel"] is True and "detail_refinement" in record and "unet_s" in record["timings_s"]
+    assert not parts_dir(tmp_path).exists()  # the parts are removed once joined

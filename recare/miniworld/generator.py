@@ -12,12 +12,18 @@ The recipe, step by step (all on CPU, deterministic for a seed and a thread coun
    the text encoder's pooled state predict which concepts the caption names; EMA weights are saved;
 5. fine-tune the decoder alone (encoder frozen: the latent space does not move), with an extra L1
    on image gradients that keeps thin details such as a cigarette (SD's ft-MSE decoder, in small);
-6. save ``StableDiffusionPipeline(vae, text_encoder, tokenizer, unet, DDIMScheduler)`` with
+6. round the decoder to the saved precision (float16), so that step 7 starts from what a saved
+   folder holds;
+7. refine the decoder once more with the cigarette's pixels weighted up
+   (:func:`detail_refinement_stage`; ``python -m recare.miniworld.generator OUT --details-only``
+   runs this step alone on a saved pipeline folder);
+8. save ``StableDiffusionPipeline(vae, text_encoder, tokenizer, unet, DDIMScheduler)`` with
    ``save_pretrained`` (safety checker off, weights in float16) plus ``recare_training.json``
-   (the recipe, seed, timings);
-7. refine the saved decoder once more with the cigarette's pixels weighted up
-   (:func:`refine_decoder_details`; ``python -m recare.miniworld.generator --details-only DIR``
-   runs this stage alone on a saved pipeline folder).
+   (the recipe, seed, timings).
+
+Steps 5-7 need only the trained autoencoder, not the UNet, so ``recare.miniworld.train`` runs
+them in its own process beside step 4 (:func:`train_generator_part`, :func:`assemble_generator`);
+:func:`train_generator` runs all of them in one process. Both give the same bytes.
 
 ``python -m recare.miniworld.generator OUT_DIR [--smoke]`` runs it; the bundled weights live in
 ``checkpoints/mini-world/pipeline``.
@@ -354,7 +360,7 @@ def save_pipeline(pipe, folder: Path, record: dict, fp16: bool = True) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# Step 7 of the recipe: detail refinement of the saved decoder
+# Step 7 of the recipe: detail refinement of the decoder
 # ---------------------------------------------------------------------------------------------
 def smoking_masks(scenes: list) -> np.ndarray:
     """(n, 64, 64) bool: the pixels the smoking thing changes (cigarette, tip, smoke).
@@ -386,24 +392,79 @@ def detail_dataset(n: int, seed: int, smoking_share: float) -> tuple[np.ndarray,
     return np.stack([world.render(s) for s in scenes]), smoking_masks(scenes)
 
 
-def refine_decoder_details(folder: str | os.PathLike, seed: int = 0, recipe: GeneratorRecipe | None = None,
-                           progress: bool = True) -> dict:
-    """Step 7: fine-tune the saved pipeline's decoder so that thin details survive decoding.
+def _round_to_saved_precision(model, recipe: GeneratorRecipe) -> None:
+    """Round ``model``'s weights to float16 and back when the recipe saves in float16, so a stage
+    that follows starts from exactly the weights a saved folder holds."""
+    if recipe.save_fp16:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.half().float())
+
+
+def detail_refinement_stage(vae, recipe: GeneratorRecipe, seed: int = 0, progress: bool = True) -> dict:
+    """Step 7 in memory: fine-tune ``vae``'s decoder with the smoking pixels weighted up.
 
     Measured before this stage existed: an encode/decode of smoking renders kept the cigarette
     (by the oracle) in 30% of 64 renders, and "a photo of a smoking person" showed it in 9 of 64
     images, although the UNet's latents do carry it (the same latents decoded by a refined
-    decoder show it far more often). The loss is stage 4's (L1 + MSE + L1 of image gradients)
+    decoder show it far more often). The loss is step 5's (L1 + MSE + L1 of image gradients)
     with the smoking pixels weighted ``detail_mask_weight`` times (see :func:`smoking_masks`);
-    the encoder stays frozen, so the UNet's latent space does not move. It starts from the weights
-    as saved (float16 when ``save_fp16``), so re-running this stage on the bundled folder
-    reproduces the bundled decoder.
+    the encoder stays frozen, so the UNet's latent space does not move.
 
     Args:
-        folder: a pipeline folder written by :func:`save_pipeline`; its ``vae/`` is replaced.
+        vae: an ``AutoencoderKL`` in float32 (its decoder and post_quant_conv are trained in place).
+        recipe: ``detail_*``, ``vae_batch``, ``edge_weight``.
         seed: seed of the renders (``data_seed + seed + 5``) and of the batches.
-        recipe: ``detail_*``, ``vae_batch``, ``edge_weight``, ``num_threads``, ``save_fp16``.
-        progress: show tqdm bars.
+        progress: show a tqdm bar.
+
+    Returns:
+        The record of the stage (recipe part, timings, final loss).
+    """
+    t0 = time.perf_counter()
+    images, masks = detail_dataset(recipe.detail_images, recipe.data_seed + seed + 5, recipe.detail_smoking_share)
+    render_s = time.perf_counter() - t0
+    vae.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=recipe.detail_lr, weight_decay=0.0)
+    warmup = max(1, recipe.detail_steps // 60)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, recipe.detail_steps, warmup))
+    generator = torch.Generator().manual_seed(seed + 5)
+    stacked = np.concatenate([images, masks[..., None].astype(np.uint8) * 255], axis=-1)  # flip both alike
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    vae.eval()
+    vae.decoder.train()
+    bar = tqdm(range(recipe.detail_steps), desc="decoder detail refinement", disable=not progress)
+    for _ in bar:
+        batch = _random_flipped_batch(stacked, recipe.vae_batch, generator)
+        x, mask = batch[:, :3], (batch[:, 3:] > 0).float()
+        weight = 1.0 + recipe.detail_mask_weight * F.max_pool2d(mask, 3, 1, 1)  # dilated by 1 px
+        with torch.no_grad():
+            posterior = vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        recon = vae.decode(z).sample
+        mean_w = weight.mean()
+        loss = (((recon - x).abs() + (recon - x).pow(2)) * weight).mean() / mean_w
+        loss = loss + recipe.edge_weight * _edge_l1(recon, x, weight)
+        _step(loss, opt, sched, params, losses, bar)
+    vae.eval()
+    vae.requires_grad_(True)
+    return {"seed": seed, "recipe": {k: v for k, v in recipe.to_dict().items() if k.startswith("detail_")},
+            "timings_s": {"render_s": round(render_s, 1), "train_s": round(time.perf_counter() - t0, 1)},
+            "final_loss": float(np.mean(losses[-50:])), "threads": recipe.num_threads}
+
+
+def refine_decoder_details(folder: str | os.PathLike, seed: int = 0, recipe: GeneratorRecipe | None = None,
+                           progress: bool = True) -> dict:
+    """Step 7 on a saved pipeline folder (``--details-only``): :func:`detail_refinement_stage`
+    on its ``vae/``, which is then replaced; the UNet and the text encoder are not touched. It
+    starts from the weights as saved, as the full recipe does.
+
+    Args:
+        folder: a pipeline folder written by :func:`save_pipeline`.
+        seed: the stage's seed; recipe: ``detail_*``, ``num_threads``, ``save_fp16``; progress: tqdm bars.
 
     Returns:
         What was recorded in the folder's ``recare_training.json`` under ``"detail_refinement"``.
@@ -415,41 +476,9 @@ def refine_decoder_details(folder: str | os.PathLike, seed: int = 0, recipe: Gen
     threads = torch.get_num_threads()
     torch.set_num_threads(recipe.num_threads)
     try:
-        t0 = time.perf_counter()
-        images, masks = detail_dataset(recipe.detail_images, recipe.data_seed + seed + 5, recipe.detail_smoking_share)
-        render_s = time.perf_counter() - t0
         vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).float().eval()
-        vae.requires_grad_(False)
-        params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
-        for p in params:
-            p.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=recipe.detail_lr, weight_decay=0.0)
-        warmup = max(1, recipe.detail_steps // 60)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, recipe.detail_steps, warmup))
-        generator = torch.Generator().manual_seed(seed + 5)
-        stacked = np.concatenate([images, masks[..., None].astype(np.uint8) * 255], axis=-1)  # flip both alike
-        losses: list[float] = []
-        t0 = time.perf_counter()
-        vae.decoder.train()
-        bar = tqdm(range(recipe.detail_steps), desc="decoder detail refinement", disable=not progress)
-        for _ in bar:
-            batch = _random_flipped_batch(stacked, recipe.vae_batch, generator)
-            x, mask = batch[:, :3], (batch[:, 3:] > 0).float()
-            weight = 1.0 + recipe.detail_mask_weight * F.max_pool2d(mask, 3, 1, 1)  # dilated by 1 px
-            with torch.no_grad():
-                posterior = vae.encode(x).latent_dist
-                z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
-            recon = vae.decode(z).sample
-            mean_w = weight.mean()
-            loss = (((recon - x).abs() + (recon - x).pow(2)) * weight).mean() / mean_w
-            loss = loss + recipe.edge_weight * _edge_l1(recon, x, weight)
-            _step(loss, opt, sched, params, losses, bar)
-        vae.eval()
-        train_s = time.perf_counter() - t0
+        detail = detail_refinement_stage(vae, recipe, seed, progress)
         _save_pretrained_over(vae, folder / "vae", fp16=recipe.save_fp16)
-        detail = {"seed": seed, "recipe": {k: v for k, v in recipe.to_dict().items() if k.startswith("detail_")},
-                  "timings_s": {"render_s": round(render_s, 1), "train_s": round(train_s, 1)},
-                  "final_loss": float(np.mean(losses[-50:])), "threads": recipe.num_threads}
         record_file = folder / TRAINING_RECORD
         record = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {}
         record["detail_refinement"] = detail
@@ -475,22 +504,117 @@ def _stage1_cache_file(cache_dir, recipe: GeneratorRecipe, seed: int) -> Path | 
     return Path(cache_dir) / f"generator-stage1-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
 
 
+def _autoencoder_stage(recipe: GeneratorRecipe, seed: int, progress: bool, cache_file: Path | None, timings: dict):
+    """Steps 1-3: renders -> autoencoder -> cached latent posteriors (read from ``cache_file`` when
+    it exists, written to it otherwise). Returns ``(vae, captions, mean, std, vae_loss, images)``;
+    ``images`` is None when the cache was read."""
+    if cache_file is not None and cache_file.is_file():
+        cached = torch.load(cache_file, weights_only=True)
+        vae = build_vae(recipe)
+        vae.load_state_dict(cached["vae"])
+        vae.eval()
+        timings["stage1_cached"] = 1.0
+        return vae, cached["captions"], cached["mean"], cached["std"], float(cached["vae_loss"]), None
+    t0 = time.perf_counter()
+    images, captions, _ = world.sample_dataset(recipe.num_images, seed=recipe.data_seed + seed)
+    timings["render_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)  # parameter initialisation
+    vae = build_vae(recipe)
+    vae_loss = float(np.mean(train_vae(vae, images, recipe, torch.Generator().manual_seed(seed), progress)[-50:]))
+    timings["vae_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    mean, std = encode_latents(vae, images, progress=progress)
+    timings["encode_s"] = time.perf_counter() - t0
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".tmp")
+        torch.save({"vae": vae.state_dict(), "captions": captions, "mean": mean, "std": std, "vae_loss": vae_loss}, tmp)
+        os.replace(tmp, cache_file)  # a reader never sees half a file
+    return vae, captions, mean, std, vae_loss, images
+
+
+def _unet_stage(recipe: GeneratorRecipe, seed: int, progress: bool, captions, mean, std, timings: dict):
+    """Step 4: the UNet and the text encoder on the cached latents. Returns ``(unet, text_encoder,
+    scaling_factor, final_loss)``; the scaling factor is SD's 1 / std of the sampled latents."""
+    t0 = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed + 1)
+    scaling = float(1.0 / (mean + std * torch.randn(mean.shape, generator=generator)).std())
+    tokenizer = build_clip_tokenizer()
+    input_ids = tokenize(tokenizer, captions)
+    empty_ids = tokenize(tokenizer, [""])[0]
+    targets = caption_concepts(captions)
+    torch.manual_seed(seed + 1)  # parameter initialisation
+    text_encoder = build_text_encoder(recipe)
+    unet = build_unet(recipe)
+    losses = train_unet_and_text(unet, text_encoder, mean * scaling, std * scaling, input_ids, targets, empty_ids,
+                                 recipe, generator, progress)
+    timings["unet_s"] = time.perf_counter() - t0
+    return unet, text_encoder, scaling, float(np.mean(losses[-50:]))
+
+
+def _decoder_stages(vae, recipe: GeneratorRecipe, seed: int, progress: bool, timings: dict, images=None):
+    """Steps 5 and 7 (they need only the trained autoencoder, not the UNet): sharpen the decoder,
+    round to the saved precision, then the detail refinement. Returns ``(final_vae_loss, detail_record)``."""
+    t0 = time.perf_counter()
+    vae_loss = None
+    if recipe.decoder_steps > 0:
+        if images is None:
+            images, _, _ = world.sample_dataset(recipe.num_images, seed=recipe.data_seed + seed)
+        vae_loss = float(np.mean(refine_decoder(vae, images, recipe, torch.Generator().manual_seed(seed + 2), progress)[-50:]))
+    del images
+    timings["decoder_s"] = time.perf_counter() - t0
+    detail = None
+    if recipe.detail_steps > 0:  # step 7 starts from the weights as a saved folder holds them
+        _round_to_saved_precision(vae, recipe)
+        detail = detail_refinement_stage(vae, recipe, seed, progress)
+    return vae_loss, detail
+
+
+def _save_generator(out_dir: Path, vae, text_encoder, unet, scaling: float, record: dict, recipe: GeneratorRecipe) -> Path:
+    vae.register_to_config(scaling_factor=scaling)
+    pipe = assemble_pipeline(vae, text_encoder, build_clip_tokenizer(), unet)
+    return save_pipeline(pipe, out_dir / PIPELINE_DIRNAME, record, fp16=recipe.save_fp16)
+
+
+def _record(seed: int, smoke: bool, recipe: GeneratorRecipe, scaling: float, timings: dict, vae_loss, unet_loss,
+            detail, parallel: bool) -> dict:
+    record = {
+        "seed": seed, "smoke": smoke, "recipe": recipe.to_dict(), "scaling_factor": scaling,
+        "timings_s": {k: round(v, 1) for k, v in timings.items()}, "threads": recipe.num_threads,
+        "final_vae_loss": vae_loss, "final_unet_loss": unet_loss, "torch": torch.__version__, "parallel": parallel,
+    }
+    if detail is not None:
+        record["detail_refinement"] = detail
+    return record
+
+
+def _prepare(out_dir, seed: int, smoke: bool, recipe: GeneratorRecipe | None):
+    recipe = recipe or (GeneratorRecipe.smoke() if smoke else GeneratorRecipe())
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GeneratorTrainingError(f"cannot create output folder {out_dir}: {exc}; pick a writable path.") from exc
+    return recipe, out_dir
+
+
 def train_generator(
     out_dir: str | os.PathLike, seed: int = 0, smoke: bool = False, progress: bool = True,
     recipe: GeneratorRecipe | None = None, cache_dir: str | os.PathLike | None = None,
 ) -> Path:
-    """Train the mini-world text-to-image model on CPU and save it as ``out_dir/pipeline``.
+    """Train the mini-world text-to-image model on CPU, in this process, and save it as ``out_dir/pipeline``.
 
     Args:
         out_dir: parent folder (e.g. ``checkpoints/mini-world``); the pipeline goes to ``out_dir/pipeline``.
         seed: seed of everything (renders use ``recipe.data_seed + seed``); same seed and thread
-            count give the same weights.
+            count give the same weights, and the same as the two-process recipe (:func:`train_generator_part`).
         smoke: tiny sizes and a few steps (seconds), for tests.
         progress: show tqdm bars.
         recipe: override the sizes/knobs (default: ``GeneratorRecipe()`` or ``GeneratorRecipe.smoke()``).
         cache_dir: optional folder keeping the trained autoencoder and the encoded latents, keyed by
             the seed and the data/autoencoder part of the recipe, so that re-running with other UNet
-            settings skips stages 1-2 (the result is identical to a full run).
+            settings skips steps 1-3 (the result is identical to a full run).
 
     Returns:
         The pipeline folder, loadable with ``StableDiffusionPipeline.from_pretrained``.
@@ -498,91 +622,117 @@ def train_generator(
     Raises:
         GeneratorTrainingError: the output folder cannot be created.
     """
-    recipe = recipe or (GeneratorRecipe.smoke() if smoke else GeneratorRecipe())
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise GeneratorTrainingError(f"cannot create output folder {out_dir}: {exc}; pick a writable path.") from exc
+    recipe, out_dir = _prepare(out_dir, seed, smoke, recipe)
     threads = torch.get_num_threads()
     torch.set_num_threads(recipe.num_threads)
     timings: dict[str, float] = {}
     try:
-        # stage 1+2: renders -> autoencoder -> cached latents (reused from cache_dir when the
-        # data/autoencoder part of the recipe and the seed match; each stage has its own seed)
-        t0 = time.perf_counter()
-        tokenizer = build_clip_tokenizer()
-        cache_file = _stage1_cache_file(cache_dir, recipe, seed)
-        images = None
-        if cache_file is not None and cache_file.is_file():
-            cached = torch.load(cache_file, weights_only=True)
-            vae = build_vae(recipe)
-            vae.load_state_dict(cached["vae"])
-            vae.eval()
-            captions, mean, std, vae_loss = cached["captions"], cached["mean"], cached["std"], float(cached["vae_loss"])
-            timings["stage1_cached"] = 1.0
-        else:
-            images, captions, _ = world.sample_dataset(recipe.num_images, seed=recipe.data_seed + seed)
-            timings["render_s"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            torch.manual_seed(seed)  # parameter initialisation
-            vae = build_vae(recipe)
-            vae_losses = train_vae(vae, images, recipe, torch.Generator().manual_seed(seed), progress)
-            vae_loss = float(np.mean(vae_losses[-50:]))
-            timings["vae_s"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            mean, std = encode_latents(vae, images, progress=progress)
-            timings["encode_s"] = time.perf_counter() - t0
-            if cache_file is not None:
-                cache_file.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache_file.with_suffix(".tmp")
-                torch.save({"vae": vae.state_dict(), "captions": captions, "mean": mean, "std": std,
-                            "vae_loss": vae_loss}, tmp)
-                os.replace(tmp, cache_file)
-        # SD's scaling_factor: 1 / std of the (sampled) latents
-        generator = torch.Generator().manual_seed(seed + 1)
-        scaling = float(1.0 / (mean + std * torch.randn(mean.shape, generator=generator)).std())
-        vae.register_to_config(scaling_factor=scaling)
-
-        # stage 3: UNet + text encoder on cached latents
-        t0 = time.perf_counter()
-        input_ids = tokenize(tokenizer, captions)
-        empty_ids = tokenize(tokenizer, [""])[0]
-        targets = caption_concepts(captions)
-        torch.manual_seed(seed + 1)  # parameter initialisation
-        text_encoder = build_text_encoder(recipe)
-        unet = build_unet(recipe)
-        unet_losses = train_unet_and_text(unet, text_encoder, mean * scaling, std * scaling, input_ids, targets,
-                                          empty_ids, recipe, generator, progress)
-        timings["unet_s"] = time.perf_counter() - t0
-
-        # stage 4: sharpen the decoder (encoder frozen, so the UNet's latent space is unchanged)
-        t0 = time.perf_counter()
-        if recipe.decoder_steps > 0:
-            if images is None:
-                images, _, _ = world.sample_dataset(recipe.num_images, seed=recipe.data_seed + seed)
-            decoder_losses = refine_decoder(vae, images, recipe, torch.Generator().manual_seed(seed + 2), progress)
-            vae_loss = float(np.mean(decoder_losses[-50:]))
-        del images
-        timings["decoder_s"] = time.perf_counter() - t0
-
-        pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet)
-        record = {
-            "seed": seed, "smoke": smoke, "recipe": recipe.to_dict(), "scaling_factor": scaling,
-            "timings_s": {k: round(v, 1) for k, v in timings.items()}, "threads": recipe.num_threads,
-            "final_vae_loss": vae_loss, "final_unet_loss": float(np.mean(unet_losses[-50:])),
-            "torch": torch.__version__,
-        }
-        folder = save_pipeline(pipe, out_dir / PIPELINE_DIRNAME, record, fp16=recipe.save_fp16)
-        if recipe.detail_steps > 0:  # step 7 starts from the weights as saved (see its docstring)
-            refine_decoder_details(folder, seed=seed, recipe=recipe, progress=progress)
-        return folder
+        vae, captions, mean, std, vae_loss, images = _autoencoder_stage(
+            recipe, seed, progress, _stage1_cache_file(cache_dir, recipe, seed), timings)
+        unet, text_encoder, scaling, unet_loss = _unet_stage(recipe, seed, progress, captions, mean, std, timings)
+        decoder_loss, detail = _decoder_stages(vae, recipe, seed, progress, timings, images)
+        record = _record(seed, smoke, recipe, scaling, timings, decoder_loss if decoder_loss is not None else vae_loss,
+                         unet_loss, detail, parallel=False)
+        return _save_generator(out_dir, vae, text_encoder, unet, scaling, record, recipe)
     finally:
         torch.set_num_threads(threads)
 
 
+# ---------------------------------------------------------------------------------------------
+# The same recipe in two processes (``train.py`` runs the decoder part after the oracle and the
+# mini CLIP, beside the UNet part): the UNet gets the time the decoder stages used to take
+# ---------------------------------------------------------------------------------------------
+PARTS_DIRNAME = ".generator-parts"
+UNET_PART, DECODER_PART = "unet.pt", "vae.pt"
+
+
+def parts_dir(out_dir: str | os.PathLike) -> Path:
+    return Path(out_dir) / PARTS_DIRNAME
+
+
+def _save_part(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _wait_for(path: Path, alive, what: str, poll_s: float = 2.0) -> None:
+    """Block until ``path`` exists; ``alive()`` False before that means its producer died."""
+    while not path.is_file():
+        if not alive():
+            if path.is_file():
+                return
+            raise GeneratorTrainingError(f"the {what} was never written ({path}): the process making it stopped.")
+        time.sleep(poll_s)
+
+
+def train_generator_part(out_dir: str | os.PathLike, part: str, seed: int = 0, smoke: bool = False,
+                         progress: bool = True, recipe: GeneratorRecipe | None = None, alive=lambda: True) -> Path:
+    """One half of the two-process recipe, written to ``out_dir/.generator-parts/``.
+
+    ``part="unet"``: steps 1-4 (the autoencoder is shared through the stage-1 file as soon as it
+    is trained). ``part="decoder"``: waits for that file (``alive()`` tells whether its producer
+    still runs), then steps 5 and 7. :func:`assemble_generator` joins the two. Every step keeps its
+    own seed, so the weights equal :func:`train_generator`'s.
+    """
+    recipe, out_dir = _prepare(out_dir, seed, smoke, recipe)
+    if part not in ("unet", "decoder"):
+        raise GeneratorTrainingError(f"unknown generator part {part!r}: choose 'unet' or 'decoder'.")
+    folder = parts_dir(out_dir)
+    stage1 = _stage1_cache_file(folder, recipe, seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(recipe.num_threads)
+    timings: dict[str, float] = {}
+    try:
+        if part == "unet":
+            _, captions, mean, std, vae_loss, _ = _autoencoder_stage(recipe, seed, progress, stage1, timings)
+            unet, text_encoder, scaling, unet_loss = _unet_stage(recipe, seed, progress, captions, mean, std, timings)
+            path = folder / UNET_PART
+            _save_part(path, {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "scaling": scaling,
+                              "unet_loss": unet_loss, "vae_loss": vae_loss, "timings": timings})
+            return path
+        _wait_for(stage1, alive, "trained autoencoder")
+        vae = build_vae(recipe)
+        vae.load_state_dict(torch.load(stage1, weights_only=True)["vae"])
+        vae.eval()
+        decoder_loss, detail = _decoder_stages(vae, recipe, seed, progress, timings)
+        path = folder / DECODER_PART
+        _save_part(path, {"vae": vae.state_dict(), "decoder_loss": decoder_loss, "detail": detail, "timings": timings})
+        return path
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assemble_generator(out_dir: str | os.PathLike, seed: int = 0, smoke: bool = False,
+                       recipe: GeneratorRecipe | None = None) -> Path:
+    """Join the two parts into ``out_dir/pipeline`` (as :func:`train_generator` saves it), then
+    remove ``out_dir/.generator-parts``."""
+    recipe, out_dir = _prepare(out_dir, seed, smoke, recipe)
+    folder = parts_dir(out_dir)
+    missing = [name for name in (UNET_PART, DECODER_PART) if not (folder / name).is_file()]
+    if missing:
+        raise GeneratorTrainingError(f"generator parts missing in {folder}: {missing}; run both parts first.")
+    unet_part = torch.load(folder / UNET_PART, weights_only=True)
+    vae_part = torch.load(folder / DECODER_PART, weights_only=True)
+    torch.manual_seed(seed)
+    vae, text_encoder, unet = build_vae(recipe), build_text_encoder(recipe), build_unet(recipe)
+    vae.load_state_dict(vae_part["vae"])
+    text_encoder.load_state_dict(unet_part["text_encoder"])
+    unet.load_state_dict(unet_part["unet"])
+    for model in (vae, text_encoder, unet):
+        model.eval()
+    timings = {**unet_part["timings"], **vae_part["timings"]}
+    vae_loss = vae_part["decoder_loss"] if vae_part["decoder_loss"] is not None else unet_part["vae_loss"]
+    record = _record(seed, smoke, recipe, unet_part["scaling"], timings, vae_loss, unet_part["unet_loss"],
+                     vae_part["detail"], parallel=True)
+    saved = _save_generator(out_dir, vae, text_encoder, unet, unet_part["scaling"], record, recipe)
+    shutil.rmtree(folder, ignore_errors=True)
+    return saved
+
+
 def main(argv: list[str] | None = None) -> None:
-    """CLI: ``python -m recare.miniworld.generator OUT_DIR [--seed N] [--smoke]``."""
+    """CLI: ``python -m recare.miniworld.generator OUT_DIR [--seed N] [--smoke] [--part unet|decoder|assemble]``."""
     import argparse
 
     parser = argparse.ArgumentParser(description=train_generator.__doc__.splitlines()[0])
@@ -591,13 +741,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--cache-dir", type=Path, default=None, help="keep/reuse the autoencoder + latents here")
     parser.add_argument("--details-only", action="store_true",
-                        help="run only stage 7 (decoder detail refinement) on the pipeline folder OUT_DIR/pipeline")
+                        help="run only step 7 (decoder detail refinement) on the pipeline folder OUT_DIR/pipeline")
+    parser.add_argument("--part", choices=("unet", "decoder", "assemble"), default=None,
+                        help="one half of the two-process recipe (train.py runs them), or joining them")
     args = parser.parse_args(argv)
+    recipe = GeneratorRecipe.smoke() if args.smoke else GeneratorRecipe()
     if args.details_only:
-        recipe = GeneratorRecipe.smoke() if args.smoke else GeneratorRecipe()
         print(json.dumps(refine_decoder_details(args.out_dir / PIPELINE_DIRNAME, seed=args.seed, recipe=recipe), indent=2))
-        return
-    print(train_generator(args.out_dir, seed=args.seed, smoke=args.smoke, cache_dir=args.cache_dir))
+    elif args.part == "assemble":
+        print(assemble_generator(args.out_dir, seed=args.seed, smoke=args.smoke, recipe=recipe))
+    elif args.part is not None:
+        print(train_generator_part(args.out_dir, args.part, seed=args.seed, smoke=args.smoke, recipe=recipe))
+    else:
+        print(train_generator(args.out_dir, seed=args.seed, smoke=args.smoke, cache_dir=args.cache_dir))
 
 
 if __name__ == "__main__":

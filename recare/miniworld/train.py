@@ -115,10 +115,11 @@ def train_all(out_dir: str | os.PathLike, seed: int = 0, smoke: bool = False, pr
         smoke: tiny sizes, a few steps (CI).
         progress: tqdm bars.
         skip: stages to leave out ("oracle", "clip", "generator").
-        parallel: train the generator in a second process (its log goes to
-            ``out_dir/generator.log``) while the oracle and the mini CLIP train in this one, one
-            thread each: on a 2-core machine the recipe then takes about as long as the generator
-            alone. Each stage has its own seeds, so the weights are the same either way.
+        parallel: two processes, one thread each: the generator's autoencoder and UNet train in a
+            second process (log: ``out_dir/generator.log``) while this one trains the oracle, the
+            mini CLIP, then the generator's two decoder refinements (they need only the trained
+            autoencoder), and joins the parts. On a 2-core machine this balances the two cores.
+            Each stage has its own seeds, so the weights are the same either way.
 
     Returns:
         The training record (per-stage seconds and metrics), also stored in recare.json.
@@ -130,13 +131,13 @@ def train_all(out_dir: str | os.PathLike, seed: int = 0, smoke: bool = False, pr
     out.mkdir(parents=True, exist_ok=True)
     record: dict = {"seed": seed, "smoke": smoke, "seconds": {}, "metrics": {}}
     start = time.time()
-    generator = None
+    unet_process = None
     if "generator" not in skip and parallel:
         import torch
 
-        generator = _start_generator_process(out, seed, smoke)
+        unet_process = _start_unet_process(out, seed, smoke)
         threads_before = torch.get_num_threads()
-        torch.set_num_threads(1)  # the other core is the generator's
+        torch.set_num_threads(1)  # the other core is the UNet's
     try:
         if "oracle" not in skip:
             t = time.time()
@@ -146,18 +147,25 @@ def train_all(out_dir: str | os.PathLike, seed: int = 0, smoke: bool = False, pr
             t = time.time()
             _, m = train_clip(out / "clip", MiniClipConfig(seed=seed), smoke=smoke, progress=progress)
             record["seconds"]["clip"], record["metrics"]["clip_min_top1"] = round(time.time() - t, 1), m["min_top1"]
-        if generator is not None:
-            process, log_path = generator
+        if unet_process is not None:
+            from recare.miniworld.generator import assemble_generator, train_generator_part
+
+            process, log_path = unet_process
+            t = time.time()
+            train_generator_part(out, "decoder", seed=seed, smoke=smoke, progress=progress,
+                                 alive=lambda: process.poll() is None)
+            record["seconds"]["generator_decoder"] = round(time.time() - t, 1)
             if process.wait() != 0:
-                raise RuntimeError(f"the generator stage failed (exit code {process.returncode}); its log: {log_path}")
+                raise RuntimeError(f"the generator's UNet part failed (exit code {process.returncode}); its log: {log_path}")
+            assemble_generator(out, seed=seed, smoke=smoke)
             record["seconds"]["generator"] = round(time.time() - start, 1)
     finally:
-        if generator is not None:
-            if generator[0].poll() is None:  # do not leave the generator training on its own
-                generator[0].terminate()
-                generator[0].wait()
+        if unet_process is not None:
+            if unet_process[0].poll() is None:  # do not leave the UNet training on its own
+                unet_process[0].terminate()
+                unet_process[0].wait()
             torch.set_num_threads(threads_before)
-    if generator is None and "generator" not in skip:
+    if unet_process is None and "generator" not in skip:
         from recare.miniworld.generator import train_generator
 
         t = time.time()
@@ -169,18 +177,19 @@ def train_all(out_dir: str | os.PathLike, seed: int = 0, smoke: bool = False, pr
     return record
 
 
-def _start_generator_process(out: Path, seed: int, smoke: bool):
-    """``python -m recare.miniworld.generator OUT`` in the background, one thread; (process, log path)."""
+def _start_unet_process(out: Path, seed: int, smoke: bool):
+    """``python -m recare.miniworld.generator OUT --part unet`` in the background, one thread; (process, log path)."""
     import subprocess
     import sys
 
     log_path = out / "generator.log"
-    command = [sys.executable, "-m", "recare.miniworld.generator", str(out), "--seed", str(seed)] + (["--smoke"] if smoke else [])
+    command = [sys.executable, "-m", "recare.miniworld.generator", str(out), "--part", "unet", "--seed", str(seed)]
+    command += ["--smoke"] if smoke else []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(log_path, "w", encoding="utf-8") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                    cwd=Path(__file__).resolve().parents[2])
-    print(f"generator: training in process {process.pid}, log {log_path}", flush=True)
+    print(f"generator: the UNet part trains in process {process.pid}, log {log_path}", flush=True)
     return process, log_path
 
 
