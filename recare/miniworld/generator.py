@@ -572,6 +572,7 @@ def _decoder_stages(vae, recipe: GeneratorRecipe, seed: int, progress: bool, tim
 
 
 def _save_generator(out_dir: Path, vae, text_encoder, unet, scaling: float, record: dict, recipe: GeneratorRecipe) -> Path:
+    """Step 8: set the scaling factor, assemble the pipeline and save it as `out_dir/pipeline`."""
     vae.register_to_config(scaling_factor=scaling)
     pipe = assemble_pipeline(vae, text_encoder, build_clip_tokenizer(), unet)
     return save_pipeline(pipe, out_dir / PIPELINE_DIRNAME, record, fp16=recipe.save_fp16)
@@ -589,7 +590,8 @@ def _record(seed: int, smoke: bool, recipe: GeneratorRecipe, scaling: float, tim
     return record
 
 
-def _prepare(out_dir, seed: int, smoke: bool, recipe: GeneratorRecipe | None):
+def _prepare(out_dir, smoke: bool, recipe: GeneratorRecipe | None):
+    """The recipe to use (smoke or full unless given) and the created output folder."""
     recipe = recipe or (GeneratorRecipe.smoke() if smoke else GeneratorRecipe())
     out_dir = Path(out_dir)
     try:
@@ -622,7 +624,7 @@ def train_generator(
     Raises:
         GeneratorTrainingError: the output folder cannot be created.
     """
-    recipe, out_dir = _prepare(out_dir, seed, smoke, recipe)
+    recipe, out_dir = _prepare(out_dir, smoke, recipe)
     threads = torch.get_num_threads()
     torch.set_num_threads(recipe.num_threads)
     timings: dict[str, float] = {}
@@ -676,7 +678,7 @@ def train_generator_part(out_dir: str | os.PathLike, part: str, seed: int = 0, s
     still runs), then steps 5 and 7. :func:`assemble_generator` joins the two. Every step keeps its
     own seed, so the weights equal :func:`train_generator`'s.
     """
-    recipe, out_dir = _prepare(out_dir, seed, smoke, recipe)
+    recipe, out_dir = _prepare(out_dir, smoke, recipe)
     if part not in ("unet", "decoder"):
         raise GeneratorTrainingError(f"unknown generator part {part!r}: choose 'unet' or 'decoder'.")
     folder = parts_dir(out_dir)
@@ -708,7 +710,7 @@ def assemble_generator(out_dir: str | os.PathLike, seed: int = 0, smoke: bool = 
                        recipe: GeneratorRecipe | None = None) -> Path:
     """Join the two parts into ``out_dir/pipeline`` (as :func:`train_generator` saves it), then
     remove ``out_dir/.generator-parts``."""
-    recipe, out_dir = _prepare(out_dir, seed, smoke, recipe)
+    recipe, out_dir = _prepare(out_dir, smoke, recipe)
     folder = parts_dir(out_dir)
     missing = [name for name in (UNET_PART, DECODER_PART) if not (folder / name).is_file()]
     if missing:
