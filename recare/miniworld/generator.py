@@ -37,6 +37,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,25 @@ def _cosine_lr(step: int, total: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@contextmanager
+def _torch_threads(n: int):
+    """Run the block with ``n`` torch CPU threads, then restore the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _atomic_torch_save(payload: dict, path: Path) -> None:
+    """``torch.save`` under a temporary name, then rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
 
 
 def _ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
@@ -473,19 +493,15 @@ def refine_decoder_details(folder: str | os.PathLike, seed: int = 0, recipe: Gen
 
     recipe = recipe or GeneratorRecipe()
     folder = Path(folder)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(recipe.num_threads)
-    try:
+    with _torch_threads(recipe.num_threads):
         vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).float().eval()
         detail = detail_refinement_stage(vae, recipe, seed, progress)
         _save_pretrained_over(vae, folder / "vae", fp16=recipe.save_fp16)
-        record_file = folder / TRAINING_RECORD
-        record = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {}
-        record["detail_refinement"] = detail
-        atomic_write_text(record_file, json.dumps(record, indent=2) + "\n")
-        return detail
-    finally:
-        torch.set_num_threads(threads)
+    record_file = folder / TRAINING_RECORD
+    record = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {}
+    record["detail_refinement"] = detail
+    atomic_write_text(record_file, json.dumps(record, indent=2) + "\n")
+    return detail
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,11 +542,9 @@ def _autoencoder_stage(recipe: GeneratorRecipe, seed: int, progress: bool, cache
     t0 = time.perf_counter()
     mean, std = encode_latents(vae, images, progress=progress)
     timings["encode_s"] = time.perf_counter() - t0
-    if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        torch.save({"vae": vae.state_dict(), "captions": captions, "mean": mean, "std": std, "vae_loss": vae_loss}, tmp)
-        os.replace(tmp, cache_file)  # a reader never sees half a file
+    if cache_file is not None:  # also how the two-process recipe hands the autoencoder over
+        _atomic_torch_save({"vae": vae.state_dict(), "captions": captions, "mean": mean, "std": std,
+                            "vae_loss": vae_loss}, cache_file)
     return vae, captions, mean, std, vae_loss, images
 
 
@@ -578,12 +592,14 @@ def _save_generator(out_dir: Path, vae, text_encoder, unet, scaling: float, reco
     return save_pipeline(pipe, out_dir / PIPELINE_DIRNAME, record, fp16=recipe.save_fp16)
 
 
-def _record(seed: int, smoke: bool, recipe: GeneratorRecipe, scaling: float, timings: dict, vae_loss, unet_loss,
-            detail, parallel: bool) -> dict:
+def _record(seed: int, smoke: bool, recipe: GeneratorRecipe, scaling: float, timings: dict, vae_loss: float,
+            decoder_loss: float | None, unet_loss: float, detail: dict | None, parallel: bool) -> dict:
+    """``recare_training.json``; the final autoencoder loss is step 5's when step 5 ran."""
     record = {
         "seed": seed, "smoke": smoke, "recipe": recipe.to_dict(), "scaling_factor": scaling,
         "timings_s": {k: round(v, 1) for k, v in timings.items()}, "threads": recipe.num_threads,
-        "final_vae_loss": vae_loss, "final_unet_loss": unet_loss, "torch": torch.__version__, "parallel": parallel,
+        "final_vae_loss": decoder_loss if decoder_loss is not None else vae_loss, "final_unet_loss": unet_loss,
+        "torch": torch.__version__, "parallel": parallel,
     }
     if detail is not None:
         record["detail_refinement"] = detail
@@ -625,19 +641,14 @@ def train_generator(
         GeneratorTrainingError: the output folder cannot be created.
     """
     recipe, out_dir = _prepare(out_dir, smoke, recipe)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(recipe.num_threads)
     timings: dict[str, float] = {}
-    try:
+    with _torch_threads(recipe.num_threads):
         vae, captions, mean, std, vae_loss, images = _autoencoder_stage(
             recipe, seed, progress, _stage1_cache_file(cache_dir, recipe, seed), timings)
         unet, text_encoder, scaling, unet_loss = _unet_stage(recipe, seed, progress, captions, mean, std, timings)
         decoder_loss, detail = _decoder_stages(vae, recipe, seed, progress, timings, images)
-        record = _record(seed, smoke, recipe, scaling, timings, decoder_loss if decoder_loss is not None else vae_loss,
-                         unet_loss, detail, parallel=False)
+        record = _record(seed, smoke, recipe, scaling, timings, vae_loss, decoder_loss, unet_loss, detail, parallel=False)
         return _save_generator(out_dir, vae, text_encoder, unet, scaling, record, recipe)
-    finally:
-        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -650,13 +661,6 @@ UNET_PART, DECODER_PART = "unet.pt", "vae.pt"
 
 def parts_dir(out_dir: str | os.PathLike) -> Path:
     return Path(out_dir) / PARTS_DIRNAME
-
-
-def _save_part(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
 
 
 def _wait_for(path: Path, alive, what: str, poll_s: float = 2.0) -> None:
@@ -683,16 +687,14 @@ def train_generator_part(out_dir: str | os.PathLike, part: str, seed: int = 0, s
         raise GeneratorTrainingError(f"unknown generator part {part!r}: choose 'unet' or 'decoder'.")
     folder = parts_dir(out_dir)
     stage1 = _stage1_cache_file(folder, recipe, seed)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(recipe.num_threads)
     timings: dict[str, float] = {}
-    try:
+    with _torch_threads(recipe.num_threads):
         if part == "unet":
             _, captions, mean, std, vae_loss, _ = _autoencoder_stage(recipe, seed, progress, stage1, timings)
             unet, text_encoder, scaling, unet_loss = _unet_stage(recipe, seed, progress, captions, mean, std, timings)
             path = folder / UNET_PART
-            _save_part(path, {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "scaling": scaling,
-                              "unet_loss": unet_loss, "vae_loss": vae_loss, "timings": timings})
+            _atomic_torch_save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "scaling": scaling,
+                                "unet_loss": unet_loss, "vae_loss": vae_loss, "timings": timings}, path)
             return path
         _wait_for(stage1, alive, "trained autoencoder")
         vae = build_vae(recipe)
@@ -700,10 +702,9 @@ def train_generator_part(out_dir: str | os.PathLike, part: str, seed: int = 0, s
         vae.eval()
         decoder_loss, detail = _decoder_stages(vae, recipe, seed, progress, timings)
         path = folder / DECODER_PART
-        _save_part(path, {"vae": vae.state_dict(), "decoder_loss": decoder_loss, "detail": detail, "timings": timings})
+        _atomic_torch_save({"vae": vae.state_dict(), "decoder_loss": decoder_loss, "detail": detail, "timings": timings},
+                           path)
         return path
-    finally:
-        torch.set_num_threads(threads)
 
 
 def assemble_generator(out_dir: str | os.PathLike, seed: int = 0, smoke: bool = False,
@@ -717,17 +718,15 @@ def assemble_generator(out_dir: str | os.PathLike, seed: int = 0, smoke: bool = 
         raise GeneratorTrainingError(f"generator parts missing in {folder}: {missing}; run both parts first.")
     unet_part = torch.load(folder / UNET_PART, weights_only=True)
     vae_part = torch.load(folder / DECODER_PART, weights_only=True)
-    torch.manual_seed(seed)
-    vae, text_encoder, unet = build_vae(recipe), build_text_encoder(recipe), build_unet(recipe)
+    vae, text_encoder, unet = build_vae(recipe), build_text_encoder(recipe), build_unet(recipe)  # weights loaded next
     vae.load_state_dict(vae_part["vae"])
     text_encoder.load_state_dict(unet_part["text_encoder"])
     unet.load_state_dict(unet_part["unet"])
     for model in (vae, text_encoder, unet):
         model.eval()
     timings = {**unet_part["timings"], **vae_part["timings"]}
-    vae_loss = vae_part["decoder_loss"] if vae_part["decoder_loss"] is not None else unet_part["vae_loss"]
-    record = _record(seed, smoke, recipe, unet_part["scaling"], timings, vae_loss, unet_part["unet_loss"],
-                     vae_part["detail"], parallel=True)
+    record = _record(seed, smoke, recipe, unet_part["scaling"], timings, unet_part["vae_loss"], vae_part["decoder_loss"],
+                     unet_part["unet_loss"], vae_part["detail"], parallel=True)
     saved = _save_generator(out_dir, vae, text_encoder, unet, unet_part["scaling"], record, recipe)
     shutil.rmtree(folder, ignore_errors=True)
     return saved
