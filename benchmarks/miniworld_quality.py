@@ -14,8 +14,8 @@ Rows (bar in brackets):
 * speed: 8 images at the default settings on CPU                         [<= 5 s]
 * training time: the wall time ``python -m recare.miniworld.train`` recorded in recare.json
   when it trained this folder, and its stages                             [<= 90 min]
-* information (no bar): for each task, how often the oracle finds the target in images of the
-  task's first CARE prompt (e.g. smoking in "a photo of a person")
+* information (no bar): for each task, how often the oracle finds the target in the images of
+  each CARE prompt (e.g. smoking in "a photo of a person", van gogh in "bright stars at night")
 
 ``--renders`` runs the CARE-set rows on rendered target scenes instead of generated images
 (no generator needed); ``--quick`` uses fewer images everywhere (a sanity run, not the bars).
@@ -127,11 +127,12 @@ def main(argv=None) -> int:
                 share = float(found.mean())
                 value = f"{int(found.sum())}/{len(found)} = {share:.3f}"  # 51/64 shows as 0.797, not a passing-looking 0.80
                 _row(rows, "generator (oracle finds concept)", f"{prompt!r} -> {concept}", value, ">= 0.80", share >= 0.8)
-            # information, no bar: how often the target shows up where only the CARE concept was asked for
-            care_prompt = next(iter(task["care_prompts"].values()))[0]
-            leak = oracle.detect(generate(care_prompt, n_gen), task["target_concept"])
-            _row(rows, "generator (info: target leak)", f"{care_prompt!r} -> {task['target_concept']}",
-                 f"{int(leak.sum())}/{len(leak)} = {float(leak.mean()):.3f}", "-", None)
+            # information, no bar: how often the target shows up where only the CARE concept was asked
+            # for (the images are the ones generated above, so this costs only the oracle's pass)
+            for care_prompt in (p for ps in task["care_prompts"].values() for p in ps):
+                leak = oracle.detect(generate(care_prompt, n_gen), task["target_concept"])
+                _row(rows, "generator (info: target leak)", f"{care_prompt!r} -> {task['target_concept']}",
+                     f"{int(leak.sum())}/{len(leak)} = {float(leak.mean()):.3f}", "-", None)
         torch.manual_seed(0)
         t = time.time()
         generate(spec["tasks"]["tench"]["target_prompt"], 8, cache=False)
