@@ -567,22 +567,26 @@ def _unet_stage(recipe: GeneratorRecipe, seed: int, progress: bool, captions, me
     return unet, text_encoder, scaling, float(np.mean(losses[-50:]))
 
 
-def _decoder_stages(vae, recipe: GeneratorRecipe, seed: int, progress: bool, timings: dict, images=None):
-    """Steps 5 and 7 (they need only the trained autoencoder, not the UNet): sharpen the decoder,
-    round to the saved precision, then the detail refinement. Returns ``(final_vae_loss, detail_record)``."""
+def _sharpen_decoder_stage(vae, recipe: GeneratorRecipe, seed: int, progress: bool, timings: dict, images=None):
+    """Step 5 (needs only the trained autoencoder, not the UNet) on ``images``, the training
+    renders, rendered again when None. Returns its final loss, or None when the recipe skips it."""
     t0 = time.perf_counter()
     vae_loss = None
     if recipe.decoder_steps > 0:
         if images is None:
             images, _, _ = world.sample_dataset(recipe.num_images, seed=recipe.data_seed + seed)
         vae_loss = float(np.mean(refine_decoder(vae, images, recipe, torch.Generator().manual_seed(seed + 2), progress)[-50:]))
-    del images
     timings["decoder_s"] = time.perf_counter() - t0
-    detail = None
-    if recipe.detail_steps > 0:  # step 7 starts from the weights as a saved folder holds them
-        _round_to_saved_precision(vae, recipe)
-        detail = detail_refinement_stage(vae, recipe, seed, progress)
-    return vae_loss, detail
+    return vae_loss
+
+
+def _detail_stage(vae, recipe: GeneratorRecipe, seed: int, progress: bool) -> dict | None:
+    """Steps 6-7: round the decoder to the saved precision (step 7 starts from the weights as a
+    saved folder holds them), then the detail refinement. Returns its record, or None when skipped."""
+    if recipe.detail_steps <= 0:
+        return None
+    _round_to_saved_precision(vae, recipe)
+    return detail_refinement_stage(vae, recipe, seed, progress)
 
 
 def _save_generator(out_dir: Path, vae, text_encoder, unet, scaling: float, record: dict, recipe: GeneratorRecipe) -> Path:
@@ -646,7 +650,9 @@ def train_generator(
         vae, captions, mean, std, vae_loss, images = _autoencoder_stage(
             recipe, seed, progress, _stage1_cache_file(cache_dir, recipe, seed), timings)
         unet, text_encoder, scaling, unet_loss = _unet_stage(recipe, seed, progress, captions, mean, std, timings)
-        decoder_loss, detail = _decoder_stages(vae, recipe, seed, progress, timings, images)
+        decoder_loss = _sharpen_decoder_stage(vae, recipe, seed, progress, timings, images)
+        del images  # the training renders (~390 MB at full size): step 7 renders its own
+        detail = _detail_stage(vae, recipe, seed, progress)
         record = _record(seed, smoke, recipe, scaling, timings, vae_loss, decoder_loss, unet_loss, detail, parallel=False)
         return _save_generator(out_dir, vae, text_encoder, unet, scaling, record, recipe)
 
@@ -700,7 +706,8 @@ def train_generator_part(out_dir: str | os.PathLike, part: str, seed: int = 0, s
         vae = build_vae(recipe)
         vae.load_state_dict(torch.load(stage1, weights_only=True)["vae"])
         vae.eval()
-        decoder_loss, detail = _decoder_stages(vae, recipe, seed, progress, timings)
+        decoder_loss = _sharpen_decoder_stage(vae, recipe, seed, progress, timings)
+        detail = _detail_stage(vae, recipe, seed, progress)
         path = folder / DECODER_PART
         _atomic_torch_save({"vae": vae.state_dict(), "decoder_loss": decoder_loss, "detail": detail, "timings": timings},
                            path)
