@@ -119,9 +119,8 @@ def main(argv=None) -> int:
 
     if pipe is not None:
         for task in spec["tasks"].values():
-            prompts = [(task["target_prompt"], task["target_concept"])]
-            prompts += [(p, c) for c, ps in task["care_prompts"].items() for p in ps]
-            for prompt, concept in prompts:
+            care_prompts = [(p, c) for c, ps in task["care_prompts"].items() for p in ps]
+            for prompt, concept in [(task["target_prompt"], task["target_concept"])] + care_prompts:
                 images = generate(prompt, n_gen)
                 found = oracle.detect(images, concept)
                 share = float(found.mean())
@@ -129,7 +128,7 @@ def main(argv=None) -> int:
                 _row(rows, "generator (oracle finds concept)", f"{prompt!r} -> {concept}", value, ">= 0.80", share >= 0.8)
             # information, no bar: how often the target shows up where only the CARE concept was asked
             # for (the images are the ones generated above, so this costs only the oracle's pass)
-            for care_prompt in (p for ps in task["care_prompts"].values() for p in ps):
+            for care_prompt, _ in care_prompts:
                 leak = oracle.detect(generate(care_prompt, n_gen), task["target_concept"])
                 _row(rows, "generator (info: target leak)", f"{care_prompt!r} -> {task['target_concept']}",
                      f"{int(leak.sum())}/{len(leak)} = {float(leak.mean()):.3f}", "-", None)
