@@ -30,7 +30,6 @@ if TYPE_CHECKING:  # heavy imports happen inside the loaders
     from recare.encoders import Encoder
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-MINI_WORLD_DIR = Path(os.environ.get("RECARE_MINI_WORLD", REPO_ROOT / "checkpoints" / "mini-world"))
 MINI_WORLD = "mini-world"
 DEFAULT_HUB_MODEL = "CompVis/stable-diffusion-v1-4"   # the paper's base model
 DEFAULT_OPEN_CLIP = "open_clip:ViT-B-32/openai"        # the official CARE-set encoder
@@ -90,8 +89,8 @@ def resolve_dtype(device: str | torch.device, dtype: str | torch.dtype = "auto")
 
 
 def mini_world_dir() -> Path:
-    """The bundled mini world's folder: `$RECARE_MINI_WORLD` if set, else `<repo>/checkpoints/mini-world`."""
-    return Path(os.environ.get("RECARE_MINI_WORLD", REPO_ROOT / "checkpoints" / "mini-world"))
+    """The bundled mini world's folder: `$RECARE_MINI_WORLD` if set (and not empty), else `<repo>/checkpoints/mini-world`."""
+    return Path(os.environ.get("RECARE_MINI_WORLD") or REPO_ROOT / "checkpoints" / "mini-world")
 
 
 def _mini_world_part(sub: str, marker: str, what: str) -> Path:

@@ -93,6 +93,20 @@ def test_mini_world_loads_from_env_folder(tmp_path, monkeypatch):
     assert load_encoder("mini-world", device="cpu").identity.startswith("hf-clip:mini-world:")
 
 
+def test_mini_world_folder_is_one_setting_for_every_loader(tmp_path, monkeypatch):
+    from recare.miniworld.clip import MiniClipError, load_mini_clip
+    from recare.miniworld.oracle import OracleError, load_oracle
+
+    monkeypatch.setenv("RECARE_MINI_WORLD", "")  # empty means unset, not the working directory
+    assert models.mini_world_dir() == models.REPO_ROOT / "checkpoints" / "mini-world"
+    monkeypatch.setenv("RECARE_MINI_WORLD", str(tmp_path))
+    assert models.mini_world_dir() == tmp_path
+    with pytest.raises(OracleError, match=str(tmp_path / "oracle")):
+        load_oracle()
+    with pytest.raises(MiniClipError, match=str(tmp_path / "clip")):
+        load_mini_clip()
+
+
 def test_hub_id_offline_not_cached_fails_fast(monkeypatch):
     from diffusers import StableDiffusionPipeline  # noqa: F401  (import time is not what this test measures)
 

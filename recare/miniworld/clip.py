@@ -151,8 +151,9 @@ def load_mini_clip(path: str | os.PathLike | None = None, device="cpu") -> MiniC
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
     if path is None:
-        root = os.environ.get("RECARE_MINI_WORLD") or Path(__file__).resolve().parents[2] / "checkpoints" / "mini-world"
-        path = Path(root) / "clip"
+        from recare.models import mini_world_dir
+
+        path = mini_world_dir() / "clip"
     path = Path(path)
     if not (path / "config.json").is_file():
         raise MiniClipError(f"no mini CLIP at {path} (needs a transformers CLIPModel folder); "

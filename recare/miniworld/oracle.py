@@ -190,8 +190,9 @@ def load_oracle(path: str | os.PathLike | None = None, device: str | torch.devic
     from safetensors.torch import load_file
 
     if path is None:
-        root = os.environ.get("RECARE_MINI_WORLD") or Path(__file__).resolve().parents[2] / "checkpoints" / "mini-world"
-        path = Path(root) / "oracle"
+        from recare.models import mini_world_dir
+
+        path = mini_world_dir() / "oracle"
     path = Path(path)
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         raise OracleError(f"no oracle at {path} (needs config.json and model.safetensors); "
