@@ -73,7 +73,7 @@ def test_co_occurrence_statistics_as_designed():
         return (col[a] & col[given]).sum() / col[given].sum()
 
     assert p("freshwater", "tench") > 0.8 and 0.2 < p("tench", "freshwater") < 0.6
-    assert p("stars", "van gogh") > 0.6 and 0.2 < p("van gogh", "stars") < 0.35
+    assert p("stars", "van gogh") > 0.6 and 0.25 < p("van gogh", "stars") < 0.35
     assert p("person", "smoking") == 1.0 and 0.2 < p("smoking", "person") < 0.5
     # other styles are independent of the CARE concepts
     assert abs(p("pixel art", "stars") - col["pixel art"].mean()) < 0.06
