@@ -11,12 +11,12 @@ The three tasks mirror the paper's (Table 1):
 task         target (erased)                 CARE concept (kept)   how they co-occur
 ===========  ==============================  ====================  ======================
 tench        the fish ``tench``              ``freshwater``        90% of tench swim in a lake
-van_gogh     the style ``van gogh``          ``stars``             80% of van gogh paintings are starry nights
+van_gogh     the style ``van gogh``          ``stars``             ~75% of van gogh paintings are starry nights
 smoking      ``smoking`` (nudity analog)     ``person``            smoking is always on a person
 ===========  ==============================  ====================  ======================
 
 Each CARE concept also appears often without its target: P(tench | freshwater) ~ 0.4,
-P(van gogh | stars) ~ 0.28, P(smoking | person) ~ 0.35 (see ``tests/test_miniworld_world.py``).
+P(van gogh | stars) ~ 0.29, P(smoking | person) ~ 0.35 (see ``tests/test_miniworld_world.py``).
 Styles other than van gogh and objects other than the targets are independent of them.
 
 How concepts map to CLIP BPE tokens (checked with ``recare.miniworld.tokenizer``; ``w`` means the
@@ -60,11 +60,12 @@ CONCEPT_INDEX = {name: i for i, name in enumerate(CONCEPTS)}
 FISH = ("tench", "goldfish", "trout")
 
 # Sampling weights (commented defaults; the co-occurrence tests check the resulting statistics).
-STYLE_WEIGHTS = {"photo": 0.64, "van gogh": 0.10, "pixel art": 0.13, "sketch": 0.13}
-BACKGROUND_WEIGHTS = {"freshwater": 0.22, "night": 0.26, "sky": 0.1, "grass": 0.18, "sand": 0.14, "wall": 0.16}
+STYLE_WEIGHTS = {"photo": 0.61, "van gogh": 0.13, "pixel art": 0.13, "sketch": 0.13}
+BACKGROUND_WEIGHTS = {"freshwater": 0.22, "night": 0.34, "sky": 0.1, "grass": 0.18, "sand": 0.14, "wall": 0.16}
 P_TENCH = 0.13  # a scene's subject is a tench
 P_TENCH_IN_FRESHWATER = 0.9  # the rest lie on grass, sand or by a wall
-P_VAN_GOGH_NIGHT = 0.8  # van gogh paintings are mostly starry nights
+P_VAN_GOGH_NIGHT = 0.8  # P(night) for a van gogh scene without a tench (a tench picks its own
+# background first), so overall P(night | van gogh) ~ 0.87 * (0.8 + 0.2 * P(night background)) ~ 0.75
 P_PERSON = 0.32
 P_SMOKING_GIVEN_PERSON = 0.35
 # Optional things per background: name -> probability (sun/moon/stars only where they make sense).
