@@ -34,8 +34,7 @@ MANUAL = "manual"                # a person dropped it (token or cluster toggle)
 DROP_REASONS = (NEAREST, FARTHEST, INTRA, MANUAL)
 
 
-class CareSetError(ValueError):
-    """The inputs cannot make a CARE-set (too few candidates, shapes that do not match, ...)."""
+from recare.errors import CareSetError  # noqa: E402  (re-exported: raised by this module)
 
 
 # ---------------------------------------------------------------------------------------------

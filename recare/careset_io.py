@@ -34,8 +34,7 @@ PROMPT_PREFIX = {"photo": "A photo of ", "painting": "A painting of "}
 BASE_PREFIX = "A "
 
 
-class CareSetFileError(ValueError):
-    """A careset.json (official or rich) is missing, malformed, or not what it claims to be."""
+from recare.errors import CareSetFileError  # noqa: E402  (re-exported: raised by this module)
 
 
 @dataclasses.dataclass(frozen=True)

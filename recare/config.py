@@ -8,22 +8,32 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
+
+from recare.errors import ConfigError
 
 T = TypeVar("T", bound="JsonConfig")
 
 PROJECTIONS = ("tsne", "umap")
 PROMPT_STYLES = ("photo", "painting")
 
-
-class ConfigError(ValueError):
-    """A config value is out of range or a config file does not match the expected fields."""
+__all__ = ["ConfigError", "JsonConfig", "GenerateConfig", "CareSetConfig", "PROJECTIONS", "PROMPT_STYLES"]
 
 
 @dataclasses.dataclass
 class JsonConfig:
-    """Mixin: dict/JSON round trip that rejects unknown fields instead of silently dropping them."""
+    """Mixin: dict/JSON round trip that rejects unknown fields instead of silently dropping them.
+
+    A config validates itself when it is built (`__post_init__` calls `validate`), so an invalid
+    config never exists. A field whose type is another JsonConfig (a training config holds a
+    stage-1 and a stage-2 config) is rebuilt from its dict by `from_dict`, recursively.
+    """
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -36,13 +46,18 @@ class JsonConfig:
 
     @classmethod
     def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
             raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; expected some of {sorted(names)}")
-        obj = cls(**data)
-        obj.validate()
-        return obj
+        hints = typing.get_type_hints(cls)
+        values = {name: _nested(hints.get(name), value, f"{cls.__name__}.{name}") for name, value in data.items()}
+        try:
+            return cls(**values)
+        except TypeError as e:  # e.g. a field given as a list where a number belongs
+            raise ConfigError(f"{cls.__name__}: {e}") from e
 
     @classmethod
     def from_json(cls: type[T], text_or_path: str | Path) -> T:
@@ -58,6 +73,22 @@ class JsonConfig:
 
     def validate(self) -> None:  # overridden where there is something to check
         pass
+
+
+def _nested(hint: Any, value: Any, where: str) -> Any:
+    """Rebuild `value` as the JsonConfig subclass named by `hint` (also inside `X | None`)."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
+    for option in options:
+        if isinstance(option, type) and issubclass(option, JsonConfig):
+            if value is None and type(None) in options:
+                return None
+            if isinstance(value, option):
+                return value
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: expected an object of {option.__name__} fields, got {value!r}")
+            return option.from_dict(value)
+    return value
 
 
 @dataclasses.dataclass

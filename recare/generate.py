@@ -23,8 +23,7 @@ from recare.runs import atomic_write_bytes, atomic_write_json
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-class ImageInputError(ValueError):
-    """Images given by the user cannot be used (empty folder, unreadable file, broken zip)."""
+from recare.errors import ImageInputError  # noqa: E402  (re-exported: raised by this module)
 
 
 class CancelToken(Protocol):

@@ -43,8 +43,7 @@ _DTYPES = {
 }
 
 
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message says why and what to do about it."""
+from recare.errors import ModelLoadError  # noqa: E402  (re-exported: raised by this module)
 
 
 # ---------------------------------------------------------------------------------------------
