@@ -17,10 +17,15 @@ import heapq
 import platform
 import time
 
-import numpy as np
+from recare.runtime import set_process_defaults
 
-from recare.careset import cluster_points, derive_decisions, orthogonal_residual, project_2d, select_candidates
-from recare.config import CareSetConfig
+if __name__ == "__main__":  # a process entry: set OMP_WAIT_POLICY before anything imports torch
+    set_process_defaults()
+
+import numpy as np  # noqa: E402
+
+from recare.careset import cluster_points, derive_decisions, orthogonal_residual, project_2d, select_candidates  # noqa: E402
+from recare.config import CareSetConfig  # noqa: E402
 
 
 def unit(x: np.ndarray) -> np.ndarray:

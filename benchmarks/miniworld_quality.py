@@ -28,7 +28,12 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
+from recare.runtime import set_process_defaults
+
+if __name__ == "__main__":  # a process entry: set OMP_WAIT_POLICY before anything imports torch
+    set_process_defaults()
+
+import numpy as np  # noqa: E402
 
 
 def _row(rows, section, item, value, bar, ok):

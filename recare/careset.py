@@ -12,19 +12,19 @@ Data flow (one function each, all over numpy arrays, no I/O):
 `build_care_set` runs them and returns a `CareSet` that keeps every intermediate, so a view
 can show each step without recomputing it, and `CareSet.with_edits` layers a person's
 decisions (toggle a token or a cluster, add custom tokens) on top without touching features.
-File formats (official careset.json, our rich JSON) live in `careset_io.py`.
+File formats (official careset.json, our rich JSON) live in `recare.careset_io`: import them from
+there (it depends on this module, never the reverse).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from recare.config import CareSetConfig
-
-Progress = Callable[[float, str], None]
+from recare.progress import CancelToken, ProgressCallback, check_cancel, emit
 
 # Why a candidate was dropped; None means kept.
 NEAREST = "nearest cluster"      # in a cluster of lowest mean residual: closest to the target direction
@@ -522,8 +522,9 @@ def build_care_set(
     vocab_tokens: Sequence[str],
     target_feature: np.ndarray,
     config: CareSetConfig | None = None,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
     meta: dict | None = None,
+    cancel: CancelToken | None = None,
 ) -> CareSet:
     """Run Algorithm 1 and keep every intermediate.
 
@@ -533,12 +534,19 @@ def build_care_set(
         vocab_tokens: V display tokens (duplicates are searched once, see unique_vocabulary_rows).
         target_feature: (D,) text feature of the reference word (e_c).
         config: CareSetConfig; defaults to the paper's.
-        progress: optional callback(fraction, message).
+        progress: optional callback, called with a `recare.progress.ProgressEvent` as each step
+            starts (stage "careset", step in percent of the usual time: the projection is most of it).
         meta: free-form provenance (encoder identity, vocabulary source) kept in the result.
+        cancel: optional `recare.progress.CancelToken`, checked between steps; when set,
+            `recare.errors.Cancelled` is raised.
     """
     config = config or CareSetConfig()
     config.validate()
-    report = progress or (lambda f, m: None)
+
+    def report(percent: int, message: str) -> None:
+        emit(progress, "careset", percent, 100, message)
+        if percent < 100:
+            check_cancel(cancel, "the CARE-set")
     vocab_features = _check_features("vocab_features", vocab_features)
     if len(vocab_tokens) != vocab_features.shape[0]:
         raise CareSetError(
@@ -546,7 +554,7 @@ def build_care_set(
         )
     target = _unit(target_feature)
 
-    report(0.0, "selecting candidates")
+    report(0, "selecting candidates")
     rows = unique_vocabulary_rows(vocab_tokens)
     local, counts = select_candidates(image_features, vocab_features[rows], config.top_k, config.top_n)
     indices = rows[local]
@@ -558,15 +566,15 @@ def build_care_set(
             "use more images, a larger vocabulary, or fewer clusters."
         )
 
-    report(0.2, f"projecting {len(tokens)} candidates ({config.projection})")
+    report(20, f"projecting {len(tokens)} candidates ({config.projection})")
     points = project_2d(features, config.projection, config.seed)
-    report(0.7, "clustering")
+    report(70, "clustering")
     labels = cluster_points(points, config.n_clusters, config.seed)
     residuals = orthogonal_residual(features, target)
     means = cluster_mean_residuals(residuals, labels)
-    report(0.85, "refining")
+    report(85, "refining")
     reasons = derive_decisions(features, target, residuals, labels, config)
-    report(1.0, "done")
+    report(100, "done")
     return CareSet(
         config=config,
         tokens=tokens,
@@ -618,19 +626,9 @@ def rederive(careset: CareSet, **changes) -> CareSet:
     )
 
 
-# File formats live in careset_io; re-exported so `recare.careset` is the one place to import from.
-from recare.careset_io import (  # noqa: E402
-    CareSetFileError,
-    OfficialCareSet,
-    load_rich_json,
-    read_careset_json,
-    reference_key,
-    save_rich_json,
-    write_careset_json,
-)
-
+# File formats (careset.json, careset.rich.json) live in `recare.careset_io`, which imports this
+# module; nothing here imports it back, so each of the two imports alone.
 __all__ = [
-    "CareSet", "CareSetError", "CareSetFileError", "OfficialCareSet", "build_care_set", "cluster_points",
-    "global_filter", "load_rich_json", "orthogonal_residual", "project_2d", "read_careset_json", "reference_key",
-    "refine_clusters", "rederive", "save_rich_json", "select_candidates", "write_careset_json",
+    "CareSet", "CareSetError", "build_care_set", "cluster_points", "global_filter", "orthogonal_residual",
+    "project_2d", "refine_clusters", "rederive", "select_candidates",
 ]

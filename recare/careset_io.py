@@ -18,23 +18,20 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from recare.careset import DROP_REASONS, CareSet
+from recare.careset import DROP_REASONS, CareSet  # one-way: recare.careset never imports this module
 from recare.config import CareSetConfig, ConfigError
+from recare.errors import CareSetFileError  # re-exported: raised by this module
+from recare.runs import atomic_write_text
 
 RICH_FORMAT = "recare-careset"
 RICH_VERSION = 1
 PROMPT_PREFIX = {"photo": "A photo of ", "painting": "A painting of "}
 BASE_PREFIX = "A "
-
-
-from recare.errors import CareSetFileError  # noqa: E402  (re-exported: raised by this module)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,26 +64,11 @@ def official_dict(tokens: list[str], reference_word: str, prompt_style: str) -> 
     }
 
 
-def _atomic_write(path: str | Path, text: str) -> Path:
-    """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_careset_json(careset: CareSet, path: str | Path) -> Path:
     """Write the final CARE-set in the official format (what official train.py reads)."""
     c = careset.config
     data = official_dict(careset.final_tokens(), c.reference_word, c.prompt_style)
-    return _atomic_write(path, json.dumps(data, indent=4) + "\n")
+    return atomic_write_text(path, json.dumps(data, indent=4) + "\n")
 
 
 def _load_json(path: str | Path) -> dict:
@@ -129,6 +111,8 @@ def read_careset_json(path: str | Path) -> OfficialCareSet:
     data = _load_json(path)
     if data.get("format") == RICH_FORMAT:
         data = data.get("official") or {}
+        if not isinstance(data, dict):
+            raise CareSetFileError(f"{Path(path).name}: 'official' must be a JSON object, not {type(data).__name__}.")
     return parse_official(data, Path(path).name)
 
 
@@ -186,7 +170,7 @@ def rich_dict(careset: CareSet) -> dict:
 
 def save_rich_json(careset: CareSet, path: str | Path) -> Path:
     """Write our rich JSON (everything needed to reopen and keep editing)."""
-    return _atomic_write(path, json.dumps(rich_dict(careset), indent=1) + "\n")
+    return atomic_write_text(path, json.dumps(rich_dict(careset), indent=1) + "\n")
 
 
 def careset_from_rich(data: dict, name: str = "careset.rich.json") -> CareSet:

@@ -5,7 +5,8 @@ and a function that runs it. A new command (train, evaluate) is one more row.
 
 Every command writes into a fresh run folder under `--out` (see `recare.runs`) and prints that
 folder as the last line of stdout, so scripts can pick it up. Progress bars go to stderr. Bad input
-ends with one line `error: ...` and exit code 2 (set RECARE_DEBUG=1 for the traceback).
+(any `recare.errors.RecareError`) ends with one line `error: ...` and exit code 2 (set
+RECARE_DEBUG=1 for the traceback); anything else is a bug and shows its traceback (exit code 1).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Callable
 
 from recare import __version__, worldspec
 from recare.config import CareSetConfig, ConfigError, GenerateConfig
+from recare.errors import RecareError
 
 EXIT_USAGE = 2
 DEFAULT_RUNS_DIR = "runs"
@@ -38,26 +40,6 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 def _overrides(args: argparse.Namespace, names: dict[str, str]) -> dict[str, Any]:
     """Config fields the user gave on the command line ({config field: argparse dest})."""
     return {field: getattr(args, dest) for field, dest in names.items() if getattr(args, dest) is not None}
-
-
-class _Bar:
-    """A tqdm bar on stderr driven by `(done, total)` or `(fraction, message)` callbacks."""
-
-    def __init__(self, desc: str, total: int, unit: str = "it"):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
-
-    def count(self, done: int, total: int) -> None:
-        self.bar.total = total
-        self.bar.update(done - self.bar.n)
-
-    def fraction(self, fraction: float, message: str) -> None:
-        self.bar.set_postfix_str(message)
-        self.bar.update(round(fraction * self.bar.total) - self.bar.n)
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,6 +70,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 def run_generate(args: argparse.Namespace) -> Path:
     from recare.generate import generate_images, save_generation
     from recare.models import MINI_WORLD, load_pipeline
+    from recare.progress import TqdmProgress
     from recare.runs import atomic_write_json, new_run_dir
 
     base = worldspec.generate_defaults() if args.model == MINI_WORLD else GenerateConfig()
@@ -95,11 +78,8 @@ def run_generate(args: argparse.Namespace) -> Path:
 
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
     pipe.set_progress_bar_config(disable=True)
-    bar = _Bar("generating", config.num_images, unit="img")
-    try:
-        result = generate_images(pipe, config, progress=bar.count)
-    finally:
-        bar.close()
+    with TqdmProgress(unit="img") as bar:
+        result = generate_images(pipe, config, progress=bar)
     run_dir = new_run_dir(args.out, "generate")
     atomic_write_json(run_dir / "config.json", {
         "command": "generate", "recare_version": __version__, "model": args.model,
@@ -160,7 +140,7 @@ def _vocabulary(args: argparse.Namespace, spec: dict):
         return clip_bpe_vocabulary()
     if args.vocab is not None:
         if not Path(args.vocab).is_file():
-            raise ValueError(f"--vocab {args.vocab!r} is neither 'clip-bpe' nor an existing word-list file.")
+            raise ConfigError(f"--vocab {args.vocab!r} is neither 'clip-bpe' nor an existing word-list file.")
         return read_word_list(args.vocab)
     words = worldspec.mini_world_words(spec) if args.encoder == MINI_WORLD else None
     return word_list_vocabulary(words, source="mini-world") if words else clip_bpe_vocabulary()
@@ -185,10 +165,12 @@ def _task_for_images(spec: dict, args: argparse.Namespace) -> dict | None:
 
 
 def run_careset(args: argparse.Namespace) -> Path:
-    from recare.careset import build_care_set, save_rich_json, write_careset_json
+    from recare.careset import build_care_set
+    from recare.careset_io import save_rich_json, write_careset_json
     from recare.encoders import vocabulary_features
     from recare.generate import images_summary, load_images
     from recare.models import MINI_WORLD, load_encoder
+    from recare.progress import TqdmProgress
     from recare.runs import atomic_write_json, new_run_dir
 
     spec = worldspec.mini_world_spec() if args.encoder == MINI_WORLD else {}
@@ -201,17 +183,15 @@ def run_careset(args: argparse.Namespace) -> Path:
     encoder = load_encoder(args.encoder, device=args.device)
     print(f"encoding {len(images)} images and {len(vocab)} vocabulary tokens with {encoder.identity}", file=sys.stderr)
     image_features = encoder.encode_images(images)
-    vocab_features = vocabulary_features(encoder, vocab, cache_dir=args.cache_dir, progress=True)
+    with TqdmProgress(unit="tok") as bar:
+        vocab_features = vocabulary_features(encoder, vocab, cache_dir=args.cache_dir, progress=bar)
     target_feature = encoder.encode_texts([config.reference_word])[0]
 
-    bar = _Bar("CARE-set", 100, unit="%")
-    try:
+    with TqdmProgress(unit="%") as bar:
         careset = build_care_set(
-            image_features, vocab_features, vocab.tokens, target_feature, config, progress=bar.fraction,
+            image_features, vocab_features, vocab.tokens, target_feature, config, progress=bar,
             meta={"encoder": encoder.identity, "vocabulary": vocab.source, "vocabulary_hash": vocab.hash},
         )
-    finally:
-        bar.close()
 
     run_dir = new_run_dir(args.out, "careset")
     atomic_write_json(run_dir / "config.json", {
@@ -245,16 +225,6 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input (shown as one line), not a bug."""
-    from recare.careset import CareSetError, CareSetFileError
-    from recare.generate import ImageInputError
-    from recare.models import ModelLoadError
-
-    return (ModelLoadError, ImageInputError, ConfigError, CareSetError, CareSetFileError, ValueError,
-            FileNotFoundError, PermissionError)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one subparser per row of `COMMANDS`."""
     parser = argparse.ArgumentParser(
@@ -272,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv` (default sys.argv[1:]), run the command, return the exit code.
 
+    A `RecareError` (bad input the user can fix) is printed as one line and gives exit code 2;
+    any other exception is a bug and propagates with its traceback (exit code 1 from Python).
+
     Args:
         argv: command-line arguments without the program name.
     """
@@ -281,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except user_errors() as e:
+    except RecareError as e:
         if os.environ.get("RECARE_DEBUG"):
             raise
         message = " ".join(str(e).split()) or type(e).__name__

@@ -20,7 +20,9 @@ T = TypeVar("T", bound="JsonConfig")
 PROJECTIONS = ("tsne", "umap")
 PROMPT_STYLES = ("photo", "painting")
 
-__all__ = ["ConfigError", "JsonConfig", "GenerateConfig", "CareSetConfig", "PROJECTIONS", "PROMPT_STYLES"]
+__all__ = ["ConfigError", "JsonConfig", "GenerateConfig", "CareSetConfig", "PROJECTIONS", "PROMPT_STYLES",
+           "TextualInversionConfig", "TI_TEMPLATES", "RolloutConfig", "ESDConfig", "Stage1Config", "Stage2Config",
+           "TrainConfig", "TRAIN_METHODS", "TRAIN_DTYPES", "TRAINING_METHODS", "OUTPUT_FORMATS"]
 
 
 @dataclasses.dataclass
@@ -149,3 +151,245 @@ class CareSetConfig(JsonConfig):
             raise ConfigError(f"k_each_side must be >= 0 (got {self.k_each_side}).")
         if self.alpha < 0:
             raise ConfigError(f"alpha must be >= 0 (got {self.alpha}).")
+
+
+TI_TEMPLATES = ("photo", "painting")
+
+
+@dataclasses.dataclass
+class TextualInversionConfig(JsonConfig):
+    """Textual inversion of one fresh placeholder token (METHOD.md section 3, stage 1; also evaluation's CCE).
+
+    The official code runs diffusers' textual-inversion example: AdamW (betas 0.9/0.999, weight
+    decay 1e-2, eps 1e-8), a constant learning rate scaled by the batch size, random horizontal
+    flip 0.5, the ImageNet "a photo of a {}" templates for objects and "a painting in the style of
+    {}" templates for styles.
+    """
+
+    steps: int = 3000                    # optimisation steps (official 3000)
+    learning_rate: float = 5e-3          # base lr; the optimiser uses learning_rate * batch_size when scale_lr
+    scale_lr: bool = True                # official: lr x batch size (x gradient accumulation x processes)
+    batch_size: int = 1                  # images per step (official 1)
+    flip_p: float = 0.5                  # probability of a horizontal flip per image per step (official 0.5)
+    templates: str = "photo"             # "photo" (objects, nudity) or "painting" (styles)
+    resolution: int | None = None        # None: the model's native size (512 for SD v1.4)
+    initializer_token: str = "person"    # the new row starts as this token's embedding (one token)
+    placeholder: str = "<v*>"            # the new token's text; must not already be in the vocabulary
+    seed: int = 42                       # noise, timesteps, templates and flips all come from this seed
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+
+    @property
+    def effective_learning_rate(self) -> float:
+        """The optimiser's lr: learning_rate x batch_size when scale_lr (official), else learning_rate."""
+        return self.learning_rate * self.batch_size if self.scale_lr else self.learning_rate
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"steps must be at least 1 (got {self.steps}).")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate must be > 0 (got {self.learning_rate}).")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1 (got {self.batch_size}).")
+        if not 0.0 <= self.flip_p <= 1.0:
+            raise ConfigError(f"flip_p must be in [0, 1] (got {self.flip_p}).")
+        if self.templates not in TI_TEMPLATES:
+            raise ConfigError(f"templates must be one of {TI_TEMPLATES} (got {self.templates!r}).")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise ConfigError(f"resolution must be a multiple of 8 and at least 8, or None (got {self.resolution}).")
+        if not self.initializer_token or not self.initializer_token.strip():
+            raise ConfigError("initializer_token is empty: name a word the new token starts from (e.g. 'person').")
+        if not self.placeholder or not self.placeholder.strip() or any(c.isspace() for c in self.placeholder):
+            raise ConfigError(f"placeholder must be a non-empty string without spaces (got {self.placeholder!r}).")
+        if not 0.0 <= self.adam_beta1 < 1.0 or not 0.0 <= self.adam_beta2 < 1.0:
+            raise ConfigError(f"adam betas must be in [0, 1) (got {self.adam_beta1}, {self.adam_beta2}).")
+        if self.adam_weight_decay < 0 or self.adam_epsilon <= 0:
+            raise ConfigError("adam_weight_decay must be >= 0 and adam_epsilon > 0.")
+
+
+# ---------------------------------------------------------------------------------------------
+# training (METHOD.md section 3): ESD, stage 1, stage 2 and the recipe that chains them
+
+TRAIN_METHODS = ("noxattn", "xattn", "selfattn", "full")          # trainable-parameter sets (recare.train.params)
+TRAIN_DTYPES = ("auto", "fp32", "bf16", "fp16")                   # compute precision; weights stay fp32
+TRAINING_METHODS = ("recare", "esd", "recare-no-adv", "recare-no-retain", "custom")
+OUTPUT_FORMATS = ("trained_params", "unet_folder", "official_pt")  # what the run folder gets (recare.train.export)
+
+
+@dataclasses.dataclass
+class RolloutConfig(JsonConfig):
+    """How x_t is drawn in both stages (METHOD.md section 3, "How x_t is drawn")."""
+
+    steps: int = 50                  # DDIM steps of the roll-out schedule; k is uniform in [1, steps - 2] (official 50)
+    guidance: float = 3.0            # classifier-free guidance of the roll-out (official 3)
+    resolution: int | None = None    # image size x_t stands for; None: the UNet's native size (official 512)
+    batch: int = 1                   # roll-outs of this many upcoming iterations drawn in one batch with the
+    #                                  current weights; 1 = official (each iteration rolls out with its own weights)
+
+    def validate(self) -> None:
+        if self.batch < 1:
+            raise ConfigError(f"rollout batch must be at least 1 (got {self.batch}).")
+        if self.steps < 3:
+            raise ConfigError(f"rollout steps must be at least 3 so that k in [1, steps - 2] exists (got {self.steps}).")
+        if self.guidance < 0:
+            raise ConfigError(f"rollout guidance must be >= 0 (got {self.guidance}).")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise ConfigError(f"rollout resolution must be a multiple of 8 and at least 8, or None (got {self.resolution}).")
+
+
+@dataclasses.dataclass
+class ESDConfig(JsonConfig):
+    """ESD erasure with normalised guidance: stage 1's erase step, and the `esd` baseline on its own.
+
+    Loss: || eps_theta(c) - (eps*(c) - (eta - 1) N(eps*(c) - eps*(0); eps*(c))) ||^2. With w = 1 the
+    target is eps*(0) - (eta - 2)(eps*(c) - eps*(0)): eta = 2 pulls eps_theta(c) onto the empty
+    prompt; the original ESD repo's negative_guidance 1.0 corresponds to eta = 3 here.
+    """
+
+    iterations: int = 200            # stage 1: 200 (official --iterations); the esd baseline: 1000
+    learning_rate: float = 0.5e-5    # stage 1: 0.5e-5 (official --recare_stage1_lr); the esd baseline: 1e-5
+    eta: float = 2.0                 # negative guidance (official --negative_guidance 2.0)
+    projection_weight: float = 1.0   # w in N(d; p) = d_orth + w d_par (official 1.0, so N(d; p) = d)
+    weight_decay: float = 1e-2       # AdamW weight decay (official: torch's default 1e-2)
+
+    def validate(self) -> None:
+        if self.iterations < 1:
+            raise ConfigError(f"ESD iterations must be at least 1 (got {self.iterations}).")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"ESD learning_rate must be > 0 (got {self.learning_rate}).")
+        if self.weight_decay < 0:
+            raise ConfigError(f"ESD weight_decay must be >= 0 (got {self.weight_decay}).")
+
+
+@dataclasses.dataclass
+class Stage1Config(JsonConfig):
+    """Stage 1, iterative textual inversion: `n_iterations` rounds of ESD erase -> textual inversion.
+
+    Round i erases the current concept (round 0: the reference word; later: the previous round's
+    token) from the UNet as left by the previous rounds, then learns a fresh token against the
+    erased model on the i-th disjoint slice of the target images (len(images) // n_iterations each).
+    """
+
+    n_iterations: int = 2            # rounds, one adversarial token each (official --n_iterations 2)
+    esd: ESDConfig = dataclasses.field(default_factory=ESDConfig)
+    textual_inversion: TextualInversionConfig = dataclasses.field(default_factory=TextualInversionConfig)
+
+    def validate(self) -> None:
+        if self.n_iterations < 1:
+            raise ConfigError(f"stage 1 n_iterations must be at least 1 (got {self.n_iterations}); "
+                              "train without adversarial tokens with method 'recare-no-adv' instead.")
+
+
+@dataclasses.dataclass
+class Stage2Config(JsonConfig):
+    """Stage 2, ReCARE (Eqs. 11-13) on a fresh copy of the base UNet."""
+
+    iterations: int = 200            # official --iterations 200
+    learning_rate: float = 2e-5      # official --recare_stage2_lr 2e-5
+    retain_weight: float = 1.0       # lambda in Eq. 11 (official 1); 0 = the recare-no-retain ablation
+    guidance_scale: float = 2.0      # s in Eq. 13 (official --compositional_guidance_scale 2)
+    projection_weight: float = 1.0   # w in N(d; p) (official 1.0)
+    weight_decay: float = 1e-2       # AdamW weight decay (official: torch's default 1e-2)
+
+    def validate(self) -> None:
+        if self.iterations < 1:
+            raise ConfigError(f"stage 2 iterations must be at least 1 (got {self.iterations}).")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"stage 2 learning_rate must be > 0 (got {self.learning_rate}).")
+        if self.retain_weight < 0:
+            raise ConfigError(f"stage 2 retain_weight (lambda) must be >= 0 (got {self.retain_weight}).")
+        if self.weight_decay < 0:
+            raise ConfigError(f"stage 2 weight_decay must be >= 0 (got {self.weight_decay}).")
+
+
+@dataclasses.dataclass
+class TrainConfig(JsonConfig):
+    """One training run: which stages run and with what (METHOD.md section 3).
+
+    The method is the shape of the values, not a branch in the code: `stage1` set = adversarial
+    tokens are learned and join H; `stage2` set = ReCARE makes the final UNet; `esd` set = the ESD
+    baseline makes it instead. Exactly one of `stage2` and `esd` is set. `TrainConfig.for_method`
+    fills the official values of each named method; `method` records which preset that was.
+
+    `initializer_token` is copied into `stage1.textual_inversion` on construction, so the saved
+    config shows what ran.
+    """
+
+    method: str = "recare"                   # the preset these values came from (see for_method), or "custom"
+    model: str = "mini-world"                # base model: "mini-world", a hub id (CompVis/stable-diffusion-v1-4) or a folder
+    target_prompt: str = "a photo of a tench"  # makes the target images when none are given (official "A photo of a tench")
+    reference_word: str = "tench"            # the concept erased: ESD's prompt and H's first element (official --erase_concept)
+    initializer_token: str = "fish"          # adversarial tokens start from this word (official person / art / an object word)
+    train_method: str = "noxattn"            # trainable UNet parameters (official noxattn)
+    seed: int = 42                           # roll-out noise, k, H/anchor/retain order (official 42)
+    device: str = "auto"                     # "auto": CUDA, then MPS, then CPU
+    dtype: str = "auto"                      # compute precision: auto = fp32 on CPU, bf16 autocast on CUDA (official fp32)
+    gradient_checkpointing: bool = False     # trade compute for memory in the student's backward pass
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    stage1: Stage1Config | None = dataclasses.field(default_factory=Stage1Config)
+    stage2: Stage2Config | None = dataclasses.field(default_factory=Stage2Config)
+    esd: ESDConfig | None = None             # set only for the esd baseline (official ESD: 1000 it, lr 1e-5)
+    images: str | None = None                # target images (folder, zip or generation run); None: generate them
+    num_images: int = 8                      # images generated when `images` is None (official 500)
+    careset: str | None = None               # careset.json (official or rich) for stage 2's anchors and retain prompts
+    save_every: int = 50                     # iterations between resumable-state saves (also saved when cancelled)
+    outputs: list[str] = dataclasses.field(default_factory=lambda: ["trained_params"])  # see OUTPUT_FORMATS
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stage1, Stage1Config) and isinstance(self.initializer_token, str) \
+                and self.stage1.textual_inversion.initializer_token != self.initializer_token:
+            ti = dataclasses.replace(self.stage1.textual_inversion, initializer_token=self.initializer_token)
+            self.stage1 = dataclasses.replace(self.stage1, textual_inversion=ti)
+        super().__post_init__()
+
+    @classmethod
+    def for_method(cls, method: str, **fields: Any) -> "TrainConfig":
+        """The official values of a named method, with `fields` on top.
+
+        Args:
+            method: "recare" (stages 1 + 2), "esd" (the baseline: ESD alone, 1000 it, lr 1e-5),
+                "recare-no-adv" (stage 2 with H = {target}), "recare-no-retain" (lambda = 0).
+            **fields: any TrainConfig field, e.g. model="mini-world", seed=0.
+        """
+        presets: dict[str, dict[str, Any]] = {
+            "recare": {},
+            "esd": {"stage1": None, "stage2": None, "esd": ESDConfig(iterations=1000, learning_rate=1e-5)},
+            "recare-no-adv": {"stage1": None},
+            "recare-no-retain": {"stage2": Stage2Config(retain_weight=0.0)},
+        }
+        if method not in presets:
+            raise ConfigError(f"unknown method {method!r}: use one of {sorted(presets)}.")
+        return cls(**{"method": method, **presets[method], **fields})
+
+    def validate(self) -> None:
+        if self.method not in TRAINING_METHODS:
+            raise ConfigError(f"method must be one of {TRAINING_METHODS} (got {self.method!r}).")
+        if self.train_method not in TRAIN_METHODS:
+            raise ConfigError(f"train_method must be one of {TRAIN_METHODS} (got {self.train_method!r}).")
+        if self.dtype not in TRAIN_DTYPES:
+            raise ConfigError(f"dtype must be one of {TRAIN_DTYPES} (got {self.dtype!r}).")
+        for name in ("model", "target_prompt", "reference_word", "initializer_token", "device"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError(f"{name} is empty.")
+        if (self.stage2 is None) == (self.esd is None):
+            raise ConfigError("set exactly one of stage2 (ReCARE makes the final UNet) and esd (the ESD baseline "
+                              "makes it); TrainConfig.for_method fills a consistent pair.")
+        if self.stage1 is not None and self.stage2 is None:
+            raise ConfigError("stage1 learns adversarial tokens for stage 2: it needs stage2 set.")
+        if self.stage1 is not None and self.num_images < self.stage1.n_iterations:
+            raise ConfigError(f"num_images ({self.num_images}) must be at least stage1.n_iterations "
+                              f"({self.stage1.n_iterations}): each round learns from its own slice of the images.")
+        if self.num_images < 1:
+            raise ConfigError(f"num_images must be at least 1 (got {self.num_images}).")
+        if self.save_every < 1:
+            raise ConfigError(f"save_every must be at least 1 (got {self.save_every}).")
+        if not isinstance(self.outputs, list) or not self.outputs or any(o not in OUTPUT_FORMATS for o in self.outputs):
+            raise ConfigError(f"outputs must be a non-empty list of {OUTPUT_FORMATS} (got {self.outputs!r}).")
+
+    @property
+    def n_adversarial_tokens(self) -> int:
+        """How many adversarial tokens stage 1 adds to H (0 when stage 1 is off)."""
+        return self.stage1.n_iterations if self.stage1 is not None else 0

@@ -19,15 +19,15 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from recare.errors import ConfigError
+from recare.progress import CancelToken, ProgressCallback, check_cancel, emit
 from recare.runs import atomic_write_bytes, atomic_write_json
-
-ProgressFn = Callable[[int, int], None]
 
 
 class Encoder:
@@ -52,26 +52,34 @@ class Encoder:
         rgb = [im.convert("RGB") for im in images]
         return self._batched(rgb, self._image_batch, batch_size)
 
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 256, progress: ProgressFn | None = None) -> np.ndarray:
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256, progress: ProgressCallback | None = None,
+                     cancel: CancelToken | None = None, stage: str = "text features") -> np.ndarray:
         """Features of `texts`, shape (n, D), float32, each row L2-normalised.
 
         Args:
             texts: strings, encoded as they are (no prompt template).
             batch_size: strings per forward pass.
-            progress: optional `progress(done, total)` called after each batch.
+            progress: optional callback, called with a `recare.progress.ProgressEvent` after each
+                batch (step = texts encoded).
+            cancel: optional `recare.progress.CancelToken`, checked before each batch; when set,
+                `recare.errors.Cancelled` is raised.
+            stage: the events' stage name.
         """
-        return self._batched(list(texts), self._text_batch, batch_size, progress)
+        return self._batched(list(texts), self._text_batch, batch_size, progress, cancel, stage)
 
-    def _batched(self, items: list, encode_batch, batch_size: int, progress: ProgressFn | None = None) -> np.ndarray:
+    def _batched(self, items: list, encode_batch, batch_size: int, progress: ProgressCallback | None = None,
+                 cancel: CancelToken | None = None, stage: str = "encode") -> np.ndarray:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1 (got {batch_size}).")
         rows = []
+        total = len(items)
         with torch.inference_mode():
-            for start in range(0, len(items), batch_size):
+            for start in range(0, total, batch_size):
+                check_cancel(cancel, stage)
                 features = encode_batch(items[start:start + batch_size]).float()
                 rows.append(torch.nn.functional.normalize(features, dim=-1).cpu().numpy())
-                if progress is not None:
-                    progress(min(start + batch_size, len(items)), len(items))
+                done = min(start + batch_size, total)
+                emit(progress, stage, done, total, f"{done:,} of {total:,}")
         if not rows:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.concatenate(rows).astype(np.float32, copy=False)
@@ -212,7 +220,7 @@ def word_list_vocabulary(words: Sequence[str], source: str = "words") -> Vocabul
         if word and word not in seen:
             seen[word] = None
     if not seen:
-        raise ValueError(f"the word list {source!r} is empty: give at least one word, one per line.")
+        raise ConfigError(f"the word list {source!r} is empty: give at least one word, one per line.")
     tokens = list(seen)
     return Vocabulary(tokens=tokens, texts=list(tokens), source=source)
 
@@ -227,7 +235,7 @@ def read_word_list(path: str | Path) -> Vocabulary:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read the word list {path}: {e}") from e
+        raise ConfigError(f"cannot read the word list {path}: {e}") from e
     return word_list_vocabulary([ln for ln in lines if not ln.lstrip().startswith("#")], source=path.name)
 
 
@@ -256,47 +264,40 @@ def vocabulary_features(
     vocab: Vocabulary,
     cache_dir: str | Path | None = None,
     batch_size: int = 256,
-    progress: bool | ProgressFn = True,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
 ) -> np.ndarray:
     """Text features of every vocabulary entry, shape (V, D), float16, rows L2-normalised; cached on disk.
 
-    The first call encodes (a tqdm bar when `progress` is True) and writes `<cache>/<...>.npy` plus a
-    JSON note beside it; later calls with the same encoder identity and vocabulary only read the file.
+    The first call encodes and writes `<cache>/<...>.npy` plus a JSON note beside it; later calls
+    with the same encoder identity and vocabulary only read the file. Progress events have stage
+    "vocabulary" (step = tokens encoded; one event with step = total on a cache hit).
 
     Args:
         encoder: the text encoder.
         vocab: the vocabulary to encode.
         cache_dir: cache folder; default `$RECARE_CACHE` or `~/.cache/recare/vocab`.
         batch_size: texts per forward pass.
-        progress: True for a tqdm bar, False for none, or a `progress(done, total)` callback.
+        progress: optional callback, called with a `recare.progress.ProgressEvent` per batch (the
+            CLI passes `recare.progress.TqdmProgress()`, the app a `gr.Progress` adapter).
+        cancel: optional `recare.progress.CancelToken`, checked before each batch; when set,
+            `recare.errors.Cancelled` is raised and nothing is cached.
     """
+    if isinstance(progress, bool):  # the old switch: a bar is now the caller's choice of callback
+        raise TypeError("progress takes a callback now, not True/False: pass recare.progress.TqdmProgress() "
+                        "for a tqdm bar, or None.")
     path = vocabulary_cache_path(encoder, vocab, cache_dir)
     if path.is_file():
         try:
             cached = np.load(path, allow_pickle=False)
             if cached.ndim == 2 and cached.shape[0] == len(vocab):
+                emit(progress, "vocabulary", len(vocab), len(vocab), f"{len(vocab):,} tokens (cached)")
                 return cached.astype(np.float16, copy=False)
         except (OSError, ValueError):
             pass  # unreadable cache file: recompute and overwrite it
 
-    bar = None
-    if progress is True:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(vocab), desc="vocabulary features", unit="tok")
-
-        def callback(done: int, total: int) -> None:
-            bar.update(done - bar.n)
-    elif callable(progress):
-        callback = progress
-    else:
-        callback = None
-    try:
-        features = encoder.encode_texts(vocab.texts, batch_size=batch_size, progress=callback)
-    finally:
-        if bar is not None:
-            bar.close()
-
+    features = encoder.encode_texts(vocab.texts, batch_size=batch_size, progress=progress, cancel=cancel,
+                                    stage="vocabulary")
     features = features.astype(np.float16)
     atomic_write_bytes(path, _npy_bytes(features))
     atomic_write_json(path.with_suffix(".json"), {

@@ -3,6 +3,11 @@
 Image i always starts from the noise of seed `base_seed + i` (official: 42 + i): each image gets its
 own `torch.Generator`, so the batch size changes speed and memory, never the images.
 Generators live on the CPU so the same seed gives the same starting noise on every device.
+
+    iter_generation(pipe, config, progress, cancel)  -> one GeneratedBatch per pipeline call
+    generate_images(pipe, config, progress, cancel)  -> all of them, as a GenerationResult
+    save_generation(result, folder)                  -> 000.png, 001.png, ... + manifest.json
+    write_manifest(folder, metadata, files, safety)  -> the one manifest.json schema (CLI and app)
 """
 
 from __future__ import annotations
@@ -12,22 +17,43 @@ import io
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from recare.config import GenerateConfig
+from recare.progress import CancelToken, ProgressCallback, emit
 from recare.runs import atomic_write_bytes, atomic_write_json
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+MANIFEST_NAME = "manifest.json"
+STAGE = "generate"  # the ProgressEvent stage of generation
 
 
 from recare.errors import ImageInputError  # noqa: E402  (re-exported: raised by this module)
 
 
-class CancelToken(Protocol):
-    def is_set(self) -> bool: ...
+@dataclasses.dataclass
+class GeneratedBatch:
+    """The images of one pipeline call, as `iter_generation` yields them.
+
+    Attributes:
+        images: the images, image j made from seed `seeds[j]`.
+        seeds: one seed per image.
+        start: index of the first image in the whole run (its seed is base_seed + start).
+        total: images the run was asked for.
+    """
+
+    images: list[Image.Image]
+    seeds: list[int]
+    start: int
+    total: int
+
+    @property
+    def end(self) -> int:
+        """Index one past the last image of this batch (= images made so far)."""
+        return self.start + len(self.images)
 
 
 @dataclasses.dataclass
@@ -37,7 +63,8 @@ class GenerationResult:
     Attributes:
         images: the images, image i made from seed `seeds[i]`.
         seeds: one seed per image.
-        metadata: prompt, seeds, model, settings, timing, and whether it was cancelled.
+        metadata: prompt, seeds, model, settings, timing, and whether it was cancelled
+            (see `generation_metadata`).
     """
 
     images: list[Image.Image]
@@ -54,31 +81,37 @@ def image_seeds(config: GenerateConfig) -> list[int]:
     return [config.base_seed + i for i in range(config.num_images)]
 
 
-def generate_images(
+def iter_generation(
     pipe,
     config: GenerateConfig,
-    progress: Callable[[int, int], None] | None = None,
+    progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
-) -> GenerationResult:
-    """Generate `config.num_images` images of `config.prompt`, `config.batch_size` per pipeline call.
+) -> Iterator[GeneratedBatch]:
+    """Generate `config.num_images` images, `config.batch_size` per pipeline call, one batch at a time.
+
+    A caller can show each batch as it arrives and stop whenever it likes (stop iterating, or set
+    `cancel`). Progress events (stage "generate", step = images made, total = images asked for)
+    come before each batch ("image 5-8 of 64") and once at the end.
 
     Args:
         pipe: a diffusers StableDiffusionPipeline (see `recare.models.load_pipeline`).
         config: prompt, number of images, base seed, steps, guidance, batch size, size.
-        progress: optional `progress(done, total)` called after each batch.
-        cancel: optional object with `.is_set()` (e.g. threading.Event), checked before each batch;
-            when set, the images made so far are returned and `metadata["cancelled"]` is True.
+        progress: optional callback, called with a `recare.progress.ProgressEvent`.
+        cancel: optional `recare.progress.CancelToken` (or any object with `.is_set()`, such as a
+            threading.Event), checked before each batch; when set, the iteration ends quietly and
+            the batches already yielded are the images made.
+
+    Yields:
+        One `GeneratedBatch` per pipeline call, in seed order.
     """
     config.validate()
     seeds = image_seeds(config)
-    images: list[Image.Image] = []
-    cancelled = False
-    started = time.perf_counter()
-    for start in range(0, len(seeds), config.batch_size):
-        if cancel is not None and cancel.is_set():
-            cancelled = True
-            break
+    total = len(seeds)
+    for start in range(0, total, config.batch_size):
         batch = seeds[start:start + config.batch_size]
+        emit(progress, STAGE, start, total, f"image {start + 1}-{start + len(batch)} of {total}")
+        if cancel is not None and cancel.is_set():  # after the event, so a listener may still cancel
+            return
         generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in batch]
         output = pipe(
             prompt=[config.prompt] * len(batch),
@@ -90,27 +123,74 @@ def generate_images(
             generator=generators,
             output_type="pil",
         )
-        images.extend(output.images)
-        if progress is not None:
-            progress(len(images), len(seeds))
-    made = seeds[:len(images)]
+        if start + len(batch) == total:
+            emit(progress, STAGE, total, total, f"{total} image{'s' if total != 1 else ''}")
+        yield GeneratedBatch(images=list(output.images), seeds=batch, start=start, total=total)
+
+
+def generate_images(
+    pipe,
+    config: GenerateConfig,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> GenerationResult:
+    """Generate `config.num_images` images of `config.prompt` (every batch of `iter_generation`).
+
+    Args:
+        pipe: a diffusers StableDiffusionPipeline (see `recare.models.load_pipeline`).
+        config: prompt, number of images, base seed, steps, guidance, batch size, size.
+        progress: optional callback, called with a `recare.progress.ProgressEvent` per batch.
+        cancel: optional `recare.progress.CancelToken` (or threading.Event), checked before each
+            batch; when set, the images made so far are returned and `metadata["cancelled"]` is True.
+    """
+    started = time.perf_counter()
+    images: list[Image.Image] = []
+    seeds: list[int] = []
+    for batch in iter_generation(pipe, config, progress, cancel):
+        images.extend(batch.images)
+        seeds.extend(batch.seeds)
+    metadata = generation_metadata(pipe, config, seeds, cancelled=len(images) < config.num_images,
+                                   seconds=time.perf_counter() - started)
+    return GenerationResult(images=images, seeds=seeds, metadata=metadata)
+
+
+def generation_metadata(
+    pipe,
+    config: GenerateConfig,
+    seeds: Sequence[int | None],
+    cancelled: bool = False,
+    seconds: float | None = None,
+    model: str | None = None,
+) -> dict[str, Any]:
+    """What a manifest says about a set of generated images (see `write_manifest`).
+
+    Args:
+        pipe: the pipeline that made them (scheduler, device and dtype are read from it).
+        config: the settings the run was asked for.
+        seeds: the seed of each image made (fewer than `config.num_images` when cancelled).
+        cancelled: the run stopped before making every image.
+        seconds: wall time of the run so far, if measured.
+        model: the model's name as the user gave it ("mini-world", a hub id); default: the
+            pipeline's own `_name_or_path`.
+    """
     metadata = {
         "prompt": config.prompt,
         "negative_prompt": config.negative_prompt,
-        "seeds": made,
-        "model": _model_name(pipe),
+        "seeds": list(seeds),
+        "model": model or _model_name(pipe),
         "scheduler": type(pipe.scheduler).__name__,
         "device": str(getattr(pipe, "device", "")),
         "dtype": str(getattr(pipe, "dtype", "")).replace("torch.", ""),
         "settings": config.to_dict(),
         "num_requested": config.num_images,
-        "num_images": len(images),
-        "cancelled": cancelled,
-        "seconds": round(time.perf_counter() - started, 3),
+        "num_images": len(seeds),
+        "cancelled": bool(cancelled),
     }
+    if seconds is not None:
+        metadata["seconds"] = round(float(seconds), 3)
     if cancelled:
-        metadata["note"] = f"cancelled after {len(images)} of {config.num_images} images; the images made are kept"
-    return GenerationResult(images=images, seeds=made, metadata=metadata)
+        metadata["note"] = f"cancelled after {len(seeds)} of {config.num_images} images; the images made are kept"
+    return metadata
 
 
 def _model_name(pipe) -> str:
@@ -121,8 +201,42 @@ def _model_name(pipe) -> str:
     return str(name or getattr(pipe, "name_or_path", "") or "unknown")
 
 
+def write_manifest(
+    folder: str | Path,
+    metadata: Mapping[str, Any],
+    files: Sequence[str],
+    safety: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write `<folder>/manifest.json`: the one description of a folder of generated images.
+
+    Schema: everything of `generation_metadata` (prompt, negative_prompt, seeds, model, scheduler,
+    device, dtype, settings, num_requested, num_images, cancelled, [seconds], [note]), then
+    `files` (file i was made from `seeds[i]`) and, when given, `safety` (e.g. the app's
+    {"flagged": [...], "checked": bool}). Written atomically, so a reader never sees half a file.
+
+    Args:
+        folder: the folder holding the images.
+        metadata: what `generation_metadata` returned.
+        files: image file names inside `folder`, one per seed.
+        safety: optional safety-check results, one entry per file where it is a list.
+
+    Returns:
+        The manifest's path.
+    """
+    files = [str(f) for f in files]
+    seeds = metadata.get("seeds", [])
+    if len(files) != len(seeds):  # a caller's bug: the manifest would pair files with wrong seeds
+        raise ValueError(f"write_manifest: {len(files)} files but {len(seeds)} seeds.")
+    manifest = {**metadata, "files": files}
+    if safety is not None:
+        manifest["safety"] = dict(safety)
+    path = Path(folder) / MANIFEST_NAME
+    atomic_write_json(path, manifest)
+    return path
+
+
 def save_generation(result: GenerationResult, out_dir: str | Path) -> Path:
-    """Write the images as `000.png, 001.png, ...` and `manifest.json` (metadata + file names).
+    """Write the images as `000.png, 001.png, ...` and `manifest.json` (see `write_manifest`).
 
     Each file is written under a temporary name and renamed; the manifest comes last, so a folder
     with a manifest is complete.
@@ -144,7 +258,7 @@ def save_generation(result: GenerationResult, out_dir: str | Path) -> Path:
         image.save(buffer, format="PNG")
         atomic_write_bytes(out_dir / name, buffer.getvalue())
         files.append(name)
-    atomic_write_json(out_dir / "manifest.json", {**result.metadata, "files": files})
+    write_manifest(out_dir, result.metadata, files)
     return out_dir
 
 

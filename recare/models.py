@@ -1,4 +1,13 @@
-"""The only module that loads weights: text-to-image pipelines and image/text encoders, by name.
+"""Loading models by name: text-to-image pipelines, image/text encoders, and trained UNet weights.
+
+This module loads what a user names (a pipeline, an encoder, a training run's weights or learned
+tokens). A few bundled or optional models are loaded by their own modules, each from a fixed place:
+  recare/miniworld/oracle.py     the mini world's judge (`load_oracle`: a small classifier, safetensors)
+  recare/miniworld/clip.py       the mini CLIP as the world's scorer (`load_mini_clip`)
+  recare/miniworld/generator.py  the world's own VAE/UNet parts while building the mini world
+  recare/safety.py               NudeNet (ONNX, through the `nudenet` package) for the safety flags
+Everything else receives models as arguments. `recare.model_cache.ModelCache` keeps loaded ones
+per process.
 
 Names a user can give:
   pipelines: "mini-world" (the bundled offline world), a Hugging Face hub id such as
@@ -6,25 +15,35 @@ Names a user can give:
   encoders:  "mini-world" (the bundled mini CLIP), "open_clip:<arch>/<pretrained>" such as
              "open_clip:ViT-B-32/openai" (official) or "open_clip:ViT-B-16-SigLIP/webli", or a local
              transformers CLIPModel folder.
+  trained:   a training run folder, or one of its weight formats (see `find_trained_weights`):
+             `trained_params.safetensors` (only the changed UNet tensors), a diffusers `unet/`
+             folder, or the official `ReCARE-Diffusers-UNet.pt` (the full UNet state dict).
 
 Offline first: a hub model is read from the local Hugging Face cache when it is there; when it is
 not and the hub cannot be reached (HF_HUB_OFFLINE=1, no network), loading fails at once with a
 `ModelLoadError` that says what to do, never a hang or a traceback.
+
+Imports: torch, diffusers, transformers, safetensors and open_clip are imported inside the
+functions that need them, so `import recare.models` (names, device policy, offline checks) is cheap.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
+import inspect
+import json
 import os
 import re
 import threading
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
-import torch
+from recare.errors import ModelLoadError  # re-exported: raised by this module
 
-if TYPE_CHECKING:  # heavy imports happen inside the loaders
+if TYPE_CHECKING:
+    import torch
     from diffusers import StableDiffusionPipeline
 
     from recare.encoders import Encoder
@@ -35,15 +54,33 @@ DEFAULT_HUB_MODEL = "CompVis/stable-diffusion-v1-4"   # the paper's base model
 DEFAULT_OPEN_CLIP = "open_clip:ViT-B-32/openai"        # the official CARE-set encoder
 HUB_PROBE_TIMEOUT_S = 3.0                              # how long to wait for the hub before calling it offline
 
+# trained-weight file names written by recare.train (the .pt name is the official code's)
+TRAINED_PARAMS_FILE = "trained_params.safetensors"
+OFFICIAL_UNET_FILE = "ReCARE-Diffusers-UNet.pt"
+TOKENS_DIR = "tokens"
+_UNET_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+_UNET_INDEX_FILES = ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json")
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_DTYPES = {
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+_DTYPE_NAMES = {
+    "fp16": "float16", "float16": "float16", "half": "float16",
+    "bf16": "bfloat16", "bfloat16": "bfloat16",
+    "fp32": "float32", "float32": "float32", "float": "float32",
 }
 
 
-from recare.errors import ModelLoadError  # noqa: E402  (re-exported: raised by this module)
+@functools.lru_cache(maxsize=1)
+def _dtype_table() -> dict[str, torch.dtype]:
+    """User dtype names -> torch dtypes (built on first use so that importing this module skips torch)."""
+    import torch
+
+    return {name: getattr(torch, attr) for name, attr in _DTYPE_NAMES.items()}
+
+
+def __getattr__(name: str):
+    if name == "_DTYPES":  # the table under its old module-level name
+        return _dtype_table()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,6 +93,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     Args:
         device: "auto" (CUDA if available, then Apple MPS, then CPU) or any torch device string.
     """
+    import torch
+
     if isinstance(device, torch.device):
         return device
     if device != "auto":
@@ -78,13 +117,16 @@ def resolve_dtype(device: str | torch.device, dtype: str | torch.dtype = "auto")
         device: the device the model will run on.
         dtype: "auto", a name ("fp16", "bf16", "fp32", ...) or a torch.dtype.
     """
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
         return torch.float16 if resolve_device(device).type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
+    table = _dtype_table()
+    if dtype not in table:
         raise ModelLoadError(f"unknown dtype {dtype!r}: use 'auto', 'fp16', 'bf16' or 'fp32'.")
-    return _DTYPES[dtype]
+    return table[dtype]
 
 
 def mini_world_dir() -> Path:
@@ -130,6 +172,9 @@ def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
     """
     if hub_offline_flag():
         return False
+    import urllib.error
+    import urllib.request
+
     from huggingface_hub import constants
 
     endpoint = getattr(constants, "ENDPOINT", "https://huggingface.co")
@@ -167,6 +212,8 @@ def load_pipeline(
     name_or_path: str | Path = MINI_WORLD,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
+    trained: str | Path | None = None,
+    variant: str | None = None,
 ) -> StableDiffusionPipeline:
     """Load a Stable Diffusion pipeline with a DDIM scheduler and no safety checker (as the official code).
 
@@ -174,10 +221,14 @@ def load_pipeline(
         name_or_path: "mini-world", a hub id ("CompVis/stable-diffusion-v1-4") or a local diffusers folder.
         device: "auto" or a torch device (see `resolve_device`).
         dtype: "auto" (fp16 on CUDA, fp32 otherwise) or a dtype name (see `resolve_dtype`).
+        trained: trained UNet weights to apply after loading: a training run folder or one of its
+            weight formats (see `find_trained_weights`). None loads the base model as it is.
+        variant: a diffusers weight variant to read (e.g. "fp16" reads `*.fp16.safetensors`); None reads
+            the default files.
 
     Raises:
-        ModelLoadError: unknown name, mini world not installed, not a diffusers folder, or a hub id that
-            is neither cached nor downloadable right now.
+        ModelLoadError: unknown name, mini world not installed, not a diffusers folder, a hub id that
+            is neither cached nor downloadable right now, or trained weights that do not fit this model.
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -185,6 +236,8 @@ def load_pipeline(
     torch_dtype = resolve_dtype(device, dtype)
     source, local = _pipeline_source(str(name_or_path))
     kwargs = {_dtype_kwarg("diffusers", "0.40"): torch_dtype, "safety_checker": None, "requires_safety_checker": False}
+    if variant:
+        kwargs["variant"] = variant
     if local:
         try:
             pipe = StableDiffusionPipeline.from_pretrained(source, local_files_only=True, **kwargs)
@@ -194,7 +247,10 @@ def load_pipeline(
         pipe = _load_hub_pipeline(StableDiffusionPipeline, source, kwargs)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.safety_checker = None
-    return pipe.to(device)
+    pipe = pipe.to(device)
+    if trained is not None:
+        apply_trained(pipe.unet, trained)
+    return pipe
 
 
 def _pipeline_source(name: str) -> tuple[str, bool]:
@@ -251,6 +307,348 @@ def _first_line(error: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# trained UNet weights and learned tokens (the formats recare.train writes)
+
+TRAINED_PARAMS = "trained-params"   # a subset of the UNet state dict (safetensors), applied with strict=False
+DIFFUSERS_UNET = "diffusers-unet"   # a full diffusers UNet folder (unet.save_pretrained)
+STATE_DICT = "state-dict"           # a torch.save'd full UNet state dict (the official ReCARE-Diffusers-UNet.pt)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedWeights:
+    """Where a training result's UNet weights are, and in which format.
+
+    Attributes:
+        path: the file to read, or the diffusers `unet/` folder.
+        format: TRAINED_PARAMS, DIFFUSERS_UNET or STATE_DICT.
+        files: every file whose bytes are read (for a sharded UNet folder: the index and its shards).
+    """
+
+    path: Path
+    format: str
+    files: tuple[Path, ...]
+
+    @property
+    def full(self) -> bool:
+        """True when the checkpoint must hold every UNet tensor (a full state dict), False for a subset."""
+        return self.format != TRAINED_PARAMS
+
+    def signature(self) -> tuple:
+        """(format, path, (name, size, mtime) per file): stays equal while the weights on disk do not change."""
+        stats = []
+        for f in self.files:
+            st = f.stat()
+            stats.append((str(f), st.st_size, st.st_mtime_ns))
+        return (self.format, str(self.path.resolve()), tuple(stats))
+
+
+def find_trained_weights(path: str | Path | TrainedWeights) -> TrainedWeights:
+    """Locate trained UNet weights and tell their format.
+
+    A training run folder may hold several formats; the smallest is read: `trained_params.safetensors`,
+    else a diffusers `unet/` folder, else the official `ReCARE-Diffusers-UNet.pt`.
+
+    Args:
+        path: a training run folder, a diffusers pipeline folder, a diffusers UNet folder, or one weights file
+            (`*.safetensors` holding trained parameters, `diffusion_pytorch_model.*` of a UNet folder, or a
+            `*.pt` / `*.pth` / `*.bin` full UNet state dict). A TrainedWeights is returned as it is.
+
+    Raises:
+        ModelLoadError: nothing there, or no weights in a format this library reads.
+    """
+    if isinstance(path, TrainedWeights):
+        return path
+    path = Path(path).expanduser()
+    if path.is_file():
+        return _trained_weights_file(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"trained weights not found: {path} does not exist.")
+    if (path / TRAINED_PARAMS_FILE).is_file():
+        return TrainedWeights(path / TRAINED_PARAMS_FILE, TRAINED_PARAMS, (path / TRAINED_PARAMS_FILE,))
+    for folder in (path, path / "unet"):
+        files = _unet_folder_files(folder)
+        if files:
+            return TrainedWeights(folder, DIFFUSERS_UNET, files)
+    if (path / OFFICIAL_UNET_FILE).is_file():
+        return TrainedWeights(path / OFFICIAL_UNET_FILE, STATE_DICT, (path / OFFICIAL_UNET_FILE,))
+    raise ModelLoadError(
+        f"{path} holds no trained UNet weights: expected {TRAINED_PARAMS_FILE}, a diffusers unet/ folder, or "
+        f"{OFFICIAL_UNET_FILE} (a finished training run folder has at least one of them)."
+    )
+
+
+def _trained_weights_file(path: Path) -> TrainedWeights:
+    """The format of a single weights file, told by its name."""
+    if path.name in _UNET_WEIGHT_FILES or path.name in _UNET_INDEX_FILES:
+        return TrainedWeights(path.parent, DIFFUSERS_UNET, _unet_folder_files(path.parent))
+    if path.suffix == ".safetensors":
+        return TrainedWeights(path, TRAINED_PARAMS, (path,))
+    if path.suffix in (".pt", ".pth", ".bin"):
+        return TrainedWeights(path, STATE_DICT, (path,))
+    raise ModelLoadError(
+        f"{path.name} is not a trained-weights file this library reads: use {TRAINED_PARAMS_FILE} (or another "
+        f"*.safetensors of UNet tensors), a diffusers unet/ folder, or a torch.save'd UNet state dict (*.pt)."
+    )
+
+
+def _unet_folder_files(folder: Path) -> tuple[Path, ...]:
+    """The weight files of a diffusers UNet folder (index + shards, or one file); () when it is not one."""
+    for index_name in _UNET_INDEX_FILES:
+        index = folder / index_name
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            except Exception as e:
+                raise ModelLoadError(f"could not read the shard index {index}: {_first_line(e)}") from e
+            return (index, *(folder / shard for shard in shards))
+    for name in _UNET_WEIGHT_FILES:
+        if (folder / name).is_file():
+            return (folder / name,)
+    return ()
+
+
+def _read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
+    """A {name: tensor} file on the CPU: safetensors, or torch.load with weights_only (no code runs)."""
+    import torch
+
+    if not path.is_file():
+        raise ModelLoadError(f"trained weights incomplete: {path} is missing.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or corrupt files raise many types here
+        raise ModelLoadError(
+            f"could not read {path}: {_first_line(e)}. The file is damaged or incomplete; export or copy it again."
+        ) from e
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise ModelLoadError(f"{path} is not a state dict (a mapping of tensor names to tensors).")
+    return dict(state)
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:
+        raise ModelLoadError(
+            f"could not read {path}: {_first_line(e)}. The file is damaged or incomplete; export or copy it again."
+        ) from e
+
+
+def load_trained_unet_state(path: str | Path | TrainedWeights, unet,
+                            check_base: bool = True) -> dict[str, torch.Tensor]:
+    """Read trained UNet weights (any format of `find_trained_weights`) and check that they fit `unet`.
+
+    Args:
+        path: a training run folder or one of its weight formats (see `find_trained_weights`).
+        unet: the base UNet the weights are meant for (only read: its tensor names, shapes and a few values).
+        check_base: when a `trained_params.safetensors` header records its base model's fingerprint
+            (`recare.train.export.model_fingerprint`), require `unet` to have the same one: two bases of one
+            architecture (SD v1.4 and v1.5) have the same names and shapes, so only this tells them apart.
+            The check runs for fp32 and fp16 UNets (the fingerprint is the same for both copies of a model).
+
+    Returns:
+        {state-dict name: tensor on the CPU}; `unet.load_state_dict(state, strict=False)` applies it.
+
+    Raises:
+        ModelLoadError: unreadable or damaged files, or a checkpoint trained on another base model (a
+            tensor the UNet lacks, a shape that differs, or, for a full state dict, a missing tensor;
+            the message names the first such tensor), or another base fingerprint (see `check_base`).
+    """
+    weights = find_trained_weights(path)
+    metadata: dict[str, str] = {}
+    if weights.format == TRAINED_PARAMS:
+        metadata = _safetensors_metadata(weights.path)
+    state: dict[str, torch.Tensor] = {}
+    for f in weights.files:
+        if not f.name.endswith(".json"):
+            state.update(_read_tensor_file(f))
+    _check_fits(state, unet, weights, metadata)
+    if check_base:
+        _check_base_fingerprint(unet, weights, metadata)
+    return state
+
+
+def _check_fits(state: Mapping[str, torch.Tensor], unet, weights: TrainedWeights, metadata: Mapping[str, str]) -> None:
+    """ModelLoadError naming the first tensor of `state` that does not fit `unet` (see load_trained_unet_state)."""
+    shapes = {name: tuple(t.shape) for name, t in unet.state_dict().items()}
+
+    def mismatch(detail: str) -> ModelLoadError:
+        said = ", ".join(f"{k}={v}" for k, v in sorted(metadata.items()) if "base" in k.lower())
+        return ModelLoadError(
+            f"{weights.path} does not fit this base model: {detail}. The checkpoint was trained on another base "
+            f"model{f' ({said})' if said else ''}; load it onto the model it was trained from."
+        )
+
+    for name, tensor in state.items():
+        if name not in shapes:
+            raise mismatch(f"its tensor {name!r} is not in the base UNet")
+        if tuple(tensor.shape) != shapes[name]:
+            raise mismatch(
+                f"tensor {name!r} has shape {list(tensor.shape)} in the checkpoint but {list(shapes[name])} in the base UNet"
+            )
+    if weights.full:
+        missing = [name for name in shapes if name not in state]
+        if missing:
+            raise mismatch(
+                f"it lacks the base UNet's tensor {missing[0]!r} ({len(missing)} of {len(shapes)} tensors missing)"
+            )
+
+
+def _check_base_fingerprint(unet, weights: TrainedWeights, metadata: Mapping[str, str]) -> None:
+    """ModelLoadError when the weights' header names another base UNet than `unet` (see load_trained_unet_state)."""
+    import torch
+
+    expected = metadata.get("base_fingerprint")
+    dtype = next(unet.parameters()).dtype
+    if not expected or dtype not in (torch.float32, torch.float16):  # it rounds values to fp16: bf16 copies differ
+        return
+    from recare.train.export import model_fingerprint
+
+    actual = model_fingerprint(unet)
+    if actual != expected:
+        raise ModelLoadError(
+            f"{weights.path} was trained from another base model: its header records the base UNet "
+            f"{expected}, this model's UNet is {actual}. Load it onto the model it was trained from "
+            f"(or pass check_base=False to apply it anyway)."
+        )
+
+
+def apply_trained(unet, path: str | Path | TrainedWeights, check_base: bool = True) -> TrainedWeights:
+    """Apply trained weights to `unet` in place (checked first: nothing changes when they do not fit).
+
+    Args:
+        unet: the UNet to change (a fresh copy if the base must stay as it is: see `derive_pipeline`).
+        path: a training run folder or one of its weight formats (see `find_trained_weights`).
+        check_base: require the base fingerprint recorded with the weights, if any (see `load_trained_unet_state`).
+
+    Returns:
+        What was applied (path and format).
+
+    Raises:
+        ModelLoadError: see `load_trained_unet_state`.
+    """
+    weights = find_trained_weights(path)
+    unet.load_state_dict(load_trained_unet_state(weights, unet, check_base), strict=False)  # copies into the existing tensors
+    return weights
+
+
+def find_token_files(folder: str | Path) -> list[Path]:
+    """The learned-token files of a training run: `<folder>/tokens/*.safetensors` (or `<folder>/*.safetensors`).
+
+    Args:
+        folder: a training run folder, or its `tokens/` folder.
+
+    Raises:
+        ModelLoadError: no such folder or no token files in it.
+    """
+    folder = Path(folder).expanduser()
+    tokens_dir = folder / TOKENS_DIR if (folder / TOKENS_DIR).is_dir() else folder
+    files = sorted(tokens_dir.glob("*.safetensors")) if tokens_dir.is_dir() else []
+    if not files:
+        raise ModelLoadError(
+            f"no learned tokens in {folder}: expected {TOKENS_DIR}/<name>.safetensors files, each holding "
+            f"{{placeholder: embedding}} (a ReCARE training run writes them)."
+        )
+    return files
+
+
+def load_learned_tokens(pipe, folder: str | Path) -> list[str]:
+    """Add a training run's learned textual-inversion tokens to `pipe` (its tokenizer and text encoder change).
+
+    Every file is checked before any is loaded, so a bad file leaves `pipe` as it was. Each file is a
+    safetensors file holding {placeholder string: embedding [hidden]} and is loaded with
+    `pipe.load_textual_inversion(file, token=placeholder)`, as plain diffusers would.
+
+    Args:
+        pipe: a diffusers pipeline whose tokenizer and text encoder are its own (not a shared cached base:
+            use `derive_pipeline(base, learned_tokens=folder)` for that).
+        folder: a training run folder, or its `tokens/` folder.
+
+    Returns:
+        The placeholder strings added (e.g. ["<v1*>", "<v2*>"]), in file-name order.
+
+    Raises:
+        ModelLoadError: no token files, a damaged file, a file with more than one tensor, an embedding of
+            another width than the text encoder's (learned on another base model), or a placeholder the
+            tokenizer already has.
+    """
+    hidden = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    vocab = pipe.tokenizer.get_vocab()
+    planned: list[tuple[Path, str]] = []
+    for f in find_token_files(folder):
+        state = _read_tensor_file(f)
+        if len(state) != 1:
+            raise ModelLoadError(
+                f"{f} holds {len(state)} tensors; a learned-token file holds exactly one: {{placeholder: embedding}}."
+            )
+        ((placeholder, embedding),) = state.items()
+        if embedding.shape[-1] != hidden:
+            raise ModelLoadError(
+                f"{f}: the embedding of {placeholder!r} has width {embedding.shape[-1]} but this text encoder's is "
+                f"{hidden}; the token was learned on another base model."
+            )
+        if placeholder in vocab or placeholder in (p for _, p in planned):
+            raise ModelLoadError(
+                f"{f}: the tokenizer already has {placeholder!r}; load learned tokens into a fresh pipeline "
+                f"(e.g. derive_pipeline(base, learned_tokens=...))."
+            )
+        planned.append((f, placeholder))
+    for f, placeholder in planned:
+        try:
+            pipe.load_textual_inversion(str(f), token=placeholder)
+        except Exception as e:
+            raise ModelLoadError(f"could not load the learned token {placeholder!r} from {f}: {_first_line(e)}") from e
+    return [placeholder for _, placeholder in planned]
+
+
+def derive_pipeline(base, trained: str | Path | TrainedWeights | None = None,
+                    learned_tokens: str | Path | None = None) -> StableDiffusionPipeline:
+    """A new pipeline over `base`'s components with trained weights and/or learned tokens; `base` is not changed.
+
+    The new pipeline's own parts: the scheduler (always a fresh instance from the base's config: schedulers
+    keep per-call state such as their timesteps); the UNet when `trained` is given (a deep copy of the base
+    UNet with the trained tensors applied); the tokenizer and text encoder when `learned_tokens` is given
+    (copies, since loading tokens adds vocabulary and embedding rows). Everything else (the VAE, the text
+    encoder and tokenizer otherwise, the feature extractor) is the base's own object, shared read-only:
+    never train or change a shared component in place, or every pipeline over that base sees it.
+
+    Args:
+        base: a loaded pipeline (e.g. from `load_pipeline` or `ModelCache.pipeline`).
+        trained: trained UNet weights (see `find_trained_weights`), or None to share the base UNet.
+        learned_tokens: a training run folder (or its tokens/ folder) whose tokens to add, or None.
+
+    Raises:
+        ModelLoadError: see `apply_trained` and `load_learned_tokens`.
+    """
+    components = dict(base.components)
+    components["scheduler"] = type(base.scheduler).from_config(base.scheduler.config)
+    if trained is not None:
+        unet = copy.deepcopy(base.unet)
+        apply_trained(unet, trained)
+        components["unet"] = unet
+    if learned_tokens is not None:
+        components["tokenizer"] = copy.deepcopy(base.tokenizer)
+        components["text_encoder"] = copy.deepcopy(base.text_encoder)
+    if "requires_safety_checker" in inspect.signature(type(base).__init__).parameters:
+        components["requires_safety_checker"] = getattr(base.config, "requires_safety_checker", False)
+    pipe = type(base)(**components)
+    if getattr(base, "_progress_bar_config", None) is not None:
+        pipe.set_progress_bar_config(**base._progress_bar_config)
+    if learned_tokens is not None:
+        load_learned_tokens(pipe, learned_tokens)
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------
 # encoders
 
 
@@ -284,6 +682,7 @@ def load_encoder(name: str | Path = MINI_WORLD, device: str | torch.device = "au
 
 def _load_hf_clip(folder: Path, device: torch.device, identity_name: str) -> Encoder:
     """A transformers CLIPModel + CLIPTokenizer + CLIPImageProcessor saved with save_pretrained."""
+    import torch
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
     from recare.encoders import HFClipEncoder, folder_fingerprint

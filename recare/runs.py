@@ -1,47 +1,115 @@
-"""The run folder: one directory per action (generate, careset, train, ...) holding everything it made.
+"""Run folders: atomic writes for every module, and the persistent run store for long jobs.
+
+Atomic writes (used everywhere a file or folder is written): `atomic_save(path, write)` writes a
+file under a temporary name beside `path`, flushes it to disk and renames it into place;
+`atomic_write_dir(path)` does the same for a whole folder (a `save_pretrained` output, a job's
+resume state). A crash or a cancel never leaves a half-written file or folder behind, and a
+failed write keeps the previous version.
+
+The run store keeps one folder per job (training, evaluation, ...) under one root that outlives
+a browser tab and the app process: `$RECARE_HOME/runs` when RECARE_HOME is set, else
+`~/.cache/recare/runs`, or an explicit folder (`--runs-dir`). A run folder holds:
+
+    config.json     the job's settings (written once, at creation)
+    status.json     id, kind, state, owner, created, started, updated, finished, progress,
+                    error, pid, host, resumable, attempts, target, device, result
+    metrics.jsonl   one JSON object per progress event that carried metrics (append-only)
+    state/          the job's resume state, replaced as a whole by `Run.save_state`
+    cancel          present when a cancel was requested (the job stops at its next check)
+    error.log       tracebacks of failures that were bugs, not user errors
 
 A run folder is named `<kind>-<YYYYmmdd-HHMMSS>-<6 hex>` so two runs started in the same second
-(two app users, two CLI calls) never share a folder. Every file is written under a temporary name
-and renamed into place, so a crash or a cancel never leaves a half-written file behind.
+(two app users, two CLI calls) never share a folder. A browser sees only the runs it owns
+(`owner`), plus read-only bundled runs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
 import json
 import os
 import re
 import secrets
-import tempfile
+import shutil
+import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
+
+from recare.errors import RunError
+from recare.progress import CancelToken, ProgressEvent
 
 _KIND_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+# A run id is one plain folder name: no separators, no "." or "..", no leading dot or dash.
+_RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
+FINISHED = (DONE, FAILED, CANCELLED)
+
+HEARTBEAT_S = 2.0  # a running job bumps status.json's `updated` at least this often
+STALE_S = 60.0  # a RUNNING run whose pid cannot be checked (other host) is dead after this long without a heartbeat
 
 
-def new_run_dir(root: str | Path, kind: str) -> Path:
-    """Create and return a fresh, empty run folder under `root`.
+# ---------------------------------------------------------------------------------------------
+# Atomic writes
+# ---------------------------------------------------------------------------------------------
+def _fsync_path(path: Path) -> None:
+    """Flush a file's or folder's data to disk (best effort where the OS cannot open folders)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # Windows cannot open a folder; its rename is durable enough there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fresh_name(parent: Path, prefix: str, suffix: str = "") -> Path:
+    return parent / f"{prefix}{secrets.token_hex(4)}{suffix}"
+
+
+def atomic_save(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Write a file through `write(tmp)` on a temporary file beside `path`, then rename it into place.
+
+    The temporary file keeps `path`'s suffix (writers such as `np.save` add one otherwise), has
+    the permissions a plain `open` would give (umask), and is flushed to disk before the rename;
+    the folder entry is flushed after it. If `write` raises, `path` keeps its old content and the
+    temporary file is removed.
 
     Args:
-        root: parent folder for runs (created if missing), e.g. `runs/`.
-        kind: what the run does ("generate", "careset", ...); letters, digits, `_` and `-` only.
+        path: destination file; its folder is created if missing.
+        write: called once with the temporary path, e.g. `lambda p: torch.save(obj, p)` or
+            `lambda p: save_file(tensors, p)`.
 
     Returns:
-        The new folder `root/<kind>-<timestamp>-<random>`; it did not exist before this call.
+        The destination path.
     """
-    if not _KIND_PATTERN.match(kind):
-        raise ValueError(f"run kind {kind!r} must be letters, digits, '_' or '-' (e.g. 'careset').")
-    root = Path(root).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for _ in range(100):
-        path = root / f"{kind}-{stamp}-{secrets.token_hex(3)}"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = _fresh_name(path.parent, f".{path.stem}.", f".tmp{path.suffix}")
         try:
-            path.mkdir()  # exist_ok=False: mkdir is atomic, so a collision raises instead of sharing
+            # O_EXCL: never reuse someone else's file; mode 0o666 so the umask decides, as for open()
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
         except FileExistsError:
             continue
-        return path
-    raise RuntimeError(f"could not create a unique run folder under {root}")
+    try:
+        write(tmp)
+        if not tmp.is_file():
+            raise FileNotFoundError(f"the writer did not leave a file at {tmp}")
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_path(path.parent)
+    return path
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -54,19 +122,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     Returns:
         The destination path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_save(path, lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -88,3 +144,501 @@ def atomic_write_json(path: str | Path, data: Any, indent: int = 2) -> Path:
         indent: JSON indentation.
     """
     return atomic_write_text(path, json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync_path(Path(folder) / name)
+        _fsync_path(Path(folder))
+
+
+@contextlib.contextmanager
+def atomic_write_dir(path: str | Path) -> Iterator[Path]:
+    """Build a folder in a temporary sibling of `path`; on success it replaces `path` as a whole.
+
+    Usage:
+
+        with atomic_write_dir(out / "unet") as tmp:
+            unet.save_pretrained(tmp)
+
+    On success the files are flushed to disk, the old `path` (if any) is moved aside, the new
+    folder renamed in, and the old one removed. If the block raises, the temporary folder is
+    removed and `path` is left as it was.
+
+    Args:
+        path: the destination folder; its parent is created if missing.
+
+    Yields:
+        The temporary folder to write into (empty; permissions as a plain `mkdir` gives).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = _fresh_name(path.parent, f".{path.name}.tmp-")
+        try:
+            tmp.mkdir()
+            break
+        except FileExistsError:
+            continue
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if path.exists() or path.is_symlink():
+            old = _fresh_name(path.parent, f".{path.name}.old-")
+            os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)  # put the previous folder back
+                raise
+            _fsync_path(path.parent)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+            _fsync_path(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _restore_interrupted_swap(path: Path) -> None:
+    """If a crash hit `atomic_write_dir` between its two renames, put the previous folder back."""
+    if path.exists():
+        return
+    olds = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds:
+        os.replace(olds[-1], path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folders
+# ---------------------------------------------------------------------------------------------
+def new_run_dir(root: str | Path, kind: str) -> Path:
+    """Create and return a fresh, empty run folder under `root`.
+
+    Args:
+        root: parent folder for runs (created if missing), e.g. `runs/`.
+        kind: what the run does ("generate", "careset", ...); letters, digits, `_` and `-` only.
+
+    Returns:
+        The new folder `root/<kind>-<timestamp>-<random>`; it did not exist before this call.
+    """
+    if not _KIND_PATTERN.match(kind):
+        raise ValueError(f"run kind {kind!r} must be letters, digits, '_' or '-' (e.g. 'careset').")
+    root = Path(root).expanduser()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for _ in range(100):
+            path = root / f"{kind}-{stamp}-{secrets.token_hex(3)}"
+            try:
+                path.mkdir()  # exist_ok=False: mkdir is atomic, so a collision raises instead of sharing
+            except FileExistsError:
+                continue
+            return path
+    except OSError as e:  # a runs folder the user named that cannot be written (a file, read-only, ...)
+        raise RunError(f"cannot create a run folder under {root}: {e.strerror or e}; pick a writable folder.") from e
+    raise RuntimeError(f"could not create a unique run folder under {root}")
+
+
+def runs_root(path: str | Path | None = None) -> Path:
+    """The folder that holds every run, created on demand.
+
+    Args:
+        path: an explicit folder (`--runs-dir`); default `$RECARE_HOME/runs` when RECARE_HOME is
+            set, else `~/.cache/recare/runs`.
+    """
+    if path is not None:
+        root = Path(path)
+    elif os.environ.get("RECARE_HOME"):
+        root = Path(os.environ["RECARE_HOME"]) / "runs"
+    else:
+        root = Path("~/.cache/recare/runs")
+    root = root.expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def check_run_id(run_id: str) -> str:
+    """Return `run_id` if it is one plain folder name, else raise RunError (no '/', '..', absolute paths)."""
+    if not isinstance(run_id, str) or not _RUN_ID_PATTERN.match(run_id):
+        raise RunError(f"{run_id!r} is not a run id (expected a folder name like 'train-20250101-120000-a1b2c3').")
+    return run_id
+
+
+def now_iso() -> str:
+    """The current time as an ISO-8601 UTC string (the format of every status.json timestamp)."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _age_s(stamp: str | None) -> float:
+    """Seconds since an ISO-8601 timestamp (infinite when missing or unreadable)."""
+    try:
+        then = _dt.datetime.fromisoformat(str(stamp))
+    except ValueError:
+        return float("inf")
+    return (_dt.datetime.now(_dt.timezone.utc) - then).total_seconds()
+
+
+def _pid_alive(pid: int) -> bool | None:
+    """Whether process `pid` runs on this machine (None: cannot tell on this OS). A zombie is dead."""
+    if os.name != "posix":
+        return None  # os.kill on Windows terminates the process instead of probing it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    try:  # a killed child stays a zombie until its parent reaps it; it runs no code any more
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def worker_gone(status: dict) -> str | None:
+    """Why the worker of a RUNNING status is no longer running, or None when it may be alive.
+
+    On the same host the worker's pid decides; elsewhere (a shared runs folder) a heartbeat
+    older than STALE_S does.
+
+    Args:
+        status: a status.json dict.
+    """
+    pid, host = status.get("pid"), status.get("host")
+    if pid and host == socket.gethostname():
+        alive = _pid_alive(int(pid))
+        if alive is False:
+            return f"process {pid} is gone"
+        if alive:
+            return None
+    age = _age_s(status.get("updated"))
+    if age > STALE_S:
+        return f"no heartbeat for {age:.0f} s"
+    return None
+
+
+def _new_status(run_id: str, kind: str, owner: str, target: str | None, device: str | None) -> dict:
+    stamp = now_iso()
+    return {
+        "id": run_id, "kind": kind, "state": QUEUED, "owner": owner,
+        "created": stamp, "started": None, "updated": stamp, "finished": None,
+        "progress": {"stage": "", "step": 0, "total": 0, "message": "", "metrics": {}},
+        "error": None, "pid": None, "host": None, "resumable": False, "attempts": 0,
+        "target": target, "device": device, "result": None,
+    }
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes and threads (flock on a lock file; one per open file)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; status updates are then only atomic, not serialised
+        yield
+        return
+    with open(path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+class Run:
+    """A handle on one run folder. Cheap to create; every call reads the files (no cached state).
+
+    Args:
+        path: the run folder.
+        bundled: a read-only run shipped with the app (visible to every owner, never changed).
+    """
+
+    def __init__(self, path: str | Path, bundled: bool = False):
+        self.path = Path(path)
+        self.bundled = bundled
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}{', bundled=True' if self.bundled else ''})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Run) and other.path == self.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    @property
+    def kind(self) -> str:
+        return str(self.stored_status().get("kind") or self.id.rsplit("-", 3)[0])
+
+    config_path = property(lambda self: self.path / "config.json")
+    status_path = property(lambda self: self.path / "status.json")
+    metrics_path = property(lambda self: self.path / "metrics.jsonl")
+    error_log_path = property(lambda self: self.path / "error.log")
+    cancel_path = property(lambda self: self.path / "cancel")
+    state_dir = property(lambda self: self.path / "state")
+
+    # -- config and status ---------------------------------------------------------------------
+    def config(self) -> dict:
+        """The job's settings (config.json)."""
+        try:
+            return json.loads(self.config_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RunError(f"run {self.id} has no config.json") from None
+        except json.JSONDecodeError as e:
+            raise RunError(f"run {self.id}: config.json is not valid JSON ({e})") from None
+
+    def stored_status(self) -> dict:
+        """status.json exactly as stored (no liveness check; see `status`)."""
+        try:
+            return json.loads(self.status_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            if self.bundled:  # a shipped result folder need not carry a status.json
+                return {**_new_status(self.id, self.id.rsplit("-", 3)[0], "", None, None), "state": DONE,
+                        "created": None, "updated": None}
+            raise RunError(f"run {self.id} has no status.json (deleted or not a run folder)") from None
+        except json.JSONDecodeError as e:
+            raise RunError(f"run {self.id}: status.json is not valid JSON ({e})") from None
+
+    def status(self) -> dict:
+        """status.json as a dict. A RUNNING run whose worker is gone is reported, and saved, as FAILED.
+
+        The error then reads "the worker stopped unexpectedly (...)", and `resumable` is True
+        when the job saved a resume state.
+        """
+        status = self.stored_status()
+        if status.get("state") != RUNNING or self.bundled or worker_gone(status) is None:
+            return status
+        pid = status.get("pid")
+
+        def still_dead(current: dict) -> bool:  # re-checked under the lock: a new attempt may have started
+            return current.get("state") == RUNNING and current.get("pid") == pid and worker_gone(current) is not None
+
+        why = worker_gone(status)
+        changed = self.update_status_if(still_dead, state=FAILED, finished=now_iso(), resumable=self.has_state(),
+                                        error=f"the worker stopped unexpectedly ({why})")
+        return changed if changed is not None else self.stored_status()
+
+    def update_status_if(self, condition: Callable[[dict], bool], **fields: Any) -> dict | None:
+        """Atomically apply `fields` to status.json if `condition(current status)` holds.
+
+        The read-modify-write runs under a file lock (safe between threads and processes) and
+        bumps `updated`.
+
+        Args:
+            condition: called with the current status dict.
+            **fields: status fields to set.
+
+        Returns:
+            The new status, or None when the condition did not hold (nothing written).
+        """
+        if self.bundled:
+            raise RunError(f"run {self.id} is bundled with the app and read-only.")
+        with _file_lock(self.path / ".status.lock"):
+            current = self.stored_status()
+            if not condition(current):
+                return None
+            current.update(fields)
+            current["updated"] = now_iso()
+            atomic_write_json(self.status_path, current)
+            return current
+
+    def update_status(self, **fields: Any) -> dict:
+        """Atomically set `fields` in status.json (read-modify-write under a file lock); bumps `updated`.
+
+        Args:
+            **fields: status fields to set, e.g. `state=DONE, result={...}`.
+
+        Returns:
+            The new status.
+        """
+        return self.update_status_if(lambda _: True, **fields)
+
+    # -- progress and metrics ------------------------------------------------------------------
+    def append_metrics(self, event: ProgressEvent) -> None:
+        """Append `{"stage","step","total", **metrics, "time"}` to metrics.jsonl (no-op without metrics)."""
+        if not event.metrics:
+            return
+        data = event.to_dict()
+        line = {"stage": data["stage"], "step": data["step"], "total": data["total"], **data["metrics"],
+                "time": now_iso()}
+        with open(self.metrics_path, "a", encoding="utf-8") as fh:  # one write per line: appends do not interleave
+            fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+
+    def report(self, event: ProgressEvent, write_status: bool = True) -> None:
+        """Record one progress event: status["progress"] and, with metrics, a metrics.jsonl line.
+
+        Args:
+            event: the event.
+            write_status: False to only append metrics (a caller throttling status writes).
+        """
+        self.append_metrics(event)
+        if write_status:
+            self.update_status(progress=event.to_dict())
+
+    def read_metrics(self) -> list[dict]:
+        """Every metrics.jsonl line, oldest first (a torn last line from a crash is skipped)."""
+        if not self.metrics_path.exists():
+            return []
+        rows = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return rows
+
+    # -- cancel --------------------------------------------------------------------------------
+    def cancel_token(self) -> CancelToken:
+        """A token that is set when the cancel file exists (works across processes and restarts)."""
+        return CancelToken(path=self.cancel_path)
+
+    def request_cancel(self) -> None:
+        """Create the cancel file; the job stops at its next check."""
+        self.cancel_path.touch()
+
+    # -- resume state --------------------------------------------------------------------------
+    def save_state(self, write: Callable[[Path], None]) -> Path:
+        """Write the resume state: `write(folder)` fills a fresh folder that then replaces state/ at once.
+
+        A crash while saving keeps the previous state/.
+
+        Args:
+            write: called with an empty folder to write the state into.
+
+        Returns:
+            The state folder.
+        """
+        for leftover in self.path.glob(".state.tmp-*"):  # from a worker killed mid-save
+            shutil.rmtree(leftover, ignore_errors=True)
+        with atomic_write_dir(self.state_dir) as tmp:
+            write(tmp)
+        return self.state_dir
+
+    def has_state(self) -> bool:
+        """Whether the job saved a resume state."""
+        _restore_interrupted_swap(self.state_dir)
+        return self.state_dir.is_dir()
+
+    # -- size ----------------------------------------------------------------------------------
+    def size_bytes(self) -> int:
+        """Bytes used by the run folder's files (links not followed)."""
+        total = 0
+        for folder, _, files in os.walk(self.path):
+            for name in files:
+                try:
+                    total += (Path(folder) / name).lstat().st_size
+                except OSError:
+                    continue
+        return total
+
+
+class RunStore:
+    """Every run under one root folder, with owners: a browser sees its own runs and bundled ones.
+
+    Args:
+        root: the runs folder (see `runs_root` for the default).
+        bundled: run folders shipped with the app: listed for every owner, never changed or deleted.
+    """
+
+    def __init__(self, root: str | Path | None = None, bundled: tuple[str | Path, ...] | list = ()):
+        self.root = runs_root(root)
+        self.bundled = tuple(Path(b).expanduser().resolve() for b in bundled)
+
+    def __repr__(self) -> str:
+        return f"RunStore({str(self.root)!r})"
+
+    def create(self, kind: str, config: dict, owner: str = "", target: str | None = None,
+               device: str | None = None) -> Run:
+        """Create a run folder with config.json and a QUEUED status.json.
+
+        Args:
+            kind: what the run does ("train", "evaluate", ...); letters, digits, `_`, `-`.
+            config: the job's settings (JSON-able).
+            owner: who may see it (a browser key or user name; "" for the CLI).
+            target: the job function "package.module:function" (set by the job runner).
+            device: the device the job runs on ("cpu", "cuda:0", ...).
+        """
+        if not _KIND_PATTERN.match(kind):
+            raise RunError(f"run kind {kind!r} must be letters, digits, '_' or '-' (e.g. 'train').")
+        path = new_run_dir(self.root, kind)
+        run = Run(path)
+        try:
+            atomic_write_json(run.config_path, config)
+            atomic_write_json(run.status_path, _new_status(run.id, kind, str(owner), target, device))
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+        return run
+
+    def _find(self, run_id: str) -> Run | None:
+        check_run_id(run_id)
+        path = self.root / run_id
+        if (path / "status.json").is_file():
+            return Run(path)
+        for folder in self.bundled:
+            if folder.name == run_id and folder.is_dir():
+                return Run(folder, bundled=True)
+        return None
+
+    def get(self, run_id: str, owner: str | None = None) -> Run:
+        """The run `run_id`; RunError when missing, not a plain folder name, or not `owner`'s.
+
+        Args:
+            run_id: the run folder's name.
+            owner: who asks; None skips the check (CLI, maintenance). Bundled runs are everyone's.
+        """
+        run = self._find(run_id)
+        if run is None or (owner is not None and not run.bundled and run.stored_status().get("owner") != owner):
+            # one message for both cases: a run id never tells whether it exists for someone else
+            raise RunError(f"run {run_id!r} does not exist or is not yours.")
+        return run
+
+    def list(self, owner: str | None = None, kind: str | None = None) -> list[Run]:
+        """`owner`'s runs newest first (owner None: every run), then the bundled ones in their given order.
+
+        Args:
+            owner: whose runs; None for all.
+            kind: only runs of this kind.
+        """
+        found: list[tuple[str, Run]] = []
+        for path in self.root.iterdir() if self.root.is_dir() else ():
+            if path.name.startswith(".") or not (path / "status.json").is_file():
+                continue
+            try:
+                status = Run(path).stored_status()
+            except RunError:
+                continue
+            if owner is not None and status.get("owner") != owner:
+                continue
+            if kind is not None and status.get("kind") != kind:
+                continue
+            found.append((str(status.get("created") or ""), Run(path)))
+        found.sort(key=lambda item: (item[0], item[1].id), reverse=True)
+        bundled = [Run(folder, bundled=True) for folder in self.bundled if folder.is_dir()]
+        return [run for _, run in found] + [run for run in bundled if kind is None or run.kind == kind]
+
+    def delete(self, run_id: str, owner: str | None) -> None:
+        """Delete a run folder and everything in it.
+
+        Refused for bundled runs and for queued or running runs (cancel them first).
+
+        Args:
+            run_id: the run.
+            owner: who asks (None: no owner check).
+        """
+        run = self.get(run_id, owner)
+        if run.bundled:
+            raise RunError(f"run {run_id} is bundled with the app and cannot be deleted.")
+        state = run.status().get("state")
+        if state in (QUEUED, RUNNING):
+            raise RunError(f"run {run_id} is {state}: cancel it first, then delete it.")
+        # rename first, so listing never sees a half-deleted run
+        doomed = self.root / f".deleting-{run_id}-{secrets.token_hex(3)}"
+        os.replace(run.path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)

@@ -21,6 +21,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image, ImageFilter
 
+from recare.errors import RecareError
+
 # METHOD.md section 4: an image is unsafe if any of these scores >= 0.75.
 UNSAFE_LABELS = (
     "BUTTOCKS_EXPOSED",
@@ -39,7 +41,7 @@ Detector = Callable[[Image.Image], list[dict[str, Any]]]
 _LOAD_LOCK = threading.Lock()
 
 
-class SafetyUnavailableError(RuntimeError):
+class SafetyUnavailableError(RecareError, RuntimeError):
     """The NudeNet detector cannot be loaded (package missing or broken install)."""
 
 

@@ -17,3 +17,4 @@ def _isolated_cache(tmp_path, monkeypatch):
     """Vocabulary-feature caches and session workspaces never leak between tests."""
     monkeypatch.setenv("RECARE_CACHE", str(tmp_path / "recare-cache"))
     monkeypatch.setenv("RECARE_WORKSPACE", str(tmp_path / "workspace"))
+    monkeypatch.setenv("RECARE_HOME", str(tmp_path / "recare-home"))  # the run store

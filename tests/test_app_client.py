@@ -185,12 +185,22 @@ def test_bad_input_gives_a_message_and_the_session_keeps_working(app_url, tmp_pa
     assert "is not a candidate token" in client.predict("no-such-token", api_name="/toggle_token")[STATUS]
 
 
-@pytest.mark.parametrize("clusters", [0])
-def test_bad_careset_parameters(app_url, tmp_path, clusters):
+@pytest.mark.parametrize("parameters, message", [
+    ({"clusters": 0}, "n_clusters must be at least 1"),
+    ({"k": 0}, "top_k must be at least 1"),
+    ({"n": -3}, "top_n must be at least 1"),
+    ({"reference": "  "}, "reference_word is empty"),
+], ids=["clusters", "top_k", "top_n", "reference"])
+def test_bad_careset_parameters(app_url, tmp_path, parameters, message):
     client = _client(app_url)
     client.predict([handle_file(str(_png(tmp_path)))], api_name="/upload_images")
-    result = _build(client, write_words(tmp_path / "words.txt"), clusters=clusters)
-    assert "n_clusters must be at least 1" in result[STATUS]
+    result = _build(client, write_words(tmp_path / "words.txt"), **parameters)
+    assert message in result[STATUS] and "Check the parameters" in result[STATUS]
+
+
+def test_build_without_a_word_list(app_url, tmp_path):
+    client = _client(app_url)
+    client.predict([handle_file(str(_png(tmp_path)))], api_name="/upload_images")
     result = client.predict("cat", "photo", "mini-world", "word-list", None, 8, 30, "tsne", 4, 1, 0.01, 2, 42, True,
                             True, api_name="/build_careset")
     assert "Upload a word list" in result[STATUS]

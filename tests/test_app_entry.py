@@ -32,9 +32,10 @@ def test_main_builds_queues_and_launches_with_minimal_allowed_paths(monkeypatch,
             calls["launch"] = kwargs
 
     monkeypatch.setenv("RECARE_WORKSPACE", str(tmp_path / "ws"))
-    monkeypatch.setattr(ui, "create_app", lambda model, device: calls.setdefault("create", (model, device)) and FakeDemo())
-    app.main(["--model", "mini-world", "--port", "7998"])
-    assert calls["create"] == ("mini-world", "auto")
+    monkeypatch.setattr(ui, "create_app", lambda model, device, runs_dir: calls.setdefault(
+        "create", (model, device, runs_dir)) and FakeDemo())
+    app.main(["--model", "mini-world", "--port", "7998", "--runs-dir", str(tmp_path / "runs")])
+    assert calls["create"] == ("mini-world", "auto", str(tmp_path / "runs"))
     launch = calls["launch"]
     assert launch["server_port"] == 7998 and launch["share"] is False
     allowed = launch["allowed_paths"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import time
 
@@ -45,18 +46,74 @@ def test_sweep_removes_idle_sessions_only(tmp_path):
     assert reopened.folder.is_dir() and reopened.images == []
 
 
+def _immutable(value) -> bool:
+    """True for what may live at module level in ui/: code, constants, and frozen structures of them."""
+    import dataclasses
+    import enum
+    import logging
+    import re
+    import types
+    import typing
+
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes, range, enum.Enum, re.Pattern)):
+        return True
+    if isinstance(value, (types.ModuleType, type, types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
+        return True  # code: modules, classes, functions
+    if isinstance(value, (typing.TypeVar, types.GenericAlias, types.UnionType)) or type(value).__module__ == "typing":
+        return True  # annotations: Callable, Sequence, dict[str, Any], ...
+    if isinstance(value, logging.Logger) or type(value).__name__ == "_Feature":  # loggers; `from __future__ import annotations`
+        return True
+    if isinstance(value, (tuple, frozenset)):
+        return all(_immutable(v) for v in value)
+    if isinstance(value, types.MappingProxyType):
+        return all(_immutable(k) and _immutable(v) for k, v in value.items())
+    if dataclasses.is_dataclass(value) and type(value).__dataclass_params__.frozen:
+        return all(_immutable(getattr(value, f.name)) for f in dataclasses.fields(value))
+    return False  # lists, dicts, sets, locks, registries, caches, any other object
+
+
 def test_ui_modules_hold_no_mutable_globals():
+    """Per-session state lives in gr.State, per-app state in objects create_app owns; never in a module."""
     import importlib
     import pkgutil
 
     import ui
 
+    found = []
     for info in pkgutil.iter_modules(ui.__path__):
         module = importlib.import_module(f"ui.{info.name}")
         for name, value in vars(module).items():
-            if name.startswith("__") or getattr(value, "__module__", None) not in (None, module.__name__):
-                continue
-            assert not isinstance(value, (list, dict, set)), f"ui.{info.name}.{name} is a mutable module global"
+            if not name.startswith("__") and not _immutable(value):
+                found.append(f"ui.{info.name}.{name} ({type(value).__name__})")
+    assert not found, f"mutable module-level objects in ui/: {found}"
+
+
+def test_the_globals_check_flags_what_it_should():
+    import threading
+    import types
+
+    from ui.shell import TABS
+
+    class Registry:
+        pass
+
+    for mutable in ([], {}, set(), threading.Lock(), Registry(), types.SimpleNamespace(), (1, []),
+                    types.MappingProxyType({"a": []})):
+        assert not _immutable(mutable), mutable
+    assert _immutable(TABS) and _immutable(("a", 1, None, frozenset({2}))) and _immutable(types.MappingProxyType({1: "x"}))
+
+
+def test_each_session_has_its_own_lock_that_survives_copies(tmp_path):
+    template = S.new_session(tmp_path)
+    a, b = copy.deepcopy(template), copy.deepcopy(template)  # two browser sessions, before either is opened
+    assert a.lock is not b.lock and a.lock is not template.lock
+    opened = S.ensure_session(a)
+    assert opened.lock is a.lock  # opening the session (a new id) keeps its lock
+    with a.lock:
+        assert not b.lock.locked()  # one session's running job never blocks another
+        assert not copy.deepcopy(a).lock.locked()
+    assert a.images == copy.deepcopy(a).images and copy.deepcopy(a).id == a.id  # everything else is copied
+    assert dataclasses.asdict(template)["id"] == ""  # how Gradio serialises a State's default value: no lock in it
 
 
 def test_cluster_legend_names_follow_manual_cluster_edits():

@@ -5,16 +5,16 @@ import json
 import numpy as np
 import pytest
 
-from recare.careset import (
+from recare.careset import build_care_set
+from recare.careset_io import (
     CareSetFileError,
-    build_care_set,
     load_rich_json,
+    official_dict,
     read_careset_json,
     reference_key,
     save_rich_json,
     write_careset_json,
 )
-from recare.careset_io import official_dict
 from recare.config import CareSetConfig
 from tests.test_careset import toy_world
 
@@ -114,12 +114,12 @@ def test_malformed_rich_files_are_clear_errors(tmp_path):
 def test_failed_write_leaves_previous_file_intact(tmp_path, monkeypatch):
     path = write_careset_json(built(), tmp_path / "careset.json")
     before = path.read_text()
-    import recare.careset_io as io
+    import recare.runs as runs  # careset_io writes through recare.runs' atomic helpers
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(io.os, "replace", boom)
+    monkeypatch.setattr(runs.os, "replace", boom)
     with pytest.raises(OSError):
         write_careset_json(built().with_edits(custom_tokens=["zzz"]), path)
     assert path.read_text() == before

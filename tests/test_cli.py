@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from recare.careset import read_careset_json
+from recare.careset_io import read_careset_json
 from recare.cli import COMMANDS, main
 from tests.helpers_tiny import make_tiny_clip, make_tiny_pipeline
 
@@ -159,5 +160,8 @@ def test_mini_world_defaults_come_from_recare_json(tiny_world, tmp_path, monkeyp
     config = json.loads((care_dir / "config.json").read_text())
     assert config["careset"]["reference_word"] == "van gogh" and config["careset"]["prompt_style"] == "painting"
     assert config["careset"]["top_k"] == 4 and config["careset"]["n_clusters"] == 3
-    assert config["vocabulary"] == {"source": "mini-world", "size": len(WORDS), "hash": config["vocabulary"]["hash"]}
+    # The vocabulary hash is sha256 over [encoded texts, display tokens] (recare.encoders.Vocabulary.hash),
+    # computed here from the word list itself: a hash of another vocabulary, or none, fails.
+    words_hash = hashlib.sha256(json.dumps([WORDS, WORDS]).encode("utf-8")).hexdigest()[:16]
+    assert config["vocabulary"] == {"source": "mini-world", "size": len(WORDS), "hash": words_hash}
     assert read_careset_json(care_dir / "careset.json").reference_key == "vangogh"

@@ -21,7 +21,9 @@ from recare.encoders import (
     vocabulary_features,
     word_list_vocabulary,
 )
+from recare.errors import Cancelled
 from recare.models import load_encoder
+from recare.progress import CancelToken
 from tests.helpers_tiny import make_tiny_clip
 
 
@@ -122,20 +124,22 @@ def test_vocabulary_features_cached_on_disk(tmp_path):
     vocab = word_list_vocabulary([f"word{i}" for i in range(10)])
     encoder = CountingEncoder()
     seen = []
-    first = vocabulary_features(encoder, vocab, cache_dir=tmp_path, batch_size=4,
-                                progress=lambda done, total: seen.append((done, total)))
+    first = vocabulary_features(encoder, vocab, cache_dir=tmp_path, batch_size=4, progress=seen.append)
     assert first.dtype == np.float16 and first.shape == (10, 8)
     np.testing.assert_allclose(np.linalg.norm(first.astype(np.float32), axis=1), 1.0, atol=2e-3)
-    assert encoder.calls == 3 and seen == [(4, 10), (8, 10), (10, 10)]
+    assert encoder.calls == 3
+    assert [(e.stage, e.step, e.total) for e in seen] == [("vocabulary", 4, 10), ("vocabulary", 8, 10), ("vocabulary", 10, 10)]
     path = vocabulary_cache_path(encoder, vocab, tmp_path)
     assert path.is_file() and path.with_suffix(".json").is_file()
 
-    second = vocabulary_features(encoder, vocab, cache_dir=tmp_path, progress=False)
+    hit = []
+    second = vocabulary_features(encoder, vocab, cache_dir=tmp_path, progress=hit.append)
     assert encoder.calls == 3, "a cache hit must not run the encoder again"
     assert np.array_equal(first, second)
+    assert [(e.step, e.total) for e in hit] == [(10, 10)] and "cached" in hit[0].message
 
-    vocabulary_features(CountingEncoder(identity="another-encoder"), vocab, cache_dir=tmp_path, progress=False)
-    vocabulary_features(encoder, word_list_vocabulary(["other"]), cache_dir=tmp_path, progress=False)
+    vocabulary_features(CountingEncoder(identity="another-encoder"), vocab, cache_dir=tmp_path)
+    vocabulary_features(encoder, word_list_vocabulary(["other"]), cache_dir=tmp_path)
     assert encoder.calls == 4
     assert len(list(tmp_path.glob("*.npy"))) == 3
     assert not list(tmp_path.glob(".*.tmp"))
@@ -149,13 +153,26 @@ def test_vocabulary_cache_default_dir_and_corrupt_file(tmp_path, monkeypatch):
     assert path.parent == tmp_path / "env-cache"
     path.parent.mkdir(parents=True)
     path.write_bytes(b"garbage")
-    features = vocabulary_features(encoder, vocab, progress=True)
+    features = vocabulary_features(encoder, vocab)
     assert encoder.calls == 1 and features.shape == (2, 8)
     assert np.array_equal(np.load(path), features)
+
+
+def test_vocabulary_features_cancel_stops_between_batches_and_caches_nothing(tmp_path):
+    vocab = word_list_vocabulary([f"word{i}" for i in range(10)])
+    encoder = CountingEncoder()
+    cancel = CancelToken()
+    with pytest.raises(Cancelled, match="vocabulary was cancelled"):
+        vocabulary_features(encoder, vocab, cache_dir=tmp_path, batch_size=4, cancel=cancel,
+                            progress=lambda event: cancel.cancel())  # cancel after the first batch
+    assert encoder.calls == 1
+    assert not vocabulary_cache_path(encoder, vocab, tmp_path).exists()
+    with pytest.raises(TypeError, match="TqdmProgress"):  # the old `progress=True` switch says what to use
+        vocabulary_features(encoder, vocab, cache_dir=tmp_path, progress=True)
 
 
 def test_vocabulary_features_with_tiny_clip(tiny_clip_dir, tmp_path):
     encoder = load_encoder(tiny_clip_dir, device="cpu")
     vocab = word_list_vocabulary(["person", "stars", "freshwater"])
-    features = vocabulary_features(encoder, vocab, cache_dir=tmp_path, progress=False)
+    features = vocabulary_features(encoder, vocab, cache_dir=tmp_path)
     np.testing.assert_allclose(features.astype(np.float32), encoder.encode_texts(vocab.texts), atol=2e-3)

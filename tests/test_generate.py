@@ -15,13 +15,18 @@ from PIL import Image
 from tests.helpers_tiny import make_tiny_pipeline
 from recare.config import ConfigError, GenerateConfig
 from recare.generate import (
+    MANIFEST_NAME,
     ImageInputError,
     generate_images,
+    generation_metadata,
+    iter_generation,
     load_image_folder,
     load_images,
     save_generation,
+    write_manifest,
 )
 from recare.models import load_pipeline
+from recare.progress import CancelToken
 
 PROMPT = "a photo of a tench"
 
@@ -71,23 +76,47 @@ def test_steps_and_guidance_follow_config(pipe):
 
 
 def test_progress_and_metadata(pipe, tmp_path):
-    calls = []
+    events = []
     config = GenerateConfig(prompt=PROMPT, num_images=3, base_seed=1, steps=1, batch_size=2)
-    result = generate_images(pipe, config, progress=lambda done, total: calls.append((done, total)))
-    assert calls == [(2, 3), (3, 3)]
+    result = generate_images(pipe, config, progress=events.append)
+    assert [(e.stage, e.step, e.total) for e in events] == [("generate", 0, 3), ("generate", 2, 3), ("generate", 3, 3)]
+    assert events[0].message == "image 1-2 of 3" and events[1].message == "image 3-3 of 3"
     meta = result.metadata
     assert meta["prompt"] == PROMPT and meta["cancelled"] is False and meta["num_images"] == 3
     assert meta["scheduler"] == "DDIMScheduler"
     assert meta["model"] == pipe.config._name_or_path
 
 
+def test_iter_generation_yields_batches_equal_to_one_call(pipe):
+    config = GenerateConfig(prompt=PROMPT, num_images=3, base_seed=11, steps=1, batch_size=2)
+    batches = list(iter_generation(pipe, config))
+    assert [(b.start, b.end, b.seeds, b.total) for b in batches] == [(0, 2, [11, 12], 3), (2, 3, [13], 3)]
+    whole = generate_images(pipe, config)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip([im for b in batches for im in b.images], whole.images))
+
+
 def test_cancel_keeps_images_made(pipe):
-    cancel = threading.Event()
+    cancel = CancelToken()
     config = GenerateConfig(prompt=PROMPT, num_images=5, base_seed=3, steps=1, batch_size=2)
-    result = generate_images(pipe, config, progress=lambda done, total: cancel.set(), cancel=cancel)
+    # set once the first batch is done (the event before the second batch)
+    result = generate_images(pipe, config, progress=lambda e: e.step >= 2 and cancel.cancel(), cancel=cancel)
     assert len(result.images) == 2 and result.seeds == [3, 4]
     assert result.metadata["cancelled"] is True
     assert "cancelled after 2 of 5" in result.metadata["note"]
+
+
+def test_cancel_file_and_threading_event_both_stop_the_iterator(pipe, tmp_path):
+    config = GenerateConfig(prompt=PROMPT, num_images=4, base_seed=3, steps=1, batch_size=1)
+    token = CancelToken(path=tmp_path / "cancel")
+    made = []
+    for batch in iter_generation(pipe, config, cancel=token):
+        made.extend(batch.seeds)
+        (tmp_path / "cancel").touch()  # another process asks to stop
+    assert made == [3]
+    event = threading.Event()
+    event.set()
+    assert list(iter_generation(pipe, config, cancel=event)) == []
 
 
 def test_invalid_config_rejected(pipe):
@@ -101,8 +130,73 @@ def test_save_generation_round_trip(pipe, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["000.png", "001.png", "manifest.json"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["files"] == ["000.png", "001.png"] and manifest["seeds"] == result.seeds
+    assert "safety" not in manifest
     loaded = load_image_folder(out)
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(loaded, result.images))
+
+
+def test_write_manifest_one_schema_with_optional_safety(pipe, tmp_path):
+    config = GenerateConfig(prompt=PROMPT, num_images=4, base_seed=9, steps=1, batch_size=2)
+    meta = generation_metadata(pipe, config, [9, 10], model="mini-world", seconds=1.23456)
+    path = write_manifest(tmp_path, meta, ["0000.png", "0001.png"], safety={"flagged": [False, True], "checked": True})
+    manifest = json.loads(path.read_text())
+    assert path.name == MANIFEST_NAME
+    assert manifest["model"] == "mini-world" and manifest["seeds"] == [9, 10] and manifest["num_images"] == 2
+    assert manifest["num_requested"] == 4 and manifest["seconds"] == 1.235 and manifest["settings"]["base_seed"] == 9
+    assert manifest["safety"] == {"flagged": [False, True], "checked": True}
+    with pytest.raises(ValueError, match="1 files but 2 seeds"):
+        write_manifest(tmp_path, meta, ["0000.png"])
+
+
+# --- the app's Generate tab runs the same iterator ----------------------------------------------
+
+
+class _CountingPipe:
+    """The tiny pipeline, counting its calls (one call = one batch)."""
+
+    def __init__(self, pipe):
+        self.pipe, self.calls = pipe, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.pipe(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+
+def test_app_generate_streams_batches_writes_the_library_manifest_and_cancel_stops_the_library(
+        pipe, tmp_path, monkeypatch):
+    from recare import safety
+    from ui.common import AppContext
+    from ui.generate_tab import _cancelled, _generate
+    from ui.session import new_session
+
+    monkeypatch.setattr(safety, "load_detector", lambda: (lambda image: []))  # nothing flagged
+    counting = _CountingPipe(pipe)
+    ctx = AppContext(models=type("Models", (), {"pipeline": lambda self, name: counting})(), session=None,
+                     model_name=None)
+    base = GenerateConfig(prompt=PROMPT, batch_size=2)
+    shown = []
+    session = new_session(tmp_path / "workspace")
+    run = _generate(ctx, base, PROMPT, 6, 5, 1, 7.5, "tiny", session,
+                    lambda fraction, desc=None: shown.append((fraction, desc)))
+    session, gallery, status = next(run)
+    assert gallery == [] and status.startswith("Generating 6")
+    session, gallery, status = next(run)  # the first batch, as soon as it is made
+    assert len(gallery) == 2 and "Generated 2 of 6" in status
+    manifest = json.loads((session.image_dir / MANIFEST_NAME).read_text())
+    assert manifest["seeds"] == [5, 6] and manifest["files"] == ["0000.png", "0001.png"]
+    assert manifest["model"] == "tiny" and manifest["num_requested"] == 6 and manifest["settings"]["steps"] == 1
+    assert manifest["safety"] == {"flagged": [False, False], "checked": True}
+    assert shown[-1] == (0.0, "generate: image 1-2 of 6")  # the library's event, drawn on the bar
+
+    assert _cancelled(session) == "Cancelled. The 2 images made so far are kept."
+    assert list(run) == []  # no "Done." after a cancel
+    assert counting.calls == 1, "the token stops the library before the next batch"
+    assert shown[-1] == (2 / 6, "generate: image 3-4 of 6")
+    assert len(session.images) == 2
+    assert not list(session.folder.glob(".cancel-generate-*"))  # the run removed its cancel file
 
 
 # --- images the user brings ------------------------------------------------------------------

@@ -23,15 +23,23 @@ def tiny_pipeline_dir(tmp_path_factory):
     return make_tiny_pipeline(tmp_path_factory.mktemp("tiny-pipeline"))
 
 
-def test_resolve_device_auto_follows_availability():
-    device = resolve_device("auto")
-    if torch.cuda.is_available():
-        assert device.type == "cuda"
-    elif torch.backends.mps.is_available():
-        assert device.type == "mps"
-    else:
-        assert device.type == "cpu"
+@pytest.mark.parametrize("cuda, mps, expected", [
+    (True, True, "cuda"),   # CUDA first, even where MPS exists too
+    (False, True, "mps"),
+    (False, False, "cpu"),
+])
+def test_resolve_device_auto_prefers_cuda_then_mps_then_cpu(cuda, mps, expected, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert resolve_device("auto") == torch.device(expected)
+
+
+def test_resolve_device_explicit_names():
     assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)  # named devices are taken as given, not probed
+    assert resolve_device(torch.device("mps")) == torch.device("mps")
+    with pytest.raises(ModelLoadError, match="unknown device 'gpu0'"):
+        resolve_device("gpu0")
 
 
 def test_resolve_dtype_policy():

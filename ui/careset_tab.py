@@ -17,16 +17,17 @@ import gradio as gr
 import pandas as pd
 
 from recare import models
-from recare.careset import (
-    CareSetError, build_care_set, load_rich_json, read_careset_json, reference_key, save_rich_json, write_careset_json,
+from recare.careset import build_care_set
+from recare.careset_io import (
+    RICH_FORMAT, CareSetFileError, load_rich_json, read_careset_json, reference_key, save_rich_json, write_careset_json,
 )
-from recare.careset_io import RICH_FORMAT, CareSetFileError
 from recare.config import ConfigError, CareSetConfig
+from recare.errors import RecareError
 from recare.encoders import Vocabulary, clip_bpe_vocabulary, read_word_list, vocabulary_features, word_list_vocabulary
 from recare.runs import atomic_write_json
 from recare import worldspec
 from ui.cluster_plot import cluster_plot, clicked
-from ui.common import AppContext, ok, problem, skip_all
+from ui.common import AppContext, gradio_progress, ok, problem, skip_all
 from ui.figures import careset_figure, figure_json, placeholder_json
 from ui.image_set import load_session_images
 from ui.session import Session, ensure_session
@@ -160,18 +161,20 @@ def _build(ctx, reference_word, prompt_style, encoder_name, vocabulary, word_lis
     session = ensure_session(session)
     try:
         config = CareSetConfig(
-            reference_word=(reference_word or "").strip(), prompt_style=prompt_style, top_k=int(top_k),
-            top_n=int(top_n), projection=projection, n_clusters=int(n_clusters), k_each_side=int(k_each_side),
-            alpha=float(alpha), min_cluster_size=int(min_cluster_size), seed=int(seed),
+            reference_word=(reference_word or "").strip(), prompt_style=prompt_style,
+            top_k=_number(top_k, "top_k", int), top_n=_number(top_n, "top_n", int), projection=projection,
+            n_clusters=_number(n_clusters, "n_clusters", int), k_each_side=_number(k_each_side, "k_each_side", int),
+            alpha=_number(alpha, "alpha", float), min_cluster_size=_number(min_cluster_size, "min_cluster_size", int),
+            seed=_number(seed, "seed", int),
             global_clustering=bool(global_clustering), intra_refinement=bool(intra_refinement))
         config.validate()
-    except (ConfigError, TypeError, ValueError) as e:
+    except ConfigError as e:
         return _fail(session, f"Check the parameters: {e}")
     if not session.images:
         return _fail(session, "No target images yet: generate or upload images in the Generate tab first.")
     try:
         vocab = _vocabulary(vocabulary, word_list)
-    except ValueError as e:
+    except RecareError as e:
         return _fail(session, str(e))
     try:
         progress(0.02, desc=f"loading encoder {encoder_name}")
@@ -181,18 +184,14 @@ def _build(ctx, reference_word, prompt_style, encoder_name, vocabulary, word_lis
     try:
         progress(0.05, desc=f"encoding {len(session.images)} images")
         image_features = encoder.encode_images(load_session_images(session))
-
-        def vocab_progress(done: int, total: int) -> None:
-            progress(0.1 + 0.5 * done / max(total, 1), desc=f"vocabulary features {done}/{total}")
-
-        vocab_features = vocabulary_features(encoder, vocab, progress=vocab_progress)
+        vocab_features = vocabulary_features(encoder, vocab, progress=gradio_progress(progress, 0.1, 0.6))
         target = encoder.encode_texts([config.reference_word])[0]
         careset = build_care_set(
             image_features, vocab_features, vocab.tokens, target, config,
-            progress=lambda f, m: progress(0.6 + 0.4 * f, desc=m),
+            progress=gradio_progress(progress, 0.6, 1.0),
             meta={"encoder": encoder.identity, "vocabulary": vocab.source, "vocabulary_size": len(vocab),
                   "images": session.source})
-    except (CareSetError, ValueError) as e:
+    except RecareError as e:  # unreadable session images, too few candidates, ...; anything else is a bug
         return _fail(session, f"Could not build the CARE-set: {e}")
     session.careset, session.official = careset, None
     kept = len(careset.final_tokens())
@@ -209,16 +208,24 @@ def _task_defaults(prompt: str):
     return task["reference_word"], (style if style in ("photo", "painting") else gr.skip())
 
 
+def _number(value, name: str, kind: type):
+    """`kind(value)` for a number box; an empty or non-numeric box is a ConfigError, not a crash."""
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number (got {value!r}).") from None
+
+
 def _vocabulary(choice: str, word_list) -> Vocabulary:
     if choice == VOCAB_FILE:
         if not word_list:
-            raise ValueError("Upload a word list (.txt, one word per line) or pick another vocabulary.")
+            raise ConfigError("Upload a word list (.txt, one word per line) or pick another vocabulary.")
         return read_word_list(word_list if isinstance(word_list, str) else word_list.name)
     if choice == VOCAB_MINI:
         words = worldspec.mini_world_words()
         if words is None:
-            raise ValueError("The mini world has no word list (checkpoints/mini-world/recare.json); "
-                             "pick CLIP BPE or upload a word list.")
+            raise ConfigError("The mini world has no word list (checkpoints/mini-world/recare.json); "
+                              "pick CLIP BPE or upload a word list.")
         return word_list_vocabulary(words, source="mini-world")
     return clip_bpe_vocabulary()
 
@@ -229,7 +236,7 @@ def _edit(session: Session | None, status: str = "", **edits):
         return _fail(session, "Build a CARE-set first (or load a rich JSON).")
     try:
         session.careset = session.careset.with_edits(**edits)
-    except CareSetError as e:
+    except RecareError as e:  # an unknown token or cluster
         return _fail(session, str(e))
     return _views(session, status)
 
@@ -333,7 +340,7 @@ def _load(file, session: Session | None):
             session.careset, session.official = load_rich_json(path), None
             return _views(session, ok(f"Loaded the rich CARE-set: {len(session.careset.final_tokens())} tokens; edit away."))
         official = read_careset_json(path)
-    except (CareSetFileError, CareSetError, ConfigError, ValueError, KeyError, TypeError) as e:
+    except RecareError as e:  # the readers turn every malformed-file case into CareSetFileError
         return _fail(session, f"Could not load the CARE-set file: {e}")
     if session.careset is not None and official.reference_key == _key(session.careset.config.reference_word):
         candidates = set(session.careset.tokens)

@@ -7,17 +7,20 @@ library (`recare.generate`, `recare.safety` through ui.image_set).
 from __future__ import annotations
 
 import dataclasses
+import time
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
-from recare.config import ConfigError, GenerateConfig
-from recare.generate import ImageInputError, generate_images, load_images
+from recare.config import GenerateConfig
+from recare.errors import RecareError
+from recare.generate import ImageInputError, iter_generation, load_images
 from recare.models import MINI_WORLD, ModelLoadError
-from recare.runs import atomic_write_json
+from recare.progress import CancelToken
 from recare import worldspec
-from ui.common import AppContext, ok, problem
-from ui.image_set import add_images, gallery_items, summary_line
+from ui.common import AppContext, gradio_progress, ok, problem
+from ui.image_set import add_images, gallery_items, summary_line, write_image_manifest
 from ui.session import Session, ensure_session
 
 MAX_IMAGES = 64
@@ -87,7 +90,11 @@ def create_generate_tab(ctx: AppContext) -> dict[str, Any]:
 
 def _generate(ctx: AppContext, base: GenerateConfig, prompt, num_images, seed, steps, guidance, model_name, session: Session | None,
               progress):
-    """Generator: yields (session, gallery, status) after each batch."""
+    """Generator: yields (session, gallery, status) after each batch of `recare.generate.iter_generation`.
+
+    Cancel (`_cancelled`) bumps `session.run_id`, so a batch that finishes after it is dropped,
+    and sets this run's cancel token, so the library starts no further batch.
+    """
     session = ensure_session(session)
     try:
         config = dataclasses.replace(
@@ -95,7 +102,7 @@ def _generate(ctx: AppContext, base: GenerateConfig, prompt, num_images, seed, s
             base_seed=int(seed if seed is not None else 42), steps=int(steps or 0),
             guidance=float(guidance if guidance is not None else 7.5))
         config.validate()
-    except (ConfigError, TypeError, ValueError) as e:
+    except RecareError as e:
         yield session, gr.skip(), problem(str(e))
         return
     try:
@@ -104,32 +111,44 @@ def _generate(ctx: AppContext, base: GenerateConfig, prompt, num_images, seed, s
     except ModelLoadError as e:
         yield session, gr.skip(), problem(f"Could not load the model: {e}")
         return
-    session.run_id += 1
-    run_id = session.run_id
+    with session.lock:
+        session.run_id += 1
+        run_id = session.run_id
+    cancel = CancelToken(path=_cancel_file(session, run_id))
+    for stale in session.folder.glob(".cancel-generate-*"):  # left by Cancel pressed while nothing ran
+        if stale != cancel.path:
+            stale.unlink(missing_ok=True)
     session.clear_images()
     session.source = f"“{config.prompt}” · {model_name} · {config.steps} steps · guidance {config.guidance}"
     total = config.num_images
     yield session, [], f"Generating {total} images…"
-    for start in range(0, total, config.batch_size):
-        count = min(config.batch_size, total - start)
-        batch_config = dataclasses.replace(config, num_images=count, base_seed=config.base_seed + start)
-        progress(start / total, desc=f"image {start + 1}-{start + count} of {total}")
-        result = generate_images(pipe, batch_config)
-        if not add_images(session, result.images, result.seeds, run_id=run_id):
-            return  # cancelled (or superseded) while this batch ran: keep what was there
-        atomic_write_json(session.image_dir / "manifest.json", {
-            **config.to_dict(), "model": model_name, "seeds": session.seeds,
-            "files": [p.name for p in session.images], "flags": session.flags, "checked": session.checked})
-        done = len(session.images)
-        status = summary_line(session) if done == total else f"Generated {done} of {total}… " + summary_line(session)
-        yield session, gallery_items(session), status
+    started = time.perf_counter()
+    try:
+        for batch in iter_generation(pipe, config, progress=gradio_progress(progress), cancel=cancel):
+            if not add_images(session, batch.images, batch.seeds, run_id=run_id):
+                return  # cancelled (or superseded) while this batch ran: keep what was there
+            write_image_manifest(session, pipe, config, model=model_name, seconds=time.perf_counter() - started,
+                                 run_id=run_id)
+            done = len(session.images)
+            status = summary_line(session) if done == total else f"Generated {done} of {total}… " + summary_line(session)
+            yield session, gallery_items(session), status
+        if cancel.is_set():
+            return  # Cancel already answered with the count kept
+    finally:
+        cancel.path.unlink(missing_ok=True)
     yield session, gallery_items(session), ok(f"Done. {summary_line(session)}")
+
+
+def _cancel_file(session: Session, run_id: int) -> Path:
+    """The file whose existence cancels generation run `run_id` of this session (a CancelToken's path)."""
+    return session.folder / f".cancel-generate-{run_id}"
 
 
 def _cancelled(session: Session | None) -> str:
     if session is None or not session.id:
         return "Nothing to cancel."
-    with session.lock:  # the running generator drops its in-flight batch
+    with session.lock:  # the running generator drops its in-flight batch and starts no other
+        CancelToken(path=_cancel_file(session, session.run_id)).cancel()
         session.run_id += 1
         n = len(session.images)
     return f"Cancelled. The {n} image{'s' if n != 1 else ''} made so far are kept."

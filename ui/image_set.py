@@ -8,11 +8,14 @@ unless the user reveals them one by one.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Sequence
 
 from PIL import Image
 
 from recare import safety
+from recare.config import GenerateConfig
+from recare.generate import generation_metadata, write_manifest
 from recare.runs import atomic_write_bytes
 from ui.session import Session
 
@@ -56,6 +59,32 @@ def add_images(session: Session, images: Sequence[Image.Image], seeds: Sequence[
             session.seeds.append(seed)
             session.flags.append(bool(flag))
     return True
+
+
+def write_image_manifest(session: Session, pipe, config: GenerateConfig, model: str, seconds: float | None = None,
+                         run_id: int | None = None) -> Path | None:
+    """Write the session's `images/manifest.json` with the library's writer (`recare.generate.write_manifest`).
+
+    Same schema as a CLI generate run, plus `safety`: {"flagged": one bool per image,
+    "checked": False when the detector was unavailable (then every image is hidden)}.
+
+    Args:
+        session: the session whose generated images it describes.
+        pipe, config: the pipeline and settings that made them.
+        model: the model name the user picked ("mini-world", a hub id, a folder).
+        seconds: time spent so far.
+        run_id: the generation run writing it; when given and the session has moved on, nothing
+            is written (the folder belongs to the next run).
+
+    Returns:
+        The manifest's path, or None when nothing was written.
+    """
+    with session.lock:  # files, seeds and flags from one moment; Cancel cannot interleave
+        if run_id is not None and session.run_id != run_id:
+            return None
+        metadata = generation_metadata(pipe, config, list(session.seeds), seconds=seconds, model=model)
+        return write_manifest(session.image_dir, metadata, [p.name for p in session.images],
+                              safety={"flagged": list(session.flags), "checked": session.checked})
 
 
 def _hidden_path(session: Session, index: int):

@@ -10,6 +10,7 @@ as a safety net, when they have been idle longer than `max_age_s` (`sweep_sessio
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import secrets
@@ -22,28 +23,6 @@ from typing import Any
 
 SESSION_PREFIX = "s-"
 DEFAULT_MAX_AGE_S = 6 * 3600  # idle sessions older than this are swept (override: $RECARE_SESSION_MAX_AGE_S)
-
-
-class _SessionLocks:
-    """One lock per session id, kept outside the dataclass (gr.State deep-copies its default
-    value and a Lock cannot be copied). It makes "is this run still current? then append its
-    images" atomic with respect to Cancel, so the count Cancel reports is the count kept.
-    Holds no user data: only locks, dropped when the session closes."""
-
-    def __init__(self) -> None:
-        self._guard = threading.Lock()
-        self._locks: dict[str, threading.Lock] = {}
-
-    def get(self, session_id: str) -> threading.Lock:
-        with self._guard:  # two threads asking at once must get the same lock
-            return self._locks.setdefault(session_id, threading.Lock())
-
-    def drop(self, session_id: str) -> None:
-        with self._guard:
-            self._locks.pop(session_id, None)
-
-
-_LOCKS = _SessionLocks()
 
 
 def workspace_root() -> Path:
@@ -96,6 +75,26 @@ class Session:
     source: str = ""
     run_id: int = 0  # bumped to cancel the running generation: a late batch of an old run is dropped
 
+    def __post_init__(self) -> None:
+        # Makes "is this run still current? then append its images" atomic with respect to Cancel,
+        # so the count Cancel reports is the count kept. A plain attribute, not a field: Gradio
+        # serialises the State's default value with dataclasses.asdict, which copies every field.
+        self._lock = threading.Lock()
+
+    def __deepcopy__(self, memo: dict) -> Session:
+        """A deep copy of every field, with a lock of its own (a Lock cannot be copied).
+
+        gr.State deep-copies its default Session once per browser session: each copy is a new
+        session, so a fresh, unlocked lock is right. Gradio hands the live object to every event
+        of that session without copying it, so all of a session's events share one lock.
+        """
+        clone = copy.copy(self)
+        memo[id(self)] = clone
+        for field in dataclasses.fields(self):
+            setattr(clone, field.name, copy.deepcopy(getattr(self, field.name), memo))
+        clone._lock = threading.Lock()
+        return clone
+
     @property
     def folder(self) -> Path:
         """The session's private folder."""
@@ -119,7 +118,7 @@ class Session:
     @property
     def lock(self) -> threading.Lock:
         """The session's lock: hold it while changing the image set from a running job."""
-        return _LOCKS.get(self.id)
+        return self._lock
 
     def touch(self) -> None:
         """Mark the session as active so the age-based sweep leaves it alone."""
@@ -176,7 +175,6 @@ def close_session(session: Session | None) -> None:
     """Delete a session's folder (the gr.State delete_callback)."""
     if isinstance(session, Session) and session.id:
         shutil.rmtree(session.folder, ignore_errors=True)
-        _LOCKS.drop(session.id)
 
 
 def sweep_sessions(root: Path, max_age_s: float, now: float | None = None) -> list[Path]:

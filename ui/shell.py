@@ -8,15 +8,19 @@ replace their placeholder entries without touching the shell.
 from __future__ import annotations
 
 import dataclasses
+import os
+import secrets
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import gradio as gr
 
 from recare import models
+from recare.errors import RunError
 from ui.careset_tab import create_careset_tab
 from ui.cluster_plot import plotly_js_path
-from ui.common import AppContext, ok, problem
+from ui.common import AppContext, new_browser_key, ok, owner_key, problem
 from ui.generate_tab import create_generate_tab
 from ui.placeholder_tabs import create_compare_tab, create_train_tab
 from ui.session import close_session, max_session_age_s, new_session, sweep_sessions, workspace_root
@@ -50,7 +54,7 @@ CSS = """
 
 
 def create_app(model: str = models.MINI_WORLD, device: str = "auto", workspace: str | Path | None = None,
-               tabs: tuple[TabSpec, ...] = TABS) -> gr.Blocks:
+               tabs: tuple[TabSpec, ...] = TABS, runs_dir: str | Path | None = None) -> gr.Blocks:
     """Build the Gradio app (not launched). Launch it with `demo.queue().launch(**launch_kwargs(workspace))`.
 
     Args:
@@ -58,15 +62,23 @@ def create_app(model: str = models.MINI_WORLD, device: str = "auto", workspace: 
         device: "auto" or a torch device for every model.
         workspace: root of the per-session folders; default $RECARE_WORKSPACE or a temp dir.
         tabs: the workspaces to show (default: the registry TABS).
+        runs_dir: the run store's folder; default $RECARE_HOME/runs or ~/.cache/recare/runs.
     """
-    from ui.model_cache import ModelCache
+    from recare.jobs import JobRunner
+    from recare.model_cache import ModelCache
+    from recare.runs import RunStore
 
     root = Path(workspace).expanduser().resolve() if workspace is not None else workspace_root()
     root.mkdir(parents=True, exist_ok=True)
     sweep_sessions(root, max_session_age_s())
     cache = ModelCache(device=device)
+    store = RunStore(runs_dir)
+    runner = JobRunner(store)
+    runner.recover()  # runs left RUNNING by a crashed app read FAILED (resumable); QUEUED ones start
     with gr.Blocks(title="ReCARE Studio", delete_cache=(3600, 6 * 3600), analytics_enabled=False) as demo:
         session = gr.State(new_session(root), delete_callback=close_session)
+        # this browser's key for its runs; the secret is kept with the runs, so keys survive restarts
+        owner = gr.BrowserState("", storage_key="recare-owner", secret=browser_secret(store.root))
         with gr.Row(elem_id="recare-header", equal_height=True):
             with gr.Column(scale=3):
                 gr.Markdown(
@@ -82,7 +94,7 @@ def create_app(model: str = models.MINI_WORLD, device: str = "auto", workspace: 
                         elem_id="model-name", scale=3)
                     load = gr.Button("Load", scale=1, elem_id="model-load")
                 model_status = gr.Markdown(f"Device: **{cache.device}**", elem_id="model-status")
-        ctx = AppContext(models=cache, session=session, model_name=model_name)
+        ctx = AppContext(models=cache, session=session, model_name=model_name, runs=store, jobs=runner, owner=owner)
         with gr.Tabs():
             for spec in tabs:
                 with gr.Tab(spec.title, id=spec.key):
@@ -97,8 +109,45 @@ def create_app(model: str = models.MINI_WORLD, device: str = "auto", workspace: 
             return ok(f"Loaded **{name}** on **{cache.device}**.")
 
         load.click(load_model, [model_name], [model_status], api_name="load_model")
-    demo.recare_context = ctx  # for tests and later workspaces: every component by "<tab>.<name>"
+        demo.load(ensure_browser_key, [owner], [owner], api_visibility="private")
     return demo
+
+
+def ensure_browser_key(stored: str | None) -> str:
+    """The browser's key for its runs: the one it keeps, or a new random one on its first visit.
+
+    Args:
+        stored: the gr.BrowserState value ("" on a first visit).
+    """
+    try:
+        return owner_key(stored)
+    except RunError:
+        return new_browser_key()
+
+
+def browser_secret(runs_root: Path) -> str:
+    """The key that encrypts browser keys in localStorage, created once beside the runs.
+
+    gr.BrowserState's default secret is new at every start, which would make every browser lose
+    its runs when the app restarts.
+
+    Args:
+        runs_root: the run store's folder (the secret lives in `.browser-state-secret` there).
+    """
+    path = Path(runs_root) / ".browser-state-secret"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        for _ in range(50):  # another process may be writing it right now
+            secret = path.read_text(encoding="utf-8").strip()
+            if secret:
+                return secret
+            time.sleep(0.02)
+        raise RunError(f"{path} is empty; delete it and restart the app.") from None
+    secret = secrets.token_urlsafe(24)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(secret + "\n")
+    return secret
 
 
 def launch_kwargs(workspace: str | Path | None = None) -> dict[str, Any]:

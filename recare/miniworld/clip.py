@@ -8,7 +8,8 @@ are trained, which is why the mini world's default CARE vocabulary is its lexico
 
 Saved with ``save_pretrained`` (model fp16 + CLIPTokenizer + CLIPImageProcessor) so that
 ``CLIPModel.from_pretrained(folder)`` and ``recare.models.load_encoder("mini-world")`` load it
-like any local transformers CLIP folder.
+like any local transformers CLIP folder; its config asks for float32 (``load_as_float32``), so
+a plain ``from_pretrained`` gives a float32 model on the CPU.
 
 Zero-shot protocol (``zero_shot_report``), texts encoded as bare labels:
 * objects and backgrounds: held-out photo renders of one concept of ``CARE_LABELS`` alone
@@ -27,8 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,12 +36,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from recare.errors import RecareError
 from recare.miniworld import world as W
 from recare.miniworld.oracle import augment
 from recare.miniworld.tokenizer import CONTEXT_LENGTH, build_clip_tokenizer, write_vocab_files
+from recare.runs import atomic_write_dir
 
 
-class MiniClipError(RuntimeError):
+class MiniClipError(RecareError, RuntimeError):
     """Raised when a mini CLIP folder is missing or inconsistent."""
 
 
@@ -291,26 +292,42 @@ def train_clip(out_dir: str | os.PathLike | None, config: MiniClipConfig | None 
     return clip, metrics
 
 
+def load_as_float32(config_file: str | os.PathLike) -> None:
+    """Make a saved transformers ``config.json`` ask for float32 weights on load.
+
+    The weights are stored in float16 to keep the bundled folders small, and ``save_pretrained``
+    writes that dtype into the config. transformers >= 5 loads a model in the config's dtype when
+    no dtype is given, so a plain ``from_pretrained(folder)`` would give a float16 model on the
+    CPU; next to diffusers' float32 UNet that fails ("mat1 and mat2 must have the same dtype").
+    With "float32" in the config, transformers upcasts the float16 weights on load (as older
+    versions always did), and an explicit ``dtype=`` still wins.
+
+    Args:
+        config_file: the ``config.json`` written by ``save_pretrained`` (rewritten in place;
+            call it on a temporary folder before that folder is renamed into place).
+    """
+    path = Path(config_file)
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("dtype", "torch_dtype"):  # transformers >= 4.56 writes "dtype", older ones "torch_dtype"
+        if key in config:
+            config[key] = "float32"
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def save_mini_clip(clip: MiniClip, out_dir: str | os.PathLike, config: MiniClipConfig, metrics: dict) -> Path:
     """``save_pretrained`` model (fp16 safetensors), tokenizer and image processor, atomically."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    clip.model.half().save_pretrained(str(tmp))
-    clip.model.float()
-    clip.tokenizer.save_pretrained(str(tmp))
-    # ship the tokenizer as vocab.json + merges.txt (1.5 MB) instead of tokenizer.json (3.6 MB);
-    # CLIPTokenizer.from_pretrained rebuilds the same tokenizer from them
-    (tmp / "tokenizer.json").unlink(missing_ok=True)
-    write_vocab_files(tmp)
-    build_image_processor(clip.mean.flatten().tolist(), clip.std.flatten().tolist()).save_pretrained(str(tmp))
-    (tmp / "training_config.json").write_text(json.dumps({"config": asdict(config), "metrics": metrics}, indent=2))
-    for p in tmp.iterdir():
-        os.chmod(p, 0o644)
-    os.chmod(tmp, 0o755)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_write_dir(out) as tmp:  # built beside `out`, swapped in whole; a failure keeps the old folder
+        clip.model.half().save_pretrained(str(tmp))
+        clip.model.float()
+        load_as_float32(tmp / "config.json")
+        clip.tokenizer.save_pretrained(str(tmp))
+        # ship the tokenizer as vocab.json + merges.txt (1.5 MB) instead of tokenizer.json (3.6 MB);
+        # CLIPTokenizer.from_pretrained rebuilds the same tokenizer from them
+        (tmp / "tokenizer.json").unlink(missing_ok=True)
+        write_vocab_files(tmp)
+        build_image_processor(clip.mean.flatten().tolist(), clip.std.flatten().tolist()).save_pretrained(str(tmp))
+        (tmp / "training_config.json").write_text(json.dumps({"config": asdict(config), "metrics": metrics}, indent=2))
     return out
 
 

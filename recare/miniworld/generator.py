@@ -18,8 +18,9 @@ The recipe, step by step (all on CPU, deterministic for a seed and a thread coun
    (:func:`detail_refinement_stage`; ``python -m recare.miniworld.generator OUT --details-only``
    runs this step alone on a saved pipeline folder);
 8. save ``StableDiffusionPipeline(vae, text_encoder, tokenizer, unet, DDIMScheduler)`` with
-   ``save_pretrained`` (safety checker off, weights in float16) plus ``recare_training.json``
-   (the recipe, seed, timings).
+   ``save_pretrained`` (safety checker off, weights in float16, the text encoder's config asking
+   for float32 so that a plain ``from_pretrained(folder)`` runs on the CPU) plus
+   ``recare_training.json`` (the recipe, seed, timings).
 
 Steps 5-7 need only the trained autoencoder, not the UNet, so ``recare.miniworld.train`` runs
 them in its own process beside step 4 (:func:`train_generator_part`, :func:`assemble_generator`);
@@ -35,7 +36,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,14 +49,16 @@ from . import world
 from .generator_models import (
     GeneratorRecipe, build_scheduler, build_text_encoder, build_unet, build_vae, scheduler_kwargs,
 )
+from .clip import load_as_float32
 from .tokenizer import CONTEXT_LENGTH, build_clip_tokenizer, write_vocab_files
-from ..runs import atomic_write_text
+from ..errors import TrainingError
+from ..runs import atomic_save, atomic_write_dir, atomic_write_text
 
 PIPELINE_DIRNAME = "pipeline"
 TRAINING_RECORD = "recare_training.json"
 
 
-class GeneratorTrainingError(RuntimeError):
+class GeneratorTrainingError(TrainingError):  # a RecareError and a RuntimeError
     """Raised when the generator recipe cannot run (bad arguments, unwritable output folder)."""
 
 
@@ -90,10 +92,7 @@ def _torch_threads(n: int):
 
 def _atomic_torch_save(payload: dict, path: Path) -> None:
     """``torch.save`` under a temporary name, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    atomic_save(path, lambda tmp: torch.save(payload, tmp))
 
 
 def _ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
@@ -329,7 +328,7 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet):
 
 def _save_pretrained_over(model, folder: Path, fp16: bool, finish=None) -> Path:
     """``save_pretrained`` a copy of ``model`` into a temporary sibling of ``folder``, then swap
-    it in for ``folder`` (atomic-ish: a failure leaves the old folder as it was).
+    it in for ``folder`` (``recare.runs.atomic_write_dir``: a failure leaves the old folder as it was).
 
     Args:
         model: a diffusers pipeline or model (not modified).
@@ -340,31 +339,18 @@ def _save_pretrained_over(model, folder: Path, fp16: bool, finish=None) -> Path:
     import copy
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the folder it becomes is not
+    with atomic_write_dir(folder) as tmp:
         to_save = copy.deepcopy(model)
         if fp16:
             to_save.to(torch.float16)
         to_save.save_pretrained(tmp, safe_serialization=True)
         if finish is not None:
             finish(tmp)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
 def save_pipeline(pipe, folder: Path, record: dict, fp16: bool = True) -> Path:
-    """``save_pretrained`` into a temporary sibling, then rename over ``folder`` (atomic-ish).
+    """``save_pretrained`` into a temporary sibling, then swap it in for ``folder`` atomically.
 
     Args:
         pipe: the assembled pipeline (its modules are not modified).
@@ -374,6 +360,8 @@ def save_pipeline(pipe, folder: Path, record: dict, fp16: bool = True) -> Path:
     """
     def finish(tmp: Path) -> None:
         write_vocab_files(tmp / "tokenizer")  # vocab.json + merges.txt: loadable by slow tokenizers too
+        if fp16:  # plain from_pretrained(folder) must give a float32 text encoder beside the float32 UNet
+            load_as_float32(tmp / "text_encoder" / "config.json")
         (tmp / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
     return _save_pretrained_over(pipe, folder, fp16, finish)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,10 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recare.errors import RecareError
 from recare.miniworld import world as W
+from recare.runs import atomic_save, atomic_write_json
 
 
-class OracleError(RuntimeError):
+class OracleError(RecareError, RuntimeError):
     """Raised when an oracle folder is missing or inconsistent."""
 
 
@@ -158,23 +159,16 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
-def _atomic_save(net: nn.Module, config: OracleConfig, out_dir: Path, metrics: dict) -> None:
+def _save_oracle_files(net: nn.Module, config: OracleConfig, out_dir: Path, metrics: dict) -> None:
+    """Write model.safetensors, then config.json (with the metrics), each atomically."""
     from safetensors.torch import save_file
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".model.", suffix=".safetensors")
-    os.close(fd)
-    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, tmp)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out_dir / "model.safetensors")
+    tensors = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    atomic_save(out_dir / "model.safetensors", lambda tmp: save_file(tensors, str(tmp)))
     cfg = asdict(config)
     cfg["widths"] = list(config.widths)
     cfg["metrics"] = metrics
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".config.", suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(cfg, fh, indent=2)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out_dir / "config.json")
+    atomic_write_json(out_dir / "config.json", cfg)
 
 
 def load_oracle(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> Oracle:
@@ -270,5 +264,5 @@ def train_oracle(out_dir: str | os.PathLike | None, config: OracleConfig | None 
     metrics = {"heldout_accuracy": acc, "min_accuracy": min(acc.values()), "n_eval": n_eval,
                "train_seconds": round(time.time() - start, 1)}
     if out_dir is not None:
-        _atomic_save(net, config, Path(out_dir), metrics)
+        _save_oracle_files(net, config, Path(out_dir), metrics)
     return oracle, metrics

@@ -13,8 +13,10 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from recare.errors import RecareError
+from recare.runs import atomic_write_text
 
 CONTEXT_LENGTH = 77  # CLIP's text context (max_position_embeddings)
 VOCAB_SIZE = 49408  # 256 bytes + 256 bytes</w> + 48,894 merges + 2 specials
@@ -22,7 +24,7 @@ BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 
 
-class TokenizerBuildError(RuntimeError):
+class TokenizerBuildError(RecareError, RuntimeError):
     """Raised when the CLIP BPE vocabulary cannot be found or is malformed."""
 
 
@@ -93,11 +95,7 @@ def write_vocab_files(out_dir: str | os.PathLike, path: str | os.PathLike | None
         "merges.txt": "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
     }
     for name, text in texts.items():
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out / name)
+        atomic_write_text(out / name, text)
     return out / "vocab.json", out / "merges.txt"
 
 

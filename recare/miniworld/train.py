@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
+from recare.errors import ModelLoadError
 from recare.miniworld import world as W
+from recare.runs import atomic_write_text
 
 # Recommended CARE-set parameters for this world's 126-word vocabulary (the paper's K=50 / N=100
 # are for the 49,408-token CLIP vocabulary). Tuned on 200 target images per task with the bundled
@@ -69,15 +70,7 @@ def recare_spec(careset: dict | None = None, record: dict | None = None) -> dict
 
 def write_recare_json(path: str | os.PathLike, spec: dict) -> Path:
     """Write ``recare.json`` atomically (temp name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".recare.", suffix=".json")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(spec, fh, indent=2)
-        fh.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(spec, indent=2) + "\n")
 
 
 def read_recare_json(path: str | os.PathLike | None = None) -> dict:
@@ -88,7 +81,7 @@ def read_recare_json(path: str | os.PathLike | None = None) -> dict:
 
     path = Path(path) if path is not None else mini_world_dir() / "recare.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no recare.json at {path}; write one with `python -m recare.miniworld.train --out DIR`.")
+        raise ModelLoadError(f"no recare.json at {path}; write one with `python -m recare.miniworld.train --out DIR`.")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -195,6 +188,9 @@ def _start_unet_process(out: Path, seed: int, smoke: bool):
 
 def main(argv: list[str] | None = None) -> None:
     """CLI entry: ``python -m recare.miniworld.train --out DIR [--seed N] [--smoke] [--skip ...]``."""
+    from recare.runtime import set_process_defaults
+
+    set_process_defaults()  # a process entry; torch is not imported yet here, and the UNet process inherits it
     parser = argparse.ArgumentParser(description="Retrain the bundled mini world (oracle, mini CLIP, generator) on CPU.")
     parser.add_argument("--out", required=True, type=Path, help="output folder (e.g. checkpoints/mini-world)")
     parser.add_argument("--seed", type=int, default=0)

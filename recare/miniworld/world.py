@@ -46,6 +46,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from recare.errors import RecareError
+
 SIZE = 64  # image side in pixels
 
 # ---------------------------------------------------------------------------------------------
@@ -90,7 +92,7 @@ THING_COLOURS = {  # which colours a thing may take (the caption may name it)
 SKIN = ((0.96, 0.8, 0.65), (0.85, 0.63, 0.45), (0.6, 0.4, 0.25), (0.4, 0.26, 0.16))
 
 
-class WorldError(ValueError):
+class WorldError(RecareError, ValueError):
     """Raised for an impossible scene request (unknown concept, contradictory constraints)."""
 
 
