@@ -1,0 +1,675 @@
+"""The training recipe: stage 1 (erase <-> textual inversion rounds), then stage 2 or the ESD baseline.
+
+    train(config, pipe, images, careset, out_dir)          a plain function (CLI, notebooks, tests)
+    run_training_job(run, progress, cancel)                the job runner's target ("recare.train.recipe:run_training_job")
+
+Which stages run is read from the config's values (`TrainConfig`), never from the method's name:
+
+    stage1 set   round r = 0 .. n-1: ESD of the current concept (the reference word, then the previous
+                 round's token) on the UNet as the previous rounds left it, the frozen teacher being that
+                 UNet at the round's start (official: each round's FineTunedModel copies the erased UNet);
+                 then textual inversion of a fresh token against the erased UNet on the round's slice
+                 of the images.
+    stage2 set   ReCARE on a fresh copy of the base UNet, the frozen base as teacher, H = {reference
+                 word} + the stage-1 tokens (just the reference word when stage1 is None).
+    esd set      the ESD baseline: ESD of the reference word on a fresh copy of the base UNet.
+
+Every loop draws from its own CPU generator seeded with `config.seed` (official: `train_erasing`
+and the textual inversion re-seed 42 each call), so the same config and seed give the same
+weights on the CPU.
+
+Resumable state (`<out_dir>/state/`, replaced as a whole at every save):
+
+    state.pt              where the run stands (phase, round), the tokens learned so far, the
+                          textual-inversion state, the config it belongs to
+    trainer.pt            the current erase loop: trained tensors, AdamW, generator, pending roll-outs
+    erased-<r>.pt         the stage-1 UNet's trained tensors after round r's erasure (written once,
+                          hard-linked into later saves)
+
+It is saved every `config.save_every` iterations (or textual-inversion steps), and when the run is
+cancelled. A resumed run reaches the same weights as an uninterrupted one (bit for bit on the CPU).
+
+Outputs in `out_dir`: config.json (every setting, the base model's fingerprint, library versions),
+careset.json (the CARE-set used), tokens/<name>.safetensors, metrics.jsonl (one line per
+iteration), trained_params.safetensors (and unet/, ReCARE-Diffusers-UNet.pt on request), result.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from recare.config import TrainConfig
+from recare.errors import Cancelled, ConfigError, TrainingError
+from recare.progress import CancelToken, ProgressCallback, ProgressEvent
+from recare.runs import atomic_write_dir, atomic_write_json, atomic_write_text
+from recare.train.esd import ErasureTrainer, ESDTrainer
+from recare.train.params import trainable_parameter_names
+from recare.train.rollout import XtSampler, autocast_factory, encode_prompts
+from recare.train.stage2 import Stage2Trainer
+
+STATE_FORMAT = "recare-train-state"
+STATE_VERSION = 1
+STATE_DIR = "state"
+RESULT_FILE = "result.json"
+METRICS_FILE = "metrics.jsonl"
+CARESET_FILE = "careset.json"
+CONFIG_FILE = "config.json"
+TARGET_IMAGES_DIR = "target_images"
+
+STAGE1_ERASE, STAGE1_TI, STAGE2, ESD = "stage1.erase", "stage1.textual_inversion", "stage2", "esd"
+OOM_ADVICE = ("CUDA ran out of memory during {stage}. Try: dtype 'bf16' or 'fp16' (mixed precision), "
+              "gradient_checkpointing true, a smaller rollout.resolution, rollout.batch 1, a smaller "
+              "textual-inversion batch_size, or train_method 'xattn' (fewer trained tensors and optimizer "
+              "states). {resume}")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What `train` made.
+
+    Attributes:
+        out_dir: the run folder.
+        unet: the trained UNet (float32, on the training device).
+        tokens: the learned adversarial tokens, in order (empty without stage 1).
+        files: output name -> path ("trained_params", "unet_folder", "official_pt", "tokens/<name>", ...).
+        summary: JSON-ready figures: iterations, seconds, first/last losses per phase.
+    """
+
+    out_dir: Path
+    unet: torch.nn.Module
+    tokens: list
+    files: dict[str, str]
+    summary: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------
+# small pieces
+
+
+def round_images(images: Sequence, round_index: int, n_rounds: int) -> list:
+    """Round r's slice of the target images, as the official dataset picks it.
+
+    `len(images) // n_rounds` images (at least 1) from position r * that size, wrapping around.
+
+    Args:
+        images: every target image, in a fixed order.
+        round_index: r.
+        n_rounds: stage 1's n_iterations.
+    """
+    n = len(images)
+    per = max(1, n // n_rounds)
+    start = (round_index * per) % n
+    end = start + per
+    return list(images[start:end]) if end <= n else list(images[start:]) + list(images[:end - n])
+
+
+def round_placeholder(template: str, round_index: int) -> str:
+    """Round r's placeholder from the textual-inversion config's: "<v*>" -> "<v1*>", "<v2*>"; "<x>" -> "<x>1"."""
+    n = str(round_index + 1)
+    return template.replace("*", n + "*", 1) if "*" in template else template + n
+
+
+def amp_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `TrainConfig.dtype` on `device` (None = full fp32, the official precision).
+
+    Args:
+        dtype: "auto" (bf16 on CUDA when supported, else fp16 there; fp32 elsewhere), "fp32", "bf16", "fp16".
+        device: the training device.
+    """
+    if dtype == "fp32" or (dtype == "auto" and device.type != "cuda"):
+        return None
+    if dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a run's result depends on."""
+    import diffusers
+    import transformers
+
+    import recare
+
+    return {"recare": recare.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def _trained_tensors(unet: torch.nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    params = dict(unet.named_parameters())
+    return {n: params[n].detach().to("cpu", copy=True) for n in names}
+
+
+def _load_tensors(unet: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(unet.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+
+
+def _token_dict(token) -> dict:
+    return {"placeholder": token.placeholder, "initializer": token.initializer,
+            "embedding": token.embedding.detach().cpu().clone(), "losses": list(token.losses)}
+
+
+def _token_of(data: dict):
+    from recare.train.textual_inversion import LearnedToken
+
+    return LearnedToken(data["placeholder"], data["initializer"], data["embedding"], tuple(data["losses"]))
+
+
+def _careset_dict(careset) -> dict[str, list[str]]:
+    """The official careset.json content of an `OfficialCareSet`."""
+    key = careset.reference_key
+    return {f"{key}_care_word": list(careset.base_prompts),
+            f"{key}_care_word_{careset.prompt_style}": list(careset.retain_prompts)}
+
+
+# ---------------------------------------------------------------------------------------------
+# the resumable state folder
+
+
+class StateFolder:
+    """`<out_dir>/state/`: one small `state.pt` plus big tensor files, replaced as a whole on every save.
+
+    Args:
+        path: the state folder.
+        save_dir: writes a whole folder atomically: `save_dir(write)` calls `write(tmp)` and swaps tmp in
+            (default `recare.runs.atomic_write_dir`; a job passes `Run.save_state`).
+    """
+
+    def __init__(self, path: Path, save_dir: Callable[[Callable[[Path], None]], Any] | None = None):
+        self.path = Path(path)
+        self._save_dir = save_dir or self._atomic_save
+
+    def _atomic_save(self, write: Callable[[Path], None]) -> Path:
+        with atomic_write_dir(self.path) as tmp:
+            write(tmp)
+        return self.path
+
+    def save(self, small: dict, fresh: dict[str, Callable[[], Any]], fixed: dict[str, Callable[[], Any]]) -> None:
+        """Write a new state.
+
+        Args:
+            small: state.pt's content.
+            fresh: file name -> producer of content that changes between saves (always written).
+            fixed: file name -> producer of content that never changes once written: hard-linked (or
+                copied) from the current state folder when it is there, else written.
+        """
+        def write(tmp: Path) -> None:
+            for name, produce in fixed.items():
+                previous = self.path / name
+                if previous.is_file():
+                    try:
+                        os.link(previous, tmp / name)
+                    except OSError:  # no hard links on this file system
+                        shutil.copy2(previous, tmp / name)
+                else:
+                    torch.save(produce(), tmp / name)
+            for name, produce in fresh.items():
+                torch.save(produce(), tmp / name)
+            torch.save(small, tmp / "state.pt")  # last: a folder with state.pt is complete
+
+        self._save_dir(write)
+
+    def exists(self) -> bool:
+        return (self.path / "state.pt").is_file()
+
+    def load(self, name: str = "state.pt") -> Any:
+        return torch.load(self.path / name, map_location="cpu", weights_only=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# the recipe
+
+
+class _Recipe:
+    """One training run; `run()` goes through the phases, skipping those a resumed state has done."""
+
+    def __init__(self, config: TrainConfig, pipe, images, careset, out_dir: Path, progress, cancel,
+                 state: StateFolder, resume: bool, write_metrics: bool):
+        self.config, self.pipe, self.careset = config, pipe, careset
+        self.images = list(images) if images is not None else None
+        self.out_dir = out_dir
+        self.cancel = cancel
+        self.state = state
+        self.resume = resume
+        self.device = pipe.unet.device
+        self.amp = amp_dtype(config.dtype, self.device)
+        self.autocast = autocast_factory(self.device, self.amp)
+        self.base = pipe.unet                                   # the frozen original; never changed
+        self.trained_names = trainable_parameter_names(self.base, config.train_method)
+        self._user_progress = progress
+        self._write_metrics = write_metrics
+        self.summary: dict[str, Any] = {"phases": {}, "seconds": 0.0}
+        self._started = time.perf_counter()
+        self._prior_seconds = 0.0            # wall time of the earlier calls of a resumed run
+        self._phase = ""
+        self._tick = self._started
+        self._position: dict | None = None   # where a resumed run stands
+
+    # ---- progress and metrics -------------------------------------------------------------------
+
+    def begin(self, phase: str) -> None:
+        """Name the phase the next events belong to in the summary ("stage1.erase[1]", "stage2", ...)."""
+        self._phase, self._tick = phase, time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self._prior_seconds + time.perf_counter() - self._started
+
+    def progress(self, event: ProgressEvent) -> None:
+        if event.metrics:
+            now = time.perf_counter()
+            phase = self.summary["phases"].setdefault(self._phase or event.stage, {"iterations": 0, "seconds": 0.0})
+            phase["iterations"] = event.step
+            phase["total"] = event.total
+            phase["seconds"] += now - self._tick       # wall time, the step's own work included
+            self._tick = now
+            phase.setdefault("first_loss", event.metrics.get("loss"))
+            phase["last_loss"] = event.metrics.get("loss")
+            if self._write_metrics:
+                line = {"stage": event.stage, "step": event.step, "total": event.total, **event.to_dict()["metrics"],
+                        "time": time.time()}
+                with open(self.out_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(line) + "\n")
+        if self._user_progress is not None:
+            self._user_progress(event)
+
+    # ---- models ---------------------------------------------------------------------------------
+
+    def fresh_student(self) -> torch.nn.Module:
+        """A float32 copy of the base UNet to fine-tune."""
+        student = copy.deepcopy(self.base).float()
+        if self.config.gradient_checkpointing:
+            student.enable_gradient_checkpointing()
+        return student
+
+    def frozen_copy(self, unet: torch.nn.Module) -> torch.nn.Module:
+        teacher = copy.deepcopy(unet)
+        teacher.requires_grad_(False)
+        if getattr(teacher, "is_gradient_checkpointing", False):
+            teacher.disable_gradient_checkpointing()
+        return teacher.eval()
+
+    def sampler(self) -> XtSampler:
+        unet, vae = self.base.config, self.pipe.vae.config
+        scale = 2 ** (len(vae.block_out_channels) - 1)
+        size = self.config.rollout.resolution // scale if self.config.rollout.resolution else unet.sample_size
+        return XtSampler(self.pipe.scheduler, (unet.in_channels, size, size), self.config.rollout, self.device)
+
+    def text_models(self, tokens: Sequence):
+        """(tokenizer, text encoder) knowing `tokens` (copies; the pipeline's own are never changed)."""
+        if not tokens:
+            return self.pipe.tokenizer, self.pipe.text_encoder
+        from recare.train.textual_inversion import with_learned_tokens
+
+        return with_learned_tokens(self.pipe.tokenizer, self.pipe.text_encoder, list(tokens))
+
+    def embeddings(self, tokens: Sequence, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        tokenizer, encoder = self.text_models(tokens)
+        return encode_prompts(tokenizer, encoder, ["", *prompts], device=self.device)
+
+    def trainer_kwargs(self) -> dict:
+        return {"train_method": self.config.train_method, "seed": self.config.seed,
+                "rollout_batch": self.config.rollout.batch, "amp_dtype": self.amp}
+
+    # ---- state ------------------------------------------------------------------------------
+
+    def small_state(self, phase: str, round_index: int, tokens: Sequence, ti_state: dict | None = None) -> dict:
+        return {"format": STATE_FORMAT, "version": STATE_VERSION, "config": self.config.to_dict(),
+                "phase": phase, "round": round_index, "tokens": [_token_dict(t) for t in tokens],
+                "ti": ti_state, "summary": {**copy.deepcopy(self.summary), "seconds": self.elapsed()}}
+
+    def load_position(self) -> None:
+        """Read `state.pt` when resuming; refuse a state made by another config."""
+        if not (self.resume and self.state.exists()):
+            return
+        small = self.state.load()
+        if small.get("format") != STATE_FORMAT:
+            raise TrainingError(f"{self.state.path} is not a training state.")
+        if small.get("config") != self.config.to_dict():
+            raise TrainingError(f"the saved state in {self.state.path} was made with other settings; resume it with "
+                                "the config it was made with, or train into a new folder.")
+        self._position = small
+        self.summary = small.get("summary") or self.summary
+        self._prior_seconds = float(self.summary.get("seconds") or 0.0)
+
+    # ---- phases -------------------------------------------------------------------------------
+
+    def run_loop(self, trainer: ErasureTrainer, phase: str, round_index: int, tokens: Sequence,
+                 fixed: dict[str, Callable[[], Any]], message: str, resume: bool) -> None:
+        """Run an erase loop with checkpoints (every save_every iterations and on cancel).
+
+        Args:
+            resume: continue from the saved trainer.pt (when the state has one).
+        """
+        if resume and (self.state.path / "trainer.pt").is_file():
+            trainer.load_state_dict(self.state.load("trainer.pt"))
+
+        def checkpoint() -> None:
+            self.state.save(self.small_state(phase, round_index, tokens), {"trainer.pt": trainer.state_dict}, fixed)
+
+        self.guard(phase, checkpoint, lambda: trainer.run(self.progress, self.cancel, checkpoint, self.config.save_every,
+                                                          message))
+
+    def guard(self, phase: str, save: Callable[[], None], work: Callable[[], Any]) -> Any:
+        """Run `work()`; save the last good state on a TrainingError; turn CUDA out-of-memory into advice."""
+        try:
+            return work()
+        except torch.cuda.OutOfMemoryError as e:
+            try:
+                torch.cuda.empty_cache()
+                save()
+                resume = "The last finished step was saved: resume the run after changing these settings."
+            except Exception:  # saving needs memory too; the previous checkpoint stays
+                resume = "The last checkpoint is kept."
+            raise TrainingError(OOM_ADVICE.format(stage=phase, resume=resume)) from e
+        except TrainingError:
+            save()  # the loops stop before a bad step: what is saved is the last good one
+            raise
+
+    def stage1(self, position: dict | None) -> list:
+        """Rounds of ESD erase -> textual inversion; returns the learned tokens.
+
+        Args:
+            position: the saved state when resuming inside stage 1, else None.
+        """
+        s1 = self.config.stage1
+        if len(self.images or []) < s1.n_iterations:
+            raise TrainingError(f"stage 1 has {s1.n_iterations} rounds but {len(self.images or [])} target images: "
+                                "give at least one image per round.")
+        tokens = [_token_of(t) for t in position["tokens"]] if position else []
+        first = position["round"] if position else 0
+        student = self.fresh_student()
+        erased: dict[int, dict[str, torch.Tensor]] = {}   # round -> trained tensors after its erasure
+        for r in range(first, s1.n_iterations):
+            resumed = position is not None and r == first
+            if resumed and r > 0:      # the UNet as the previous round left it
+                erased[r - 1] = self.state.load(f"erased-{r - 1}.pt")
+                _load_tensors(student, erased[r - 1])
+            if resumed and position["phase"] == STAGE1_TI:
+                erased[r] = self.state.load(f"erased-{r}.pt")
+                _load_tensors(student, erased[r])
+            else:
+                self.erase_round(student, r, tokens, erased, resume=resumed)
+                erased[r] = _trained_tensors(student, self.trained_names)
+            erased.pop(r - 1, None)
+            ti_state = position.get("ti") if resumed and position["phase"] == STAGE1_TI else None
+            tokens.append(self.inversion_round(student, r, tokens, erased[r], ti_state))
+            if r + 1 < s1.n_iterations:   # round r + 1 starts from this round's erased UNet
+                self.state.save(self.small_state(STAGE1_ERASE, r + 1, tokens), {},
+                                {f"erased-{r}.pt": lambda t=erased[r]: t})
+        return tokens
+
+    def erase_round(self, student, r: int, tokens: Sequence, erased: dict, resume: bool) -> None:
+        """Round r's ESD: erase the reference word (r = 0) or the previous token from `student`.
+
+        The teacher is the UNet at the round's start (the base for r = 0, else a frozen copy of the
+        student as round r - 1 left it), as the official FineTunedModel copies the current UNet.
+        """
+        s1 = self.config.stage1
+        concept = self.config.reference_word if r == 0 else tokens[r - 1].placeholder
+        teacher = self.base if r == 0 else self.frozen_copy(student)
+        trainer = ESDTrainer(student, teacher, self.sampler(), self.embeddings(tokens[:r], [concept]), concept, s1.esd,
+                             stage=STAGE1_ERASE, **self.trainer_kwargs())
+        fixed = {f"erased-{r - 1}.pt": lambda t=erased.get(r - 1): t} if r > 0 else {}
+        self.begin(f"{STAGE1_ERASE}[{r + 1}]")
+        self.run_loop(trainer, STAGE1_ERASE, r, tokens[:r], fixed,
+                      f"round {r + 1} of {s1.n_iterations}: erase {concept!r}", resume)
+
+    def inversion_round(self, student, r: int, tokens: Sequence, erased_r: dict, ti_state: dict | None):
+        """Round r's textual inversion of a fresh token against the erased `student` on the round's images."""
+        from recare.train.textual_inversion import TextualInversionState, learn_token
+
+        s1 = self.config.stage1
+        state = TextualInversionState.from_state_dict(ti_state) if ti_state else TextualInversionState()
+        tokenizer, encoder = self.text_models(tokens[:r])
+        fixed = {f"erased-{r}.pt": lambda: erased_r}
+        done = list(tokens[:r])
+
+        def checkpoint() -> None:
+            self.state.save(self.small_state(STAGE1_TI, r, done, state.state_dict()), {}, fixed)
+
+        def progress(event: ProgressEvent) -> None:
+            self.progress(event)
+            if event.step % self.config.save_every == 0 and event.step < event.total:
+                checkpoint()
+
+        student.requires_grad_(False)  # textual inversion trains the new row only
+        checkpoint()                   # the erased UNet is saved before the long inversion starts
+        self.begin(f"{STAGE1_TI}[{r + 1}]")
+        try:
+            with self.autocast():
+                return self.guard(STAGE1_TI, checkpoint, lambda: learn_token(
+                    (student, self.pipe.vae, encoder, tokenizer, self.pipe.scheduler),
+                    round_images(self.images, r, s1.n_iterations),
+                    placeholder=round_placeholder(s1.textual_inversion.placeholder, r),
+                    config=s1.textual_inversion, progress=progress, cancel=self.cancel, state=state, stage=STAGE1_TI))
+        except Cancelled:
+            checkpoint()
+            raise
+
+    def stage2(self, tokens: Sequence, resume: bool) -> torch.nn.Module:
+        """ReCARE on a fresh copy of the base UNet, H = {reference word} + the tokens."""
+        anchors, retain = list(self.careset.base_prompts), list(self.careset.retain_prompts)
+        if not anchors or not retain:
+            raise TrainingError("the CARE-set is empty: stage 2 needs at least one anchor and one retain prompt.")
+        erase_concepts = [self.config.reference_word, *[t.placeholder for t in tokens]]
+        student = self.fresh_student()
+        embeddings = self.embeddings(tokens, [*erase_concepts, *anchors, *retain])
+        trainer = Stage2Trainer(student, self.base, self.sampler(), embeddings, erase_concepts, anchors, retain,
+                                self.config.stage2, **self.trainer_kwargs())
+        self.begin(STAGE2)
+        self.run_loop(trainer, STAGE2, 0, tokens, {}, f"H = {erase_concepts}", resume)
+        return student
+
+    def esd_baseline(self, resume: bool) -> torch.nn.Module:
+        """The ESD baseline: ESD of the reference word on a fresh copy of the base UNet."""
+        student = self.fresh_student()
+        concept = self.config.reference_word
+        trainer = ESDTrainer(student, self.base, self.sampler(), self.embeddings([], [concept]), concept,
+                             self.config.esd, stage=ESD, **self.trainer_kwargs())
+        self.begin(ESD)
+        self.run_loop(trainer, ESD, 0, [], {}, f"erase {concept!r}", resume)
+        return student
+
+    # ---- the whole run ----------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        self.load_position()
+        position = self._position
+        phase = position["phase"] if position else None
+        tokens: list = []
+        if self.config.stage1 is not None:
+            if phase == STAGE2:
+                tokens = [_token_of(t) for t in position["tokens"]]
+            else:
+                tokens = self.stage1(position if phase in (STAGE1_ERASE, STAGE1_TI) else None)
+                self.state.save(self.small_state(STAGE2, 0, tokens), {}, {})  # stage 1 is done
+        if self.config.stage2 is not None:
+            unet = self.stage2(tokens, resume=phase == STAGE2)
+        else:
+            unet = self.esd_baseline(resume=phase == ESD)
+        self.summary["seconds"] = self.elapsed()
+        files = write_outputs(self.config, self.base, unet, tokens, self.out_dir)
+        result = {"method": self.config.method, "tokens": [t.placeholder for t in tokens], "files": files,
+                  **self.summary}
+        atomic_write_json(self.out_dir / RESULT_FILE, result)
+        shutil.rmtree(self.state.path, ignore_errors=True)   # finished: nothing left to resume
+        return TrainResult(self.out_dir, unet, list(tokens), files, result)
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs
+
+
+def write_config(config: TrainConfig, pipe, out_dir: Path, careset=None, images=None, extra: dict | None = None) -> dict:
+    """config.json: every setting, the base model's fingerprint, library versions (plus `extra`, kept as given).
+
+    Args:
+        config: the run's settings.
+        pipe: the base pipeline (its UNet is fingerprinted).
+        out_dir: the run folder.
+        careset: the CARE-set used (also written to careset.json in the official format).
+        images: the target images (their count is recorded).
+        extra: keys already in the folder's config.json to keep (a job's submitted settings).
+    """
+    from recare.train.export import model_fingerprint
+
+    data = {**(extra or {}), "train": config.to_dict(), "base_model": {
+        "name": config.model, "unet_fingerprint": model_fingerprint(pipe.unet),
+        "text_encoder_fingerprint": model_fingerprint(pipe.text_encoder)},
+        "versions": library_versions(), "target_images": len(images) if images is not None else None}
+    atomic_write_json(out_dir / CONFIG_FILE, data)
+    if careset is not None:
+        atomic_write_text(out_dir / CARESET_FILE, json.dumps(_careset_dict(careset), indent=4) + "\n")
+    return data
+
+
+def write_outputs(config: TrainConfig, base: torch.nn.Module, unet: torch.nn.Module, tokens: Sequence,
+                  out_dir: Path) -> dict[str, str]:
+    """Write the learned tokens and the UNet in the formats `config.outputs` asks for (recare.train.export).
+
+    Args:
+        config: the run's settings (outputs, train_method, method).
+        base: the base UNet (fingerprint; what "changed" is measured against).
+        unet: the trained UNet.
+        tokens: the learned tokens.
+        out_dir: the run folder.
+
+    Returns:
+        {output name: path relative to out_dir}.
+    """
+    from recare.models import OFFICIAL_UNET_FILE, TRAINED_PARAMS_FILE
+    from recare.train import export
+
+    files: dict[str, str] = {}
+    base_fingerprint = export.model_fingerprint(base)
+    if tokens:
+        for path in export.save_learned_tokens(list(tokens), out_dir, {"base_fingerprint": base_fingerprint}):
+            files[f"tokens/{path.stem}"] = str(path.relative_to(out_dir))
+    saved = copy.deepcopy(unet).to(base.dtype) if unet.dtype != base.dtype else unet  # the base model's dtype
+    writers = {
+        "trained_params": lambda: export.save_trained_params(
+            saved, base.state_dict(), out_dir / TRAINED_PARAMS_FILE, config.train_method, base_fingerprint,
+            {"method": config.method, "reference_word": config.reference_word}),
+        "unet_folder": lambda: export.save_unet_folder(saved, out_dir / export.UNET_FOLDER),
+        "official_pt": lambda: export.save_official_pt(saved, out_dir / OFFICIAL_UNET_FILE),
+    }
+    for name in config.outputs:
+        files[name] = str(Path(writers[name]()).relative_to(out_dir))
+    return files
+
+
+# ---------------------------------------------------------------------------------------------
+# entry points
+
+
+def train(config: TrainConfig, pipe, images: Sequence | None, careset, out_dir: str | Path,
+          progress: ProgressCallback | None = None, cancel: CancelToken | None = None, *, resume: bool = True,
+          save_state: Callable[[Callable[[Path], None]], Any] | None = None, write_metrics: bool = True,
+          config_extra: dict | None = None) -> TrainResult:
+    """Train one unlearned UNet (and its adversarial tokens) into `out_dir`.
+
+    Args:
+        config: the settings (`TrainConfig.for_method(...)`); `config.model`, `images`, `careset`
+            and `device` name the inputs for a job, here the loaded objects are passed directly.
+        pipe: the base Stable Diffusion pipeline on the training device, weights float32 (its UNet is
+            the frozen teacher; no part of it is changed).
+        images: the target images (PIL), needed when `config.stage1` is set.
+        careset: an `OfficialCareSet` (`recare.careset_io.read_careset_json`), needed when `config.stage2` is set.
+        out_dir: the run folder (created); outputs, metrics.jsonl and the resumable state/ go there.
+        progress: receives one event per iteration / textual-inversion step.
+        cancel: checked between iterations; when set, the state is saved and `Cancelled` is raised.
+        resume: continue from `out_dir/state` when it exists (it must belong to the same config).
+        save_state: swaps a filled temp folder in as state/ (default: `recare.runs.atomic_write_dir`;
+            a job passes `run.save_state`).
+        write_metrics: append one line per iteration to metrics.jsonl (a job's run store does it itself).
+        config_extra: keys to keep in config.json besides the ones written here.
+
+    Returns:
+        A `TrainResult`.
+
+    Raises:
+        TrainingError: NaN/Inf loss (the last good state is saved), CUDA out of memory (with advice),
+            missing images or CARE-set, a state from other settings.
+        Cancelled: the cancel token was set (the state is saved; call again to resume).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if config.stage2 is not None and careset is None:
+        raise TrainingError("stage 2 needs a CARE-set: pass careset (recare.careset_io.read_careset_json(path)).")
+    if config.stage1 is not None and not images:
+        raise TrainingError("stage 1 needs target images: pass images (PIL images or recare.generate.load_images(path)).")
+    write_config(config, pipe, out_dir, careset, images, config_extra)
+    state = StateFolder(out_dir / STATE_DIR, save_state)
+    recipe = _Recipe(config, pipe, images, careset, out_dir, progress, cancel, state, resume, write_metrics)
+    return recipe.run()
+
+
+def job_config(config: TrainConfig) -> dict:
+    """The settings dict to submit to the job runner for `run_training_job`."""
+    return {"train": config.to_dict()}
+
+
+def run_training_job(run, progress: ProgressCallback | None, cancel: CancelToken | None) -> dict:
+    """The job runner's target: train with `run.config()["train"]`, resuming from `run.state_dir`.
+
+    Loads the base model (fp32 weights) on `config.device`, the CARE-set from `config.careset`, the
+    target images from `config.images` (or generates `config.num_images` of `config.target_prompt`
+    into `<run>/target_images`, once; a resumed run reuses them).
+
+    Args:
+        run: a `recare.runs.Run` whose config.json holds {"train": TrainConfig fields}.
+        progress: the runner's reporter (writes status.json and metrics.jsonl).
+        cancel: the run's cancel token.
+
+    Returns:
+        The JSON summary stored as the run's result.
+    """
+    from recare.models import load_pipeline
+
+    settings = run.config()
+    if "train" not in settings:
+        raise ConfigError(f"run {run.id}: config.json has no 'train' settings (submit recipe.job_config(config)).")
+    config = TrainConfig.from_dict(settings["train"])
+    pipe = load_pipeline(config.model, device=config.device, dtype="fp32")
+    careset = None
+    if config.stage2 is not None:
+        if not config.careset:
+            raise ConfigError("stage 2 needs a CARE-set: set careset to a careset.json (official or rich).")
+        from recare.careset_io import read_careset_json
+
+        careset = read_careset_json(config.careset)
+    images = _job_images(config, pipe, run.path, progress, cancel) if config.stage1 is not None else None
+    result = train(config, pipe, images, careset, run.path, progress, cancel, resume=run.has_state(),
+                   save_state=run.save_state, write_metrics=False, config_extra=settings)
+    return result.summary
+
+
+def _job_images(config: TrainConfig, pipe, folder: Path, progress, cancel) -> list:
+    from recare.generate import load_images
+
+    if config.images:
+        return load_images(config.images)
+    generated = folder / TARGET_IMAGES_DIR
+    if (generated / "manifest.json").is_file():
+        return load_images(generated)
+    from recare.config import GenerateConfig
+    from recare.generate import generate_images, save_generation
+
+    result = generate_images(pipe, GenerateConfig(prompt=config.target_prompt, num_images=config.num_images),
+                             progress, cancel)
+    if len(result.images) < config.num_images:
+        raise Cancelled("generating the target images was cancelled")
+    save_generation(result, generated)
+    return result.images
