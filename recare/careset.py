@@ -331,13 +331,29 @@ class CareSet:
     @property
     def keep(self) -> np.ndarray:
         """Final decision per candidate: Algorithm 1, then cluster overrides, then token overrides."""
-        keep = self.auto_keep.copy()
-        for cluster, value in self.cluster_overrides.items():
-            keep[self.labels == int(cluster)] = bool(value)
-        for i, token in enumerate(self.tokens):
-            if token in self.token_overrides:
-                keep[i] = bool(self.token_overrides[token])
+        keep = self._cluster_keep(self.cluster_overrides)
+        if self.token_overrides:
+            for i, token in enumerate(self.tokens):
+                if token in self.token_overrides:
+                    keep[i] = bool(self.token_overrides[token])
         return keep
+
+    def _cluster_keep(self, cluster_overrides: dict) -> np.ndarray:
+        """Algorithm 1's decision with the cluster overrides applied (no token overrides), O(n)."""
+        keep = self.auto_keep.copy()
+        if cluster_overrides:
+            kept = [int(k) for k, v in cluster_overrides.items() if v]
+            dropped = [int(k) for k, v in cluster_overrides.items() if not v]
+            keep[np.isin(self.labels, kept)] = True
+            keep[np.isin(self.labels, dropped)] = False
+        return keep
+
+    def cluster_members(self) -> dict[int, np.ndarray]:
+        """Candidate indices of each cluster id present, in candidate order (one pass, O(n log n))."""
+        labels = np.asarray(self.labels)
+        order = np.argsort(labels, kind="stable")
+        ids, starts = np.unique(labels[order], return_index=True)
+        return {int(k): members for k, members in zip(ids, np.split(order, starts[1:]))}
 
     @property
     def reasons(self) -> list[str | None]:
@@ -358,7 +374,10 @@ class CareSet:
 
     def cluster_fate(self, cluster: int) -> str:
         """'kept', or the reason Algorithm 1 dropped the whole cluster."""
-        reasons = {self.auto_reasons[i] for i in np.flatnonzero(self.labels == cluster)}
+        return self._fate(np.flatnonzero(self.labels == cluster))
+
+    def _fate(self, members: np.ndarray) -> str:
+        reasons = {self.auto_reasons[i] for i in members}
         for reason in (NEAREST, FARTHEST):
             if reasons == {reason}:
                 return reason
@@ -367,18 +386,21 @@ class CareSet:
     def final_tokens(self) -> list[str]:
         """The CARE-set: kept candidates in candidate order, then custom tokens (no duplicates)."""
         out = [t for t, k in zip(self.tokens, self.keep) if k]
+        seen = set(out)
         for t in self.custom_tokens:
-            if t not in out:
+            if t not in seen:
                 out.append(t)
+                seen.add(t)
         return out
 
     def cluster_summary(self, top: int = 5) -> list[dict]:
         """One row per cluster: size, mean residual, top tokens by count, fate, kept count."""
         keep = self.keep
+        members = self.cluster_members()
         rows = []
         for k in range(len(self.cluster_mean_residual)):
-            idx = np.flatnonzero(self.labels == k)
-            if len(idx) == 0:
+            idx = members.get(k)
+            if idx is None:
                 continue
             rows.append(
                 {
@@ -386,7 +408,7 @@ class CareSet:
                     "size": int(len(idx)),
                     "mean_residual": float(self.cluster_mean_residual[k]),
                     "top_tokens": [self.tokens[i] for i in idx[:top]],  # idx is in count order
-                    "fate": self.cluster_fate(k),
+                    "fate": self._fate(idx),
                     "kept": int(keep[idx].sum()),
                     "overridden": k in self.cluster_overrides,
                 }
@@ -411,67 +433,88 @@ class CareSet:
         Cluster edits come first and clear the token overrides inside that cluster, so a
         toggled cluster is uniform; token edits then override single tokens. An override that
         agrees with Algorithm 1 is dropped, so the stored edits stay minimal.
+
+        Every edit costs O(1) or O(cluster size) on top of one O(n) pass, so a request with
+        thousands of tokens stays linear (the keep decisions are kept up to date as edits apply,
+        never recomputed per edit).
         """
         base = dataclasses.replace(self, token_overrides={}, cluster_overrides={}, custom_tokens=[]) if reset else self
         token_over = dict(base.token_overrides)
         cluster_over = {int(k): bool(v) for k, v in base.cluster_overrides.items()}
-        known_clusters = set(int(k) for k in np.unique(self.labels))
+        members = self.cluster_members()
+        auto = self.auto_keep
+        implied = base._cluster_keep(cluster_over)  # Algorithm 1 + cluster overrides, updated in place below
+        index: dict[str, int] = {}
+        for i, t in enumerate(self.tokens):
+            index.setdefault(t, i)
+
+        def keep_of(i: int) -> bool:
+            return bool(token_over.get(self.tokens[i], implied[i]))
 
         def set_cluster(k: int, value: bool) -> None:
-            k = int(k)
-            if k not in known_clusters:
-                raise CareSetError(f"There is no cluster {k}; clusters are {sorted(known_clusters)}.")
-            members = np.flatnonzero(self.labels == k)
-            for i in members:
+            if k not in members:
+                raise CareSetError(f"There is no cluster {k}; clusters are {sorted(members)}.")
+            for i in members[k]:
                 token_over.pop(self.tokens[i], None)
-            auto = self.auto_keep[members]
-            if (auto == value).all():
+            if (auto[members[k]] == value).all():
                 cluster_over.pop(k, None)
+                implied[members[k]] = auto[members[k]]
             else:
                 cluster_over[k] = value
-
-        def current() -> CareSet:
-            return dataclasses.replace(base, token_overrides=token_over, cluster_overrides=cluster_over)
+                implied[members[k]] = value
 
         for k in toggle_clusters:
-            set_cluster(k, not current().keep[self.labels == int(k)].any())
+            k = _cluster_id(k)
+            set_cluster(k, not any(keep_of(i) for i in members.get(k, ())))
         for k in keep_clusters:
-            set_cluster(k, True)
+            set_cluster(_cluster_id(k), True)
         for k in drop_clusters:
-            set_cluster(k, False)
-
-        index = {t: i for i, t in enumerate(self.tokens)}
+            set_cluster(_cluster_id(k), False)
 
         def set_token(token: str, value: bool) -> None:
             if token not in index:
                 raise CareSetError(f"{token!r} is not a candidate token; add it as a custom token instead.")
-            token_over[token] = value
-            # drop the override when it agrees with what cluster overrides + Algorithm 1 give
-            without = dict(token_over)
-            without.pop(token)
-            implied = dataclasses.replace(base, token_overrides=without, cluster_overrides=cluster_over).keep[index[token]]
-            if implied == value:
-                token_over.pop(token)
+            # keep an override only where it disagrees with what cluster overrides + Algorithm 1 give
+            if bool(implied[index[token]]) == value:
+                token_over.pop(token, None)
+            else:
+                token_over[token] = value
 
         for t in toggle_tokens:
             if t not in index:
                 raise CareSetError(f"{t!r} is not a candidate token.")
-            set_token(t, not current().keep[index[t]])
+            set_token(t, not keep_of(index[t]))
         for t in keep_tokens:
             set_token(t, True)
         for t in drop_tokens:
             set_token(t, False)
 
-        custom = [t for t in base.custom_tokens if t not in set(remove_custom)]
+        removed = set(remove_custom)
+        custom = [t for t in base.custom_tokens if t not in removed]
+        in_custom = set(custom)
         for t in custom_tokens:
             t = t.strip()
             if not t:
                 continue
             if t in index:  # a candidate: adding it means keeping it
                 set_token(t, True)
-            elif t not in custom:
+            elif t not in in_custom:
                 custom.append(t)
+                in_custom.add(t)
         return dataclasses.replace(base, token_overrides=token_over, cluster_overrides=cluster_over, custom_tokens=custom)
+
+
+def _cluster_id(value) -> int:
+    """A cluster id from user input; CareSetError for anything that is not a whole number."""
+    if isinstance(value, bool):
+        raise CareSetError(f"a cluster is named by its number (got {value!r}).")
+    try:
+        k = int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise CareSetError(f"a cluster is named by its number (got {str(value)[:40]!r}).") from None
+    if k != value and not isinstance(value, str):
+        raise CareSetError(f"a cluster is named by a whole number (got {value!r}).")
+    return k
 
 
 # ---------------------------------------------------------------------------------------------
@@ -556,6 +599,13 @@ def build_care_set(
 
     report(0, "selecting candidates")
     rows = unique_vocabulary_rows(vocab_tokens)
+    if config.top_k >= len(rows):
+        # every token would be in every image's top-K: all counts tie and the "candidates" would
+        # only be the first top_n tokens in vocabulary order
+        raise CareSetError(
+            f"top_k ({config.top_k:,}) must be smaller than the vocabulary searched ({len(rows):,} distinct "
+            "tokens): lower K or use a larger vocabulary."
+        )
     local, counts = select_candidates(image_features, vocab_features[rows], config.top_k, config.top_n)
     indices = rows[local]
     features = vocab_features[indices].astype(np.float32)

@@ -37,6 +37,31 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help=f"parent folder of the run folder this command creates (default: {DEFAULT_RUNS_DIR})")
 
 
+def _check_folder_arg(flag: str, value: str | None) -> None:
+    """ConfigError now, before any model loads, when a folder argument cannot be a folder.
+
+    A folder argument is written to only at the end of a command (after minutes of generating or
+    encoding), so a path that is a file, or under a file, is refused at the start instead.
+
+    Args:
+        flag: the option's name, for the message.
+        value: the path given (None: the default, nothing to check).
+    """
+    if value is None:
+        return
+    path = Path(value).expanduser()
+    try:
+        for part in (path, *path.parents):
+            if part.exists():
+                if not part.is_dir():
+                    raise ConfigError(f"{flag} {value!r} cannot be a folder: {part} is a file.")
+                if not os.access(part, os.W_OK):
+                    raise ConfigError(f"{flag} {value!r}: {part} is not writable.")
+                return
+    except (OSError, ValueError) as e:  # a name too long for the file system, a NUL byte
+        raise ConfigError(f"{flag} {value[:200]!r} is not a usable folder ({e}).") from None
+
+
 def _overrides(args: argparse.Namespace, names: dict[str, str]) -> dict[str, Any]:
     """Config fields the user gave on the command line ({config field: argparse dest})."""
     return {field: getattr(args, dest) for field, dest in names.items() if getattr(args, dest) is not None}
@@ -68,13 +93,15 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> Path:
-    from recare.generate import generate_images, save_generation
+    from recare.generate import check_generate_limits, generate_images, save_generation
     from recare.models import MINI_WORLD, load_pipeline
     from recare.progress import TqdmProgress
     from recare.runs import atomic_write_json, new_run_dir
 
     base = worldspec.generate_defaults() if args.model == MINI_WORLD else GenerateConfig()
     config = GenerateConfig.from_dict({**base.to_dict(), **_overrides(args, _GENERATE_FIELDS)})
+    check_generate_limits(config)
+    _check_folder_arg("--out", args.out)
 
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -139,11 +166,19 @@ def _vocabulary(args: argparse.Namespace, spec: dict):
     if args.vocab == "clip-bpe":
         return clip_bpe_vocabulary()
     if args.vocab is not None:
-        if not Path(args.vocab).is_file():
+        if not _is_file(Path(args.vocab)):
             raise ConfigError(f"--vocab {args.vocab!r} is neither 'clip-bpe' nor an existing word-list file.")
         return read_word_list(args.vocab)
     words = worldspec.mini_world_words(spec) if args.encoder == MINI_WORLD else None
     return word_list_vocabulary(words, source="mini-world") if words else clip_bpe_vocabulary()
+
+
+def _is_file(path: Path) -> bool:
+    """Path.is_file, False for names the file system cannot look up (too long, a NUL byte)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _task_for_images(spec: dict, args: argparse.Namespace) -> dict | None:
@@ -155,7 +190,7 @@ def _task_for_images(spec: dict, args: argparse.Namespace) -> dict | None:
     if args.reference_word is not None:
         return worldspec.task_for_reference(args.reference_word, spec)
     manifest = Path(args.images) / "manifest.json"
-    if not manifest.is_file():
+    if not _is_file(manifest):
         return None
     try:
         prompt = str(json.loads(manifest.read_text(encoding="utf-8")).get("prompt", ""))
@@ -173,6 +208,8 @@ def run_careset(args: argparse.Namespace) -> Path:
     from recare.progress import TqdmProgress
     from recare.runs import atomic_write_json, new_run_dir
 
+    _check_folder_arg("--out", args.out)
+    _check_folder_arg("--cache-dir", args.cache_dir)
     spec = worldspec.mini_world_spec() if args.encoder == MINI_WORLD else {}
     task = _task_for_images(spec, args)
     base = worldspec.careset_defaults(spec, task) if spec else CareSetConfig()

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
+import re
 import types
 import typing
 from pathlib import Path
@@ -108,16 +111,31 @@ class GenerateConfig(JsonConfig):
     width: int | None = None
 
     def validate(self) -> None:
-        if not self.prompt or not self.prompt.strip():
+        for name in ("prompt", "negative_prompt"):
+            _check_text(name, getattr(self, name))
+        if not self.prompt.strip():
             raise ConfigError("The prompt is empty: type what the target images should show.")
+        for name in ("num_images", "base_seed", "steps", "batch_size"):
+            _check_int(name, getattr(self, name))
         if self.num_images < 1:
             raise ConfigError(f"num_images must be at least 1 (got {self.num_images}).")
+        # image i uses seed base_seed + i, and torch.Generator.manual_seed takes a 64-bit integer
+        if self.base_seed < 0 or self.base_seed + self.num_images - 1 > MAX_SEED:
+            raise ConfigError(f"the seed must be between 0 and {MAX_SEED - self.num_images + 1} for "
+                              f"{self.num_images} images (image i uses seed + i; got {self.base_seed}).")
         if self.steps < 1:
             raise ConfigError(f"steps must be at least 1 (got {self.steps}).")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1 (got {self.batch_size}).")
+        _check_number("guidance", self.guidance)
         if self.guidance < 0:
             raise ConfigError(f"guidance must be >= 0 (got {self.guidance}).")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_int(name, value)
+                if value < 8 or value % 8:  # the VAE downsamples by 8
+                    raise ConfigError(f"{name} must be a multiple of 8 and at least 8, or left unset (got {value}).")
 
 
 @dataclasses.dataclass
@@ -138,19 +156,69 @@ class CareSetConfig(JsonConfig):
     intra_refinement: bool = True    # ablation switch (paper Table 3)
 
     def validate(self) -> None:
-        if not self.reference_word or not self.reference_word.strip():
+        _check_text("reference_word", self.reference_word)
+        if not self.reference_word.strip():
             raise ConfigError("reference_word is empty: name the concept to erase (e.g. 'nudity').")
+        if not careset_key(self.reference_word):  # careset.json's keys are made from it
+            raise ConfigError(f"reference_word {self.reference_word!r} has no letters or digits (a-z, 0-9) to "
+                              "make the careset.json key from: name the concept in plain letters (e.g. 'van gogh').")
         if self.prompt_style not in PROMPT_STYLES:
             raise ConfigError(f"prompt_style must be one of {PROMPT_STYLES} (got {self.prompt_style!r}).")
         if self.projection not in PROJECTIONS:
             raise ConfigError(f"projection must be one of {PROJECTIONS} (got {self.projection!r}).")
+        for name in ("top_k", "top_n", "n_clusters", "min_cluster_size", "k_each_side", "seed"):
+            _check_int(name, getattr(self, name))
         for name in ("top_k", "top_n", "n_clusters", "min_cluster_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)}).")
         if self.k_each_side < 0:
             raise ConfigError(f"k_each_side must be >= 0 (got {self.k_each_side}).")
+        if not 0 <= self.seed <= MAX_SKLEARN_SEED:  # t-SNE, UMAP and k-means take a 32-bit random_state
+            raise ConfigError(f"seed must be between 0 and {MAX_SKLEARN_SEED} (got {self.seed}).")
+        _check_number("alpha", self.alpha)
         if self.alpha < 0:
             raise ConfigError(f"alpha must be >= 0 (got {self.alpha}).")
+        for name in ("global_clustering", "intra_refinement"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false (got {getattr(self, name)!r}).")
+
+
+MAX_SEED = 2**63 - 1            # torch.Generator.manual_seed takes a signed 64-bit seed
+MAX_SKLEARN_SEED = 2**32 - 1    # numpy's RandomState (sklearn, UMAP) takes 0 .. 2**32 - 1
+
+
+def careset_key(reference_word: str) -> str:
+    """careset.json's key for a reference word: lower-case, spaces removed, only [a-z0-9_-] ("" if none).
+
+    'Van Gogh' -> 'vangogh', as the official code does (recare.careset_io.reference_key raises for "").
+
+    Args:
+        reference_word: the concept's name.
+    """
+    return re.sub(r"[^a-z0-9_-]", "", reference_word.lower().replace(" ", ""))
+
+
+def _check_text(name: str, value: Any) -> None:
+    """ConfigError unless `value` is a string that can be written as UTF-8 (no lone surrogates)."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be text (got {type(value).__name__} {value!r:.40}).")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{name} holds characters that are not valid Unicode text (a lone surrogate); "
+                          "retype it.") from None
+
+
+def _check_int(name: str, value: Any) -> None:
+    """ConfigError unless `value` is a whole number (a bool is not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{name} must be a whole number (got {value!r:.40}).")
+
+
+def _check_number(name: str, value: Any) -> None:
+    """ConfigError unless `value` is a finite real number (NaN and infinity are refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number (got {value!r:.40}).")
 
 
 TI_TEMPLATES = ("photo", "painting")

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from recare.errors import ConfigError
+from recare.limits import Limits, human_bytes
 from recare.progress import CancelToken, ProgressCallback, check_cancel, emit
 from recare.runs import atomic_write_bytes, atomic_write_json
 
@@ -207,36 +208,51 @@ def clip_bpe_vocabulary() -> Vocabulary:
     return Vocabulary(tokens=tokens, texts=list(tokens), source="clip-bpe")
 
 
-def word_list_vocabulary(words: Sequence[str], source: str = "words") -> Vocabulary:
+def word_list_vocabulary(words: Sequence[str], source: str = "words", limits: Limits | None = None) -> Vocabulary:
     """A vocabulary from a list of words or phrases (blank entries and repeats dropped, order kept).
 
     Args:
         words: the words; each is shown and encoded as it is (stripped).
         source: a label for where the words came from (e.g. the file name).
+        limits: entries and characters per entry (default `Limits.from_env()`).
     """
+    limits = limits or Limits.from_env()
     seen: dict[str, None] = {}
     for word in words:
         word = word.strip()
         if word and word not in seen:
+            if len(word) > limits.token_chars:
+                raise ConfigError(limits.exceeded("token_chars", f"the word list {source!r} has an entry of "
+                                                                 f"{len(word):,} characters"))
             seen[word] = None
+            if len(seen) > limits.word_list_words:
+                raise ConfigError(limits.exceeded("word_list_words", f"the word list {source!r} has more than "
+                                                                     f"{limits.word_list_words:,} entries"))
     if not seen:
         raise ConfigError(f"the word list {source!r} is empty: give at least one word, one per line.")
     tokens = list(seen)
     return Vocabulary(tokens=tokens, texts=list(tokens), source=source)
 
 
-def read_word_list(path: str | Path) -> Vocabulary:
+def read_word_list(path: str | Path, limits: Limits | None = None) -> Vocabulary:
     """A vocabulary from a text file with one word or phrase per line (lines starting with # skipped).
 
     Args:
-        path: the file.
+        path: the file (UTF-8, a byte-order mark is fine).
+        limits: file size, entries and characters per entry (default `Limits.from_env()`); the
+            size is checked before the file is read.
     """
     path = Path(path)
+    limits = limits or Limits.from_env()
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        size = path.stat().st_size
+        if size > limits.word_list_bytes:
+            raise ConfigError(limits.exceeded("word_list_bytes", f"the word list {path.name} is {human_bytes(size)}"))
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read the word list {path}: {e}") from e
-    return word_list_vocabulary([ln for ln in lines if not ln.lstrip().startswith("#")], source=path.name)
+        raise ConfigError(f"cannot read the word list {path.name}: {e}") from e
+    return word_list_vocabulary([ln for ln in lines if not ln.lstrip().startswith("#")], source=path.name,
+                                limits=limits)
 
 
 def default_cache_dir() -> Path:
@@ -266,6 +282,7 @@ def vocabulary_features(
     batch_size: int = 256,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
+    limits: Limits | None = None,
 ) -> np.ndarray:
     """Text features of every vocabulary entry, shape (V, D), float16, rows L2-normalised; cached on disk.
 
@@ -282,6 +299,8 @@ def vocabulary_features(
             CLI passes `recare.progress.TqdmProgress()`, the app a `gr.Progress` adapter).
         cancel: optional `recare.progress.CancelToken`, checked before each batch; when set,
             `recare.errors.Cancelled` is raised and nothing is cached.
+        limits: `limits.vocab_cache_bytes` bounds the cache folder (default `Limits.from_env()`):
+            after a write, the least recently used cache files go until the folder fits.
     """
     if isinstance(progress, bool):  # the old switch: a bar is now the caller's choice of callback
         raise TypeError("progress takes a callback now, not True/False: pass recare.progress.TqdmProgress() "
@@ -290,6 +309,7 @@ def vocabulary_features(
     if path.is_file():
         try:
             cached = np.load(path, allow_pickle=False)
+            _touch(path)  # recently used: the size bound evicts the others first
             if cached.ndim == 2 and cached.shape[0] == len(vocab):
                 emit(progress, "vocabulary", len(vocab), len(vocab), f"{len(vocab):,} tokens (cached)")
                 return cached.astype(np.float16, copy=False)
@@ -304,7 +324,50 @@ def vocabulary_features(
         "encoder": encoder.identity, "vocabulary": vocab.source, "vocabulary_hash": vocab.hash,
         "size": len(vocab), "dim": int(features.shape[1]), "dtype": "float16",
     })
+    prune_vocabulary_cache(path.parent, (limits or Limits.from_env()).vocab_cache_bytes, keep=path)
     return features
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:  # a read-only cache still serves hits
+        pass
+
+
+def prune_vocabulary_cache(folder: str | Path, max_bytes: int, keep: Path | None = None) -> list[Path]:
+    """Delete the least recently used cached vocabularies until `folder` holds at most `max_bytes`.
+
+    Each entry is a `.npy` with its `.json` note; `keep` (the entry just written) is never deleted.
+
+    Args:
+        folder: the cache folder.
+        max_bytes: the size to get under.
+        keep: a `.npy` to keep whatever its age.
+
+    Returns:
+        The `.npy` files deleted.
+    """
+    entries = []
+    for npy in Path(folder).glob("*.npy"):
+        try:
+            st = npy.stat()
+            note = npy.with_suffix(".json")
+            entries.append((st.st_mtime, npy, st.st_size + (note.stat().st_size if note.is_file() else 0)))
+        except OSError:
+            continue  # deleted meanwhile by another process
+    total = sum(size for _, _, size in entries)
+    removed = []
+    for _, npy, size in sorted(entries, key=lambda e: e[0]):
+        if total <= max_bytes:
+            break
+        if keep is not None and npy == keep:
+            continue
+        npy.unlink(missing_ok=True)
+        npy.with_suffix(".json").unlink(missing_ok=True)
+        total -= size
+        removed.append(npy)
+    return removed
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import lzma
 import time
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from recare.config import GenerateConfig
+from recare.config import ConfigError, GenerateConfig
+from recare.limits import Limits, human_bytes
 from recare.progress import CancelToken, ProgressCallback, emit
 from recare.runs import atomic_write_bytes, atomic_write_json
 
@@ -81,11 +84,37 @@ def image_seeds(config: GenerateConfig) -> list[int]:
     return [config.base_seed + i for i in range(config.num_images)]
 
 
+def check_generate_limits(config: GenerateConfig, limits: Limits | None = None) -> None:
+    """ConfigError when a generation asks for more than the limits allow (before anything runs).
+
+    Args:
+        config: the generation settings.
+        limits: images per request, steps, pixels per image and prompt length (default
+            `Limits.from_env()`).
+    """
+    limits = limits or Limits.from_env()
+    if config.num_images > limits.generate_images:
+        raise ConfigError(limits.exceeded("generate_images", f"{config.num_images:,} images were asked for"))
+    if config.steps > limits.steps:
+        raise ConfigError(limits.exceeded("steps", f"{config.steps:,} steps were asked for"))
+    for name in ("prompt", "negative_prompt"):
+        if len(getattr(config, name)) > limits.prompt_chars:
+            raise ConfigError(limits.exceeded("prompt_chars", f"the {name.replace('_', ' ')} has "
+                                                              f"{len(getattr(config, name)):,} characters"))
+    if config.height is not None and config.width is not None:
+        pixels = config.height * config.width
+    else:  # one side given: the other is the model's native size, at most 1024 for SD models
+        pixels = max(config.height or 0, config.width or 0) * 1024
+    if pixels > limits.generate_pixels:
+        raise ConfigError(limits.exceeded("generate_pixels", f"{config.height} x {config.width} images were asked for"))
+
+
 def iter_generation(
     pipe,
     config: GenerateConfig,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
+    limits: Limits | None = None,
 ) -> Iterator[GeneratedBatch]:
     """Generate `config.num_images` images, `config.batch_size` per pipeline call, one batch at a time.
 
@@ -100,11 +129,14 @@ def iter_generation(
         cancel: optional `recare.progress.CancelToken` (or any object with `.is_set()`, such as a
             threading.Event), checked before each batch; when set, the iteration ends quietly and
             the batches already yielded are the images made.
+        limits: bounds on images, steps, size and prompt length (default `Limits.from_env()`; see
+            `check_generate_limits`), checked before the first batch.
 
     Yields:
         One `GeneratedBatch` per pipeline call, in seed order.
     """
     config.validate()
+    check_generate_limits(config, limits)
     seeds = image_seeds(config)
     total = len(seeds)
     for start in range(0, total, config.batch_size):
@@ -133,6 +165,7 @@ def generate_images(
     config: GenerateConfig,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
+    limits: Limits | None = None,
 ) -> GenerationResult:
     """Generate `config.num_images` images of `config.prompt` (every batch of `iter_generation`).
 
@@ -142,11 +175,12 @@ def generate_images(
         progress: optional callback, called with a `recare.progress.ProgressEvent` per batch.
         cancel: optional `recare.progress.CancelToken` (or threading.Event), checked before each
             batch; when set, the images made so far are returned and `metadata["cancelled"]` is True.
+        limits: see `iter_generation`.
     """
     started = time.perf_counter()
     images: list[Image.Image] = []
     seeds: list[int] = []
-    for batch in iter_generation(pipe, config, progress, cancel):
+    for batch in iter_generation(pipe, config, progress, cancel, limits):
         images.extend(batch.images)
         seeds.extend(batch.seeds)
     metadata = generation_metadata(pipe, config, seeds, cancelled=len(images) < config.num_images,
@@ -266,67 +300,171 @@ def save_generation(result: GenerationResult, out_dir: str | Path) -> Path:
 # images the user brings
 
 
-def load_image_folder(path: str | Path) -> list[Image.Image]:
+def load_image_folder(path: str | Path, limits: Limits | None = None) -> list[Image.Image]:
     """Every .png/.jpg/.jpeg/.webp image directly inside `path`, sorted by name, as RGB.
 
     Args:
         path: the folder.
+        limits: image count, size and pixel bounds (default `Limits.from_env()`; see `load_images`).
 
     Raises:
-        ImageInputError: no such folder, no images in it, or an image that cannot be read (named).
+        ImageInputError: no such folder, no images in it, an image that cannot be read (named), or
+            a limit exceeded.
     """
-    folder = Path(path).expanduser()
+    return _load_folder(Path(path).expanduser(), _ImageBudget(limits))
+
+
+def load_images(source: str | Path | Image.Image | Iterable[str | Path | Image.Image],
+                limits: Limits | None = None) -> list[Image.Image]:
+    """Images from a folder, a .zip, image files, PIL images, or a list mixing them (e.g. an upload).
+
+    Every image passes one guard, whichever way it came (`recare.limits.Limits`): the number of
+    images is counted before any is decoded, each image's size is read from its header and checked
+    (pixels, aspect ratio, the load's total pixels) before its pixels are decoded, and a zip's
+    entries are checked (count, declared sizes, encryption, compression method) before any is read.
+
+    Args:
+        source: one of the above; a list is read item by item, in order.
+        limits: the bounds (default `Limits.from_env()`).
+
+    Raises:
+        ImageInputError: empty input, missing path, unreadable image (named), broken or image-less
+            zip, an encrypted zip entry or one compressed in a way that cannot be read, or a limit
+            exceeded (the message names the limit and its RECARE_MAX_... variable).
+    """
+    budget = _ImageBudget(limits)
+    items = [source] if isinstance(source, (str, Path, Image.Image)) else list(source)
+    images: list[Image.Image] = []
+    for item in items:
+        images.extend(_load_one(item, budget))
+    if not images:
+        raise ImageInputError("no images were given: upload images, a zip of images, or pick a folder.")
+    return images
+
+
+# Decoders tried on a user's image: only the formats its suffix may claim (a .png that is really a
+# PSD or a TIFF is refused instead of reaching a decoder nobody meant to expose).
+_DECODERS = ("PNG", "JPEG", "WEBP")  # JPEG covers camera MPO files too
+# zip compression methods Python can read: stored, deflate, bzip2, lzma
+_ZIP_METHODS = frozenset({zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA})
+
+
+class _ImageBudget:
+    """What one load may still take (images, pixels); every image of the load passes through it."""
+
+    def __init__(self, limits: Limits | None):
+        self.limits = limits or Limits.from_env()
+        self.images = 0
+        self.pixels = 0
+
+    def reserve(self, count: int, where: str) -> None:
+        """Count `count` more images before decoding any of them."""
+        if self.images + count > self.limits.images:
+            raise ImageInputError(self.limits.exceeded(
+                "images", f"{where} brings the images to {self.images + count:,}"))
+        self.images += count
+
+    def check_bytes(self, size: int, label: str) -> None:
+        """Refuse an image file larger than the per-image byte limit, before it is read."""
+        if size > self.limits.image_bytes:
+            raise ImageInputError(self.limits.exceeded("image_bytes", f"image {label} is {human_bytes(size)}"))
+
+    def admit(self, size: tuple[int, int], label: str) -> None:
+        """Check an image's header size (width, height) before its pixels are decoded."""
+        width, height = size
+        pixels = width * height
+        limits = self.limits
+        if width < 1 or height < 1:
+            raise ImageInputError(f"image {label} is {width} x {height} pixels: it has no pixels.")
+        if pixels > limits.image_pixels:
+            raise ImageInputError(limits.exceeded(
+                "image_pixels", f"image {label} is {width} x {height} = {pixels:,} pixels"))
+        if max(width, height) > limits.image_aspect * min(width, height):
+            raise ImageInputError(limits.exceeded(
+                "image_aspect", f"image {label} is {width} x {height} pixels, a side ratio of "
+                                f"{max(width, height) / min(width, height):,.0f} to 1"))
+        if self.pixels + pixels > limits.total_pixels:
+            raise ImageInputError(limits.exceeded(
+                "total_pixels", f"with image {label} the images hold {self.pixels + pixels:,} pixels"))
+        self.pixels += pixels
+
+
+def _load_folder(folder: Path, budget: _ImageBudget) -> list[Image.Image]:
     if not folder.is_dir():
         raise ImageInputError(f"{folder} is not a folder of images.")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                    and not p.name.startswith("."))
     if not files:
         raise ImageInputError(f"{folder} has no images (.png, .jpg, .jpeg or .webp): add some or pick another folder.")
-    return [_decode(p.read_bytes(), str(p)) for p in files]
+    budget.reserve(len(files), f"the folder {folder.name}")
+    return [_read_file(p, str(p), budget) for p in files]
 
 
-def load_images(source: str | Path | Image.Image | Iterable[str | Path | Image.Image]) -> list[Image.Image]:
-    """Images from a folder, a .zip, image files, PIL images, or a list mixing them (e.g. an upload).
-
-    Args:
-        source: one of the above; a list is read item by item, in order.
-
-    Raises:
-        ImageInputError: empty input, missing path, unreadable image (named), broken or image-less zip.
-    """
-    items = [source] if isinstance(source, (str, Path, Image.Image)) else list(source)
-    images: list[Image.Image] = []
-    for item in items:
-        images.extend(_load_one(item))
-    if not images:
-        raise ImageInputError("no images were given: upload images, a zip of images, or pick a folder.")
-    return images
+def _read_file(path: Path, label: str, budget: _ImageBudget) -> Image.Image:
+    budget.check_bytes(path.stat().st_size, label)
+    return _decode(path.read_bytes(), label, budget)
 
 
-def _load_one(item: str | Path | Image.Image) -> list[Image.Image]:
+def _load_one(item: str | Path | Image.Image, budget: _ImageBudget) -> list[Image.Image]:
     if isinstance(item, Image.Image):
+        budget.reserve(1, "this image")
+        budget.admit(item.size, "(in memory)")
         return [item.convert("RGB")]
     path = Path(item).expanduser()
-    if path.is_dir():
-        return load_image_folder(path)
-    if not path.is_file():
-        raise ImageInputError(f"{path} does not exist.")
+    try:
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        is_dir = is_file = False
+    if is_dir:
+        return _load_folder(path, budget)
+    if not is_file:
+        raise ImageInputError(f"{str(path)[:200]} does not exist.")
     if path.suffix.lower() == ".zip":
-        return _load_zip(path)
+        return _load_zip(path, budget)
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise ImageInputError(f"{path.name} is not an image or a zip (use .png, .jpg, .jpeg, .webp or .zip).")
-    return [_decode(path.read_bytes(), path.name)]
+    budget.reserve(1, path.name)
+    return [_read_file(path, path.name, budget)]
 
 
-def _load_zip(path: Path) -> list[Image.Image]:
+def _load_zip(path: Path, budget: _ImageBudget) -> list[Image.Image]:
+    limits = budget.limits
     try:
         with zipfile.ZipFile(path) as archive:
-            names = sorted(n for n in archive.namelist() if _is_image_member(n))
-            if not names:
+            entries = archive.infolist()
+            if len(entries) > limits.zip_members:
+                raise ImageInputError(limits.exceeded("zip_members", f"{path.name} holds {len(entries):,} entries"))
+            members = sorted((e for e in entries if _is_image_member(e.filename)), key=lambda e: e.filename)
+            if not members:
                 raise ImageInputError(f"{path.name} has no images (.png, .jpg, .jpeg or .webp) inside.")
-            return [_decode(archive.read(n), f"{path.name}:{n}") for n in names]
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as e:
+            budget.reserve(len(members), path.name)
+            for entry in members:  # everything the central directory tells, before anything is inflated
+                _check_zip_entry(entry, f"{path.name}:{entry.filename}", budget)
+            total = sum(e.file_size for e in members)
+            if total > limits.zip_bytes:
+                raise ImageInputError(limits.exceeded(
+                    "zip_bytes", f"the images in {path.name} unpack to {human_bytes(total)}"))
+            images = []
+            for entry in members:
+                label = f"{path.name}:{entry.filename}"
+                with archive.open(entry) as member:
+                    data = member.read(limits.image_bytes + 1)  # a size the header understated stops here
+                budget.check_bytes(len(data), label)
+                images.append(_decode(data, label, budget))
+            return images
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, NotImplementedError, zlib.error,
+            lzma.LZMAError) as e:
         raise ImageInputError(f"{path.name} is not a readable zip file ({e}); re-create the archive.") from e
+
+
+def _check_zip_entry(entry: zipfile.ZipInfo, label: str, budget: _ImageBudget) -> None:
+    if entry.flag_bits & 0x1:
+        raise ImageInputError(f"{label} is encrypted: zip the images without a password.")
+    if entry.compress_type not in _ZIP_METHODS:
+        method = zipfile.compressor_names.get(entry.compress_type, f"method {entry.compress_type}")
+        raise ImageInputError(f"{label} is compressed with {method}, which cannot be read: "
+                              "re-create the zip with ordinary (deflate) compression.")
+    budget.check_bytes(entry.file_size, label)
 
 
 def _is_image_member(name: str) -> bool:
@@ -336,12 +474,17 @@ def _is_image_member(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_SUFFIXES
 
 
-def _decode(data: bytes, label: str) -> Image.Image:
+def _decode(data: bytes, label: str, budget: _ImageBudget) -> Image.Image:
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=_DECODERS) as image:
+            budget.admit(image.size, label)  # the header is read; no pixel is decoded yet
             image.load()
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except Image.DecompressionBombError as e:
+        raise ImageInputError(f"image {label} is too large to decode ({e}).") from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
+        if isinstance(e, ImageInputError):
+            raise
         raise ImageInputError(f"cannot read image {label}: the file is corrupt or not an image ({e}).") from e
 
 

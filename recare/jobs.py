@@ -308,6 +308,7 @@ class JobRunner:
                 raise RunError(f"run {run_id} is {state}; only cancelled or failed runs can be resumed.")
             if not status.get("target"):
                 raise RunError(f"run {run_id} does not say which job it runs (no target); it cannot be resumed.")
+            self.store.check_quota(str(status.get("owner") or ""))  # a resumed run is one more job
             run.cancel_path.unlink(missing_ok=True)
             queued = run.update_status_if(lambda s: s.get("state") in (CANCELLED, FAILED), state=QUEUED,
                                           error=None, finished=None, result=None, pid=None)

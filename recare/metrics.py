@@ -28,8 +28,6 @@ import numpy as np
 from recare.errors import EvaluationError
 
 if TYPE_CHECKING:
-    from PIL import Image
-
     from recare.encoders import Encoder
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import threading
 from concurrent.futures import Future
 from pathlib import Path
@@ -69,18 +70,22 @@ class ModelCache:
         max_encoders: how many encoders to keep.
         pipeline_loader: loads a base pipeline; default `recare.models.load_pipeline` (tests pass a fake).
         encoder_loader: loads an encoder; default `recare.models.load_encoder`.
+        policy: which names may be loaded (`recare.models.ModelPolicy`; default any): checked before
+            a key is made, so a refused name never reaches a loader or the file system.
     """
 
     def __init__(self, device: str = "auto", dtype: str = "auto", max_pipelines: int = 3, max_encoders: int = 3,
-                 pipeline_loader: PipelineLoader | None = None, encoder_loader: EncoderLoader | None = None):
+                 pipeline_loader: PipelineLoader | None = None, encoder_loader: EncoderLoader | None = None,
+                 policy: models.ModelPolicy | None = None):
         if max_pipelines < 1 or max_encoders < 1:
             raise ValueError("max_pipelines and max_encoders must be at least 1")
         self.device = models.resolve_device(device)
         self.dtype = dtype
         self.max_pipelines = max_pipelines
         self.max_encoders = max_encoders
-        self._load_pipeline = pipeline_loader or models.load_pipeline
-        self._load_encoder = encoder_loader or models.load_encoder
+        self.policy = policy or models.LOCAL_USE
+        self._load_pipeline = pipeline_loader or functools.partial(models.load_pipeline, policy=self.policy)
+        self._load_encoder = encoder_loader or functools.partial(models.load_encoder, policy=self.policy)
         self._lock = threading.Lock()  # guards the dicts below; never held during a load
         self._pipelines: collections.OrderedDict[Any, Any] = collections.OrderedDict()
         self._encoders: collections.OrderedDict[Any, Any] = collections.OrderedDict()
@@ -125,7 +130,7 @@ class ModelCache:
             device: a torch device; default the cache's.
         """
         dev = self._device_for(device)
-        key = (_normalized_name(name), str(dev))
+        key = (_normalized_name(name, self.policy, "encoder"), str(dev))
         return self._get(self._encoders, key, lambda: self._load_encoder(key[0], device=dev), self.max_encoders)
 
     def pipeline_key(self, name: str | Path, *, device: str | None = None, dtype: str | None = None,
@@ -134,7 +139,7 @@ class ModelCache:
         """The key `pipeline` would use for these arguments (arguments as in `pipeline`)."""
         dev = self._device_for(device)
         return PipelineKey(
-            name=_normalized_name(name),
+            name=_normalized_name(name, self.policy, "model"),
             device=str(dev),
             dtype=str(models.resolve_dtype(dev, self._dtype_for(dtype))),
             variant=variant or None,
@@ -195,11 +200,23 @@ class ModelCache:
         return value
 
 
-def _normalized_name(name: str | Path) -> str:
-    """A local folder by its absolute path (so "./x" and "x" share an entry); other names as given."""
-    text = str(name).strip()
-    path = Path(text).expanduser()
-    return str(path.resolve()) if path.is_dir() else text
+def _normalized_name(name: str | Path, policy: models.ModelPolicy = models.LOCAL_USE, kind: str = "model") -> str:
+    """A local folder by its absolute path (so "./x" and "x" share an entry); other names as given.
+
+    The policy is applied first: a name it refuses raises ModelLoadError here, before any loader runs.
+    """
+    text = policy.check_name(name, kind)
+    if text == models.MINI_WORLD or (kind == "encoder" and text.startswith("open_clip:")):
+        return text
+    path = policy.local_folder(text)
+    if path is None:
+        if kind == "model" and models.is_hub_id(text):
+            return text
+        raise policy.refuse(kind)
+    try:
+        return str(path.resolve()) if path.is_dir() else text
+    except (OSError, RuntimeError, ValueError):  # a name the file system cannot look up: the loader says so
+        return text
 
 
 def _files_signature(files: list[Path]) -> tuple:

@@ -23,6 +23,12 @@ Offline first: a hub model is read from the local Hugging Face cache when it is 
 not and the hub cannot be reached (HF_HUB_OFFLINE=1, no network), loading fails at once with a
 `ModelLoadError` that says what to do, never a hang or a traceback.
 
+Public deployments: a `ModelPolicy` says which names a caller may load. The default (local use)
+allows everything above. `ModelPolicy.public(allowed_dirs)` (the app on a Space, with --share or
+--public) allows the bundled mini world, hub ids and open_clip names, and local folders only inside
+the listed folders; every other path is refused with one message that says nothing about the
+server's file system (an existing file, a folder and a missing path read the same).
+
 Imports: torch, diffusers, transformers, safetensors and open_clip are imported inside the
 functions that need them, so `import recare.models` (names, device policy, offline checks) is cheap.
 """
@@ -38,9 +44,10 @@ import os
 import re
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 from recare.errors import ModelLoadError  # re-exported: raised by this module
+from recare.limits import Limits
 
 if TYPE_CHECKING:
     import torch
@@ -129,6 +136,123 @@ def resolve_dtype(device: str | torch.device, dtype: str | torch.dtype = "auto")
     return table[dtype]
 
 
+def check_device_available(device: torch.device) -> None:
+    """ModelLoadError when `device` names an accelerator this machine does not have (before any load).
+
+    Args:
+        device: a resolved device (see `resolve_device`).
+    """
+    import torch
+
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ModelLoadError(f"device {str(device)!r} was asked for, but torch sees no CUDA GPU here: "
+                                 "use 'auto' or 'cpu'.")
+        if device.index is not None and device.index >= count:
+            raise ModelLoadError(f"device {str(device)!r} was asked for, but there {'is' if count == 1 else 'are'} "
+                                 f"only {count} CUDA GPU{'s' if count != 1 else ''} (cuda:0 .. cuda:{count - 1}).")
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ModelLoadError("device 'mps' was asked for, but Apple MPS is not available here: use 'auto' or 'cpu'.")
+    elif device.type not in ("cpu", "xpu"):
+        raise ModelLoadError(f"device {str(device)!r} is not supported: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.")
+
+
+# ---------------------------------------------------------------------------------------------
+# which names a caller may load
+
+
+PUBLIC_REFUSAL = (
+    "this public app loads only {examples}; local paths are turned off "
+    "(whoever runs the app can allow model folders with --allow-model DIR or RECARE_ALLOWED_MODELS)."
+)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelPolicy:
+    """Which model and encoder names a caller may load.
+
+    Attributes:
+        local_paths: True (local use, the default): any local folder. False (a public deployment):
+            only 'mini-world', hub ids, 'open_clip:...' names, and folders inside `allowed_dirs`.
+        allowed_dirs: folders (resolved, absolute) whose contents may be loaded even when
+            `local_paths` is False; the operator lists them.
+        limits: `name_chars` bounds the length of a name (None: `Limits.from_env()` when checked).
+    """
+
+    local_paths: bool = True
+    allowed_dirs: tuple[Path, ...] = ()
+    limits: Limits | None = None
+
+    @classmethod
+    def public(cls, allowed_dirs: Iterable[str | Path] = (), limits: Limits | None = None) -> "ModelPolicy":
+        """The policy of a public deployment: no local paths except inside `allowed_dirs`.
+
+        Args:
+            allowed_dirs: model folders (or folders of model folders) the operator allows.
+            limits: the bounds (default `Limits.from_env()`).
+        """
+        dirs = tuple(Path(d).expanduser().resolve() for d in allowed_dirs if str(d).strip())
+        return cls(local_paths=False, allowed_dirs=dirs, limits=limits)
+
+    @property
+    def public_mode(self) -> bool:
+        """True when local paths are refused (except the allowed folders)."""
+        return not self.local_paths
+
+    def check_name(self, name: str, what: str = "model") -> str:
+        """`name` stripped, or ModelLoadError when it is empty, too long, or holds control characters.
+
+        Args:
+            name: what the user typed.
+            what: "model" or "encoder", for the message.
+        """
+        if not isinstance(name, (str, Path)):
+            raise ModelLoadError(f"the {what} name must be text.")
+        name = str(name).strip()
+        if not name:
+            raise ModelLoadError(f"the {what} name is empty: use 'mini-world' or a hub id such as {DEFAULT_HUB_MODEL}.")
+        limits = self.limits or Limits.from_env()
+        if len(name) > limits.name_chars:
+            raise ModelLoadError(limits.exceeded("name_chars", f"the {what} name has {len(name):,} characters"))
+        if _CONTROL.search(name):
+            raise ModelLoadError(f"the {what} name holds control characters: retype it.")
+        return name
+
+    def local_folder(self, name: str) -> Path | None:
+        """The folder `name` points at when this policy lets it be loaded from disk, else None.
+
+        With `local_paths` every name may be a path (the caller then looks at the file system).
+        Without, only a path inside an allowed folder is one; nothing else touches the disk.
+
+        Args:
+            name: a checked name (see `check_name`).
+        """
+        if self.local_paths:
+            return Path(name).expanduser()
+        if not self.allowed_dirs or not (os.path.isabs(name) or name.startswith(("~", "."))):
+            return None  # relative names are hub ids here, never paths under the server's working folder
+        try:
+            resolved = Path(name).expanduser().resolve()
+        except (OSError, RuntimeError, ValueError):
+            return None
+        if any(resolved == d or d in resolved.parents for d in self.allowed_dirs):
+            return resolved
+        return None
+
+    def refuse(self, kind: str) -> ModelLoadError:
+        """The one error for a path this policy does not allow (the same for any path, existing or not)."""
+        examples = (f"'{MINI_WORLD}' or a hub id such as {DEFAULT_HUB_MODEL}" if kind == "model"
+                    else f"'{MINI_WORLD}' or '{DEFAULT_OPEN_CLIP}' (or another 'open_clip:<arch>/<pretrained>')")
+        return ModelLoadError(PUBLIC_REFUSAL.format(examples=examples))
+
+
+LOCAL_USE = ModelPolicy()  # the default: every name allowed (frozen, so sharing it is safe)
+
+
 def mini_world_dir() -> Path:
     """The bundled mini world's folder: `$RECARE_MINI_WORLD` if set (and not empty), else `<repo>/checkpoints/mini-world`."""
     return Path(os.environ.get("RECARE_MINI_WORLD") or REPO_ROOT / "checkpoints" / "mini-world")
@@ -214,6 +338,7 @@ def load_pipeline(
     dtype: str | torch.dtype = "auto",
     trained: str | Path | None = None,
     variant: str | None = None,
+    policy: ModelPolicy | None = None,
 ) -> StableDiffusionPipeline:
     """Load a Stable Diffusion pipeline with a DDIM scheduler and no safety checker (as the official code).
 
@@ -225,6 +350,8 @@ def load_pipeline(
             weight formats (see `find_trained_weights`). None loads the base model as it is.
         variant: a diffusers weight variant to read (e.g. "fp16" reads `*.fp16.safetensors`); None reads
             the default files.
+        policy: which names may be loaded (default: any, `LOCAL_USE`); a public app passes
+            `ModelPolicy.public(...)`.
 
     Raises:
         ModelLoadError: unknown name, mini world not installed, not a diffusers folder, a hub id that
@@ -232,9 +359,11 @@ def load_pipeline(
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    policy = policy or LOCAL_USE
+    source, local = _pipeline_source(policy.check_name(name_or_path, "model"), policy)
     device = resolve_device(device)
+    check_device_available(device)
     torch_dtype = resolve_dtype(device, dtype)
-    source, local = _pipeline_source(str(name_or_path))
     kwargs = {_dtype_kwarg("diffusers", "0.40"): torch_dtype, "safety_checker": None, "requires_safety_checker": False}
     if variant:
         kwargs["variant"] = variant
@@ -253,19 +382,41 @@ def load_pipeline(
     return pipe
 
 
-def _pipeline_source(name: str) -> tuple[str, bool]:
+def is_hub_id(name: str) -> bool:
+    """True when `name` has the form of a Hugging Face hub id ("owner/name").
+
+    Args:
+        name: a model name.
+    """
+    return bool(_HUB_ID.match(name))
+
+
+def _is_dir_or_file(path: Path) -> tuple[bool, bool]:
+    """(is a folder, is a file), False for names the file system cannot even look up (too long, ...)."""
+    try:
+        return path.is_dir(), path.is_file()
+    except (OSError, ValueError):
+        return False, False
+
+
+def _pipeline_source(name: str, policy: ModelPolicy = LOCAL_USE) -> tuple[str, bool]:
     """Map a user-given name to (folder or hub id, is_local). Raises ModelLoadError for bad names."""
     if name == MINI_WORLD:
         return str(_mini_world_part("pipeline", "model_index.json", "diffusers pipeline")), True
-    path = Path(name).expanduser()
-    if path.is_dir():
+    path = policy.local_folder(name)
+    if path is None:  # a public app: a hub id or nothing
+        if _HUB_ID.match(name):
+            return name, False
+        raise policy.refuse("model")
+    is_dir, is_file = _is_dir_or_file(path)
+    if is_dir:
         if not (path / "model_index.json").is_file():
             raise ModelLoadError(
                 f"{path} is not a diffusers folder (no model_index.json). Pass a folder saved with "
                 f"pipeline.save_pretrained(...), a hub id such as {DEFAULT_HUB_MODEL}, or 'mini-world'."
             )
         return str(path), True
-    if path.is_file():
+    if is_file:
         raise ModelLoadError(
             f"{path} is a file; a pipeline is loaded from a diffusers folder (with model_index.json), "
             f"a hub id such as {DEFAULT_HUB_MODEL}, or 'mini-world'."
@@ -652,7 +803,8 @@ def derive_pipeline(base, trained: str | Path | TrainedWeights | None = None,
 # encoders
 
 
-def load_encoder(name: str | Path = MINI_WORLD, device: str | torch.device = "auto") -> Encoder:
+def load_encoder(name: str | Path = MINI_WORLD, device: str | torch.device = "auto",
+                 policy: ModelPolicy | None = None) -> Encoder:
     """Load an image/text encoder used for CARE-set construction and evaluation.
 
     Args:
@@ -660,19 +812,25 @@ def load_encoder(name: str | Path = MINI_WORLD, device: str | torch.device = "au
             "open_clip:ViT-B-32/openai"; SigLIP: "open_clip:ViT-B-16-SigLIP/webli"), or a local
             transformers CLIPModel folder.
         device: "auto" or a torch device. Encoders run in fp32.
+        policy: which names may be loaded (default: any, `LOCAL_USE`); a public app passes
+            `ModelPolicy.public(...)`.
 
     Raises:
         ModelLoadError: unknown name, mini world not installed, not a CLIP folder, or open_clip weights
             neither cached nor downloadable right now.
     """
-    name = str(name)
+    policy = policy or LOCAL_USE
+    name = policy.check_name(name, "encoder")
     device = resolve_device(device)
+    check_device_available(device)
     if name == MINI_WORLD:
         return _load_hf_clip(_mini_world_part("clip", "config.json", "CLIP model"), device, identity_name=MINI_WORLD)
     if name.startswith("open_clip:"):
         return _load_open_clip(name[len("open_clip:"):], device)
-    path = Path(name).expanduser()
-    if path.is_dir():
+    path = policy.local_folder(name)
+    if path is None:
+        raise policy.refuse("encoder")
+    if _is_dir_or_file(path)[0]:
         return _load_hf_clip(path, device, identity_name=str(path.resolve()))
     raise ModelLoadError(
         f"unknown encoder {name!r}: use 'mini-world', '{DEFAULT_OPEN_CLIP}' (or another "

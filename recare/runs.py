@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from recare.errors import RunError
+from recare.limits import Limits, human_bytes
 from recare.progress import CancelToken, ProgressEvent
 
 _KIND_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -544,11 +545,15 @@ class RunStore:
     Args:
         root: the runs folder (see `runs_root` for the default).
         bundled: run folders shipped with the app: listed for every owner, never changed or deleted.
+        limits: `jobs_per_owner` and `owner_disk_bytes` bound what one owner may start (default
+            `Limits.from_env()`); runs without an owner (the CLI's) are not bounded.
     """
 
-    def __init__(self, root: str | Path | None = None, bundled: tuple[str | Path, ...] | list = ()):
+    def __init__(self, root: str | Path | None = None, bundled: tuple[str | Path, ...] | list = (),
+                 limits: Limits | None = None):
         self.root = runs_root(root)
         self.bundled = tuple(Path(b).expanduser().resolve() for b in bundled)
+        self.limits = limits or Limits.from_env()
 
     def __repr__(self) -> str:
         return f"RunStore({str(self.root)!r})"
@@ -566,6 +571,7 @@ class RunStore:
         """
         if not _KIND_PATTERN.match(kind):
             raise RunError(f"run kind {kind!r} must be letters, digits, '_' or '-' (e.g. 'train').")
+        self.check_quota(owner)
         path = new_run_dir(self.root, kind)
         run = Run(path)
         try:
@@ -575,6 +581,25 @@ class RunStore:
             shutil.rmtree(path, ignore_errors=True)
             raise
         return run
+
+    def check_quota(self, owner: str) -> None:
+        """RunError when `owner` may not start another job: too many queued or running, or too much disk.
+
+        Args:
+            owner: who wants to start a job; "" (the CLI) is never bounded.
+        """
+        if not owner:
+            return
+        runs = self.list(owner=str(owner))
+        active = sum(1 for run in runs if not run.bundled and run.stored_status().get("state") in (QUEUED, RUNNING))
+        limits = self.limits
+        if active >= limits.jobs_per_owner:
+            raise RunError(limits.exceeded("jobs_per_owner", f"you have {active} jobs queued or running") +
+                           " Wait for one to finish or cancel one.")
+        used = sum(run.size_bytes() for run in runs if not run.bundled)
+        if used >= limits.owner_disk_bytes:
+            raise RunError(limits.exceeded("owner_disk_bytes", f"your runs take {human_bytes(used)}") +
+                           " Delete old runs to start new ones.")
 
     def _find(self, run_id: str) -> Run | None:
         check_run_id(run_id)

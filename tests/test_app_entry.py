@@ -32,11 +32,17 @@ def test_main_builds_queues_and_launches_with_minimal_allowed_paths(monkeypatch,
             calls["launch"] = kwargs
 
     monkeypatch.setenv("RECARE_WORKSPACE", str(tmp_path / "ws"))
-    monkeypatch.setattr(ui, "create_app", lambda model, device, runs_dir: calls.setdefault(
-        "create", (model, device, runs_dir)) and FakeDemo())
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.delenv("RECARE_PUBLIC", raising=False)
+    monkeypatch.setattr(ui, "create_app", lambda model, device, runs_dir, policy: calls.setdefault(
+        "create", (model, device, runs_dir, policy.public_mode)) and FakeDemo())
     app.main(["--model", "mini-world", "--port", "7998", "--runs-dir", str(tmp_path / "runs")])
-    assert calls["create"] == ("mini-world", "auto", str(tmp_path / "runs"))
+    assert calls["create"] == ("mini-world", "auto", str(tmp_path / "runs"), False)
     launch = calls["launch"]
     assert launch["server_port"] == 7998 and launch["share"] is False
+    # nothing but plotly.js is served from disk; the session and run folders are blocked outright
     allowed = launch["allowed_paths"]
-    assert len(allowed) == 2 and allowed[0] == str((tmp_path / "ws").resolve()) and allowed[1].endswith("plotly.min.js")
+    assert len(allowed) == 1 and allowed[0].endswith("plotly.min.js")
+    assert str((tmp_path / "ws").resolve()) in launch["blocked_paths"]
+    assert str((tmp_path / "runs").resolve()) in launch["blocked_paths"]
+    assert launch["max_file_size"] > 0

@@ -222,7 +222,7 @@ def test_careset_tab_lets_bugs_through(tmp_path, monkeypatch):
     words = tmp_path / "words.txt"
     words.write_text("cat\ndog\n")
 
-    def broken_reader(path):
+    def broken_reader(path, *args, **kwargs):
         raise ValueError("a bug inside the reader")  # used to be shown as a status line
 
     monkeypatch.setattr(tab, "read_word_list", broken_reader)
@@ -230,10 +230,10 @@ def test_careset_tab_lets_bugs_through(tmp_path, monkeypatch):
         tab._build(None, "cat", "photo", "mini-world", tab.VOCAB_FILE, str(words), 8, 30, "tsne", 4, 1, 0.01, 2,
                    42, True, True, session, lambda *a, **k: None)
 
-    def broken_parser(path):
+    def broken_parser(path, *args, **kwargs):
         raise KeyError("a bug inside the parser")
 
-    monkeypatch.setattr(tab, "read_careset_json", broken_parser)
+    monkeypatch.setattr(tab, "read_careset_file", broken_parser)
     official = tmp_path / "careset.json"
     official.write_text(json.dumps({"cat_care_word": ["A dog"], "cat_care_word_photo": ["A photo of dog"]}))
     with pytest.raises(KeyError, match="a bug inside the parser"):

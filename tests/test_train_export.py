@@ -66,7 +66,8 @@ def test_token_files_load_with_diffusers(pipe, tmp_path):
     assert pipe.tokenizer.convert_tokens_to_ids("<v2*>") in ids
 
     again = read_learned_token(files[0])
-    assert again.placeholder == "<v1*>" and again.initializer == "a" and torch.equal(again.embedding, tokens[0].embedding)
+    assert again.placeholder == "<v1*>" and again.initializer == "a"
+    assert torch.equal(again.embedding, tokens[0].embedding)
 
 
 def test_token_files_load_through_recare_models(tokenizer_dir, tmp_path):
@@ -80,8 +81,8 @@ def test_token_files_load_through_recare_models(tokenizer_dir, tmp_path):
 def test_token_header_records_what_made_it(tmp_path):
     from safetensors import safe_open
 
-    path = save_learned_token(LearnedToken("<v*>", "person", torch.zeros(4), (1.0, 0.5, 0.25)), tmp_path / "t.safetensors",
-                              metadata={"round": 1})
+    token = LearnedToken("<v*>", "person", torch.zeros(4), (1.0, 0.5, 0.25))
+    path = save_learned_token(token, tmp_path / "t.safetensors", metadata={"round": 1})
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     assert meta["format"] == "recare-learned-token" and meta["placeholder"] == "<v*>"
@@ -90,11 +91,11 @@ def test_token_header_records_what_made_it(tmp_path):
 
 # ---- trained_params.safetensors -----------------------------------------------------------------
 
-def test_trained_params_hold_only_the_changed_tensors_and_apply_with_plain_load_state_dict(pipe, tokenizer_dir, tmp_path):
+def test_trained_params_hold_only_changed_tensors_and_apply_with_load_state_dict(pipe, tokenizer_dir, tmp_path):
     base_state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     trained, changed = trained_copy(pipe.unet)
-    path = save_trained_params(trained, base_state, tmp_path / "trained_params.safetensors", train_method="xattn",
-                               metadata={"method": "recare", "steps": 3})
+    path = save_trained_params(trained, base_state, tmp_path / "trained_params.safetensors",
+                               train_method="xattn", metadata={"method": "recare", "steps": 3})
     tensors = load_file(path)
     assert sorted(tensors) == sorted(changed) and len(changed) > 0
 

@@ -9,6 +9,7 @@ training uses) and `careset.rich.json` (everything, to continue editing later).
 
 from __future__ import annotations
 
+import enum
 import json
 from pathlib import Path
 from typing import Any
@@ -17,17 +18,18 @@ import gradio as gr
 import pandas as pd
 
 from recare import models
-from recare.careset import build_care_set
+from recare.careset import CareSet, build_care_set
 from recare.careset_io import (
-    RICH_FORMAT, CareSetFileError, load_rich_json, read_careset_json, reference_key, save_rich_json, write_careset_json,
+    CareSetFileError, official_dict, read_careset_file, reference_key, rich_dict,
 )
 from recare.config import ConfigError, CareSetConfig
-from recare.errors import RecareError
+from recare.errors import CareSetError, RecareError
 from recare.encoders import Vocabulary, clip_bpe_vocabulary, read_word_list, vocabulary_features, word_list_vocabulary
-from recare.runs import atomic_write_json
+from recare.limits import Limits
+from recare.runs import atomic_write_text
 from recare import worldspec
 from ui.cluster_plot import cluster_plot, clicked
-from ui.common import AppContext, gradio_progress, ok, problem, skip_all
+from ui.common import AppContext, gradio_progress, md, number, ok, problem, served, skip_all
 from ui.figures import careset_figure, figure_json, placeholder_json
 from ui.image_set import load_session_images
 from ui.session import Session, ensure_session
@@ -144,10 +146,12 @@ def create_careset_tab(ctx: AppContext) -> dict[str, Any]:
                                   api_name="toggle_cluster")
     c["table"].change(_table_edit, [c["table"], ctx.session], views, api_name="edit_table", show_progress="hidden")
     c["clusters"].input(_clusters_edit, [c["clusters"], ctx.session], views, api_name="set_clusters")
-    c["add_custom"].click(_add_custom, [c["custom"], ctx.session], views, api_name="add_custom_tokens")
+    c["add_custom"].click(lambda text, session: _add_custom(text, session, ctx.limits), [c["custom"], ctx.session],
+                          views, api_name="add_custom_tokens")
     c["remove_custom"].click(_remove_custom, [c["custom"], ctx.session], views, api_name="remove_custom_tokens")
     c["reset"].click(_reset, [ctx.session], views, api_name="reset_edits")
-    c["load_file"].upload(_load, [c["load_file"], ctx.session], views, api_name="load_careset")
+    c["load_file"].upload(lambda file, session: _load(file, session, ctx.limits), [c["load_file"], ctx.session],
+                          views, api_name="load_careset")
     return c
 
 
@@ -172,8 +176,9 @@ def _build(ctx, reference_word, prompt_style, encoder_name, vocabulary, word_lis
         return _fail(session, f"Check the parameters: {e}")
     if not session.images:
         return _fail(session, "No target images yet: generate or upload images in the Generate tab first.")
+    limits = ctx.limits if ctx is not None else Limits.from_env()
     try:
-        vocab = _vocabulary(vocabulary, word_list)
+        vocab = _vocabulary(vocabulary, word_list, limits)
     except RecareError as e:
         return _fail(session, str(e))
     try:
@@ -184,7 +189,8 @@ def _build(ctx, reference_word, prompt_style, encoder_name, vocabulary, word_lis
     try:
         progress(0.05, desc=f"encoding {len(session.images)} images")
         image_features = encoder.encode_images(load_session_images(session))
-        vocab_features = vocabulary_features(encoder, vocab, progress=gradio_progress(progress, 0.1, 0.6))
+        vocab_features = vocabulary_features(encoder, vocab, progress=gradio_progress(progress, 0.1, 0.6),
+                                             limits=limits)
         target = encoder.encode_texts([config.reference_word])[0]
         careset = build_care_set(
             image_features, vocab_features, vocab.tokens, target, config,
@@ -193,11 +199,10 @@ def _build(ctx, reference_word, prompt_style, encoder_name, vocabulary, word_lis
                   "images": session.source})
     except RecareError as e:  # unreadable session images, too few candidates, ...; anything else is a bug
         return _fail(session, f"Could not build the CARE-set: {e}")
-    session.careset, session.official = careset, None
     kept = len(careset.final_tokens())
     n_images = f"{careset.num_images} image{'s' if careset.num_images != 1 else ''}"
-    return _views(session, ok(f"Built from {n_images} and {len(vocab):,} {vocab.source} tokens: "
-                              f"{len(careset.tokens)} candidates, {kept} kept."))
+    return _commit(session, ok(f"Built from {n_images} and {len(vocab):,} {md(vocab.source)} tokens: "
+                               f"{len(careset.tokens)} candidates, {kept} kept."), careset=careset, official=None)
 
 
 def _task_defaults(prompt: str):
@@ -209,36 +214,39 @@ def _task_defaults(prompt: str):
 
 
 def _number(value, name: str, kind: type):
-    """`kind(value)` for a number box; an empty or non-numeric box is a ConfigError, not a crash."""
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number (got {value!r}).") from None
+    """`kind(value)` for a number box; an empty, non-numeric or non-finite box is a ConfigError, not a crash."""
+    return number(value, name, kind)
 
 
-def _vocabulary(choice: str, word_list) -> Vocabulary:
+def _vocabulary(choice: str, word_list, limits: Limits | None = None) -> Vocabulary:
     if choice == VOCAB_FILE:
         if not word_list:
             raise ConfigError("Upload a word list (.txt, one word per line) or pick another vocabulary.")
-        return read_word_list(word_list if isinstance(word_list, str) else word_list.name)
+        return read_word_list(word_list if isinstance(word_list, str) else word_list.name, limits=limits)
     if choice == VOCAB_MINI:
         words = worldspec.mini_world_words()
         if words is None:
             raise ConfigError("The mini world has no word list (checkpoints/mini-world/recare.json); "
                               "pick CLIP BPE or upload a word list.")
         return word_list_vocabulary(words, source="mini-world")
+    if choice != VOCAB_BPE:
+        raise ConfigError(f"unknown vocabulary {str(choice)[:40]!r}: pick mini-world words, CLIP BPE or a word list.")
     return clip_bpe_vocabulary()
 
 
-def _edit(session: Session | None, status: str = "", **edits):
+def _edit(session: Session | None, status: str = "", limits: Limits | None = None, **edits):
+    """Apply `edits` (see `CareSet.with_edits`) to a new CareSet; the session changes only if all of it works."""
     session = ensure_session(session)
     if session.careset is None:
         return _fail(session, "Build a CARE-set first (or load a rich JSON).")
+    limits = limits or Limits.from_env()
     try:
-        session.careset = session.careset.with_edits(**edits)
-    except RecareError as e:  # an unknown token or cluster
+        edited = session.careset.with_edits(**edits)
+        if len(edited.custom_tokens) > limits.custom_tokens:
+            raise CareSetError(limits.exceeded("custom_tokens", f"that makes {len(edited.custom_tokens):,} custom tokens"))
+    except RecareError as e:  # an unknown token or cluster, too many custom tokens
         return _fail(session, str(e))
-    return _views(session, status)
+    return _commit(session, status, careset=edited)
 
 
 def _plot_click(session: Session | None, evt: gr.EventData):
@@ -251,29 +259,39 @@ def _plot_click(session: Session | None, evt: gr.EventData):
 
 
 def _toggle_token(token: str, session: Session | None):
-    token = (token or "").strip()
+    token = token.strip() if isinstance(token, str) else ""
     if not token:
         return _fail(ensure_session(session), "Name a token to toggle.")
+    before = session.careset if session is not None else None
     result = _edit(session, toggle_tokens=[token])
-    if session is not None and session.careset is not None and token in session.careset.tokens:
-        i = session.careset.tokens.index(token)
-        result[-1] = f"“{token}” {'kept' if session.careset.keep[i] else 'dropped'}."
+    after = session.careset if session is not None else None
+    if after is not None and after is not before:  # the edit went through
+        i = after.tokens.index(token)
+        result[-1] = f"“{md(token)}” {'kept' if after.keep[i] else 'dropped'}."
     return result
 
 
 def _toggle_cluster(cluster, session: Session | None):
-    if cluster is None:
+    if cluster is None or (isinstance(cluster, str) and not cluster.strip()):
         return _fail(ensure_session(session), "Name a cluster to toggle.")
-    result = _edit(session, toggle_clusters=[int(cluster)])
-    if session is not None and session.careset is not None:
-        kept = session.careset.keep[session.careset.labels == int(cluster)].any()
-        result[-1] = f"Cluster {int(cluster)} {'kept' if kept else 'dropped'}."
+    try:
+        cluster = number(cluster, "the cluster")
+    except RecareError as e:
+        return _fail(ensure_session(session), str(e))
+    before = session.careset if session is not None else None
+    result = _edit(session, toggle_clusters=[cluster])
+    after = session.careset if session is not None else None
+    if after is not None and after is not before:  # the edit went through: the cluster exists
+        kept = after.keep[after.labels == cluster].any()
+        result[-1] = f"Cluster {cluster} {'kept' if kept else 'dropped'}."
     return result
 
 
 def _table_edit(table, session: Session | None):
     if session is None or session.careset is None or table is None or len(table) == 0:
         return skip_all(9)
+    if not isinstance(table, pd.DataFrame) or not {"token", "keep"} <= set(map(str, table.columns)):
+        return _fail(session, "The token table needs its 'keep' and 'token' columns; reload the page.")
     careset = session.careset
     current = dict(zip(careset.tokens, careset.keep))
     keep, drop = [], []
@@ -296,20 +314,31 @@ def _clusters_edit(selected, session: Session | None):
     if session is None or session.careset is None:
         return _fail(ensure_session(session), "Build a CARE-set first.")
     careset = session.careset
-    selected = {int(k) for k in (selected or [])}
+    try:
+        selected = {number(k, "a cluster") for k in (selected or [])}
+    except RecareError as e:
+        return _fail(session, str(e))
     on = {row["cluster"] for row in careset.cluster_summary() if row["kept"] > 0}
     return _edit(session, "Clusters updated.", keep_clusters=sorted(selected - on), drop_clusters=sorted(on - selected))
 
 
 def _split(text: str) -> list[str]:
-    return [t.strip() for t in (text or "").replace("\n", ",").split(",") if t.strip()]
+    text = text if isinstance(text, str) else ""
+    return [t.strip() for t in text.replace("\n", ",").split(",") if t.strip()]
 
 
-def _add_custom(text: str, session: Session | None):
+def _add_custom(text: str, session: Session | None, limits: Limits | None = None):
+    limits = limits or Limits.from_env()
     tokens = _split(text)
     if not tokens:
         return _fail(ensure_session(session), "Type one or more tokens (comma-separated) to add.")
-    return _edit(session, f"Added {', '.join(tokens)}.", custom_tokens=tokens)
+    if len(tokens) > limits.custom_tokens:
+        return _fail(ensure_session(session), limits.exceeded("custom_tokens", f"{len(tokens):,} tokens were given"))
+    longest = max(tokens, key=len)
+    if len(longest) > limits.token_chars:
+        return _fail(ensure_session(session), limits.exceeded("token_chars", f"a token has {len(longest):,} characters"))
+    shown = ", ".join(tokens[:20]) + (f" and {len(tokens) - 20:,} more" if len(tokens) > 20 else "")
+    return _edit(session, f"Added {md(shown)}.", limits=limits, custom_tokens=tokens)
 
 
 def _remove_custom(text: str, session: Session | None):
@@ -318,7 +347,8 @@ def _remove_custom(text: str, session: Session | None):
         return _fail(ensure_session(session), "Type the tokens (comma-separated) to remove.")
     session = ensure_session(session)
     candidates = set(session.careset.tokens) if session.careset is not None else set()
-    return _edit(session, f"Removed {', '.join(tokens)}.", remove_custom=[t for t in tokens if t not in candidates],
+    shown = ", ".join(tokens[:20]) + (f" and {len(tokens) - 20:,} more" if len(tokens) > 20 else "")
+    return _edit(session, f"Removed {md(shown)}.", remove_custom=[t for t in tokens if t not in candidates],
                  drop_tokens=[t for t in tokens if t in candidates])
 
 
@@ -326,33 +356,32 @@ def _reset(session: Session | None):
     return _edit(session, "Manual edits cleared: back to Algorithm 1.", reset=True)
 
 
-def _load(file, session: Session | None):
+def _load(file, session: Session | None, limits: Limits | None = None):
+    """Load a careset file: a rich one replaces the CARE-set; an official one is applied to the current set
+    (same reference word) or kept as a token list. Every check runs before the session changes."""
     session = ensure_session(session)
     if not file:
         return _fail(session, "No file uploaded.")
     path = file if isinstance(file, str) else file.name
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return _fail(session, f"Could not read the file: it is not valid JSON ({e}).")
-    try:
-        if isinstance(data, dict) and data.get("format") == RICH_FORMAT:
-            session.careset, session.official = load_rich_json(path), None
-            return _views(session, ok(f"Loaded the rich CARE-set: {len(session.careset.final_tokens())} tokens; edit away."))
-        official = read_careset_json(path)
+        loaded = read_careset_file(path, limits)  # size first, then JSON, then counts, then entries
     except RecareError as e:  # the readers turn every malformed-file case into CareSetFileError
         return _fail(session, f"Could not load the CARE-set file: {e}")
+    if isinstance(loaded, CareSet):
+        return _commit(session, ok(f"Loaded the rich CARE-set: {len(loaded.final_tokens())} tokens; edit away."),
+                       careset=loaded, official=None)
+    official = loaded
     if session.careset is not None and official.reference_key == _key(session.careset.config.reference_word):
-        candidates = set(session.careset.tokens)
+        current = session.careset
+        candidates = set(current.tokens)
         wanted = set(official.tokens)
-        session.careset = session.careset.with_edits(
-            reset=True, keep_tokens=[t for t in session.careset.tokens if t in wanted],
-            drop_tokens=[t for t in session.careset.tokens if t not in wanted],
-            custom_tokens=[t for t in official.tokens if t not in candidates])
-        return _views(session, ok(f"Applied careset.json ({len(official.tokens)} tokens) to the current CARE-set."))
-    session.careset, session.official = None, official
-    return _views(session, ok(f"Loaded careset.json with {len(official.tokens)} tokens for “{official.reference_key}”. "
-                              "Build a CARE-set from images to edit it on the plot."))
+        status = ok(f"Applied careset.json ({len(official.tokens)} tokens) to the current CARE-set.")
+        return _edit(session, status, limits=limits, reset=True,
+                     keep_tokens=[t for t in current.tokens if t in wanted],
+                     drop_tokens=[t for t in current.tokens if t not in wanted],
+                     custom_tokens=[t for t in official.tokens if t not in candidates])
+    return _commit(session, ok(f"Loaded careset.json with {len(official.tokens)} tokens for “{md(official.reference_key)}”. "
+                               "Build a CARE-set from images to edit it on the plot."), careset=None, official=official)
 
 
 def _key(word: str) -> str:
@@ -373,24 +402,64 @@ def _fail(session: Session, message: str):
     return out
 
 
+class _Unchanged(enum.Enum):
+    """_commit's default: leave this part of the session as it is."""
+
+    KEEP = 0
+
+
+_KEEP = _Unchanged.KEEP
+
+
+def _commit(session: Session, status: str, careset: Any = _KEEP, official: Any = _KEEP) -> list:
+    """Make (careset, official) the session's state: render every view and file first, then swap.
+
+    When anything fails on the way (e.g. a careset whose reference word gives no careset.json
+    key), the session keeps its previous state and files and the status says why.
+
+    Args:
+        session: the session.
+        status: the status line for success (Markdown; escape what came from users or files).
+        careset: the new CareSet, None for none, or unchanged.
+        official: the new OfficialCareSet (a loaded token list), None for none, or unchanged.
+    """
+    careset = session.careset if careset is _KEEP else careset
+    official = session.official if official is _KEEP else official
+    try:
+        views, files = _render(session, careset, official, status)
+    except RecareError as e:
+        return _fail(session, f"The CARE-set was not changed: {e}")
+    for path, text in files:
+        atomic_write_text(path, text)
+    session.careset, session.official = careset, official
+    views[6] = served(files[0][0]) if files else None
+    views[7] = served(files[1][0]) if len(files) > 1 else None
+    return views
+
+
 def _views(session: Session, status: str) -> list:
-    """Every view of the session's CARE-set, and the files saved for it."""
-    careset = session.careset
+    """Every view of the session's current CARE-set (and its files written again)."""
+    return _commit(session, status)
+
+
+def _render(session: Session, careset: CareSet | None, official, status: str) -> tuple[list, list[tuple[Path, str]]]:
+    """(the nine views, [(file, text)] to save) for a state, computed without changing anything."""
     if careset is None:
-        tokens = session.official.tokens if session.official is not None else []
-        official_path = None
-        if session.official is not None:
-            o = session.official
-            atomic_write_json(session.careset_path, {f"{o.reference_key}_care_word": o.base_prompts,
-                                                     f"{o.reference_key}_care_word_{o.prompt_style}": o.retain_prompts})
-            official_path = str(session.careset_path)
+        tokens = official.tokens if official is not None else []
+        files = []
+        if official is not None:
+            o = official
+            files.append((session.careset_path, json.dumps(
+                {f"{o.reference_key}_care_word": o.base_prompts,
+                 f"{o.reference_key}_care_word_{o.prompt_style}": o.retain_prompts}, indent=2) + "\n"))
         return [session, placeholder_json("Build a CARE-set to see its candidates here."),
                 pd.DataFrame(columns=list(TABLE_COLUMNS)), gr.update(choices=[], value=[]),
                 pd.DataFrame(columns=list(SUMMARY_COLUMNS)), gr.update(value="\n".join(tokens), label=_final_label(len(tokens))),
-                official_path, None, status]
+                None, None, status], files
     final = careset.final_tokens()
-    write_careset_json(careset, session.careset_path)
-    save_rich_json(careset, session.rich_careset_path)
+    c = careset.config
+    files = [(session.careset_path, json.dumps(official_dict(final, c.reference_word, c.prompt_style), indent=4) + "\n"),
+             (session.rich_careset_path, json.dumps(rich_dict(careset), indent=1) + "\n")]
     summary = careset.cluster_summary()
     reasons = careset.reasons
     table = pd.DataFrame({
@@ -408,13 +477,12 @@ def _views(session: Session, status: str) -> list:
     summary_df = pd.DataFrame([
         [row["cluster"], row["size"], row["kept"], round(row["mean_residual"], 3), row["fate"], ", ".join(row["top_tokens"])]
         for row in summary], columns=list(SUMMARY_COLUMNS))
-    custom = [t for t in final if t not in set(careset.tokens)]
-    final_text = "\n".join(t if t not in custom else f"{t}  (custom)" for t in final)
+    candidates = set(careset.tokens)
+    final_text = "\n".join(t if t in candidates else f"{t}  (custom)" for t in final)
     if not final:
         status = (status + "  \n" if status else "") + "⚠ The CARE-set is empty: keep some tokens before training."
     return [session, figure_json(careset_figure(careset)), table, gr.update(choices=cluster_choices, value=clusters_on),
-            summary_df, gr.update(value=final_text, label=_final_label(len(final))), str(session.careset_path),
-            str(session.rich_careset_path), status]
+            summary_df, gr.update(value=final_text, label=_final_label(len(final))), None, None, status], files
 
 
 def _final_label(n: int) -> str:

@@ -1,17 +1,22 @@
-"""Small helpers shared by the tabs: the app context, how a tab reports a problem, and how it
-shows the library's progress events."""
+"""Small helpers shared by the tabs: the app context, how a tab reports a problem, how it shows
+the library's progress events, how text from users and files is escaped before it is shown as
+Markdown, and how a file is handed to Gradio for serving."""
 
 from __future__ import annotations
 
 import dataclasses
+import html
+import math
 import re
 import secrets
+from pathlib import Path
 from typing import Any, Callable
 
 import gradio as gr
 
-from recare.errors import RunError
+from recare.errors import ConfigError, RunError
 from recare.jobs import JobRunner
+from recare.limits import Limits
 from recare.model_cache import ModelCache
 from recare.runs import RunStore
 from recare.progress import ProgressEvent
@@ -30,6 +35,8 @@ class AppContext:
         jobs: the app's job runner (starts, cancels and resumes runs in worker processes).
         owner: the gr.BrowserState holding this browser's random key; pass it to a handler as an
             input and turn it into the owner of runs with `owner_key(value, request)`.
+        limits: the app's resource limits (`recare.limits.Limits`), passed to every library call
+            that reads user input.
     """
 
     models: ModelCache
@@ -39,6 +46,7 @@ class AppContext:
     runs: RunStore | None = None
     jobs: JobRunner | None = None
     owner: gr.BrowserState | None = None
+    limits: Limits = dataclasses.field(default_factory=Limits.from_env)
 
 
 _BROWSER_KEY = re.compile(r"^[A-Za-z0-9_-]{22,64}$")  # what new_browser_key makes; never contains ':'
@@ -75,10 +83,74 @@ def problem(message: str) -> str:
     """Show `message` as a toast and return it as Markdown for the tab's status line.
 
     Use for bad input and load failures: the event finishes normally, so the session keeps
-    working and API clients see the message in the status output.
+    working and API clients see the message in the status output. The message is plain text
+    (it often quotes a file or what the user typed) and is escaped: nothing in it renders.
     """
-    gr.Warning(message)
-    return f"⚠ **{message}**"
+    gr.Warning(html.escape(" ".join(str(message).split()), quote=False))
+    return f"⚠ **{md(message)}**"
+
+
+# Markdown that could turn text into markup: HTML is escaped as entities; these get a backslash.
+_MD_SPECIAL = re.compile(r"([\\`*\[\]!~@])")
+_AUTOLINK = re.compile(r"(://|(?<![A-Za-z0-9])www\.)", re.IGNORECASE)
+
+
+def md(text: Any) -> str:
+    """`text` (from a user or a file) escaped for a Markdown line: it shows as typed and renders nothing.
+
+    HTML becomes entities, the characters of links, images, code and emphasis get a backslash,
+    autolinks (`http://`, `www.`, e-mail addresses) are broken up, and line breaks become spaces.
+
+    Args:
+        text: anything; str() is applied.
+    """
+    text = html.escape(" ".join(str(text).split()), quote=False)
+    text = _MD_SPECIAL.sub(r"\\\1", text)
+    return _AUTOLINK.sub(lambda m: m.group(1).replace("/", "\\/").replace(".", "\\."), text)
+
+
+def number(value: Any, name: str, kind: type = int) -> int | float:
+    """A number box's value as `kind`; ConfigError for an empty, non-numeric, non-finite or fractional entry.
+
+    Args:
+        value: what the component (or an API client) sent.
+        name: the field, for the message.
+        kind: int or float.
+    """
+    if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
+        raise ConfigError(f"{name} must be a number (got {str(value)[:40]!r}).")
+    try:
+        as_float = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{name} must be a number (got {str(value)[:40]!r}).") from None
+    if not math.isfinite(as_float):
+        raise ConfigError(f"{name} must be a finite number (got {str(value)[:40]!r}).")
+    if kind is float:
+        return as_float
+    if isinstance(value, int):
+        return value  # exact, however large (the config says whether it is in range)
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    if as_float != int(as_float):
+        raise ConfigError(f"{name} must be a whole number (got {str(value)[:40]!r}).")
+    return int(as_float)
+
+
+def served(path: str | Path) -> str:
+    """The copy of `path` Gradio serves: in Gradio's cache, under a folder named by a keyed hash of its bytes.
+
+    Session folders and run folders are never in `allowed_paths`, so no URL reaches them; a
+    handler returns only the files it means to show, each copied here. Knowing one file's URL
+    tells nothing about any other file (no shared folder, no predictable name), so a session's
+    manifest, CARE-set files and originals of blurred images stay private. Gradio deletes the
+    copies on its `delete_cache` schedule.
+
+    Args:
+        path: a file the user is meant to see (an image, a careset file to download).
+    """
+    from gradio import processing_utils, utils
+
+    return processing_utils.save_file_to_cache(str(path), utils.get_upload_folder())
 
 
 def ok(message: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 from types import MappingProxyType
 
@@ -43,7 +44,9 @@ def careset_figure(careset: CareSet, height: int = 600) -> go.Figure:
     Colour is the cluster, the marker says kept or why dropped; hover shows token, count,
     similarity to the target and residual. Each cluster is one trace whose `meta` holds the
     cluster id (the browser uses it to toggle a cluster from its legend entry); each point's
-    `customdata[0]` is its token (used to toggle the token on click).
+    `customdata[0]` is its token (used to toggle the token on click). Plotly renders tags in
+    labels and hover text, so what is shown of a token (which may come from a loaded file) is
+    HTML-escaped (`customdata[5]`, the labels, the title).
 
     Args:
         careset: the CareSet to draw.
@@ -54,9 +57,11 @@ def careset_figure(careset: CareSet, height: int = 600) -> go.Figure:
     show_text = len(careset.tokens) <= MAX_TEXT_LABELS
     fig = go.Figure()
     summary = {row["cluster"]: row for row in careset.cluster_summary()}
+    members = careset.cluster_members()
+    shown = [html.escape(t) for t in careset.tokens]
     for k in sorted(summary):
         row = summary[k]
-        idx = [i for i in range(len(careset.tokens)) if int(careset.labels[i]) == k]
+        idx = [int(i) for i in members[k]]
         fate = row["fate"]
         if row["overridden"]:  # a manual cluster edit outranks what Algorithm 1 decided
             name = f"cluster {k} · {'kept' if careset.cluster_overrides[k] else 'dropped'}: manual"
@@ -69,7 +74,7 @@ def careset_figure(careset: CareSet, height: int = 600) -> go.Figure:
                 mode="markers+text" if show_text else "markers",
                 name=f"{name} ({row['kept']}/{row['size']})",
                 meta={"cluster": k},
-                text=[careset.tokens[i] for i in idx] if show_text else None,
+                text=[shown[i] for i in idx] if show_text else None,
                 textposition="top center",
                 textfont={"size": 10, "color": ["#222" if keep[i] else "#999" for i in idx]},
                 customdata=[
@@ -79,11 +84,12 @@ def careset_figure(careset: CareSet, height: int = 600) -> go.Figure:
                         float(careset.similarity[i]),
                         float(careset.residuals[i]),
                         FATE_LABELS[reasons[i]],
+                        shown[i],
                     ]
                     for i in idx
                 ],
                 hovertemplate=(
-                    "<b>%{customdata[0]}</b><br>count %{customdata[1]}<br>"
+                    "<b>%{customdata[5]}</b><br>count %{customdata[1]}<br>"
                     "similarity to target %{customdata[2]:.3f}<br>residual %{customdata[3]:.3f}<br>"
                     "%{customdata[4]}<br><i>click to toggle</i><extra>cluster " + str(k) + "</extra>"
                 ),
@@ -113,7 +119,7 @@ def careset_figure(careset: CareSet, height: int = 600) -> go.Figure:
         height=height,
         margin={"l": 10, "r": 10, "t": 40, "b": 10},
         title={
-            "text": f"{len(careset.tokens)} candidates for “{careset.config.reference_word}” · {projection} · "
+            "text": f"{len(careset.tokens)} candidates for “{html.escape(careset.config.reference_word)}” · {projection} · "
             f"{kept} kept",
             "font": {"size": 14}, "x": 0.01, "xanchor": "left",
         },

@@ -15,15 +15,16 @@ import gradio as gr
 
 from recare.config import GenerateConfig
 from recare.errors import RecareError
-from recare.generate import ImageInputError, iter_generation, load_images
+from recare.generate import ImageInputError, check_generate_limits, iter_generation, load_images
 from recare.models import MINI_WORLD, ModelLoadError
 from recare.progress import CancelToken
 from recare import worldspec
-from ui.common import AppContext, gradio_progress, ok, problem
+from ui.common import AppContext, gradio_progress, md, number, ok, problem
 from ui.image_set import add_images, gallery_items, summary_line, write_image_manifest
 from ui.session import Session, ensure_session
 
-MAX_IMAGES = 64
+MAX_IMAGES = 64  # the slider's end; RECARE_MAX_GENERATE_IMAGES can only lower it in the app
+WAIT_FOR_CANCELLED_S = 30.0  # at most this long a new run waits for a cancelled run's last batch
 
 
 def create_generate_tab(ctx: AppContext) -> dict[str, Any]:
@@ -81,7 +82,8 @@ def create_generate_tab(ctx: AppContext) -> dict[str, Any]:
 
     c["generate_event"] = c["generate"].click(generate, inputs, outputs, api_name="generate", concurrency_limit=2)
     c["cancel"].click(_cancelled, [ctx.session], [c["status"]], cancels=[c["generate_event"]], api_name="cancel")
-    c["use_upload"].click(_use_upload, [c["upload"], ctx.session], outputs, api_name="upload_images")
+    c["use_upload"].click(lambda files, session: _use_upload(ctx, files, session), [c["upload"], ctx.session], outputs,
+                          api_name="upload_images")
     c["gallery"].select(_select, None, [c["selected"]], api_name=False)
     c["reveal"].click(_toggle_reveal, [c["selected"], ctx.session], outputs, api_name="toggle_reveal")
     c["show_unchecked"].input(_show_unchecked, [c["show_unchecked"], ctx.session], outputs, api_name="show_unchecked")
@@ -92,40 +94,51 @@ def _generate(ctx: AppContext, base: GenerateConfig, prompt, num_images, seed, s
               progress):
     """Generator: yields (session, gallery, status) after each batch of `recare.generate.iter_generation`.
 
-    Cancel (`_cancelled`) bumps `session.run_id`, so a batch that finishes after it is dropped,
-    and sets this run's cancel token, so the library starts no further batch.
+    Everything is checked before the session changes (settings, limits, the model), and the old
+    image set is replaced only when the first new batch arrives, so a request that fails keeps
+    the images the session had. Cancel (`_cancelled`) bumps `session.run_id`, so a batch that
+    finishes after it is dropped, and sets this run's cancel token, so the library starts no
+    further batch.
     """
     session = ensure_session(session)
     try:
         config = dataclasses.replace(
-            base, prompt=(prompt or "").strip(), num_images=int(num_images or 0),
-            base_seed=int(seed if seed is not None else 42), steps=int(steps or 0),
-            guidance=float(guidance if guidance is not None else 7.5))
+            base, prompt=("" if prompt is None else prompt).strip() if isinstance(prompt, (str, type(None))) else prompt,
+            num_images=number(num_images, "the number of images"), base_seed=number(seed, "the seed"),
+            steps=number(steps, "steps"), guidance=number(guidance, "guidance", float))
         config.validate()
+        limit = min(MAX_IMAGES, ctx.limits.generate_images)
+        if config.num_images > limit:
+            raise RecareError(f"at most {limit} images per request here (asked for {config.num_images:,}).")
+        check_generate_limits(config, ctx.limits)
     except RecareError as e:
         yield session, gr.skip(), problem(str(e))
         return
+    total = config.num_images
+    yield session, gr.skip(), f"Generating {total} image{'s' if total != 1 else ''}: loading {md(model_name)}…"
     try:
         progress(0, desc=f"loading {model_name}")
         pipe = ctx.models.pipeline(model_name)
     except ModelLoadError as e:
         yield session, gr.skip(), problem(f"Could not load the model: {e}")
         return
+    if session.active_run:  # a cancelled run is finishing the batch it had started: say so, then wait
+        yield session, gr.skip(), "Waiting for the cancelled run to finish its last batch…"
+        _wait_for_previous_run(session)
     with session.lock:
         session.run_id += 1
-        run_id = session.run_id
+        run_id = session.active_run = session.run_id
     cancel = CancelToken(path=_cancel_file(session, run_id))
     for stale in session.folder.glob(".cancel-generate-*"):  # left by Cancel pressed while nothing ran
         if stale != cancel.path:
             stale.unlink(missing_ok=True)
-    session.clear_images()
-    session.source = f"“{config.prompt}” · {model_name} · {config.steps} steps · guidance {config.guidance}"
-    total = config.num_images
-    yield session, [], f"Generating {total} images…"
+    source = f"“{config.prompt}” · {model_name} · {config.steps} steps · guidance {config.guidance}"
     started = time.perf_counter()
     try:
-        for batch in iter_generation(pipe, config, progress=gradio_progress(progress), cancel=cancel):
-            if not add_images(session, batch.images, batch.seeds, run_id=run_id):
+        for batch in iter_generation(pipe, config, progress=gradio_progress(progress), cancel=cancel,
+                                     limits=ctx.limits):
+            if not add_images(session, batch.images, batch.seeds, run_id=run_id, replace=batch.start == 0,
+                              source=source):
                 return  # cancelled (or superseded) while this batch ran: keep what was there
             write_image_manifest(session, pipe, config, model=model_name, seconds=time.perf_counter() - started,
                                  run_id=run_id)
@@ -134,9 +147,26 @@ def _generate(ctx: AppContext, base: GenerateConfig, prompt, num_images, seed, s
             yield session, gallery_items(session), status
         if cancel.is_set():
             return  # Cancel already answered with the count kept
+    except RecareError as e:  # nothing of the old set is lost unless a new batch had replaced it
+        yield session, gr.skip(), problem(f"Generation stopped: {e}")
+        return
     finally:
         cancel.path.unlink(missing_ok=True)
+        with session.lock:
+            if session.active_run == run_id:
+                session.active_run = 0
     yield session, gallery_items(session), ok(f"Done. {summary_line(session)}")
+
+
+def _wait_for_previous_run(session: Session, timeout: float = WAIT_FOR_CANCELLED_S) -> None:
+    """Wait (at most `timeout` seconds) until no generation of this session is running.
+
+    Only to spare the CPU two runs at once: going on earlier is safe, since a cancelled run's
+    late batch is dropped anyway (its run id is no longer the session's).
+    """
+    deadline = time.monotonic() + timeout
+    while session.active_run and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _cancel_file(session: Session, run_id: int) -> Path:
@@ -154,18 +184,19 @@ def _cancelled(session: Session | None) -> str:
     return f"Cancelled. The {n} image{'s' if n != 1 else ''} made so far are kept."
 
 
-def _use_upload(files, session: Session | None):
+def _use_upload(ctx: AppContext, files, session: Session | None):
     session = ensure_session(session)
     paths = [f if isinstance(f, str) else getattr(f, "name", f) for f in (files or [])]
     if not paths:
         return session, gr.skip(), problem("No files uploaded: drop images or a .zip of images first.")
     try:
-        images = load_images(paths)
+        images = load_images(paths, limits=ctx.limits)  # every image checked before the session changes
     except ImageInputError as e:
         return session, gr.skip(), problem(f"Could not use the upload: {e}")
-    session.clear_images()
-    session.source = f"uploaded, {len(paths)} file{'s' if len(paths) != 1 else ''}"
-    add_images(session, images, [None] * len(images))
+    with session.lock:
+        session.run_id += 1  # a generation still running must not add its batches to this set
+    add_images(session, images, [None] * len(images), replace=True,
+               source=f"uploaded, {len(paths)} file{'s' if len(paths) != 1 else ''}")
     return session, gallery_items(session), ok(summary_line(session))
 
 
@@ -175,6 +206,10 @@ def _select(evt: gr.SelectData):
 
 def _toggle_reveal(index, session: Session | None):
     session = ensure_session(session)
+    try:
+        index = None if index is None else number(index, "the image number")
+    except RecareError as e:
+        return session, gr.skip(), problem(str(e))
     if index is None or not (0 <= int(index) < len(session.images)):
         msg = "Select an image in the gallery first." if session.images else "There are no images to reveal yet."
         return session, gr.skip(), problem(msg)

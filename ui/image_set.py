@@ -17,6 +17,7 @@ from recare import safety
 from recare.config import GenerateConfig
 from recare.generate import generation_metadata, write_manifest
 from recare.runs import atomic_write_bytes
+from ui.common import md, served
 from ui.session import Session
 
 
@@ -27,7 +28,7 @@ def _png_bytes(image: Image.Image) -> bytes:
 
 
 def add_images(session: Session, images: Sequence[Image.Image], seeds: Sequence[int | None],
-               run_id: int | None = None) -> bool:
+               run_id: int | None = None, replace: bool = False, source: str | None = None) -> bool:
     """Save `images` into the session folder, run the safety check on them, and append them.
 
     Args:
@@ -36,6 +37,9 @@ def add_images(session: Session, images: Sequence[Image.Image], seeds: Sequence[
         seeds: one seed per image (None for uploaded images).
         run_id: the generation run these images belong to; when given and the session has moved
             on (Cancel bumped `session.run_id`), nothing is added.
+        replace: the images start a new set: the old one is dropped here, in the same step as the
+            new images arrive, so a request that fails before it has any image keeps the old set.
+        source: the new set's description (with `replace`).
 
     Returns:
         Whether the images were added.
@@ -48,6 +52,10 @@ def add_images(session: Session, images: Sequence[Image.Image], seeds: Sequence[
     with session.lock:
         if run_id is not None and session.run_id != run_id:
             return False
+        if replace:
+            session.clear_images()
+            if source is not None:
+                session.source = source
         session.checked = session.checked and checked
         for image, seed, flag in zip(images, seeds, flags):
             index = len(session.images)
@@ -112,9 +120,9 @@ def gallery_items(session: Session) -> list[tuple[str, str]]:
                 with Image.open(path) as im:
                     atomic_write_bytes(hidden, _png_bytes(safety.blur(im)))
             why = "flagged by NudeNet" if session.checked else "not checked (detector unavailable)"
-            items.append((str(hidden), f"{label} · hidden: {why}"))
+            items.append((served(hidden), f"{label} · hidden: {why}"))
         else:
-            items.append((str(path), label + (" · revealed" if i in session.revealed else "")))
+            items.append((served(path), label + (" · revealed" if i in session.revealed else "")))
     return items
 
 
@@ -125,7 +133,7 @@ def summary_line(session: Session) -> str:
         return "No images yet: generate some or upload images / a zip."
     hidden = sum(session.is_hidden(i) for i in range(n))
     flagged = sum(session.flags) if session.checked else None
-    parts = [f"**{n} image{'s' if n != 1 else ''}** ({session.source})"]
+    parts = [f"**{n} image{'s' if n != 1 else ''}** ({md(session.source)})"]
     if flagged is None:
         parts.append("the nudity detector is unavailable, so every image is blurred until you opt in")
     elif flagged:

@@ -59,7 +59,7 @@ class Session:
         show_unchecked: the user opted in to see images that could not be checked.
         careset: the current CareSet (recare.careset.CareSet) or None.
         official: an OfficialCareSet loaded from a plain careset.json while no CareSet is built.
-        source: a line saying where the image set came from.
+        source: a line saying where the image set came from (plain text: escape it before Markdown).
     """
 
     root: Path
@@ -74,6 +74,7 @@ class Session:
     official: Any = None
     source: str = ""
     run_id: int = 0  # bumped to cancel the running generation: a late batch of an old run is dropped
+    active_run: int = 0  # run_id of the generation whose code is still running (0: none), cancelled or not
 
     def __post_init__(self) -> None:
         # Makes "is this run still current? then append its images" atomic with respect to Cancel,

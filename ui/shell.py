@@ -18,9 +18,11 @@ import gradio as gr
 
 from recare import models
 from recare.errors import RunError
+from recare.limits import Limits
+from recare.runs import runs_root
 from ui.careset_tab import create_careset_tab
 from ui.cluster_plot import plotly_js_path
-from ui.common import AppContext, new_browser_key, ok, owner_key, problem
+from ui.common import AppContext, md, new_browser_key, ok, owner_key, problem
 from ui.generate_tab import create_generate_tab
 from ui.placeholder_tabs import create_compare_tab, create_train_tab
 from ui.session import close_session, max_session_age_s, new_session, sweep_sessions, workspace_root
@@ -54,7 +56,8 @@ CSS = """
 
 
 def create_app(model: str = models.MINI_WORLD, device: str = "auto", workspace: str | Path | None = None,
-               tabs: tuple[TabSpec, ...] = TABS, runs_dir: str | Path | None = None) -> gr.Blocks:
+               tabs: tuple[TabSpec, ...] = TABS, runs_dir: str | Path | None = None,
+               policy: models.ModelPolicy | None = None, limits: Limits | None = None) -> gr.Blocks:
     """Build the Gradio app (not launched). Launch it with `demo.queue().launch(**launch_kwargs(workspace))`.
 
     Args:
@@ -63,6 +66,9 @@ def create_app(model: str = models.MINI_WORLD, device: str = "auto", workspace: 
         workspace: root of the per-session folders; default $RECARE_WORKSPACE or a temp dir.
         tabs: the workspaces to show (default: the registry TABS).
         runs_dir: the run store's folder; default $RECARE_HOME/runs or ~/.cache/recare/runs.
+        policy: which model and encoder names visitors may load (`recare.models.ModelPolicy`); a
+            public deployment passes `ModelPolicy.public(allowed_dirs)`. Default: any name (local use).
+        limits: resource limits for every request (default `Limits.from_env()`).
     """
     from recare.jobs import JobRunner
     from recare.model_cache import ModelCache
@@ -71,8 +77,10 @@ def create_app(model: str = models.MINI_WORLD, device: str = "auto", workspace: 
     root = Path(workspace).expanduser().resolve() if workspace is not None else workspace_root()
     root.mkdir(parents=True, exist_ok=True)
     sweep_sessions(root, max_session_age_s())
-    cache = ModelCache(device=device)
-    store = RunStore(runs_dir)
+    policy = policy or models.LOCAL_USE
+    limits = limits or Limits.from_env()
+    cache = ModelCache(device=device, policy=policy)
+    store = RunStore(runs_dir, limits=limits)
     runner = JobRunner(store)
     runner.recover()  # runs left RUNNING by a crashed app read FAILED (resumable); QUEUED ones start
     with gr.Blocks(title="ReCARE Studio", delete_cache=(3600, 6 * 3600), analytics_enabled=False) as demo:
@@ -90,11 +98,13 @@ def create_app(model: str = models.MINI_WORLD, device: str = "auto", workspace: 
                 with gr.Row():
                     model_name = gr.Dropdown(
                         choices=list(dict.fromkeys([model, *MODEL_CHOICES])), value=model, allow_custom_value=True,
-                        label="Model", info="mini-world (bundled, offline), a hub id, or a local diffusers folder",
+                        label="Model", info="mini-world (bundled, offline) or a hub id" if policy.public_mode
+                        else "mini-world (bundled, offline), a hub id, or a local diffusers folder",
                         elem_id="model-name", scale=3)
                     load = gr.Button("Load", scale=1, elem_id="model-load")
                 model_status = gr.Markdown(f"Device: **{cache.device}**", elem_id="model-status")
-        ctx = AppContext(models=cache, session=session, model_name=model_name, runs=store, jobs=runner, owner=owner)
+        ctx = AppContext(models=cache, session=session, model_name=model_name, runs=store, jobs=runner, owner=owner,
+                         limits=limits)
         with gr.Tabs():
             for spec in tabs:
                 with gr.Tab(spec.title, id=spec.key):
@@ -106,7 +116,7 @@ def create_app(model: str = models.MINI_WORLD, device: str = "auto", workspace: 
                 cache.pipeline(name)
             except models.ModelLoadError as e:
                 return problem(f"Could not load the model: {e}") + f"  \nDevice: **{cache.device}**"
-            return ok(f"Loaded **{name}** on **{cache.device}**.")
+            return ok(f"Loaded **{md(name)}** on **{cache.device}**.")
 
         load.click(load_model, [model_name], [model_status], api_name="load_model")
         demo.load(ensure_browser_key, [owner], [owner], api_visibility="private")
@@ -150,17 +160,32 @@ def browser_secret(runs_root: Path) -> str:
     return secret
 
 
-def launch_kwargs(workspace: str | Path | None = None) -> dict[str, Any]:
-    """Arguments for `demo.launch`: the minimal allowed paths, theme and CSS.
+def launch_kwargs(workspace: str | Path | None = None, runs_dir: str | Path | None = None,
+                  limits: Limits | None = None) -> dict[str, Any]:
+    """Arguments for `demo.launch`: what may be served, the upload size limit, theme and CSS.
 
-    Files are served only from the workspace root (session folders) and plotly.min.js.
+    The only allowed path is plotly.min.js. Session folders and run folders are never served as
+    folders: a handler hands Gradio each file it shows (`ui.common.served`), and Gradio serves
+    that copy from its cache under a folder named by a keyed hash of the bytes, so one file's URL
+    leads to no other file. The workspace root and the runs folder are also blocked outright (a
+    second fence, should a handler ever return one of their paths).
 
     Args:
         workspace: the same root given to create_app (default $RECARE_WORKSPACE or a temp dir).
+        runs_dir: the same runs folder given to create_app (default $RECARE_HOME/runs or ~/.cache/recare/runs).
+        limits: `upload_bytes` becomes Gradio's max_file_size (default `Limits.from_env()`).
     """
+    from gradio import utils as gradio_utils
+
     root = Path(workspace).expanduser().resolve() if workspace is not None else workspace_root()
+    limits = limits or Limits.from_env()
+    gradio_cache = Path(gradio_utils.get_upload_folder()).resolve()
+    # never block a folder that holds Gradio's own cache (a workspace set to /tmp itself, say)
+    blocked = [str(p) for p in (root, runs_root(runs_dir)) if p != gradio_cache and p not in gradio_cache.parents]
     return {
-        "allowed_paths": [str(root), str(plotly_js_path())],
+        "allowed_paths": [str(plotly_js_path())],
+        "blocked_paths": blocked,
+        "max_file_size": limits.upload_bytes,
         "theme": gr.themes.Soft(primary_hue="indigo", secondary_hue="rose"),
         "css": CSS,
         "ssr_mode": False,

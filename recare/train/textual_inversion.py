@@ -36,7 +36,7 @@ import copy
 import dataclasses
 import itertools
 import math
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -254,11 +254,13 @@ def with_learned_tokens(tokenizer, text_encoder, tokens: Iterable[LearnedToken] 
     pairs = [(t.placeholder, t.embedding) for t in tokens] if not isinstance(tokens, Mapping) else list(tokens.items())
     base = text_encoder.get_input_embeddings()
     if len(tokenizer) != base.num_embeddings:
-        raise TrainingError(f"tokenizer ({len(tokenizer)} tokens) and text encoder ({base.num_embeddings} rows) differ.")
+        raise TrainingError(f"tokenizer ({len(tokenizer)} tokens) and text encoder ({base.num_embeddings} rows) "
+                            "do not belong together.")
     tok = copy.deepcopy(tokenizer)
     for placeholder, embedding in pairs:
         if embedding.shape[-1] != base.embedding_dim:
-            raise TrainingError(f"token {placeholder!r} has width {embedding.shape[-1]}, the text encoder {base.embedding_dim}.")
+            raise TrainingError(f"token {placeholder!r} has width {embedding.shape[-1]}, "
+                                f"the text encoder {base.embedding_dim}.")
         if placeholder in tok.get_vocab() or tok.add_tokens([placeholder]) != 1:
             raise ConfigError(f"the tokenizer already has {placeholder!r}.")
     encoder = share_weights_copy(text_encoder)
@@ -314,7 +316,7 @@ class LatentCache:
     shift_factor: float
 
     def sample(self, index: torch.Tensor, flip: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """z0 = (mean + std * noise - shift) * scale for images `index` in view `flip` (what `latent_dist.sample()` draws)."""
+        """z0 = (mean + std * noise - shift) * scale of images `index` in view `flip` (`latent_dist.sample()`)."""
         view = flip.long()
         x = self.mean[index, view] + self.std[index, view] * noise.to(self.mean.device)
         return (x - self.shift_factor) * self.scaling_factor
@@ -472,7 +474,8 @@ def learn_token(
     row = torch.nn.Parameter(base_embedding.weight.detach()[init_id].float().clone().unsqueeze(0))
     encoder = share_weights_copy(text_encoder)
     encoder.set_input_embeddings(EmbeddingWithNewRows(base_embedding, row, [new_id]))
-    optimizer = torch.optim.AdamW([row], lr=config.effective_learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+    optimizer = torch.optim.AdamW([row], lr=config.effective_learning_rate,
+                                  betas=(config.adam_beta1, config.adam_beta2),
                                   weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     order = _ImageOrder(len(images), [], 0)
