@@ -139,13 +139,13 @@ def parse_official(data: dict, name: str = "careset.json", limits: Limits | None
     base, retain = data[base_key], data[f"{base_key}_{style}"]
     for label, value in ((base_key, base), (f"{base_key}_{style}", retain)):
         if not isinstance(value, list) or not value:
-            raise CareSetFileError(f"{name}: '{_short(label)}' must be a non-empty list of non-empty strings.")
+            raise CareSetFileError(f"{name}: {_short(label)} must be a non-empty list of non-empty strings.")
         _check_token_count(name, _short(label), len(value), limits)  # before looking at each entry
         if not all(isinstance(v, str) and v.strip() for v in value):
-            raise CareSetFileError(f"{name}: '{_short(label)}' must be a non-empty list of non-empty strings.")
+            raise CareSetFileError(f"{name}: {_short(label)} must be a non-empty list of non-empty strings.")
     if len(base) != len(retain):
-        raise CareSetFileError(f"{name}: '{_short(base_key)}' has {len(base):,} entries but "
-                               f"'{_short(base_key + '_' + style)}' has {len(retain):,}; they pair up one to one.")
+        raise CareSetFileError(f"{name}: {_short(base_key)} has {len(base):,} entries but "
+                               f"{_short(base_key + '_' + style)} has {len(retain):,}; they pair up one to one.")
     tokens = [b[len(BASE_PREFIX):] if b.startswith(BASE_PREFIX) else b for b in base]
     longest = max(tokens, key=len)
     if len(longest) > limits.token_chars:

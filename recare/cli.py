@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from recare import __version__, worldspec
 from recare.config import CareSetConfig, ConfigError, GenerateConfig
-from recare.errors import RecareError
+from recare.errors import Cancelled, RecareError, RunError
 
 EXIT_USAGE = 2
 DEFAULT_RUNS_DIR = "runs"
@@ -200,13 +200,11 @@ def _task_for_images(spec: dict, args: argparse.Namespace) -> dict | None:
 
 
 def run_careset(args: argparse.Namespace) -> Path:
-    from recare.careset import build_care_set
-    from recare.careset_io import save_rich_json, write_careset_json
-    from recare.encoders import vocabulary_features
     from recare.generate import images_summary, load_images
     from recare.models import MINI_WORLD, load_encoder
     from recare.progress import TqdmProgress
     from recare.runs import atomic_write_json, new_run_dir
+    from recare.workflows import careset_from_images, write_careset_files
 
     _check_folder_arg("--out", args.out)
     _check_folder_arg("--cache-dir", args.cache_dir)
@@ -219,16 +217,8 @@ def run_careset(args: argparse.Namespace) -> Path:
     vocab = _vocabulary(args, spec)
     encoder = load_encoder(args.encoder, device=args.device)
     print(f"encoding {len(images)} images and {len(vocab)} vocabulary tokens with {encoder.identity}", file=sys.stderr)
-    image_features = encoder.encode_images(images)
-    with TqdmProgress(unit="tok") as bar:
-        vocab_features = vocabulary_features(encoder, vocab, cache_dir=args.cache_dir, progress=bar)
-    target_feature = encoder.encode_texts([config.reference_word])[0]
-
-    with TqdmProgress(unit="%") as bar:
-        careset = build_care_set(
-            image_features, vocab_features, vocab.tokens, target_feature, config, progress=bar,
-            meta={"encoder": encoder.identity, "vocabulary": vocab.source, "vocabulary_hash": vocab.hash},
-        )
+    with TqdmProgress() as bar:
+        careset = careset_from_images(images, config, encoder, vocab, cache_dir=args.cache_dir, progress=bar)
 
     run_dir = new_run_dir(args.out, "careset")
     atomic_write_json(run_dir / "config.json", {
@@ -237,12 +227,172 @@ def run_careset(args: argparse.Namespace) -> Path:
         "vocabulary": {"source": vocab.source, "size": len(vocab), "hash": vocab.hash},
         "images": {"source": str(args.images), **images_summary(images)},
     })
-    save_rich_json(careset, run_dir / "careset.rich.json")
-    write_careset_json(careset, run_dir / "careset.json")
+    write_careset_files(careset, run_dir)
     kept = careset.final_tokens()
     print(f"{len(careset.tokens)} candidates -> {len(kept)} CARE tokens for {config.reference_word!r}: "
           + ", ".join(kept[:20]) + (" ..." if len(kept) > 20 else ""))
     return run_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+
+TRAIN_TARGET = "recare.train.recipe:run_training_job"
+TRAIN_METHOD_CHOICES = ("recare", "esd", "recare-no-adv", "recare-no-retain")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from recare.config import OUTPUT_FORMATS, TRAIN_METHODS, TrainConfig
+
+    d = TrainConfig()
+    s1, s2 = d.stage1, d.stage2
+    parser.add_argument("--model", default="mini-world",
+                        help="base model: 'mini-world', a hub id (CompVis/stable-diffusion-v1-4) or a local diffusers folder "
+                             "(default: mini-world)")
+    parser.add_argument("--task", help="a mini-world task (tench, van_gogh, smoking): fills the target prompt, reference "
+                                       "word, initializer and the world's recommended settings (recare.json), and "
+                                       "builds the CARE-set when --careset is absent")
+    parser.add_argument("--target-prompt", help=f"prompt of the target images (default {d.target_prompt!r})")
+    parser.add_argument("--reference-word", help=f"the concept erased, ESD's prompt and H's first element (default {d.reference_word!r})")
+    parser.add_argument("--initializer-token", help=f"adversarial tokens start from this word (default {d.initializer_token!r})")
+    parser.add_argument("--careset", metavar="FILE", help="careset.json (official) or careset.rich.json: stage 2's anchor "
+                                                          "and retain prompts (required for ReCARE unless --task)")
+    parser.add_argument("--images", metavar="DIR|ZIP", help="target images for textual inversion (default: generate "
+                                                           "--num-images of the target prompt into the run folder)")
+    parser.add_argument("--num-images", type=int, help=f"target images generated when --images is absent (default {d.num_images}; official 500)")
+    parser.add_argument("--method", choices=TRAIN_METHOD_CHOICES, default="recare",
+                        help="recare (stage 1 + 2), esd (the baseline), recare-no-adv (H = {target}), "
+                             "recare-no-retain (lambda 0) (default: recare)")
+    parser.add_argument("--iterations", type=int, help=f"erase iterations of every stage-1 round, stage 2 and ESD "
+                                                        f"(default {s2.iterations}; the esd method 1000)")
+    parser.add_argument("--ti-steps", type=int, help=f"textual-inversion steps per stage-1 round (default {s1.textual_inversion.steps})")
+    parser.add_argument("--lr", type=float, help=f"learning rate of the final stage: stage 2 (default {s2.learning_rate}) "
+                                                 "or the ESD baseline (default 1e-5)")
+    parser.add_argument("--train-method", choices=TRAIN_METHODS, help=f"trainable UNet parameters (default {d.train_method})")
+    parser.add_argument("--seed", type=int, help=f"roll-out noise, k, prompt order (default {d.seed})")
+    parser.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"),
+                        help=f"compute precision: auto = fp32 on CPU, bf16 autocast on CUDA (default {d.dtype})")
+    parser.add_argument("--gradient-checkpointing", action="store_const", const=True,
+                        help="trade compute for memory in the backward pass (default off)")
+    parser.add_argument("--rollout-batch", type=int, help="opt-in: roll out this many upcoming iterations at once with "
+                                                          "the current weights (faster, changes the result; default 1 = official)")
+    parser.add_argument("--outputs", help=f"comma list of {', '.join(OUTPUT_FORMATS)} (default trained_params)")
+    parser.add_argument("--save-every", type=int, help=f"iterations between resumable-state saves (default {d.save_every})")
+    parser.add_argument("--resume", metavar="RUN", help="continue a cancelled or failed run (its id under --out, or its folder)")
+    parser.add_argument("--device", default="auto", help="'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', ... (default auto)")
+    parser.add_argument("--out", metavar="DIR", help="the runs folder (default: $RECARE_HOME/runs or ~/.cache/recare/runs, "
+                                                     "where the app finds them too)")
+
+
+def _train_config(args: argparse.Namespace, task: dict | None):
+    """The TrainConfig the command line asks for: method preset (+ the task's world settings), then options."""
+    from recare.config import TrainConfig
+    from recare.workflows import task_train_config
+
+    fields: dict[str, Any] = _overrides(args, {
+        "target_prompt": "target_prompt", "reference_word": "reference_word", "initializer_token": "initializer_token",
+        "num_images": "num_images", "train_method": "train_method", "seed": "seed", "dtype": "dtype",
+        "gradient_checkpointing": "gradient_checkpointing", "save_every": "save_every", "device": "device"})
+    fields["model"] = args.model
+    if args.outputs is not None:
+        fields["outputs"] = [o.strip() for o in args.outputs.split(",") if o.strip()]
+    for name, value in (("images", args.images), ("careset", args.careset)):
+        if value is not None:
+            fields[name] = str(Path(value).expanduser().resolve())
+    config = task_train_config(task, args.method, **fields) if task else TrainConfig.for_method(args.method, **fields)
+    data = config.to_dict()
+    if args.iterations is not None:
+        for section in (data.get("stage2"), data.get("esd"), (data.get("stage1") or {}).get("esd")):
+            if section is not None:
+                section["iterations"] = args.iterations
+    if args.ti_steps is not None and data.get("stage1"):
+        data["stage1"]["textual_inversion"]["steps"] = args.ti_steps
+    if args.lr is not None:
+        (data.get("stage2") or data.get("esd"))["learning_rate"] = args.lr
+    if args.rollout_batch is not None:
+        data["rollout"]["batch"] = args.rollout_batch
+    return TrainConfig.from_dict(data)
+
+
+def _run_train_job(run, listener) -> Path:
+    """Run the training job in the foreground; Ctrl+C asks it to stop after the current iteration."""
+    import signal
+
+    from recare.errors import Cancelled, TrainingError
+    from recare.jobs import run_job
+    from recare.runs import CANCELLED, FAILED
+
+    def stop(signum, frame):  # the job saves its state and ends as cancelled (resumable)
+        print("\ncancelling after the current iteration (Ctrl+C again to abort)...", file=sys.stderr)
+        run.request_cancel()
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        status = run_job(run, TRAIN_TARGET, listener=listener)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if status["state"] == CANCELLED:
+        raise Cancelled(f"training cancelled; its state is saved in {run.path}. "
+                        f"Resume with: python -m recare train --resume {run.path}")
+    if status["state"] == FAILED:
+        hint = f" Resume with: python -m recare train --resume {run.path}" if status.get("resumable") else ""
+        raise TrainingError(f"training failed: {status.get('error')} (run folder {run.path}).{hint}")
+    result = status.get("result") or {}
+    seconds = result.get("seconds")
+    print(f"trained {result.get('method', '')} in {seconds:.0f} s" if isinstance(seconds, (int, float)) else "trained",
+          file=sys.stderr)
+    return run.path
+
+
+def _resume_run(args: argparse.Namespace):
+    from recare.runs import CANCELLED, FAILED, Run, RunStore
+
+    path = Path(args.resume).expanduser()
+    run = Run(path) if path.is_dir() else RunStore(args.out).get(args.resume)
+    status = run.status()
+    if status.get("state") not in (CANCELLED, FAILED) or not status.get("resumable", True):
+        raise RunError(f"run {run.id} is {status.get('state')}: only a cancelled or failed run with a saved state resumes.")
+    if run.kind != "train":
+        raise RunError(f"run {run.id} is a {run.kind} run, not a training run.")
+    return run
+
+
+def run_train(args: argparse.Namespace) -> Path:
+    from recare.models import MINI_WORLD, load_pipeline
+    from recare.progress import TqdmProgress
+    from recare.runs import RunStore, atomic_write_json
+    from recare.train.recipe import job_config
+    from recare.workflows import mini_world_task, prepare_task_inputs
+
+    _check_folder_arg("--out", args.out)
+    if args.resume:
+        with TqdmProgress() as bar:
+            return _run_train_job(_resume_run(args), bar)
+    task = mini_world_task(args.task) if args.task else None
+    if task is not None and args.model != MINI_WORLD:
+        raise ConfigError(f"--task names a mini-world task; it needs --model {MINI_WORLD} (got {args.model!r}).")
+    config = _train_config(args, task)
+    if config.stage2 is not None and not config.careset and task is None:
+        raise ConfigError("ReCARE needs a CARE-set: pass --careset FILE (python -m recare careset makes one), "
+                          "or --task for a mini-world task.")
+    if config.careset:
+        from recare.careset_io import read_careset_json
+
+        if not read_careset_json(config.careset).tokens:
+            raise ConfigError(f"{config.careset} is an empty CARE-set: keep at least one CARE token.")
+    store = RunStore(args.out)
+    run = store.create("train", {"command": "train", "recare_version": __version__, **job_config(config)},
+                       target=TRAIN_TARGET, device=str(config.device))
+    print(f"run {run.id} in {run.path}", file=sys.stderr)
+    with TqdmProgress() as bar:
+        if task is not None and (config.careset is None or (config.stage1 is not None and config.images is None)):
+            pipe = load_pipeline(MINI_WORLD, device=args.device, dtype="fp32")
+            images_dir, careset_json = prepare_task_inputs(run.path, task, pipe, config.num_images, progress=bar)
+            config = dataclasses.replace(config, images=config.images or str(images_dir),
+                                         careset=config.careset or str(careset_json))
+            atomic_write_json(run.config_path, {**run.config(), **job_config(config)})
+        return _run_train_job(run, bar)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,6 +409,8 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "generate": Command("generate target images (seed of image i = seed + i)", add_generate_arguments, run_generate),
     "careset": Command("build a CARE-set (Algorithm 1) from target images", add_careset_arguments, run_careset),
+    "train": Command("unlearn a concept: ReCARE (stage 1 + 2), the ESD baseline or an ablation; runs as a resumable job",
+                     add_train_arguments, run_train),
 }
 
 
@@ -290,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = COMMANDS[args.command].run(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+        return 130
+    except Cancelled as e:
+        print(f"cancelled: {e}", file=sys.stderr)
         return 130
     except RecareError as e:
         if os.environ.get("RECARE_DEBUG"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import lzma
+import re
 import time
 import zipfile
 import zlib
@@ -480,8 +481,10 @@ def _decode(data: bytes, label: str, budget: _ImageBudget) -> Image.Image:
             budget.admit(image.size, label)  # the header is read; no pixel is decoded yet
             image.load()
             return image.convert("RGB")
-    except Image.DecompressionBombError as e:
-        raise ImageInputError(f"image {label} is too large to decode ({e}).") from e
+    except Image.DecompressionBombError as e:  # PIL's own guard (Image.MAX_IMAGE_PIXELS) fired at open
+        claimed = re.search(r"\((\d+) pixels\)", str(e))
+        what = f"{int(claimed.group(1)):,} pixels" if claimed else "too many pixels"
+        raise ImageInputError(budget.limits.exceeded("image_pixels", f"image {label} claims {what}")) from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
         if isinstance(e, ImageInputError):
             raise

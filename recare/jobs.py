@@ -76,8 +76,9 @@ def resolve_target(target: str) -> Callable[..., Any]:
 class _StatusReporter:
     """The progress callback a job receives: every metrics line, throttled status writes."""
 
-    def __init__(self, run: Run):
+    def __init__(self, run: Run, listener: Callable[[ProgressEvent], None] | None = None):
         self.run = run
+        self.listener = listener  # e.g. the CLI's tqdm bars for a job run in the foreground
         self._last_write = 0.0
         self._stage: str | None = None
         self._pending: ProgressEvent | None = None
@@ -87,6 +88,8 @@ class _StatusReporter:
         due = (event.stage != self._stage or (event.total > 0 and event.step >= event.total)
                or now - self._last_write >= STATUS_WRITE_S)
         self.run.report(event, write_status=due)
+        if self.listener is not None:
+            self.listener(event)
         self._stage = event.stage
         if due:
             self._last_write, self._pending = now, None
@@ -131,7 +134,7 @@ def _log_error(run: Run, attempt: int) -> None:
         fh.write(header + traceback.format_exc() + "\n")
 
 
-def run_job(run: Run, target: str) -> dict:
+def run_job(run: Run, target: str, listener: Callable[[ProgressEvent], None] | None = None) -> dict:
     """Run one job to its end in this process and record how it ended in status.json.
 
     This is the body of every worker (process or thread); the CLI may call it to run a job in
@@ -140,6 +143,7 @@ def run_job(run: Run, target: str) -> dict:
     Args:
         run: the run (its config.json holds the job's settings).
         target: the job function, "package.module:function".
+        listener: also receives every progress event (the CLI draws them with tqdm).
 
     Returns:
         The final status.
@@ -148,7 +152,7 @@ def run_job(run: Run, target: str) -> dict:
     attempt = int(run.status().get("attempts") or 0) + 1
     run.update_status(state=RUNNING, pid=pid, host=socket.gethostname(), started=now_iso(), finished=None,
                       error=None, result=None, resumable=False, attempts=attempt, target=target)
-    reporter = _StatusReporter(run)
+    reporter = _StatusReporter(run, listener)
     with _Heartbeat(run, pid):
         try:
             fn = resolve_target(target)

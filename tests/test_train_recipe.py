@@ -68,13 +68,68 @@ def straight(pipe, images, tmp_path_factory):
     """An uninterrupted recare run with every output format."""
     out = tmp_path_factory.mktemp("straight")
     events = []
+    before = {n: (p.clone(), p.requires_grad) for n, p in [*pipe.unet.named_parameters(),
+                                                         *pipe.text_encoder.named_parameters()]}
+    vocabulary = len(pipe.tokenizer)
     result = train(tiny(outputs=["trained_params", "unet_folder", "official_pt"]), pipe, images, careset(), out,
                    progress=events.append)
+    after = dict([*pipe.unet.named_parameters(), *pipe.text_encoder.named_parameters()])
+    assert all(torch.equal(after[n], v) and after[n].requires_grad == flag for n, (v, flag) in before.items())
+    assert len(pipe.tokenizer) == vocabulary    # the caller's pipeline is left exactly as it was
     return result, events
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+# ---- configs --------------------------------------------------------------------------------------
+
+def test_methods_are_config_values_with_official_defaults():
+    recare_cfg = TrainConfig()
+    assert recare_cfg.method == "recare" and recare_cfg.esd is None
+    assert (recare_cfg.stage1.n_iterations, recare_cfg.stage1.esd.iterations, recare_cfg.stage1.esd.learning_rate,
+            recare_cfg.stage1.esd.eta) == (2, 200, 0.5e-5, 2.0)
+    ti = recare_cfg.stage1.textual_inversion
+    assert (ti.steps, ti.learning_rate) == (3000, 5e-3)
+    s2 = recare_cfg.stage2
+    assert (s2.iterations, s2.learning_rate, s2.retain_weight, s2.guidance_scale, s2.projection_weight) == \
+        (200, 2e-5, 1, 2, 1)
+    assert (recare_cfg.rollout.steps, recare_cfg.rollout.guidance, recare_cfg.rollout.batch) == (50, 3.0, 1)
+    assert (recare_cfg.train_method, recare_cfg.seed) == ("noxattn", 42)
+    esd = TrainConfig.for_method("esd")
+    assert esd.stage1 is None and esd.stage2 is None and (esd.esd.iterations, esd.esd.learning_rate) == (1000, 1e-5)
+    assert TrainConfig.for_method("recare-no-adv").stage1 is None
+    assert TrainConfig.for_method("recare-no-retain").stage2.retain_weight == 0
+    for method in ("recare", "esd", "recare-no-adv", "recare-no-retain"):
+        config = TrainConfig.for_method(method, seed=3)
+        assert TrainConfig.from_json(config.to_json()) == config
+    # the top-level initializer is what stage 1's textual inversion uses, and what config.json shows
+    assert TrainConfig(initializer_token="art").stage1.textual_inversion.initializer_token == "art"
+
+
+@pytest.mark.parametrize("build,message", [
+    (lambda: TrainConfig(esd=ESDConfig()), "exactly one of stage2"),
+    (lambda: TrainConfig(stage2=None), "exactly one of stage2"),
+    (lambda: TrainConfig(stage2=None, esd=ESDConfig()), "needs stage2 set"),
+    (lambda: TrainConfig(train_method="attn"), "train_method"),
+    (lambda: TrainConfig(outputs=["weights"]), "outputs"),
+    (lambda: TrainConfig(outputs=[]), "outputs"),
+    (lambda: TrainConfig(dtype="int8"), "dtype"),
+    (lambda: TrainConfig(num_images=1), "slice of the images"),
+    (lambda: TrainConfig(reference_word=" "), "reference_word is empty"),
+    (lambda: RolloutConfig(steps=2), "at least 3"),
+    (lambda: RolloutConfig(batch=0), "batch"),
+    (lambda: Stage2Config(retain_weight=-1), "lambda"),
+    (lambda: ESDConfig(learning_rate=0), "learning_rate"),
+    (lambda: TrainConfig.for_method("stereo"), "unknown method"),
+    (lambda: TrainConfig.from_dict({"stage2": {"lr": 1}}), "unknown field"),
+])
+def test_bad_settings_are_refused(build, message):
+    from recare.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        build()
 
 
 # ---- small pieces --------------------------------------------------------------------------------
@@ -161,7 +216,8 @@ def test_a_state_from_other_settings_is_refused(pipe, tmp_path):
         train(tiny("esd"), pipe, None, None, tmp_path, progress=lambda e: token.cancel(), cancel=token)
     with pytest.raises(TrainingError, match="other settings"):
         train(tiny("esd", seed=1), pipe, None, None, tmp_path)
-    assert train(tiny("esd", seed=1), pipe, None, None, tmp_path, resume=False).summary["phases"]["esd"]["iterations"] == 4
+    fresh = train(tiny("esd", seed=1), pipe, None, None, tmp_path, resume=False)
+    assert fresh.summary["phases"]["esd"]["iterations"] == 4
 
 
 # ---- methods are configs ---------------------------------------------------------------------------

@@ -55,7 +55,8 @@ def make_stage2(pipe, embeddings, iterations=4, seed=1, lr=1e-3, **kw):
     student = copy.deepcopy(pipe.unet)
     sampler = XtSampler(pipe.scheduler, LATENT, ROLLOUT)
     return Stage2Trainer(student, pipe.unet, sampler, embeddings, H, ANCHORS, RETAIN,
-                         Stage2Config(iterations=iterations, learning_rate=lr, retain_weight=0.5, projection_weight=0.8),
+                         Stage2Config(iterations=iterations, learning_rate=lr, retain_weight=0.5,
+                                      projection_weight=0.8),
                          seed=seed, **kw)
 
 

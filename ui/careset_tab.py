@@ -139,11 +139,13 @@ def create_careset_tab(ctx: AppContext) -> dict[str, Any]:
                       show_progress="hidden")
     c["vocabulary"].change(lambda choice: gr.File(visible=choice == VOCAB_FILE), [c["vocabulary"]], [c["word_list"]],
                            api_name=False, show_progress="hidden")
-    c["build"].click(build, params + [ctx.session], views, api_name="build_careset", concurrency_limit=2)
+    # preprocess=False here and on the number boxes below: the handlers check every raw value themselves
+    c["build"].click(build, params + [ctx.session], views, api_name="build_careset", concurrency_limit=2,
+                     preprocess=False)
     c["plot"].click(_plot_click, [ctx.session], views, api_name=False)
     c["toggle_token_btn"].click(_toggle_token, [c["toggle_token_box"], ctx.session], views, api_name="toggle_token")
     c["toggle_cluster_btn"].click(_toggle_cluster, [c["toggle_cluster_box"], ctx.session], views,
-                                  api_name="toggle_cluster")
+                                  api_name="toggle_cluster", preprocess=False)
     c["table"].change(_table_edit, [c["table"], ctx.session], views, api_name="edit_table", show_progress="hidden")
     c["clusters"].input(_clusters_edit, [c["clusters"], ctx.session], views, api_name="set_clusters")
     c["add_custom"].click(lambda text, session: _add_custom(text, session, ctx.limits), [c["custom"], ctx.session],
@@ -165,12 +167,13 @@ def _build(ctx, reference_word, prompt_style, encoder_name, vocabulary, word_lis
     session = ensure_session(session)
     try:
         config = CareSetConfig(
-            reference_word=(reference_word or "").strip(), prompt_style=prompt_style,
+            reference_word=_text(reference_word), prompt_style=prompt_style,
             top_k=_number(top_k, "top_k", int), top_n=_number(top_n, "top_n", int), projection=projection,
             n_clusters=_number(n_clusters, "n_clusters", int), k_each_side=_number(k_each_side, "k_each_side", int),
             alpha=_number(alpha, "alpha", float), min_cluster_size=_number(min_cluster_size, "min_cluster_size", int),
             seed=_number(seed, "seed", int),
-            global_clustering=bool(global_clustering), intra_refinement=bool(intra_refinement))
+            global_clustering=_switch(global_clustering, "global clustering"),
+            intra_refinement=_switch(intra_refinement, "intra-cluster refinement"))
         config.validate()
     except ConfigError as e:
         return _fail(session, f"Check the parameters: {e}")
@@ -213,6 +216,32 @@ def _task_defaults(prompt: str):
     return task["reference_word"], (style if style in ("photo", "painting") else gr.skip())
 
 
+def _text(value):
+    """A text box's raw value stripped; anything that is not text is passed on for the config to refuse."""
+    if value is None:
+        return ""
+    return value.strip() if isinstance(value, str) else value
+
+
+def _switch(value, name: str) -> bool:
+    """A checkbox's raw value; ConfigError for anything but true/false."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false (got {str(value)[:40]!r}).")
+    return value
+
+
+def _file_path(value) -> str:
+    """The server path of an uploaded file, as a component's raw value ({'path': ...}), a path, or a file object."""
+    if isinstance(value, dict) and isinstance(value.get("path"), str):
+        return value["path"]
+    if isinstance(value, str):
+        return value
+    name = getattr(value, "name", None)
+    if isinstance(name, str):
+        return name
+    raise ConfigError("the word list upload is not a file; upload a .txt file.")
+
+
 def _number(value, name: str, kind: type):
     """`kind(value)` for a number box; an empty, non-numeric or non-finite box is a ConfigError, not a crash."""
     return number(value, name, kind)
@@ -222,7 +251,7 @@ def _vocabulary(choice: str, word_list, limits: Limits | None = None) -> Vocabul
     if choice == VOCAB_FILE:
         if not word_list:
             raise ConfigError("Upload a word list (.txt, one word per line) or pick another vocabulary.")
-        return read_word_list(word_list if isinstance(word_list, str) else word_list.name, limits=limits)
+        return read_word_list(_file_path(word_list), limits=limits)
     if choice == VOCAB_MINI:
         words = worldspec.mini_world_words()
         if words is None:

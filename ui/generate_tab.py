@@ -77,15 +77,18 @@ def create_generate_tab(ctx: AppContext) -> dict[str, Any]:
 
     def generate(prompt, num_images, seed, steps, guidance, model_name, session, progress=gr.Progress()):
         # Size and batch size come from the mini world's spec only when generating on the mini world.
-        base = d if str(model_name).strip() == MINI_WORLD else GenerateConfig()
+        base = d if isinstance(model_name, str) and model_name.strip() == MINI_WORLD else GenerateConfig()
         yield from _generate(ctx, base, prompt, num_images, seed, steps, guidance, model_name, session, progress)
 
-    c["generate_event"] = c["generate"].click(generate, inputs, outputs, api_name="generate", concurrency_limit=2)
+    # preprocess=False: the handler checks every raw value itself (a non-number in a number box is a
+    # message, not a bare "Error" from the component's own conversion)
+    c["generate_event"] = c["generate"].click(generate, inputs, outputs, api_name="generate", concurrency_limit=2,
+                                              preprocess=False)
     c["cancel"].click(_cancelled, [ctx.session], [c["status"]], cancels=[c["generate_event"]], api_name="cancel")
     c["use_upload"].click(lambda files, session: _use_upload(ctx, files, session), [c["upload"], ctx.session], outputs,
                           api_name="upload_images")
     c["gallery"].select(_select, None, [c["selected"]], api_name=False)
-    c["reveal"].click(_toggle_reveal, [c["selected"], ctx.session], outputs, api_name="toggle_reveal")
+    c["reveal"].click(_toggle_reveal, [c["selected"], ctx.session], outputs, api_name="toggle_reveal", preprocess=False)
     c["show_unchecked"].input(_show_unchecked, [c["show_unchecked"], ctx.session], outputs, api_name="show_unchecked")
     return c
 

@@ -57,9 +57,7 @@ class ErasureTrainer:
         self.iterations = int(iterations)
         self.rollout_batch = int(rollout_batch)
         self.device = sampler.device
-        self.teacher.requires_grad_(False)
-        self.teacher.eval()
-        self.student.train()
+        self.student.train()   # the teacher is only called under no_grad: its flags stay the caller's
         self.params = select_trainable(student, train_method)
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=learning_rate, weight_decay=weight_decay)
         self.generator = torch.Generator().manual_seed(int(seed))
@@ -96,9 +94,9 @@ class ErasureTrainer:
 
     def predict(self, unet: torch.nn.Module, rollout: Rollout, prompts: list[str]) -> torch.Tensor:
         """Predictions of `unet` for each prompt on x_t at t, as ONE batched call, returned as float32."""
-        n = len(prompts)
-        latents = rollout.latents.expand(n, -1, -1, -1)
-        hidden = torch.cat([self.embeddings[p] for p in prompts])
+        n, dtype = len(prompts), next(unet.parameters()).dtype   # a half-precision teacher takes half inputs
+        latents = rollout.latents.expand(n, -1, -1, -1).to(dtype)
+        hidden = torch.cat([self.embeddings[p] for p in prompts]).to(dtype)
         with self.autocast():
             out = unet(latents, rollout.timestep, encoder_hidden_states=hidden).sample
         return out.float()
@@ -188,7 +186,8 @@ class ErasureTrainer:
                 p.copy_(state["params"][name])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
-        self.pending = [Rollout(r["latents"].to(self.device), int(r["k"]), int(r["timestep"])) for r in state["pending"]]
+        self.pending = [Rollout(r["latents"].to(self.device), int(r["k"]), int(r["timestep"]))
+                        for r in state["pending"]]
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.done = int(state["done"])

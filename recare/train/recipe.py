@@ -1,7 +1,7 @@
 """The training recipe: stage 1 (erase <-> textual inversion rounds), then stage 2 or the ESD baseline.
 
     train(config, pipe, images, careset, out_dir)          a plain function (CLI, notebooks, tests)
-    run_training_job(run, progress, cancel)                the job runner's target ("recare.train.recipe:run_training_job")
+    run_training_job(run, progress, cancel)                the job target "recare.train.recipe:run_training_job"
 
 Which stages run is read from the config's values (`TrainConfig`), never from the method's name:
 
@@ -358,8 +358,8 @@ class _Recipe:
         def checkpoint() -> None:
             self.state.save(self.small_state(phase, round_index, tokens), {"trainer.pt": trainer.state_dict}, fixed)
 
-        self.guard(phase, checkpoint, lambda: trainer.run(self.progress, self.cancel, checkpoint, self.config.save_every,
-                                                          message))
+        self.guard(phase, checkpoint,
+                   lambda: trainer.run(self.progress, self.cancel, checkpoint, self.config.save_every, message))
 
     def guard(self, phase: str, save: Callable[[], None], work: Callable[[], Any]) -> Any:
         """Run `work()`; save the last good state on a TrainingError; turn CUDA out-of-memory into advice."""
@@ -512,7 +512,8 @@ class _Recipe:
 # outputs
 
 
-def write_config(config: TrainConfig, pipe, out_dir: Path, careset=None, images=None, extra: dict | None = None) -> dict:
+def write_config(config: TrainConfig, pipe, out_dir: Path, careset=None, images=None,
+                 extra: dict | None = None) -> dict:
     """config.json: every setting, the base model's fingerprint, library versions (plus `extra`, kept as given).
 
     Args:
@@ -609,7 +610,8 @@ def train(config: TrainConfig, pipe, images: Sequence | None, careset, out_dir: 
     if config.stage2 is not None and careset is None:
         raise TrainingError("stage 2 needs a CARE-set: pass careset (recare.careset_io.read_careset_json(path)).")
     if config.stage1 is not None and not images:
-        raise TrainingError("stage 1 needs target images: pass images (PIL images or recare.generate.load_images(path)).")
+        raise TrainingError("stage 1 needs target images: pass images (PIL images, or "
+                            "recare.generate.load_images(path)).")
     write_config(config, pipe, out_dir, careset, images, config_extra)
     state = StateFolder(out_dir / STATE_DIR, save_state)
     recipe = _Recipe(config, pipe, images, careset, out_dir, progress, cancel, state, resume, write_metrics)

@@ -1,0 +1,164 @@
+"""End-to-end steps composed from the library, shared by the CLI and the app.
+
+    careset_from_images      target images -> CARE-set (Algorithm 1 with an encoder and a vocabulary)
+    write_careset_files      a CareSet -> careset.rich.json + careset.json in a folder
+    mini_world_task          a mini-world task by name ("tench", "van_gogh", "smoking")
+    task_train_config        a TrainConfig for a mini-world task with the world's recommended settings
+    prepare_task_inputs      target images and the CARE-set of a mini-world task, made once into a folder
+
+Nothing here does math of its own: each function only chains library calls in the order the data
+flows (DESIGN.md), so the CLI's `careset`/`train` commands and the app's workspaces cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence
+
+from recare import worldspec
+from recare.config import CareSetConfig, ConfigError, TrainConfig
+from recare.progress import CancelToken, ProgressCallback
+
+TARGET_IMAGES_DIR = "target_images"
+CARESET_DIR = "careset"
+
+
+def careset_from_images(images: Sequence, config: CareSetConfig, encoder, vocab, cache_dir: str | Path | None = None,
+                        progress: ProgressCallback | None = None, cancel: CancelToken | None = None):
+    """Algorithm 1 on `images`: encode them and the vocabulary, then build the CARE-set.
+
+    Args:
+        images: the target images (PIL).
+        config: the CARE-set settings (reference word, K, N, clustering, ...).
+        encoder: a `recare.encoders.Encoder` (`recare.models.load_encoder`).
+        vocab: a `recare.encoders.Vocabulary` (the candidate tokens).
+        cache_dir: vocabulary-feature cache (default: $RECARE_CACHE or ~/.cache/recare/vocab).
+        progress: receives the "vocabulary" and "careset" stages' events.
+        cancel: checked between steps.
+
+    Returns:
+        The `recare.careset.CareSet`.
+    """
+    from recare.careset import build_care_set
+    from recare.encoders import vocabulary_features
+
+    image_features = encoder.encode_images(images)
+    vocab_features = vocabulary_features(encoder, vocab, cache_dir=cache_dir, progress=progress, cancel=cancel)
+    target_feature = encoder.encode_texts([config.reference_word])[0]
+    return build_care_set(
+        image_features, vocab_features, vocab.tokens, target_feature, config, progress=progress, cancel=cancel,
+        meta={"encoder": encoder.identity, "vocabulary": vocab.source, "vocabulary_hash": vocab.hash},
+    )
+
+
+def write_careset_files(careset, folder: str | Path) -> Path:
+    """Write `careset.rich.json` (ours, reopens for editing) and `careset.json` (official) into `folder`.
+
+    Returns:
+        The path of the official careset.json (what training reads).
+    """
+    from recare.careset_io import save_rich_json, write_careset_json
+
+    folder = Path(folder)
+    save_rich_json(careset, folder / "careset.rich.json")
+    return write_careset_json(careset, folder / "careset.json")
+
+
+def mini_world_task(name: str, spec: dict | None = None) -> dict:
+    """The mini-world task called `name` (its key, e.g. "van_gogh", or its reference word, "van gogh").
+
+    Raises:
+        ConfigError: no such task (the known ones are listed) or the mini world is not installed.
+    """
+    spec = worldspec.mini_world_spec() if spec is None else spec
+    tasks = spec.get("tasks") if isinstance(spec.get("tasks"), dict) else {}
+    wanted = " ".join(str(name).lower().replace("_", " ").split())
+    for key, task in tasks.items():
+        names = {" ".join(key.lower().replace("_", " ").split()), " ".join(task.get("reference_word", "").lower().split())}
+        if wanted in names:
+            return task
+    known = ", ".join(sorted(tasks)) or "none (the mini world is not installed)"
+    raise ConfigError(f"unknown mini-world task {name!r}: use one of {known}.")
+
+
+def task_train_config(task: dict, method: str = "recare", spec: dict | None = None, **fields: Any) -> TrainConfig:
+    """A TrainConfig for a mini-world task: the method's official preset, then the world's recommended
+    settings (recare.json "unlearning": per method, chosen by measurement and written down there), then `fields`.
+
+    Args:
+        task: a task dict (`mini_world_task`).
+        method: "recare", "esd", "recare-no-adv" or "recare-no-retain".
+        spec: the parsed recare.json (default: the installed mini world's).
+        **fields: TrainConfig fields that win over everything else.
+    """
+    spec = worldspec.mini_world_spec() if spec is None else spec
+    preset = TrainConfig.for_method(method, model="mini-world", target_prompt=task["target_prompt"],
+                                    reference_word=task["reference_word"],
+                                    initializer_token=task.get("initializer_token", "person"))
+    data = preset.to_dict()
+    unlearning = spec.get("unlearning") if isinstance(spec.get("unlearning"), dict) else {}
+    _merge(data, unlearning.get("common") or {})
+    _merge(data, (unlearning.get("methods") or {}).get(method) or {})
+    ti = (data.get("stage1") or {}).get("textual_inversion")
+    if ti is not None:
+        ti["templates"] = task.get("prompt_style", "photo")
+    _merge(data, fields)
+    return TrainConfig.from_dict(data)
+
+
+def _merge(data: dict, updates: dict) -> None:
+    """Deep-merge `updates` into `data` (nested dicts merge; None and other values replace)."""
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            _merge(data[key], value)
+        else:
+            data[key] = value
+
+
+def prepare_task_inputs(folder: str | Path, task: dict, pipe, num_images: int, spec: dict | None = None,
+                        encoder=None, progress: ProgressCallback | None = None,
+                        cancel: CancelToken | None = None) -> tuple[Path, Path]:
+    """Generate a mini-world task's target images and build its CARE-set into `folder`, once.
+
+    Images go to `folder/target_images` (the world's generation settings, seeds 42 + i), the CARE-set
+    (the world's recommended Algorithm-1 parameters, the mini CLIP, the world's vocabulary) to
+    `folder/careset/`. What is already there (a resumed run) is reused.
+
+    Returns:
+        (the images folder, the official careset.json path).
+    """
+    from recare.encoders import word_list_vocabulary
+    from recare.generate import generate_images, load_images, save_generation
+    from recare.models import load_encoder
+
+    spec = worldspec.mini_world_spec() if spec is None else spec
+    folder = Path(folder)
+    images_dir, careset_dir = folder / TARGET_IMAGES_DIR, folder / CARESET_DIR
+    if (images_dir / "manifest.json").is_file():
+        images = load_images(images_dir)
+    else:
+        gen = dataclasses.replace(worldspec.generate_defaults(spec), prompt=task["target_prompt"], num_images=num_images)
+        result = generate_images(pipe, gen, progress, cancel)
+        if len(result.images) < num_images:
+            from recare.errors import Cancelled
+
+            raise Cancelled("generating the target images was cancelled")
+        save_generation(result, images_dir)
+        images = result.images
+    careset_json = careset_dir / "careset.json"
+    if not careset_json.is_file():
+        words = worldspec.mini_world_words(spec)
+        if not words:
+            raise ConfigError("the mini world has no vocabulary in recare.json; build the CARE-set yourself "
+                              "(python -m recare careset) and pass --careset.")
+        encoder = encoder if encoder is not None else load_encoder("mini-world", device="cpu")
+        config = worldspec.careset_defaults(spec, task)
+        careset = careset_from_images(images, config, encoder, word_list_vocabulary(words, source="mini-world"),
+                                      progress=progress, cancel=cancel)
+        write_careset_files(careset, careset_dir)
+    return images_dir, careset_json
+
+
+__all__ = ["careset_from_images", "write_careset_files", "mini_world_task", "task_train_config",
+           "prepare_task_inputs", "TARGET_IMAGES_DIR", "CARESET_DIR"]
