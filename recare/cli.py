@@ -355,6 +355,7 @@ def _resume_run(args: argparse.Namespace):
         raise RunError(f"run {run.id} is {status.get('state')}: only a cancelled or failed run with a saved state resumes.")
     if run.kind != "train":
         raise RunError(f"run {run.id} is a {run.kind} run, not a training run.")
+    run.cancel_path.unlink(missing_ok=True)  # the cancel that stopped it is spent
     return run
 
 

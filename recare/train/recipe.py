@@ -612,6 +612,10 @@ def train(config: TrainConfig, pipe, images: Sequence | None, careset, out_dir: 
     if config.stage1 is not None and not images:
         raise TrainingError("stage 1 needs target images: pass images (PIL images, or "
                             "recare.generate.load_images(path)).")
+    if config.stage1 is not None:  # fail before minutes of erasure, not at the first textual inversion
+        from recare.train.textual_inversion import single_token_id
+
+        single_token_id(pipe.tokenizer, config.initializer_token)
     write_config(config, pipe, out_dir, careset, images, config_extra)
     state = StateFolder(out_dir / STATE_DIR, save_state)
     recipe = _Recipe(config, pipe, images, careset, out_dir, progress, cancel, state, resume, write_metrics)

@@ -199,7 +199,7 @@ def share_weights_copy(module: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def _single_token_id(tokenizer, word: str) -> int:
+def single_token_id(tokenizer, word: str) -> int:
     """The id of `word` as it appears in a prompt; ConfigError when it is not exactly one token."""
     ids = tokenizer.encode(word, add_special_tokens=False)
     if len(ids) != 1:
@@ -467,7 +467,7 @@ def learn_token(
     if len(tokenizer) > base_embedding.num_embeddings:
         raise TrainingError(f"the tokenizer has {len(tokenizer)} tokens but the text encoder only "
                             f"{base_embedding.num_embeddings} embedding rows: they do not belong together.")
-    init_id = _single_token_id(tokenizer, initializer_token)
+    init_id = single_token_id(tokenizer, initializer_token)
     tok, new_id = add_placeholder(tokenizer, placeholder)
     input_ids = _tokenize_templates(tok, TEMPLATES[config.templates], placeholder, new_id)
     device = base_embedding.weight.device

@@ -1,0 +1,372 @@
+"""Attacks and probes: ways to ask an unlearned model for the erased concept, one table (`ATTACKS`).
+
+Every attack makes images through one call (`render`: one diffusers pipeline call per batch, image
+i from its own CPU `torch.Generator` seeded with its seed, as `recare.generate.iter_generation`
+does, so a batch of one prompt gives exactly `iter_generation`'s images). An attack says which
+prompts it asks, which pipeline answers, and what it adds to the call:
+
+  erased       the plain target prompt ("Erased" in Table 1)
+  cce          Circumventing Concept Erasure: textual inversion of a fresh token <cce*> against the
+               *unlearned* model on real target images (`learn_cce_token`: the training engine's
+               `learn_token`; 30 images for objects, 6 for styles, 3000 steps by default), then
+               "A photo of a <cce*>" / "A painting in the style of <cce*>" over the seeds
+  adversarial  the model's own stage-1 tokens (the training run's tokens/), one prompt per token
+  completion   diffusion completion ("When Are Concepts Erased From Diffusion Models?", NeurIPS 2025):
+               a real target image is noised to `completion_strength` of the schedule (img2img with
+               the same components) and the unlearned model finishes it with the target prompt
+  noise        noise-based probe (same paper): the target prompt, sampled with extra Gaussian noise in
+               the first `noise_fraction` of the DDIM steps (see `extra_noise_std`)
+
+The noise probe, exactly: after DDIM step i (from timestep t to t_prev) of the first
+ceil(noise_fraction x steps) steps, the latent gets `noise_scale * sigma(t, t_prev) * n`, where
+sigma is the DDPM posterior standard deviation of that jump (DDIM's sigma with eta = 1,
+Song et al. Eq. 16) and n ~ N(0, I) is drawn from the image's own generator after its starting
+noise, so the probe is deterministic per image and independent of the batch. The DDIM update
+itself is unchanged (eta = 0), so the probe adds noise on top of the schedule, as the paper's
+eta > 1 sampling does, without DDIM's square root of a negative number when eta > 1.
+
+Real target images (`reference_images`) feed CCE and completion: the mini world's renders of the
+target prompt ("world", ground truth), images of the *base* model ("base", seeds
+reference_seed + i: the paper's target images), or a folder / zip the user brings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image
+
+from recare.errors import EvaluationError
+from recare.eval.config import ATTACK_PROMPTS, CCE_PLACEHOLDER, EvaluationConfig
+from recare.progress import CancelToken, ProgressCallback
+
+STAGE_CCE = "cce"
+
+
+@dataclasses.dataclass
+class AttackContext:
+    """What attacks read: the resolved settings and the models (built by `recare.eval.run`).
+
+    Attributes:
+        config: the resolved evaluation settings.
+        pipe: the model under evaluation (base pipeline, or one with trained UNet weights).
+        base: the base pipeline (for reference images "base").
+        reference: real target images (filled before `completion` and `cce` run).
+        cce_token: the learned CCE token (filled before `cce` runs).
+        tokens_dir: the training run's tokens/ folder (the "adversarial" attack), or None.
+    """
+
+    config: EvaluationConfig
+    pipe: Any
+    base: Any = None
+    reference: list[Image.Image] = dataclasses.field(default_factory=list)
+    cce_token: Any = None
+    tokens_dir: Path | None = None
+    _pipes: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def cached(self, name: str, build: Callable[[], Any]) -> Any:
+        """A pipeline built once per context (the attack's own view of the model)."""
+        if name not in self._pipes:
+            self._pipes[name] = build()
+        return self._pipes[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class Attack:
+    """One row of the attack table.
+
+    Attributes:
+        name: the attack's name (records, metrics, --attacks).
+        summary: one line for the manifest and --help.
+        needs: what must be prepared first: "reference" (real target images), "cce_token".
+        prompts: context -> the prompts it asks (each over every seed).
+        pipeline: context -> the pipeline that answers.
+        call: (context, pipeline-call kwargs, seeds) -> the kwargs to call with (adds or drops arguments).
+        settings: context -> the attack's own settings for the manifest.
+    """
+
+    name: str
+    summary: str
+    needs: tuple[str, ...]
+    prompts: Callable[[AttackContext], list[str]]
+    pipeline: Callable[[AttackContext], Any]
+    call: Callable[[AttackContext, dict, Sequence[int]], dict] = lambda ctx, kwargs, seeds: kwargs
+    settings: Callable[[AttackContext], dict] = lambda ctx: {}
+
+
+# ---------------------------------------------------------------------------------------------
+# the one generation call
+
+
+def render(pipe, prompts: Sequence[str], seeds: Sequence[int], config: EvaluationConfig,
+           call: Callable[[dict], dict] | None = None) -> list[Image.Image]:
+    """Images of `prompts[i]` from seed `seeds[i]` in one pipeline call (iter_generation's convention).
+
+    Args:
+        pipe: a diffusers pipeline.
+        prompts: one prompt per image.
+        seeds: one seed per image; image i starts from `torch.Generator("cpu").manual_seed(seeds[i])`.
+        config: steps, guidance, height, width.
+        call: changes the call's keyword arguments (an attack's additions), or None.
+    """
+    generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+    kwargs = dict(prompt=list(prompts), negative_prompt=None, num_inference_steps=config.steps,
+                  guidance_scale=config.guidance, height=config.height, width=config.width,
+                  generator=generators, output_type="pil")
+    if call is not None:
+        kwargs = call(kwargs)
+    with torch.inference_mode():
+        return list(pipe(**kwargs).images)
+
+
+def attack_prompt(style: str, placeholder: str) -> str:
+    """The prompt that asks for a learned token: "A photo of a <v>" or "A painting in the style of <v>"."""
+    return ATTACK_PROMPTS[style].format(placeholder)
+
+
+# ---------------------------------------------------------------------------------------------
+# erased
+
+
+def _target_prompts(ctx: AttackContext) -> list[str]:
+    return [ctx.config.target_prompt]
+
+
+def _plain(ctx: AttackContext):
+    return ctx.pipe
+
+
+# ---------------------------------------------------------------------------------------------
+# CCE
+
+
+def cce_ti_config(config: EvaluationConfig):
+    """The TextualInversionConfig CCE learns its token with (official TI settings, the run's steps and seed)."""
+    from recare.config import TextualInversionConfig
+
+    return TextualInversionConfig(steps=config.cce_steps, templates=config.prompt_style, placeholder=CCE_PLACEHOLDER,
+                                  initializer_token=config.initializer_token, seed=config.cce_seed)
+
+
+def learn_cce_token(pipe, images: Sequence[Image.Image], config: EvaluationConfig,
+                    progress: ProgressCallback | None = None, cancel: CancelToken | None = None, state=None):
+    """CCE's token: textual inversion of `<cce*>` against the unlearned model `pipe` on target images.
+
+    Args:
+        pipe: the model under evaluation (never changed).
+        images: real target images; the first `config.cce_images` are used.
+        config: the resolved settings (cce_images, cce_steps, cce_seed, prompt_style, initializer_token).
+        progress, cancel: see `recare.progress`; progress stage "cce".
+        state: a `TextualInversionState` to resume from / record into (see `learn_token`).
+
+    Returns:
+        The `LearnedToken`.
+    """
+    from recare.train.textual_inversion import learn_token
+
+    if len(images) < config.cce_images:
+        raise EvaluationError(f"CCE needs {config.cce_images} target images; only {len(images)} were given.")
+    return learn_token(pipe, list(images[:config.cce_images]), config=cce_ti_config(config), progress=progress,
+                       cancel=cancel, state=state, stage=STAGE_CCE)
+
+
+def with_token(pipe, tokens) -> Any:
+    """A pipeline over `pipe`'s components whose tokenizer and text encoder know `tokens` (copies)."""
+    from recare.train.textual_inversion import with_learned_tokens
+
+    tokenizer, text_encoder = with_learned_tokens(pipe.tokenizer, pipe.text_encoder, list(tokens))
+    return type(pipe).from_pipe(pipe, tokenizer=tokenizer, text_encoder=text_encoder)
+
+
+def _cce_prompts(ctx: AttackContext) -> list[str]:
+    return [attack_prompt(ctx.config.prompt_style, CCE_PLACEHOLDER)]
+
+
+def _cce_pipeline(ctx: AttackContext):
+    if ctx.cce_token is None:
+        raise EvaluationError("the CCE token is not learned yet (prepare the 'cce_token' first).")
+    return ctx.cached("cce", lambda: with_token(ctx.pipe, [ctx.cce_token]))
+
+
+def _cce_settings(ctx: AttackContext) -> dict:
+    return {"textual_inversion": cce_ti_config(ctx.config).to_dict(), "images": ctx.config.cce_images,
+            "prompt": _cce_prompts(ctx)[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# the model's own adversarial tokens
+
+
+def token_placeholders(folder: Path | None) -> list[str]:
+    """The placeholders of a training run's learned-token files, in file-name order."""
+    if folder is None:
+        return []
+    from safetensors import safe_open
+
+    from recare.models import find_token_files
+
+    names = []
+    for f in find_token_files(folder):
+        with safe_open(str(f), framework="pt") as handle:
+            names.extend(handle.keys())
+    return names
+
+
+def _adversarial_prompts(ctx: AttackContext) -> list[str]:
+    return [attack_prompt(ctx.config.prompt_style, p) for p in token_placeholders(ctx.tokens_dir)]
+
+
+def _adversarial_pipeline(ctx: AttackContext):
+    from recare.models import derive_pipeline
+
+    return ctx.cached("adversarial", lambda: derive_pipeline(ctx.pipe, learned_tokens=ctx.tokens_dir))
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusion completion
+
+
+def _completion_pipeline(ctx: AttackContext):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    return ctx.cached("completion", lambda: StableDiffusionImg2ImgPipeline.from_pipe(ctx.pipe))
+
+
+def reference_for_seed(ctx: AttackContext, seed: int) -> Image.Image:
+    """The real image completion starts from for `seed`: reference[(seed - base_seed) mod count]."""
+    if not ctx.reference:
+        raise EvaluationError("the completion probe needs real target images (prepare 'reference' first).")
+    image = ctx.reference[(int(seed) - ctx.config.base_seed) % len(ctx.reference)]
+    size = (ctx.config.width or image.width, ctx.config.height or image.height)
+    return image.convert("RGB") if image.size == size else image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+
+
+def _completion_call(ctx: AttackContext, kwargs: dict, seeds: Sequence[int]) -> dict:
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("height", "width")}  # the image sets the size
+    return {**kwargs, "image": [reference_for_seed(ctx, s) for s in seeds], "strength": ctx.config.completion_strength}
+
+
+def _completion_settings(ctx: AttackContext) -> dict:
+    return {"strength": ctx.config.completion_strength,
+            "denoising_steps": int(ctx.config.steps * ctx.config.completion_strength),
+            "image_of_seed": "reference[(seed - base_seed) mod len(reference)]"}
+
+
+# ---------------------------------------------------------------------------------------------
+# noise-based probe
+
+
+def extra_noise_std(scheduler, timestep: int, steps: int) -> float:
+    """The DDPM posterior std of the jump t -> t_prev (DDIM's sigma_t with eta = 1, Song et al. Eq. 16).
+
+    sigma^2 = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev), t_prev = t - T / steps.
+
+    Args:
+        scheduler: a DDIM-family scheduler (alphas_cumprod, final_alpha_cumprod, num_train_timesteps).
+        timestep: t of the step just taken.
+        steps: inference steps of the run.
+    """
+    alphas = scheduler.alphas_cumprod
+    prev = int(timestep) - scheduler.config.num_train_timesteps // steps
+    a_t = float(alphas[int(timestep)])
+    a_prev = float(alphas[prev]) if prev >= 0 else float(getattr(scheduler, "final_alpha_cumprod", 1.0))
+    return math.sqrt(max(0.0, (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)))
+
+
+def _noise_call(ctx: AttackContext, kwargs: dict, seeds: Sequence[int]) -> dict:
+    config = ctx.config
+    generators = kwargs["generator"]
+    early = math.ceil(config.noise_fraction * config.steps)
+
+    def add_noise(pipe, i: int, t, callback_kwargs: dict) -> dict:
+        if i >= early or config.noise_scale == 0:
+            return {}
+        latents = callback_kwargs["latents"]
+        std = extra_noise_std(pipe.scheduler, int(t), config.steps)
+        noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
+        return {"latents": latents + (config.noise_scale * std) * noise.to(latents.device, latents.dtype)}
+
+    return {**kwargs, "callback_on_step_end": add_noise, "callback_on_step_end_tensor_inputs": ["latents"]}
+
+
+def _noise_settings(ctx: AttackContext) -> dict:
+    c = ctx.config
+    return {"scale": c.noise_scale, "fraction": c.noise_fraction, "noised_steps": math.ceil(c.noise_fraction * c.steps),
+            "rule": "after DDIM step i < noised_steps: latent += scale * sigma_DDPM(t, t_prev) * N(0, I) "
+                    "(from the image's own generator)"}
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+
+
+ATTACKS: dict[str, Attack] = {a.name: a for a in (
+    Attack("erased", "the plain target prompt", (), _target_prompts, _plain),
+    Attack("cce", "textual inversion of a new token against the unlearned model (CCE), then its prompt",
+           ("reference", "cce_token"), _cce_prompts, _cce_pipeline, settings=_cce_settings),
+    Attack("adversarial", "the model's own stage-1 adversarial tokens", (), _adversarial_prompts,
+           _adversarial_pipeline, settings=lambda ctx: {"placeholders": token_placeholders(ctx.tokens_dir)}),
+    Attack("completion", "diffusion completion: a real target image noised part-way, finished by the model",
+           ("reference",), _target_prompts, _completion_pipeline, _completion_call, _completion_settings),
+    Attack("noise", "noise-based probe: extra noise in the sampler's early steps", (), _target_prompts, _plain,
+           _noise_call, _noise_settings),
+)}
+
+
+# ---------------------------------------------------------------------------------------------
+# real target images
+
+
+def _world_references(config: EvaluationConfig, count: int) -> list[Image.Image]:
+    import numpy as np
+
+    from recare.miniworld.world import render_prompt_scene
+
+    rng = np.random.default_rng(config.reference_seed)
+    return [Image.fromarray(render_prompt_scene(config.target_prompt, rng)[0]) for _ in range(count)]
+
+
+def _base_references(config: EvaluationConfig, count: int, base) -> list[Image.Image]:
+    seeds = [config.reference_seed + i for i in range(count)]
+    images = []
+    for start in range(0, count, config.batch_size):
+        chunk = seeds[start:start + config.batch_size]
+        images.extend(render(base, [config.target_prompt] * len(chunk), chunk, config))
+    return images
+
+
+def reference_images(config: EvaluationConfig, base=None, count: int | None = None) -> list[Image.Image]:
+    """Real target images for CCE and completion (`config.reference_images`: "world", "base" or a path).
+
+    Args:
+        config: the resolved settings.
+        base: the base pipeline (needed for "base").
+        count: how many; default `config.cce_images`.
+
+    Raises:
+        EvaluationError: a folder with fewer images than needed; ImageInputError: unreadable images.
+    """
+    count = count or config.cce_images
+    source = config.reference_images
+    if source == "world":
+        return _world_references(config, count)
+    if source == "base":
+        if base is None:
+            raise EvaluationError("reference images 'base' need the base pipeline.")
+        return _base_references(config, count, base)
+    from recare.generate import load_images
+
+    images = load_images(source)
+    if len(images) < count:
+        raise EvaluationError(f"{source} has {len(images)} images; CCE needs {count} real target images "
+                              f"(cce_images), or lower --cce-images.")
+    return images[:count]
+
+
+__all__ = ["Attack", "AttackContext", "ATTACKS", "render", "attack_prompt", "learn_cce_token", "cce_ti_config",
+           "with_token", "token_placeholders", "reference_for_seed", "extra_noise_std", "reference_images",
+           "STAGE_CCE"]
