@@ -51,15 +51,14 @@ def _check_folder_arg(flag: str, value: str | None) -> None:
         return
     path = Path(value).expanduser()
     try:
-        for part in (path, *path.parents):
-            if part.exists():
-                if not part.is_dir():
-                    raise ConfigError(f"{flag} {value!r} cannot be a folder: {part} is a file.")
-                if not os.access(part, os.W_OK):
-                    raise ConfigError(f"{flag} {value!r}: {part} is not writable.")
-                return
+        existing = next(part for part in (path, *path.parents) if part.exists())
+        is_dir, writable = existing.is_dir(), os.access(existing, os.W_OK)
     except (OSError, ValueError) as e:  # a name too long for the file system, a NUL byte
         raise ConfigError(f"{flag} {value[:200]!r} is not a usable folder ({e}).") from None
+    if not is_dir:
+        raise ConfigError(f"{flag} {value!r} cannot be a folder: {existing} is a file.")
+    if not writable:
+        raise ConfigError(f"{flag} {value!r}: {existing} is not writable.")
 
 
 def _overrides(args: argparse.Namespace, names: dict[str, str]) -> dict[str, Any]:

@@ -485,7 +485,10 @@ def _decode(data: bytes, label: str, budget: _ImageBudget) -> Image.Image:
         claimed = re.search(r"\((\d+) pixels\)", str(e))
         what = f"{int(claimed.group(1)):,} pixels" if claimed else "too many pixels"
         raise ImageInputError(budget.limits.exceeded("image_pixels", f"image {label} claims {what}")) from e
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
+    except UnidentifiedImageError as e:  # PIL's message only names an in-memory buffer
+        raise ImageInputError(f"cannot read image {label}: the file is corrupt or not an image "
+                              "(PNG, JPEG or WebP).") from e
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
         if isinstance(e, ImageInputError):
             raise
         raise ImageInputError(f"cannot read image {label}: the file is corrupt or not an image ({e}).") from e

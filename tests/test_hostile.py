@@ -80,8 +80,26 @@ def _images(folder: Path, n: int = 3) -> list[Path]:
     return paths
 
 
-def _build_args(words: Path, **overrides):
-    args = dict(reference="cat", style="photo", encoder="mini-world", vocab="word-list", words=handle_file(str(words)),
+def _raw_call(url: str, api: str, data: list, session_hash: str | None = None) -> list:
+    """Call an endpoint over plain HTTP with the JSON escaped as ASCII, so any string can be sent
+    (gradio_client encodes UTF-8 and cannot send a lone surrogate). Returns the outputs."""
+    base = url.rstrip("/") + "/gradio_api/call/" + api
+    body = json.dumps({"data": data, "session_hash": session_hash}, ensure_ascii=True)
+    with httpx.Client(timeout=120) as http:
+        event = http.post(base, content=body, headers={"Content-Type": "application/json"}).json()["event_id"]
+        kind, payload = "", None
+        for line in http.get(f"{base}/{event}").text.splitlines():
+            if line.startswith("event: "):
+                kind = line[len("event: "):]
+            elif line.startswith("data: ") and kind in ("complete", "error"):
+                payload = json.loads(line[len("data: "):])
+    if kind != "complete":
+        raise RuntimeError(f"{api} ended with {kind}: {payload}")
+    return payload
+
+
+def _build_args(word_file: Path, **overrides):
+    args = dict(reference="cat", style="photo", encoder="mini-world", vocab="word-list", words=handle_file(str(word_file)),
                 k=8, n=30, projection="tsne", clusters=4, side=1, alpha=0.01, min_size=2, seed=42, global_=True,
                 intra=True)
     args.update(overrides)
@@ -191,7 +209,8 @@ def _cases(gen: Client, cs: Client, public: Client, url: str, session_folder: Pa
         # ---- Generate: every value checked before the session changes
         Case("app /generate", "seed 10^30", lambda: generate(seed=10**30), "seed must be between 0 and"),
         Case("app /generate", "seed -1", lambda: generate(seed=-1), "seed must be between 0 and"),
-        Case("app /generate", "lone surrogate in the prompt", lambda: generate(prompt="cat \ud800"), "not valid Unicode"),
+        Case("app /generate", "lone surrogate in the prompt (raw HTTP)",
+             lambda: _raw_call(url, "generate", ["cat \ud800", 2, 42, 2, 7.5, "mini-world"])[1], "not valid Unicode"),
         Case("app /generate", "guidance 'nan'", lambda: generate(guidance="nan"), "guidance must be a finite number"),
         Case("app /generate", "guidance 'inf'", lambda: generate(guidance="inf"), "guidance must be a finite number"),
         Case("app /generate", "image count 'abc'", lambda: generate(n="abc"), "number of images must be a number"),
@@ -229,19 +248,6 @@ def _cases(gen: Client, cs: Client, public: Client, url: str, session_folder: Pa
         Case("app /build_careset", "200,000-word list", lambda: build(words=handle_file(str(f["words-200k.txt"]))),
              "RECARE_MAX_WORD_LIST_WORDS"),
         Case("app /build_careset", "unknown vocabulary", lambda: build(vocab="../../etc/passwd"), "unknown vocabulary"),
-        # ---- CARE-set files
-        Case("app /load_careset", "100,000-deep JSON", lambda: load("deep.json"), "nested too deeply"),
-        Case("app /load_careset", "20,000 tokens (limit 10,000)", lambda: load("many-tokens.json"),
-             "RECARE_MAX_CARESET_TOKENS"),
-        Case("app /load_careset", "UTF-8 byte-order mark", lambda: load("bom.json"), "Loaded careset.json with 1 tokens"),
-        Case("app /load_careset", "HTML and a link in the key", lambda: load("html-key.json"), "Loaded careset.json",
-             renders_nothing=True),
-        Case("app /load_careset", "lists of different lengths", lambda: load("unequal.json"), "pair up one to one"),
-        Case("app /load_careset", "rich file, edits a string", lambda: load("edits.rich.json"), "'edits' must be a JSON object"),
-        Case("app /load_careset", "rich file, numeric reference word", lambda: load("numeric-word.rich.json"),
-             "reference_word must be text"),
-        Case("app /load_careset", "rich file, reference word '!!!'", lambda: load("bang-word.rich.json"),
-             "has no letters or digits"),
         # ---- CARE-set edits (on a built set)
         Case("app /toggle_cluster", "cluster 999", lambda: careset("/toggle_cluster", 999), "There is no cluster 999"),
         Case("app /toggle_cluster", "cluster 'abc'", lambda: careset("/toggle_cluster", "abc"), "must be a number"),
@@ -255,6 +261,20 @@ def _cases(gen: Client, cs: Client, public: Client, url: str, session_folder: Pa
              lambda: careset("/edit_table", {"headers": ["a", "b"], "data": [[1, 2]]}), "needs its 'keep' and 'token'"),
         Case("app /toggle_reveal", "image number 'abc'",
              lambda: gen.predict("abc", api_name="/toggle_reveal")[1], "must be a number"),
+        # ---- CARE-set files
+        Case("app /load_careset", "100,000-deep JSON", lambda: load("deep.json"), "nested too deeply"),
+        Case("app /load_careset", "20,000 tokens (limit 10,000)", lambda: load("many-tokens.json"),
+             "RECARE_MAX_CARESET_TOKENS"),
+        Case("app /load_careset", "UTF-8 byte-order mark", lambda: load("bom.json"),
+             r"Applied careset.json \(1 tokens\)|Loaded careset.json with 1 tokens"),
+        Case("app /load_careset", "HTML and a link in the key", lambda: load("html-key.json"), "Loaded careset.json",
+             renders_nothing=True),
+        Case("app /load_careset", "lists of different lengths", lambda: load("unequal.json"), "pair up one to one"),
+        Case("app /load_careset", "rich file, edits a string", lambda: load("edits.rich.json"), "'edits' must be a JSON object"),
+        Case("app /load_careset", "rich file, numeric reference word", lambda: load("numeric-word.rich.json"),
+             "reference_word must be text"),
+        Case("app /load_careset", "rich file, reference word '!!!'", lambda: load("bang-word.rich.json"),
+             "has no letters or digits"),
         # ---- public mode: one message for any local path
         Case("public /load_model", "/etc/shadow", lambda: public.predict("/etc/shadow", api_name="/load_model"),
              PUBLIC_REFUSAL),
@@ -327,24 +347,25 @@ def test_hostile_input_suite(apps, tmp_path):
             message = f"{type(e).__name__}: {e}"
         seconds = time.perf_counter() - started
         matched = re.search(case.expect, message) is not None
-        escaped = not case.renders_nothing or not re.search(r"<[a-z]|\]\(|https?://", message)
-        alive = case.surface.startswith("CLI") or _alive(public if case.surface.startswith("public") else gen)
+        # markup from the input must not survive: a tag, an unescaped link or image, a bare URL
+        escaped = not case.renders_nothing or not re.search(r"<[a-z]|(?<!\\)\]\(|https?://", message)
+        alive = None if case.surface.startswith("CLI") else _alive(public if case.surface.startswith("public") else gen)
         rows.append((case, message, matched and escaped, alive, seconds))
     total_s = time.perf_counter() - started_all
 
     ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
-    passed = sum(ok and alive for _, _, ok, alive, _ in rows)
+    passed = sum(ok and alive is not False for _, _, ok, alive, _ in rows)
     lines = [f"# Hostile-input suite: {passed} of {len(rows)} cases passed ({total_s:.1f} s)", "",
              "| # | surface | input | message shown | expected | app served the next request | s |",
              "|---|---|---|---|---|---|---|"]
     for i, (case, message, ok, alive, seconds) in enumerate(rows, 1):
         shown = message.replace("|", "\\|").replace("\n", " ")[:220]
         lines.append(f"| {i} | {case.surface} | {case.name} | {shown} | {'yes' if ok else '**NO**'} | "
-                     f"{'yes' if alive else '**NO**'} | {seconds:.2f} |")
+                     f"{'n/a (CLI)' if alive is None else 'yes' if alive else '**NO**'} | {seconds:.2f} |")
     ARTIFACT.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     failed = [f"{case.surface} / {case.name}: {message[:300]}" for case, message, ok, alive, _ in rows
-              if not (ok and alive)]
+              if not ok or alive is False]
     assert len(rows) >= 40
     assert not failed, "\n".join(failed)
 
@@ -360,9 +381,9 @@ def test_failed_generate_keeps_the_images(apps):
     folder = next(d for d in apps["workspace"].glob("s-*") if len(list((d / "images").glob("0*.png"))) == 2
                   and json.loads((d / "images" / "manifest.json").read_text())["seeds"] == [42, 43])
     before = sorted(p.name for p in (folder / "images").iterdir())
-    for bad in ({"seed": 10**30}, {"prompt": "a photo of \ud800"}, {"guidance": "nan"}):
+    for bad in ({"seed": 10**30}, {"prompt": "a photo of \ud800"}, {"guidance": "nan"}, {"steps": 10**6}):
         args = {"prompt": "a photo of a cat", "n": 2, "seed": 42, "steps": 2, "guidance": 7.5, **bad}
-        _, status = client.predict(*args.values(), "mini-world", api_name="/generate")
+        _, status = _raw_call(apps["url"], "generate", [*args.values(), "mini-world"], client.session_hash)
         assert status.startswith("⚠")
         gallery, _ = client.predict(False, api_name="/show_unchecked")  # the session's current gallery
         assert len(gallery) == 2
