@@ -8,6 +8,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# The test process is an entry point like the CLI (recare.runtime.set_process_defaults): idle
+# OpenMP threads must not spin while workers and app threads share 2 cores (the training tests
+# took 35-117 s spinning, 12 s passive). Set before anything imports torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 
@@ -18,3 +22,15 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("RECARE_CACHE", str(tmp_path / "recare-cache"))
     monkeypatch.setenv("RECARE_WORKSPACE", str(tmp_path / "workspace"))
     monkeypatch.setenv("RECARE_HOME", str(tmp_path / "recare-home"))  # the run store
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`):
+    on a shared 2-core machine two threads contend and tiny-model training runs many times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

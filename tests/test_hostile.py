@@ -82,7 +82,8 @@ def _images(folder: Path, n: int = 3) -> list[Path]:
 
 def _raw_call(url: str, api: str, data: list, session_hash: str | None = None) -> list:
     """Call an endpoint over plain HTTP with the JSON escaped as ASCII, so any string can be sent
-    (gradio_client encodes UTF-8 and cannot send a lone surrogate). Returns the outputs."""
+    (gradio_client encodes UTF-8 and cannot send a lone surrogate). Returns the outputs, the
+    session State's placeholder included (so the status line is the last one)."""
     base = url.rstrip("/") + "/gradio_api/call/" + api
     body = json.dumps({"data": data, "session_hash": session_hash}, ensure_ascii=True)
     with httpx.Client(timeout=120) as http:
@@ -210,7 +211,7 @@ def _cases(gen: Client, cs: Client, public: Client, url: str, session_folder: Pa
         Case("app /generate", "seed 10^30", lambda: generate(seed=10**30), "seed must be between 0 and"),
         Case("app /generate", "seed -1", lambda: generate(seed=-1), "seed must be between 0 and"),
         Case("app /generate", "lone surrogate in the prompt (raw HTTP)",
-             lambda: _raw_call(url, "generate", ["cat \ud800", 2, 42, 2, 7.5, "mini-world"])[1], "not valid Unicode"),
+             lambda: _raw_call(url, "generate", ["cat \ud800", 2, 42, 2, 7.5, "mini-world"])[-1], "not valid Unicode"),
         Case("app /generate", "guidance 'nan'", lambda: generate(guidance="nan"), "guidance must be a finite number"),
         Case("app /generate", "guidance 'inf'", lambda: generate(guidance="inf"), "guidance must be a finite number"),
         Case("app /generate", "image count 'abc'", lambda: generate(n="abc"), "number of images must be a number"),
@@ -383,7 +384,7 @@ def test_failed_generate_keeps_the_images(apps):
     before = sorted(p.name for p in (folder / "images").iterdir())
     for bad in ({"seed": 10**30}, {"prompt": "a photo of \ud800"}, {"guidance": "nan"}, {"steps": 10**6}):
         args = {"prompt": "a photo of a cat", "n": 2, "seed": 42, "steps": 2, "guidance": 7.5, **bad}
-        _, status = _raw_call(apps["url"], "generate", [*args.values(), "mini-world"], client.session_hash)
+        status = _raw_call(apps["url"], "generate", [*args.values(), "mini-world"], client.session_hash)[-1]
         assert status.startswith("⚠")
         gallery, _ = client.predict(False, api_name="/show_unchecked")  # the session's current gallery
         assert len(gallery) == 2

@@ -25,12 +25,7 @@ from tests.helpers_tiny import build_tiny_pipeline, make_tiny_pipeline
 CARESET = {"tench_care_word": ["A river", "A lake"], "tench_care_word_photo": ["A photo of river", "A photo of lake"]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,7 @@ LATENT = (4, 8, 8)  # the tiny UNet takes any size; 8x8 keeps each call cheap
 SHORT = RolloutConfig(steps=12)  # k in [1, 10]: the same code path as 50 steps, fewer UNet calls
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads contend and run many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,7 @@ ANCHORS = ["A river", "A lake", "A pond"]
 RETAIN = ["A photo of river", "A photo of lake"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

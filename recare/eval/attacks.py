@@ -15,15 +15,14 @@ prompts it asks, which pipeline answers, and what it adds to the call:
                a real target image is noised to `completion_strength` of the schedule (img2img with
                the same components) and the unlearned model finishes it with the target prompt
   noise        noise-based probe (same paper): the target prompt, sampled with extra Gaussian noise in
-               the first `noise_fraction` of the DDIM steps (see `extra_noise_std`)
+               the first `noise_fraction` of the DDIM steps (`EarlyNoiseDDIMScheduler`)
 
-The noise probe, exactly: after DDIM step i (from timestep t to t_prev) of the first
-ceil(noise_fraction x steps) steps, the latent gets `noise_scale * sigma(t, t_prev) * n`, where
-sigma is the DDPM posterior standard deviation of that jump (DDIM's sigma with eta = 1,
-Song et al. Eq. 16) and n ~ N(0, I) is drawn from the image's own generator after its starting
-noise, so the probe is deterministic per image and independent of the batch. The DDIM update
-itself is unchanged (eta = 0), so the probe adds noise on top of the schedule, as the paper's
-eta > 1 sampling does, without DDIM's square root of a negative number when eta > 1.
+The noise probe, exactly: the first ceil(noise_fraction x steps) DDIM steps are stochastic with
+eta = `noise_eta` (default 1.5, inside the paper's 1.3-1.9), the rest plain DDIM (eta 0); see
+`EarlyNoiseDDIMScheduler`. The paper samples with eta > 1 (more noise than DDPM's eta = 1); plain
+DDIM would take the square root of a negative number there, so the injected noise is clamped at
+sqrt(1 - abar_prev) (all of the next level's noise). The noise of image i comes from its own
+generator after its starting noise, so the probe is deterministic per image and batch-independent.
 
 Real target images (`reference_images`) feed CCE and completion: the mini world's renders of the
 target prompt ("world", ground truth), images of the *base* model ("base", seeds
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from diffusers import DDIMScheduler
 from PIL import Image
 
 from recare.errors import EvaluationError
@@ -260,44 +260,84 @@ def _completion_settings(ctx: AttackContext) -> dict:
 # noise-based probe
 
 
-def extra_noise_std(scheduler, timestep: int, steps: int) -> float:
-    """The DDPM posterior std of the jump t -> t_prev (DDIM's sigma_t with eta = 1, Song et al. Eq. 16).
+class EarlyNoiseDDIMScheduler(DDIMScheduler):
+    """DDIM whose first `noisy_steps` steps are stochastic with eta = `probe_eta` (the noise probe).
 
-    sigma^2 = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev), t_prev = t - T / steps.
+    A noisy step from t to t_prev (Song et al. Eq. 12, with the noise clamped so the square root
+    stays real when eta > 1):
 
-    Args:
-        scheduler: a DDIM-family scheduler (alphas_cumprod, final_alpha_cumprod, num_train_timesteps).
-        timestep: t of the step just taken.
-        steps: inference steps of the run.
+        x0 = the model's clean estimate, eps = its noise estimate (epsilon, v or sample prediction)
+        sigma_DDPM^2 = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
+        s = min(eta * sigma_DDPM, sqrt(1 - abar_prev))
+        x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - s^2) eps + s n,   n ~ N(0, I)
+
+    n comes from the pipeline's per-image generators (after each image's starting noise), so it is
+    the same for an image in any batch. Every other step is plain DDIM (eta as the caller asks, 0).
     """
-    alphas = scheduler.alphas_cumprod
-    prev = int(timestep) - scheduler.config.num_train_timesteps // steps
-    a_t = float(alphas[int(timestep)])
-    a_prev = float(alphas[prev]) if prev >= 0 else float(getattr(scheduler, "final_alpha_cumprod", 1.0))
-    return math.sqrt(max(0.0, (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)))
+
+    noisy_steps: int = 0
+    probe_eta: float = 0.0
+
+    def configure(self, noisy_steps: int, eta: float) -> "EarlyNoiseDDIMScheduler":
+        """Set how many leading steps are noisy and their eta; returns self."""
+        self.noisy_steps, self.probe_eta = int(noisy_steps), float(eta)
+        return self
+
+    def step(self, model_output, timestep, sample, eta: float = 0.0, use_clipped_model_output: bool = False,
+             generator=None, variance_noise=None, return_dict: bool = True):
+        position = int((self.timesteps == int(timestep)).nonzero()[0, 0]) if self.timesteps is not None else 0
+        if position >= self.noisy_steps:
+            return super().step(model_output, timestep, sample, eta=eta, use_clipped_model_output=use_clipped_model_output,
+                                generator=generator, variance_noise=variance_noise, return_dict=return_dict)
+        from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+        from diffusers.utils.torch_utils import randn_tensor
+
+        prev = int(timestep) - self.config.num_train_timesteps // self.num_inference_steps
+        a_t = self.alphas_cumprod[int(timestep)].to(sample.device, torch.float32)
+        a_prev = (self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod).to(sample.device, torch.float32)
+        x, out = sample.float(), model_output.float()
+        x0, eps = _clean_and_noise(self.config.prediction_type, x, out, a_t)
+        if self.config.clip_sample:
+            x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+            eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+        sigma_ddpm = ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0).sqrt()
+        s = torch.minimum(self.probe_eta * sigma_ddpm, (1 - a_prev).sqrt())
+        noise = randn_tensor(model_output.shape, generator=generator, device=sample.device, dtype=torch.float32)
+        prev_sample = (a_prev.sqrt() * x0 + (1 - a_prev - s ** 2).clamp(min=0).sqrt() * eps + s * noise).to(sample.dtype)
+        x0 = x0.to(sample.dtype)
+        return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0) if return_dict else (prev_sample, x0)
 
 
-def _noise_call(ctx: AttackContext, kwargs: dict, seeds: Sequence[int]) -> dict:
-    config = ctx.config
-    generators = kwargs["generator"]
-    early = math.ceil(config.noise_fraction * config.steps)
+def _clean_and_noise(prediction_type: str, x, out, a_t):
+    """(x0, eps) from the model output, for the three prediction types diffusers schedulers know."""
+    if prediction_type == "epsilon":
+        return (x - (1 - a_t).sqrt() * out) / a_t.sqrt(), out
+    if prediction_type == "v_prediction":
+        return a_t.sqrt() * x - (1 - a_t).sqrt() * out, a_t.sqrt() * out + (1 - a_t).sqrt() * x
+    if prediction_type == "sample":
+        return out, (x - a_t.sqrt() * out) / (1 - a_t).sqrt()
+    raise EvaluationError(f"the noise probe does not know the prediction type {prediction_type!r}.")
 
-    def add_noise(pipe, i: int, t, callback_kwargs: dict) -> dict:
-        if i >= early or config.noise_scale == 0:
-            return {}
-        latents = callback_kwargs["latents"]
-        std = extra_noise_std(pipe.scheduler, int(t), config.steps)
-        noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
-        return {"latents": latents + (config.noise_scale * std) * noise.to(latents.device, latents.dtype)}
 
-    return {**kwargs, "callback_on_step_end": add_noise, "callback_on_step_end_tensor_inputs": ["latents"]}
+def noisy_steps(config: EvaluationConfig) -> int:
+    """How many leading DDIM steps the noise probe makes stochastic: ceil(noise_fraction x steps)."""
+    return math.ceil(config.noise_fraction * config.steps)
+
+
+def _noise_pipeline(ctx: AttackContext):
+    def build():
+        scheduler = EarlyNoiseDDIMScheduler.from_config(ctx.pipe.scheduler.config)
+        return type(ctx.pipe).from_pipe(ctx.pipe, scheduler=scheduler.configure(noisy_steps(ctx.config),
+                                                                                 ctx.config.noise_eta))
+    return ctx.cached("noise", build)
 
 
 def _noise_settings(ctx: AttackContext) -> dict:
     c = ctx.config
-    return {"scale": c.noise_scale, "fraction": c.noise_fraction, "noised_steps": math.ceil(c.noise_fraction * c.steps),
-            "rule": "after DDIM step i < noised_steps: latent += scale * sigma_DDPM(t, t_prev) * N(0, I) "
-                    "(from the image's own generator)"}
+    return {"eta": c.noise_eta, "fraction": c.noise_fraction, "noisy_steps": noisy_steps(c),
+            "rule": "DDIM steps i < noisy_steps are stochastic: x_prev = sqrt(abar_prev) x0 + "
+                    "sqrt(1 - abar_prev - s^2) eps + s n, s = min(eta sigma_DDPM, sqrt(1 - abar_prev)); "
+                    "n from the image's own generator"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,8 +352,8 @@ ATTACKS: dict[str, Attack] = {a.name: a for a in (
            _adversarial_pipeline, settings=lambda ctx: {"placeholders": token_placeholders(ctx.tokens_dir)}),
     Attack("completion", "diffusion completion: a real target image noised part-way, finished by the model",
            ("reference",), _target_prompts, _completion_pipeline, _completion_call, _completion_settings),
-    Attack("noise", "noise-based probe: extra noise in the sampler's early steps", (), _target_prompts, _plain,
-           _noise_call, _noise_settings),
+    Attack("noise", "noise-based probe: extra noise in the sampler's early steps", (), _target_prompts,
+           _noise_pipeline, settings=_noise_settings),
 )}
 
 
@@ -368,5 +408,6 @@ def reference_images(config: EvaluationConfig, base=None, count: int | None = No
 
 
 __all__ = ["Attack", "AttackContext", "ATTACKS", "render", "attack_prompt", "learn_cce_token", "cce_ti_config",
-           "with_token", "token_placeholders", "reference_for_seed", "extra_noise_std", "reference_images",
+           "with_token", "token_placeholders", "reference_for_seed", "EarlyNoiseDDIMScheduler", "noisy_steps",
+           "reference_images",
            "STAGE_CCE"]

@@ -65,8 +65,8 @@ class EvaluationConfig(JsonConfig):
     reference_images: str | None = None      # real target images for CCE and completion: "world", "base" or a folder/zip
     reference_seed: int = 4_242              # seed of the world renders or base images used as reference (distinct from 42 + i)
     completion_strength: float = 0.6        # completion probe: fraction of the schedule the real image is noised to
-    noise_scale: float = 1.0                 # noise probe: extra noise = scale x the DDPM posterior std of the step
-    noise_fraction: float = 0.3              # noise probe: the first fraction of the sampler's steps get the extra noise
+    noise_eta: float = 1.5                   # noise probe: DDIM eta of the noisy steps (paper 1.3-1.9; 1 = DDPM's noise)
+    noise_fraction: float = 0.5              # noise probe: the first fraction of the sampler's steps are noisy
     device: str = "auto"                     # "auto": CUDA, then MPS, then CPU
     dtype: str = "auto"                      # "auto": fp16 on CUDA, fp32 elsewhere
 
@@ -94,7 +94,7 @@ class EvaluationConfig(JsonConfig):
             value = getattr(self, name)
             if value is not None and value % 8:
                 raise ConfigError(f"{name} must be a multiple of 8 (got {value}).")
-        for name in ("guidance", "completion_strength", "noise_scale", "noise_fraction"):
+        for name in ("guidance", "completion_strength", "noise_eta", "noise_fraction"):
             value = getattr(self, name)
             if value is not None:
                 _check_number(name, value)
@@ -102,9 +102,9 @@ class EvaluationConfig(JsonConfig):
             raise ConfigError(f"guidance must be >= 0 (got {self.guidance}).")
         if not 0.0 < self.completion_strength <= 1.0:
             raise ConfigError(f"completion_strength must be in (0, 1] (got {self.completion_strength}).")
-        if self.noise_scale < 0 or not 0.0 <= self.noise_fraction <= 1.0:
-            raise ConfigError("noise_scale must be >= 0 and noise_fraction in [0, 1] "
-                              f"(got {self.noise_scale}, {self.noise_fraction}).")
+        if self.noise_eta < 0 or not 0.0 <= self.noise_fraction <= 1.0:
+            raise ConfigError("noise_eta must be >= 0 and noise_fraction in [0, 1] "
+                              f"(got {self.noise_eta}, {self.noise_fraction}).")
         if self.attacks is not None:
             from recare.eval.attacks import ATTACKS
 
