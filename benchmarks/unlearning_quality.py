@@ -352,8 +352,8 @@ def main(argv=None) -> int:
                 stage1_cfg = dataclasses.replace(world_config(task, "esd"), esd=s1.esd)
                 s1_run = train_cached(runs, name, stage1_cfg, pipe, inputs, log)
                 rows.append(evaluate("stage-1 erased (round 1)", s1_run.name, s1_run, recare_run, collateral=False))
-            for method, run in runs_of.items():
-                rows.append(evaluate(method, run.name, run, recare_run))
+            for method, run in runs_of.items():  # collateral for the two compared methods (CPU time)
+                rows.append(evaluate(method, run.name, run, recare_run, collateral=method in ("esd", "recare")))
                 log(_main_table(name, rows, adv))
             report["tasks"][name] = {"trained_care_prompts": [p for p, _ in trained],
                                      "held_care_prompts": [p for p, _ in held], "adversarial_prompt": adv,

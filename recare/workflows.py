@@ -160,5 +160,83 @@ def prepare_task_inputs(folder: str | Path, task: dict, pipe, num_images: int, s
     return images_dir, careset_json
 
 
+def run_task_training_job(run, progress: ProgressCallback | None, cancel: CancelToken | None) -> dict:
+    """Job target "recare.workflows:run_task_training_job": `recare.train.recipe.run_training_job`, after
+    copying the inputs it was given into the run folder and making those a mini-world task still lacks.
+
+    An "inputs" section ({"images": [image files], "careset": official careset dict}) is copied into
+    `<run>/inputs/` at the start (the app passes a browser session's files, which may go away while
+    the run waits or trains), and the settings then point there.
+
+    When the run's config.json names a mini-world task ("task") and its training settings have no
+    CARE-set (or stage 1 has no images), the task's images and CARE-set are made into the run folder
+    first (`prepare_task_inputs`, as `python -m recare train --task` does) and written into the
+    settings, so a resumed run finds them. Everything else is `run_training_job`.
+
+    Args:
+        run: a `recare.runs.Run` whose config.json holds {"train": TrainConfig fields, "task": name or
+            absent, "preview": optional PreviewConfig fields}.
+        progress: the job runner's reporter.
+        cancel: the run's cancel token.
+    """
+    from recare.models import MINI_WORLD, load_pipeline
+    from recare.runs import atomic_write_json
+    from recare.train.recipe import job_config, run_training_job
+
+    settings = run.config()
+    if isinstance(settings.get("inputs"), dict) and isinstance(settings.get("train"), dict):
+        settings = _stage_inputs(run, settings)
+    if settings.get("task") and isinstance(settings.get("train"), dict):
+        config = TrainConfig.from_dict(settings["train"])
+        if (config.stage2 is not None and config.careset is None) or (config.stage1 is not None and config.images is None):
+            task = mini_world_task(settings["task"])
+            pipe = load_pipeline(MINI_WORLD, device=config.device, dtype="fp32")
+            images_dir, careset_json = prepare_task_inputs(run.path, task, pipe, config.num_images,
+                                                           progress=progress, cancel=cancel)
+            config = dataclasses.replace(config, images=config.images or str(images_dir),
+                                         careset=config.careset or str(careset_json))
+            atomic_write_json(run.config_path, {**settings, **job_config(config)})
+            del pipe
+    return run_training_job(run, progress, cancel)
+
+
+INPUTS_DIR = "inputs"
+
+
+def _stage_inputs(run, settings: dict) -> dict:
+    """Copy the "inputs" section's images and CARE-set into `<run>/inputs/` and point the training settings there."""
+    import json
+    import shutil
+
+    from recare.errors import ImageInputError
+    from recare.runs import atomic_write_json, atomic_write_text
+
+    inputs, train = settings["inputs"], dict(settings["train"])
+    folder = run.path / INPUTS_DIR
+    if inputs.get("images"):
+        images_dir = folder / "images"
+        if not images_dir.is_dir():
+            tmp = folder / ".images.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for i, source in enumerate(inputs["images"]):
+                source = Path(source)
+                if not source.is_file():
+                    raise ImageInputError(f"the target image {source.name} is gone (its browser session was closed "
+                                          "before the run started); start the run again.")
+                shutil.copyfile(source, tmp / f"{i:04d}{source.suffix.lower()}")
+            tmp.rename(images_dir)
+        train["images"] = str(images_dir)
+    if isinstance(inputs.get("careset"), dict):
+        careset = folder / "careset.json"
+        if not careset.is_file():
+            atomic_write_text(careset, json.dumps(inputs["careset"], indent=4, ensure_ascii=False) + "\n")
+        train["careset"] = str(careset)
+    settings = {**{k: v for k, v in settings.items() if k != "inputs"}, "train": train,
+                "inputs_copied": {"images": len(inputs.get("images") or []), "careset": "careset" in inputs}}
+    atomic_write_json(run.config_path, settings)
+    return settings
+
+
 __all__ = ["careset_from_images", "write_careset_files", "mini_world_task", "task_train_config",
-           "prepare_task_inputs", "TARGET_IMAGES_DIR", "CARESET_DIR"]
+           "prepare_task_inputs", "run_task_training_job", "TARGET_IMAGES_DIR", "CARESET_DIR"]

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_app_fixtures import app_url, write_words  # noqa: F401  (fixture)
+from tests.test_app_train import train_app  # noqa: F401  (fixture: an app with its own run store)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -153,5 +154,59 @@ def test_generate_build_click_and_download(app_url, tmp_path):
         assert data[f"{key}_{style}"] == [prefix + t for t in final]
         assert token in members and (token in final) is cluster_dropped  # the last cluster edit overrides the token's
 
+        assert not errors, f"page errors: {errors}"
+        browser.close()
+
+
+def _loss_points(page) -> int:
+    """Points drawn on the Train tab's loss plot (all traces)."""
+    return page.evaluate("""() => { const h = document.querySelector('#train-loss .recare-plot');
+        if (!h || !h.data) return 0; return h.data.reduce((n, t) => n + ((t.x || []).length), 0); }""")
+
+
+def test_train_start_watch_cancel_resume_finish(train_app, tmp_path):
+    """A short ReCARE run on the mini world from the Train tab: loss points and a preview arrive,
+    cancel, resume, finish (a few iterations only)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    if not train_app["real_world"]:
+        pytest.skip("the Train flow uses a mini-world task")
+    shots = SCREENSHOTS if os.environ.get("RECARE_SCREENSHOTS") == "1" else tmp_path
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 1100})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(train_app["url"])
+        page.get_by_role("tab", name="3 · Train").click()
+        expect(page.locator("#train-estimate")).to_contain_text("Plan:")
+        for box, value in (("#train-iterations", "12"), ("#train-s1-iterations", "4"), ("#train-ti-steps", "3"),
+                           ("#train-preview-every", "2")):
+            page.fill(f"{box} input[type=number]", value)
+            page.keyboard.press("Tab")
+        expect(page.locator("#train-estimate")).to_contain_text("12 stage-2 it")
+        page.click("#train-start")
+        expect(page.locator("#train-message")).to_contain_text("Started", timeout=30_000)
+        expect(page.locator("#train-status")).to_contain_text("running", timeout=120_000)
+        # the loss plot gains points and a preview appears beside the base model's grid
+        page.wait_for_function("() => { const h = document.querySelector('#train-loss .recare-plot');"
+                               " return h && h.data && h.data.reduce((n, t) => n + ((t.x || []).length), 0) >= 2; }",
+                               timeout=180_000)
+        first = _loss_points(page)
+        expect(page.locator("#train-previews img")).to_have_count(2, timeout=180_000)
+        page.wait_for_function(f"() => document.querySelector('#train-loss .recare-plot').data"
+                               f".reduce((n, t) => n + ((t.x || []).length), 0) > {first}", timeout=120_000)
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=str(shots / "train.png"), clip={"x": 0, "y": 0, "width": 1440, "height": 1100})
+        # cancel: the run stops with a resumable state; resume: it finishes
+        page.click("#train-cancel")
+        expect(page.locator("#train-message")).to_contain_text("Cancel", timeout=30_000)
+        expect(page.locator("#train-status")).to_contain_text("cancelled", timeout=120_000)
+        page.click("#train-resume")
+        expect(page.locator("#train-message")).to_contain_text("Resumed", timeout=30_000)
+        expect(page.locator("#train-status")).to_contain_text("done", timeout=240_000)
+        expect(page.locator("#train-progress")).to_contain_text("100%")
+        expect(page.locator("#train-runs")).to_contain_text("done")
         assert not errors, f"page errors: {errors}"
         browser.close()

@@ -73,7 +73,7 @@ def test_cancel_mid_run_then_resume_gives_the_same_weights(inputs, tmp_path, cap
                 (next(runs.iterdir()) / "cancel").touch()
 
     monkeypatch.setattr(TqdmProgress, "__call__", cancel_in_stage2)
-    assert cli.main(_args(inputs, runs)) == 130
+    assert cli.main(_args(inputs, runs)) == cli.EXIT_CANCELLED
     err = capsys.readouterr().err
     assert "cancelled" in err and "--resume" in err
     run = next(runs.iterdir())

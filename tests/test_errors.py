@@ -18,7 +18,8 @@ from recare import cli, errors
 from recare.errors import ConfigError, RecareError
 
 REPO = Path(__file__).resolve().parent.parent
-USER_ERRORS = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, RecareError)]
+USER_ERRORS = [c for c in vars(errors).values()
+               if isinstance(c, type) and issubclass(c, RecareError) and c is not errors.Cancelled]
 
 
 def _command_raises(monkeypatch, exc: BaseException) -> None:
@@ -41,6 +42,14 @@ def test_a_recare_error_is_one_line_and_exit_code_2(error, monkeypatch, capsys, 
     captured = capsys.readouterr()
     assert captured.err == "error: the prompt is empty: type what the images should show\n"
     assert captured.out == ""  # no run folder printed
+
+
+def test_a_cancelled_command_is_one_line_and_exit_code_130(monkeypatch, capsys, tmp_path):
+    _command_raises(monkeypatch, errors.Cancelled("training cancelled;\n  resume with --resume X"))
+    assert cli.main(["generate", "--out", str(tmp_path)]) == cli.EXIT_CANCELLED == 130
+    captured = capsys.readouterr()
+    assert captured.err == "cancelled: training cancelled; resume with --resume X\n"
+    assert captured.out == ""
 
 
 @pytest.mark.parametrize("bug", [KeyError("steps"), ValueError("operands could not be broadcast together"),

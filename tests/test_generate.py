@@ -167,6 +167,8 @@ class _CountingPipe:
 
 def test_app_generate_streams_batches_writes_the_library_manifest_and_cancel_stops_the_library(
         pipe, tmp_path, monkeypatch):
+    import gradio as gr
+
     from recare import safety
     from ui.common import AppContext
     from ui.generate_tab import _cancelled, _generate
@@ -182,7 +184,7 @@ def test_app_generate_streams_batches_writes_the_library_manifest_and_cancel_sto
     run = _generate(ctx, base, PROMPT, 6, 5, 1, 7.5, "tiny", session,
                     lambda fraction, desc=None: shown.append((fraction, desc)))
     session, gallery, status = next(run)
-    assert gallery == [] and status.startswith("Generating 6")
+    assert gallery == gr.skip() and status.startswith("Generating 6")  # the old set stays until the first batch
     session, gallery, status = next(run)  # the first batch, as soon as it is made
     assert len(gallery) == 2 and "Generated 2 of 6" in status
     manifest = json.loads((session.image_dir / MANIFEST_NAME).read_text())

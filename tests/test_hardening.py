@@ -42,12 +42,14 @@ from tests.helpers_hostile import png_bytes, png_claiming, toy_careset, zip_with
 def test_custom_token_edits_are_linear():
     careset = toy_careset(100)
     started = time.perf_counter()
-    big = careset.with_edits(custom_tokens=[f"w{i}" for i in range(30_000)])  # was 26 s (quadratic)
-    assert time.perf_counter() - started < 2.0
-    assert len(big.custom_tokens) == 30_000 and len(big.final_tokens()) == 30_000 + int(careset.keep.sum())
+    big = careset.with_edits(custom_tokens=[f"w{i}" for i in range(30_000)])
+    final = big.final_tokens()
+    assert time.perf_counter() - started < 1.0  # was 6.1 s + 5.4 s here (quadratic list scans), 26 s in the app
+    assert len(big.custom_tokens) == 30_000 and len(final) == 30_000 + int(careset.keep.sum())
     started = time.perf_counter()
     again = big.with_edits(toggle_tokens=["t1"], remove_custom=[f"w{i}" for i in range(0, 30_000, 2)])
-    assert time.perf_counter() - started < 1.0  # every later edit was 22 s
+    again.final_tokens()
+    assert time.perf_counter() - started < 1.0  # every later edit of that session took seconds
     assert len(again.custom_tokens) == 15_000 and not again.keep[1]
 
 
@@ -56,7 +58,7 @@ def test_token_edits_are_linear_in_the_candidates():
     started = time.perf_counter()
     edited = careset.with_edits(keep_tokens=[f"t{i}" for i in range(0, 10_000, 3)],
                                 drop_tokens=[f"t{i}" for i in range(1, 10_000, 3)], toggle_clusters=[7])
-    assert time.perf_counter() - started < 2.0  # each token edit used to recompute every decision
+    assert time.perf_counter() - started < 1.0  # was 9.4 s: each token edit recomputed every decision
     keep = edited.keep
     assert keep[0] and not keep[1] and not keep[107]  # t107: cluster 7 (toggled off), in neither token list
     # the same decisions as applying the edits one by one

@@ -154,3 +154,62 @@ def placeholder_json(message: str) -> str:
         },
     })
 
+
+
+# Training stages whose metrics rows carry an erase loss (and stage 2 also a retain loss).
+_LOSS_STAGE_NAMES = MappingProxyType({"stage1.erase": "stage 1 erase", "stage1.textual_inversion": "textual inversion",
+                                      "stage2": "stage 2", "esd": "ESD"})
+
+
+def loss_figure(rows: list[dict], title: str = "", height: int = 360) -> go.Figure:
+    """The live loss plot of a training run, from its metrics.jsonl rows (oldest first).
+
+    x is the row's position in the run (every iteration and textual-inversion step in order, so
+    the stages follow each other); the erase part (stage-1 erase, stage 2's erase term, ESD), the
+    retain part (stage 2's retain term, Eq. 11) and the textual-inversion loss are separate traces
+    on a log axis. A dotted line marks where each loop starts.
+
+    Args:
+        rows: metrics rows: {"stage", "step", "total", "loss", "erase"?, "retain"?, ...}.
+        title: the figure's title (plain text; escaped here).
+        height: figure height in pixels.
+    """
+    traces: dict[str, dict[str, list]] = {name: {"x": [], "y": [], "text": []}
+                                          for name in ("erase", "retain", "textual inversion")}
+    starts: list[tuple[int, str]] = []
+    previous = None
+    for x, row in enumerate(rows, start=1):
+        stage = str(row.get("stage"))
+        if stage not in _LOSS_STAGE_NAMES:
+            continue
+        if stage != previous or row.get("step") == 1:
+            starts.append((x, _LOSS_STAGE_NAMES[stage]))
+        previous = stage
+        label = f"{_LOSS_STAGE_NAMES[stage]} step {row.get('step')}/{row.get('total')}"
+        if stage == "stage1.textual_inversion":
+            parts = {"textual inversion": row.get("loss")}
+        else:
+            parts = {"erase": row.get("erase", row.get("loss")), "retain": row.get("retain")}
+        for name, value in parts.items():
+            if isinstance(value, (int, float)) and value > 0:
+                traces[name]["x"].append(x)
+                traces[name]["y"].append(float(value))
+                traces[name]["text"].append(label)
+    colours = {"erase": "#EE6677", "retain": "#228833", "textual inversion": "#4477AA"}
+    fig = go.Figure()
+    for name, data in traces.items():
+        fig.add_trace(go.Scatter(x=data["x"], y=data["y"], text=data["text"], name=f"{name} loss",
+                                 mode="lines+markers" if len(data["x"]) < 80 else "lines",
+                                 marker={"size": 4}, line={"color": colours[name], "width": 1.5},
+                                 hovertemplate="%{text}<br>loss %{y:.4g}<extra>" + name + "</extra>"))
+    for x, name in starts:
+        fig.add_vline(x=x - 0.5, line={"dash": "dot", "color": "#aaa", "width": 1})
+        fig.add_annotation(x=x - 0.5, y=1, yref="paper", text=html.escape(name), showarrow=False, xanchor="left",
+                           font={"size": 10, "color": "#777"})
+    fig.update_layout(
+        template="plotly_white", height=height, margin={"l": 50, "r": 10, "t": 36, "b": 40},
+        title={"text": html.escape(title), "font": {"size": 13}, "x": 0.01, "xanchor": "left"},
+        xaxis={"title": "step (all loops in order)"}, yaxis={"title": "loss", "type": "log"},
+        legend={"orientation": "h", "x": 0, "y": -0.2}, uirevision="loss",
+    )
+    return fig

@@ -400,15 +400,14 @@ def _load_png(path: Path) -> Image.Image:
 class _Evaluation:
     """One process's share of an evaluation run (see the module docstring for the flow)."""
 
-    def __init__(self, config: EvaluationConfig, models: Models, run_dir: Path, procs: Processes,
+    def __init__(self, config: EvaluationConfig, models: Models, captions: list[str], run_dir: Path, procs: Processes,
                  progress: ProgressCallback | None, cancel: CancelToken | None, run=None):
         from recare.eval.config import _tokens_dir
-        from recare.eval.utility import clip_prompts
 
         self.config, self.models, self.run_dir, self.procs = config, models, run_dir, procs
         self.progress, self.cancel, self.run = progress, cancel, run
         self.ctx = AttackContext(config, models.pipe, base=models.base, tokens_dir=_tokens_dir(config.unet))
-        self.captions = clip_prompts(config)
+        self.captions = captions
         self.plan = build_plan(config, self.ctx, self.captions)
         self.scorer = _Scorer(config, models.detector, models.encoder)
         self.shard = run_dir / "shards" / f"records-p{procs.index}-of-{procs.count}.jsonl"
@@ -674,8 +673,11 @@ def evaluate(config: EvaluationConfig | None = None, out: str | Path = "runs", r
         changed = sorted(k for k in a if a[k] != b[k])
         raise EvaluationError(f"{run_dir} was made with other settings ({', '.join(changed)} differ); resume it "
                               "without changing them, or start a new run.")
+    from recare.eval.utility import clip_prompts
+
     procs = processes(resolved.device)
-    detector = build_detector(resolved)   # fail fast: an unknown detector or missing weights before any load
+    captions = clip_prompts(resolved)     # fail fast, before any model loads or a folder is made:
+    detector = build_detector(resolved)   # an empty prompt file, an unknown detector, missing weights
     models = load_models(resolved, procs.device, detector)
     if run_dir is None:
         run_dir = Path(procs.broadcast(str(new_run_dir(out, "evaluate")) if procs.is_main else None))
@@ -684,7 +686,7 @@ def evaluate(config: EvaluationConfig | None = None, out: str | Path = "runs", r
 
         atomic_write_json(run_dir / "config.json", {"command": "evaluate", "recare_version": __version__,
                                                     "evaluation": resolved.to_dict()})
-    evaluation = _Evaluation(resolved, models, run_dir, procs, progress, cancel, run)
+    evaluation = _Evaluation(resolved, models, captions, run_dir, procs, progress, cancel, run)
     evaluation.prepare()
     evaluation.generate()
     procs.barrier()

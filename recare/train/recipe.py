@@ -236,7 +236,7 @@ class _Recipe:
     """One training run; `run()` goes through the phases, skipping those a resumed state has done."""
 
     def __init__(self, config: TrainConfig, pipe, images, careset, out_dir: Path, progress, cancel,
-                 state: StateFolder, resume: bool, write_metrics: bool):
+                 state: StateFolder, resume: bool, write_metrics: bool, preview=None):
         self.config, self.pipe, self.careset = config, pipe, careset
         self.images = list(images) if images is not None else None
         self.out_dir = out_dir
@@ -256,6 +256,8 @@ class _Recipe:
         self._phase = ""
         self._tick = self._started
         self._position: dict | None = None   # where a resumed run stands
+        self._preview = preview               # optional: called after erase iterations (recare.train.preview)
+        self._student: torch.nn.Module | None = None  # the UNet the current erase loop trains
 
     # ---- progress and metrics -------------------------------------------------------------------
 
@@ -283,6 +285,9 @@ class _Recipe:
                     f.write(json.dumps(line) + "\n")
         if self._user_progress is not None:
             self._user_progress(event)
+        if (self._preview is not None and event.metrics and self._student is not None
+                and event.stage in (STAGE1_ERASE, STAGE2, ESD)):
+            self._preview(self._phase or event.stage, event.step, event.total, self._student)
 
     # ---- models ---------------------------------------------------------------------------------
 
@@ -423,6 +428,7 @@ class _Recipe:
                              stage=STAGE1_ERASE, **self.trainer_kwargs())
         fixed = {f"erased-{r - 1}.pt": lambda t=erased.get(r - 1): t} if r > 0 else {}
         self.begin(f"{STAGE1_ERASE}[{r + 1}]")
+        self._student = student
         self.run_loop(trainer, STAGE1_ERASE, r, tokens[:r], fixed,
                       f"round {r + 1} of {s1.n_iterations}: erase {concept!r}", resume)
 
@@ -445,6 +451,7 @@ class _Recipe:
                 checkpoint()
 
         student.requires_grad_(False)  # textual inversion trains the new row only
+        self._student = None           # no previews while the UNet does not change
         checkpoint()                   # the erased UNet is saved before the long inversion starts
         self.begin(f"{STAGE1_TI}[{r + 1}]")
         try:
@@ -469,6 +476,7 @@ class _Recipe:
         trainer = Stage2Trainer(student, self.base, self.sampler(), embeddings, erase_concepts, anchors, retain,
                                 self.config.stage2, **self.trainer_kwargs())
         self.begin(STAGE2)
+        self._student = student
         self.run_loop(trainer, STAGE2, 0, tokens, {}, f"H = {erase_concepts}", resume)
         return student
 
@@ -479,6 +487,7 @@ class _Recipe:
         trainer = ESDTrainer(student, self.base, self.sampler(), self.embeddings([], [concept]), concept,
                              self.config.esd, stage=ESD, **self.trainer_kwargs())
         self.begin(ESD)
+        self._student = student
         self.run_loop(trainer, ESD, 0, [], {}, f"erase {concept!r}", resume)
         return student
 
@@ -578,7 +587,8 @@ def write_outputs(config: TrainConfig, base: torch.nn.Module, unet: torch.nn.Mod
 def train(config: TrainConfig, pipe, images: Sequence | None, careset, out_dir: str | Path,
           progress: ProgressCallback | None = None, cancel: CancelToken | None = None, *, resume: bool = True,
           save_state: Callable[[Callable[[Path], None]], Any] | None = None, write_metrics: bool = True,
-          config_extra: dict | None = None) -> TrainResult:
+          config_extra: dict | None = None,
+          preview: Callable[[str, int, int, torch.nn.Module], Any] | None = None) -> TrainResult:
     """Train one unlearned UNet (and its adversarial tokens) into `out_dir`.
 
     Args:
@@ -596,6 +606,9 @@ def train(config: TrainConfig, pipe, images: Sequence | None, careset, out_dir: 
             a job passes `run.save_state`).
         write_metrics: append one line per iteration to metrics.jsonl (a job's run store does it itself).
         config_extra: keys to keep in config.json besides the ones written here.
+        preview: optional, called as `preview(phase, step, total, student_unet)` after every erase
+            iteration (stage-1 erase, stage 2, ESD), e.g. a `recare.train.preview.PreviewWriter`.
+            It must not change the UNet; the training result does not depend on it.
 
     Returns:
         A `TrainResult`.
@@ -618,7 +631,7 @@ def train(config: TrainConfig, pipe, images: Sequence | None, careset, out_dir: 
         single_token_id(pipe.tokenizer, config.initializer_token)
     write_config(config, pipe, out_dir, careset, images, config_extra)
     state = StateFolder(out_dir / STATE_DIR, save_state)
-    recipe = _Recipe(config, pipe, images, careset, out_dir, progress, cancel, state, resume, write_metrics)
+    recipe = _Recipe(config, pipe, images, careset, out_dir, progress, cancel, state, resume, write_metrics, preview)
     return recipe.run()
 
 
@@ -632,7 +645,8 @@ def run_training_job(run, progress: ProgressCallback | None, cancel: CancelToken
 
     Loads the base model (fp32 weights) on `config.device`, the CARE-set from `config.careset`, the
     target images from `config.images` (or generates `config.num_images` of `config.target_prompt`
-    into `<run>/target_images`, once; a resumed run reuses them).
+    into `<run>/target_images`, once; a resumed run reuses them). With a "preview" section in the
+    run's config (`recare.train.preview.PreviewConfig` fields), preview grids go to `<run>/previews`.
 
     Args:
         run: a `recare.runs.Run` whose config.json holds {"train": TrainConfig fields}.
@@ -657,8 +671,14 @@ def run_training_job(run, progress: ProgressCallback | None, cancel: CancelToken
 
         careset = read_careset_json(config.careset)
     images = _job_images(config, pipe, run.path, progress, cancel) if config.stage1 is not None else None
+    preview = None
+    if settings.get("preview"):  # optional: preview grids every N erase iterations (recare.train.preview)
+        from recare.train.preview import PreviewConfig, PreviewWriter
+
+        preview = PreviewWriter(PreviewConfig.from_dict(settings["preview"]), run.path, pipe)
+        preview.write_base()
     result = train(config, pipe, images, careset, run.path, progress, cancel, resume=run.has_state(),
-                   save_state=run.save_state, write_metrics=False, config_extra=settings)
+                   save_state=run.save_state, write_metrics=False, config_extra=settings, preview=preview)
     return result.summary
 
 

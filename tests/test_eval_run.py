@@ -1,0 +1,268 @@
+"""An evaluation run on tiny models: run folder, determinism, resume, job, CLI, 2-process scale-out, errors."""
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from recare.config import ConfigError
+from recare.errors import Cancelled, EvaluationError, ModelLoadError
+from recare.eval.config import EvaluationConfig
+from recare.eval.run import RECORD_FIELDS, compute_metrics, evaluate, read_records
+from tests.helpers_tiny import make_tiny_clip, make_tiny_pipeline
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Every run here on one CPU thread, as each process of the scale-out test (torchrun sets OMP_NUM_THREADS=1):
+    a float sum split over another number of threads rounds differently, and the records are compared bit for bit."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-eval")
+    make_tiny_pipeline(root / "pipeline")
+    make_tiny_clip(root / "clip")
+    (root / "captions.txt").write_text("a photo of a fish\n\na man on the grass\na boat on a lake\n")
+    return root
+
+
+def settings(tiny, **changes) -> EvaluationConfig:
+    """Every image set on tiny models: 4 attacks x 2 seeds, 2 CARE prompts x 2 seeds, 3 captions."""
+    base = dict(model=str(tiny / "pipeline"), target_prompt="a photo of a fish", target_concept="tench",
+                initializer_token="man", care_prompts={"water": ["a lake", "a river"]}, care_labels=["person", "fish"],
+                encoder=str(tiny / "clip"), detector="oracle", clip_prompts=str(tiny / "captions.txt"), seeds=2,
+                care_images_per_prompt=2, steps=2, height=64, width=64, batch_size=2, cce_images=2, cce_steps=2,
+                reference_images="base", device="cpu")
+    return EvaluationConfig(**{**base, **changes})
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny, tmp_path_factory):
+    return evaluate(settings(tiny), out=tmp_path_factory.mktemp("runs"))
+
+
+def test_run_folder(first_run):
+    run = first_run.run_dir
+    assert {"config.json", "manifest.json", "metrics.json", "records.csv", "images", "reference", "cce",
+            "shards"} <= {p.name for p in run.iterdir()}
+    records = read_records(run)
+    assert len(records) == 4 * 2 + 2 * 2 + 3 and records == first_run.records
+    assert [r["index"] for r in records] == list(range(len(records)))
+    assert all((run / r["file"]).is_file() for r in records)
+    assert {(r["attack"], r["seed"]) for r in records if r["attack"] == "cce"} == {("cce", 42), ("cce", 43)}
+    care = [r for r in records if r["attack"] == "care"]
+    assert all(isinstance(r["care_hit"], bool) and len(r["care_top_labels"]) == 1 for r in care)
+    assert [r["clip_cosine"] is not None for r in records] == [r["attack"] == "clip" for r in records]
+    header = (run / "records.csv").read_text().splitlines()[0]
+    assert header == ",".join(RECORD_FIELDS)
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics == first_run.metrics
+    assert list(metrics["asr"]) == ["erased", "cce", "completion", "noise"]
+    for attack, asr in metrics["asr"].items():
+        hits = [r["positive"] for r in records if r["attack"] == attack]
+        assert asr == pytest.approx(100.0 * sum(hits) / len(hits))
+    assert set(metrics["care_score"]["per_concept"]) == {"water"}
+    assert metrics["care_score"]["labels"] == ["person", "fish", "water"]
+    assert metrics["ratio"]["clip_range"] == [0.25, 0.32] and metrics["ratio"]["value"] is not None
+    assert metrics == compute_metrics(records, EvaluationConfig.from_dict(first_run.manifest["config"]))
+
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["format"] == "recare-evaluation"
+    assert manifest["generation"]["steps"] == 2 and manifest["generation"]["base_seed"] == 42
+    assert manifest["model"]["scheduler"]["class"] == "DDIMScheduler"
+    assert manifest["model"]["unet_fingerprint"] == manifest["model"]["base_unet_fingerprint"]
+    assert manifest["detector"]["name"] == "oracle" and manifest["detector"]["settings"]["concept"] == "tench"
+    assert manifest["encoder"]["identity"].startswith("hf-clip:")
+    assert manifest["care"]["labels"] == ["person", "fish", "water"]
+    assert manifest["attacks"]["cce"]["settings"]["textual_inversion"]["steps"] == 2
+    assert manifest["attacks"]["cce"]["token_file"]["sha256"]
+    assert manifest["reference_images"]["source"] == "base" and manifest["reference_images"]["count"] == 2
+    assert {"torch", "diffusers", "transformers", "python", "accelerate"} <= set(manifest["versions"])
+
+
+def test_same_settings_same_numbers(tiny, first_run, tmp_path):
+    again = evaluate(settings(tiny), out=tmp_path)
+    assert again.run_dir != first_run.run_dir
+    assert again.metrics == first_run.metrics
+    assert (again.run_dir / "records.csv").read_bytes() == (first_run.run_dir / "records.csv").read_bytes()
+
+
+def test_resume_makes_only_the_missing_images(tiny, first_run, tmp_path, monkeypatch):
+    from recare.eval import run as run_module
+
+    calls = []
+    real_render = run_module.render
+
+    def counting(pipe, prompts, seeds, config, call=None):
+        calls.append(len(seeds))
+        return real_render(pipe, prompts, seeds, config, call)
+
+    monkeypatch.setattr(run_module, "render", counting)
+
+    from recare.progress import CancelToken
+
+    cancel = CancelToken()
+
+    def stop_after_two_batches(event):
+        if event.stage == "evaluate" and event.step >= 4:
+            cancel.cancel()
+
+    with pytest.raises(Cancelled):
+        evaluate(settings(tiny), out=tmp_path, progress=stop_after_two_batches, cancel=cancel)
+    (run_dir,) = tmp_path.iterdir()
+    made = sum(calls)
+    assert made == 4 and not (run_dir / "metrics.json").exists()
+    calls.clear()
+    result = evaluate(None, run_dir=run_dir)   # settings from the folder's config.json
+    assert sum(calls) == len(first_run.records) - made
+    assert (run_dir / "records.csv").read_bytes() == (first_run.run_dir / "records.csv").read_bytes()
+    assert result.metrics == first_run.metrics
+    calls.clear()
+    evaluate(settings(tiny), run_dir=run_dir)   # nothing left to make
+    assert calls == []
+    with pytest.raises(EvaluationError, match="other settings.*seeds"):
+        evaluate(settings(tiny, seeds=3), run_dir=run_dir)
+
+
+def test_job_target(tiny, first_run, tmp_path):
+    from recare.jobs import JobRunner
+    from recare.runs import DONE, RunStore
+
+    runner = JobRunner(RunStore(tmp_path / "runs"), use_processes=False)
+    try:
+        config = {"evaluation": settings(tiny, attacks=["erased"]).to_dict()}
+        run = runner.submit("evaluate", "recare.eval.run:run_evaluation_job", config)
+        status = runner.wait(run.id, timeout=120)
+    finally:
+        runner.shutdown()
+    assert status["state"] == DONE, status.get("error")
+    assert status["result"]["metrics"]["asr"] == {"erased": first_run.metrics["asr"]["erased"]}
+    assert (run.path / "records.csv").is_file() and (run.path / "manifest.json").is_file()
+
+
+def test_cli_evaluate(tiny, first_run, tmp_path, capsys):
+    from recare.cli import main
+
+    argv = ["evaluate", "--model", str(tiny / "pipeline"), "--target-prompt", "a photo of a fish", "--target-concept",
+            "tench", "--initializer-token", "man", "--care-prompts", f"water={tiny / 'water.txt'}",
+            "--encoder", str(tiny / "clip"), "--detector", "oracle", "--clip-prompts", str(tiny / "captions.txt"),
+            "--seeds", "2", "--care-images-per-prompt", "2", "--steps", "2", "--height", "64", "--width", "64",
+            "--batch-size", "2", "--cce-images", "2", "--cce-steps", "2", "--reference-images", "base",
+            "--device", "cpu", "--out", str(tmp_path)]
+    (tiny / "water.txt").write_text("a lake\na river\n")
+    assert main(argv + ["--config", str(first_run.run_dir / "manifest.json")]) == 0   # care labels from the manifest
+    out = capsys.readouterr().out.strip().splitlines()
+    run_dir = Path(out[-1])
+    assert run_dir.parent == tmp_path and out[-2].startswith("ASR erased")
+    assert json.loads((run_dir / "metrics.json").read_text()) == first_run.metrics
+    assert main(["evaluate", "--resume", str(run_dir), "--seeds", "3"]) == 2
+    assert "--resume continues" in capsys.readouterr().err
+
+
+def test_help_gives_every_default(capsys):
+    import argparse
+
+    from recare.cli import build_parser, main
+
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--model", "--unet", "--task", "--target-prompt", "--care-prompts", "--attacks", "--seeds",
+                 "--detector", "--encoder", "--out", "--resume", "--cce-steps", "--noise-eta"):
+        assert flag in text
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    options = [a for a in sub.choices["evaluate"]._actions if a.option_strings and a.dest != "help"]
+    assert len(options) > 30
+    for action in options:
+        assert "default" in action.help, f"{action.option_strings[0]} has no default in --help"
+
+
+@pytest.mark.parametrize("change, error, match", [
+    ({"detector": "no-such-detector"}, EvaluationError, "unknown detector 'no-such-detector'"),
+    ({"detector": "torchvision-classifier", "detector_options": {"weights_path": "/nonexistent/resnet50.pth"}},
+     EvaluationError, "no classifier weights at /nonexistent/resnet50.pth"),
+    ({"attacks": ["erased", "unlearndiff"]}, ConfigError, "unknown attack"),
+    ({"attacks": ["adversarial"]}, ConfigError, "'adversarial' attack uses the learned tokens"),
+    ({"task": "tench"}, ConfigError, "--task names a mini-world task"),
+], ids=["unknown-detector", "classifier-weights-offline", "unknown-attack", "no-tokens", "task-off-world"])
+def test_clear_errors_before_anything_is_written(tiny, tmp_path, change, error, match):
+    with pytest.raises(error, match=match):
+        evaluate(settings(tiny, **change), out=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_empty_prompt_file(tiny, tmp_path):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(EvaluationError, match="prompt file .* is empty"):
+        evaluate(settings(tiny, clip_prompts=str(tmp_path / "empty.txt")), out=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_model_and_unet_that_do_not_match(tiny, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"conv_in.weight": torch.zeros(8, 4, 3, 3)}, str(tmp_path / "trained_params.safetensors"))
+    with pytest.raises(ModelLoadError, match="does not fit this base model.*conv_in.weight"):
+        evaluate(settings(tiny, unet=str(tmp_path)), out=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_merge_to_the_single_process_records(tiny, first_run, tmp_path):
+    config = tmp_path / "settings.json"
+    config.write_text(json.dumps({"evaluation": settings(tiny).to_dict()}))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), "-m", "recare", "evaluate", "--config", str(config),
+               "--out", str(tmp_path / "runs")]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert done.stdout.strip().splitlines()[-1] == str(run_dir)
+    assert sorted(p.name for p in (run_dir / "shards").iterdir()) == ["records-p0-of-2.jsonl", "records-p1-of-2.jsonl"]
+    assert json.loads((run_dir / "manifest.json").read_text())["processes"] == 2
+    assert (run_dir / "records.csv").read_bytes() == (first_run.run_dir / "records.csv").read_bytes()
+    assert json.loads((run_dir / "metrics.json").read_text()) == first_run.metrics
+
+
+def test_mini_world_settings_come_from_recare_json():
+    from recare.eval.config import resolve_config
+    from recare.worldspec import mini_world_spec
+
+    spec = mini_world_spec()["evaluation"]
+    c = resolve_config(EvaluationConfig(task="van_gogh"))
+    assert c.target_prompt == "a painting in the style of van gogh" and c.prompt_style == "painting"
+    assert c.detector == "oracle" and c.detector_options == {"concept": "van gogh"}
+    assert c.care_prompts["stars"][0] == "a photo of stars" and c.encoder == "mini-world"
+    assert c.clip_range == [spec["clip_range"]["floor"], spec["clip_range"]["ceiling"]]
+    assert (c.seeds, c.cce_steps, c.cce_images, c.steps) == (spec["seeds"], spec["cce_steps"], 6, 25)
+    assert c.attacks == ["erased", "cce", "completion", "noise"] and c.reference_images == "world"
+    assert resolve_config(c) == c   # resolving twice changes nothing (a resumed run compares them)
+    paper = resolve_config(EvaluationConfig(model="CompVis/stable-diffusion-v1-4", target_prompt="A photo of a tench",
+                                            target_concept="tench"))
+    assert (paper.seeds, paper.cce_steps, paper.cce_images, paper.steps) == (500, 3000, 30, 50)
+    assert paper.clip_range == [0.25, 0.32] and paper.detector == "torchvision-classifier"
+    assert paper.encoder == "open_clip:ViT-B-32/openai" and len(paper.care_labels) == 82
+    assert dataclasses.replace(paper, care_prompts={}).care_prompts == {}
