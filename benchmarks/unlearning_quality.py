@@ -112,6 +112,12 @@ def train_cached(runs: Path, task_name: str, config, pipe, inputs, log=print) ->
     folder = run_folder(runs, task_name, config)
     if is_finished(folder):
         return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / ".training.pid"
+    while not _take_lock(lock):  # another benchmark process trains this run: wait for it
+        time.sleep(10)
+        if is_finished(folder):
+            return folder
     images, careset = inputs
     if config.stage1 is not None and not (folder / "state" / "state.pt").is_file():
         for donor in sorted((runs / task_name).glob("recare*-*")):
@@ -121,9 +127,26 @@ def train_cached(runs: Path, task_name: str, config, pipe, inputs, log=print) ->
     log(f"  training {folder.name} ...")
     started = time.perf_counter()
     result = train(config, pipe, images, careset, folder)
+    lock.unlink(missing_ok=True)
     log(f"  trained {folder.name} in {time.perf_counter() - started:.0f} s "
         f"({ {k: round(v['seconds']) for k, v in result.summary['phases'].items()} })")
     return folder
+
+
+def _take_lock(lock: Path) -> bool:
+    """Create `lock` holding our pid; a lock whose process is gone is taken over."""
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(lock.read_text() or 0), 0)
+            return False
+        except (ProcessLookupError, ValueError):
+            lock.unlink(missing_ok=True)
+            return _take_lock(lock)
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
 
 
 def task_inputs(runs: Path, task: dict, pipe, num_images: int):

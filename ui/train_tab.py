@@ -10,6 +10,11 @@ Preview grids (the target prompt and one CARE prompt on fixed seeds, every N era
 beside the base model's grid of the same seeds) are made inside the training job by
 `recare.train.preview.PreviewWriter` with the student UNet, the cheapest place: the weights
 are already in memory there.
+
+ZeroGPU (Hugging Face Spaces): not implemented. Jobs run in spawned worker processes, and
+`spaces.GPU` only lends a GPU to a decorated function of the Gradio process for a bounded time;
+the way there is a job target that trains in chunks of `save_every` iterations inside a
+`spaces.GPU` call and resumes from `state/` between chunks. Until then a ZeroGPU Space trains on CPU.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ DOWNLOADS = (("trained parameters (.safetensors)", "trained_params"), ("diffuser
              ("official ReCARE-Diffusers-UNet.pt", "official_pt"))
 RUN_COLUMNS = ("run", "state", "method", "concept", "iterations", "size", "created")
 POLL_S = 1.5
-PREVIEW_SEEDS = [0, 1]
+PREVIEW_SEEDS = (0, 1)
 
 
 def _official() -> dict[str, Any]:
@@ -141,7 +146,7 @@ def create_train_tab(ctx: AppContext) -> dict[str, Any]:
                              "preview_every")]
     preset_out = [c[k] for k in ("target_prompt", "reference_word", "initializer_token", "iterations", "lr",
                                  "stage1_iterations", "ti_steps", "train_method", "seed", "num_images", "preview_every")]
-    poll_out = [c["status"], c["progress"], c["loss"], c["previews"], c["info"], c["timer"]]
+    poll_out = [c["status"], c["progress"], c["loss"], c["previews"], c["info"], c["runs"], c["timer"]]
     list_out = [c["run"], c["runs"]]
 
     def start_run(task, method, target_prompt, reference_word, initializer_token, careset_file, iterations, lr,
@@ -195,10 +200,12 @@ def create_train_tab(ctx: AppContext) -> dict[str, Any]:
     c["download"].click(download, [c["run"], c["download_format"], owner], [c["file"], c["message"]],
                         api_name="train_download")
     # a reopened page finds its runs: on load (a returning browser) and when the shell gives a new key
-    reopen_out = [c["run"], c["runs"], *poll_out]
+    reopen_out = [c["run"], *poll_out]
     root = gr.context.Context.root_block
     if root is not None:
         root.load(reopen, [owner], reopen_out, api_visibility="private")
+        root.load(estimate, [*params, ctx.model_name], [c["estimate"]], api_visibility="private",
+                  show_progress="hidden")
     owner.change(reopen, [owner], reopen_out, api_visibility="private")
     return c
 
@@ -365,7 +372,7 @@ def _preview_config(config: TrainConfig, inputs: dict, task, every: int) -> dict
         if first:
             prompts.append(first[0])
     gen = worldspec.generate_defaults() if config.model == models.MINI_WORLD else None
-    return {"prompts": prompts, "seeds": PREVIEW_SEEDS, "every": every, "steps": gen.steps if gen else 25,
+    return {"prompts": prompts, "seeds": list(PREVIEW_SEEDS), "every": every, "steps": gen.steps if gen else 25,
             "guidance": gen.guidance if gen else 7.5, "height": gen.height if gen else None,
             "width": gen.width if gen else None}
 
@@ -527,8 +534,9 @@ def _reopen(ctx: AppContext, stored_key, request=None):
     ids = [v for _, v in choices]
     active = next((r for r in ids if ctx.runs.get(r, owner).status().get("state") in (QUEUED, RUNNING)), None)
     selected = active or (ids[0] if ids else None)
-    view = _poll(ctx, selected, stored_key, request) if selected else [gr.skip()] * 5 + [gr.Timer(active=False)]
-    return [gr.Dropdown(choices=choices, value=selected), table, *view]
+    view = list(_poll(ctx, selected, stored_key, request)) if selected else [gr.skip()] * 7
+    view[5], view[6] = table, view[6] if selected else gr.Timer(active=False)
+    return [gr.Dropdown(choices=choices, value=selected), *view]
 
 
 def _phase_label(phase: str, short: bool = False) -> str:
@@ -576,13 +584,13 @@ def _current_phase(rows: list[dict], plan: list[tuple[str, int]], status: dict) 
 
 
 def _poll(ctx: AppContext, run_id, stored_key, request=None):
-    """(status, progress bar, loss plot, previews, info, timer) of the selected run."""
+    """(status, progress bar, loss plot, previews, info, runs table, timer) of the selected run."""
     try:
         owner = _key(ctx, stored_key, request)
         run = ctx.runs.get(_run_id(run_id), owner)
         status, settings = run.status(), run.config()
     except RecareError as e:
-        return md(str(e)), "", gr.skip(), gr.skip(), {"error": str(e)}, gr.Timer(active=False)
+        return md(str(e)), "", gr.skip(), gr.skip(), {"error": str(e)}, gr.skip(), gr.Timer(active=False)
     state = status.get("state")
     rows = run.read_metrics()
     try:
@@ -638,4 +646,5 @@ def _poll(ctx: AppContext, run_id, stored_key, request=None):
     active = state in (QUEUED, RUNNING)
     figure = figure_json(loss_figure(rows, title=f"{run.id} · {config.method if config else ''}")) if rows \
         else placeholder_json("The loss curve appears here once training starts.")
-    return line, bar, figure, gallery, info, gr.Timer(active=active)
+    table = gr.skip() if active else _runs_view(ctx, owner)[1]  # a run that ended changes the list
+    return line, bar, figure, gallery, info, table, gr.Timer(active=active)
