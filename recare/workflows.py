@@ -209,23 +209,20 @@ def _stage_inputs(run, settings: dict) -> dict:
     import shutil
 
     from recare.errors import ImageInputError
-    from recare.runs import atomic_write_json, atomic_write_text
+    from recare.runs import atomic_write_dir, atomic_write_json, atomic_write_text
 
     inputs, train = settings["inputs"], dict(settings["train"])
     folder = run.path / INPUTS_DIR
     if inputs.get("images"):
         images_dir = folder / "images"
         if not images_dir.is_dir():
-            tmp = folder / ".images.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            for i, source in enumerate(inputs["images"]):
-                source = Path(source)
-                if not source.is_file():
-                    raise ImageInputError(f"the target image {source.name} is gone (its browser session was closed "
-                                          "before the run started); start the run again.")
-                shutil.copyfile(source, tmp / f"{i:04d}{source.suffix.lower()}")
-            tmp.rename(images_dir)
+            with atomic_write_dir(images_dir) as tmp:  # all the images or none: a crash leaves no half copy
+                for i, source in enumerate(inputs["images"]):
+                    source = Path(source)
+                    if not source.is_file():
+                        raise ImageInputError(f"the target image {source.name} is gone (its browser session was "
+                                              "closed before the run started); start the run again.")
+                    shutil.copyfile(source, tmp / f"{i:04d}{source.suffix.lower()}")
         train["images"] = str(images_dir)
     if isinstance(inputs.get("careset"), dict):
         careset = folder / "careset.json"

@@ -61,9 +61,10 @@ def launched_app(workspace: Path):
     """Create and launch the app on a free port; yields (demo, url). Closed on exit."""
     import ui
 
-    demo = ui.create_app(workspace=workspace, device="cpu")
+    runs = workspace.parent / f"{workspace.name}-runs"  # never the user's ~/.cache/recare/runs
+    demo = ui.create_app(workspace=workspace, device="cpu", runs_dir=runs)
     demo.queue(default_concurrency_limit=4)
-    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **ui.launch_kwargs(workspace))
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **ui.launch_kwargs(workspace, runs_dir=runs))
     try:
         yield demo, url
     finally:
