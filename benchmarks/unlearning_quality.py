@@ -51,7 +51,7 @@ import numpy as np  # noqa: E402
 TASKS = ("tench", "van_gogh", "smoking")
 MAIN_METHODS = ("esd", "recare", "recare-no-adv")
 DEFAULT_RUNS = Path(os.environ.get("RECARE_HOME", Path.home() / ".cache" / "recare")) / "unlearning-bench"
-SWEEP_LRS = {"esd": (5e-5, 1e-4, 2e-4), "recare": (1e-5, 2e-5, 5e-5)}
+SWEEP_LRS = {"esd": (5e-5, 1e-4, 2e-4, 4e-4), "recare": (2e-5, 5e-5, 1e-4)}
 ERASED_BAR = 0.10
 GRID_IMAGES = 8
 

@@ -2,7 +2,10 @@
 
 `recare.eval.detectors` holds the detectors behind one interface (`Detector.detect(images) ->
 list[DetectorResult]`, each recording its name, version and thresholds) and `make_detector(name,
-**options)`. Importing this package loads no model and does not import torch.
+**options)`. `recare.eval.attacks` is the table of attacks and probes, `recare.eval.config` the
+evaluation's settings, `recare.eval.run` the evaluation run (`evaluate`, the job target
+`run_evaluation_job`), `recare.eval.utility` the CLIP score over a prompt file. Importing this
+package loads no model and does not import torch (those modules are imported by name).
 """
 
 from recare.eval.detectors import (

@@ -32,12 +32,12 @@ reference_seed + i: the paper's target images), or a folder / zip the user bring
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from diffusers import DDIMScheduler
 from PIL import Image
 
 from recare.errors import EvaluationError
@@ -260,52 +260,74 @@ def _completion_settings(ctx: AttackContext) -> dict:
 # noise-based probe
 
 
-class EarlyNoiseDDIMScheduler(DDIMScheduler):
-    """DDIM whose first `noisy_steps` steps are stochastic with eta = `probe_eta` (the noise probe).
+def early_noise_step(scheduler, model_output, timestep, sample, generator=None):
+    """One noisy DDIM step of the noise probe (see `EarlyNoiseDDIMScheduler`); returns (prev_sample, x0)."""
+    from diffusers.utils.torch_utils import randn_tensor
 
-    A noisy step from t to t_prev (Song et al. Eq. 12, with the noise clamped so the square root
-    stays real when eta > 1):
+    prev = int(timestep) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    a_t = scheduler.alphas_cumprod[int(timestep)].to(sample.device, torch.float32)
+    a_prev = (scheduler.alphas_cumprod[prev] if prev >= 0 else scheduler.final_alpha_cumprod).to(
+        sample.device, torch.float32)
+    x, out = sample.float(), model_output.float()
+    x0, eps = _clean_and_noise(scheduler.config.prediction_type, x, out, a_t)
+    if scheduler.config.clip_sample:
+        x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
+        eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+    sigma_ddpm = ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0).sqrt()
+    s = torch.minimum(scheduler.probe_eta * sigma_ddpm, (1 - a_prev).sqrt())
+    noise = randn_tensor(model_output.shape, generator=generator, device=sample.device, dtype=torch.float32)
+    prev_sample = a_prev.sqrt() * x0 + (1 - a_prev - s ** 2).clamp(min=0).sqrt() * eps + s * noise
+    return prev_sample.to(sample.dtype), x0.to(sample.dtype)
 
-        x0 = the model's clean estimate, eps = its noise estimate (epsilon, v or sample prediction)
-        sigma_DDPM^2 = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
-        s = min(eta * sigma_DDPM, sqrt(1 - abar_prev))
-        x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - s^2) eps + s n,   n ~ N(0, I)
 
-    n comes from the pipeline's per-image generators (after each image's starting noise), so it is
-    the same for an image in any batch. Every other step is plain DDIM (eta as the caller asks, 0).
-    """
+@functools.lru_cache(maxsize=1)
+def early_noise_scheduler_class():
+    """`EarlyNoiseDDIMScheduler`, defined on first use (importing diffusers at module import would set
+    environment variables, which no recare import may do)."""
+    from diffusers import DDIMScheduler
+    from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
-    noisy_steps: int = 0
-    probe_eta: float = 0.0
+    class EarlyNoiseDDIMScheduler(DDIMScheduler):
+        """DDIM whose first `noisy_steps` steps are stochastic with eta = `probe_eta` (the noise probe).
 
-    def configure(self, noisy_steps: int, eta: float) -> "EarlyNoiseDDIMScheduler":
-        """Set how many leading steps are noisy and their eta; returns self."""
-        self.noisy_steps, self.probe_eta = int(noisy_steps), float(eta)
-        return self
+        A noisy step from t to t_prev (Song et al. Eq. 12, with the noise clamped so the square root
+        stays real when eta > 1):
 
-    def step(self, model_output, timestep, sample, eta: float = 0.0, use_clipped_model_output: bool = False,
-             generator=None, variance_noise=None, return_dict: bool = True):
-        position = int((self.timesteps == int(timestep)).nonzero()[0, 0]) if self.timesteps is not None else 0
-        if position >= self.noisy_steps:
-            return super().step(model_output, timestep, sample, eta=eta, use_clipped_model_output=use_clipped_model_output,
-                                generator=generator, variance_noise=variance_noise, return_dict=return_dict)
-        from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
-        from diffusers.utils.torch_utils import randn_tensor
+            x0 = the model's clean estimate, eps = its noise estimate (epsilon, v or sample prediction)
+            sigma_DDPM^2 = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
+            s = min(eta * sigma_DDPM, sqrt(1 - abar_prev))
+            x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - s^2) eps + s n,   n ~ N(0, I)
 
-        prev = int(timestep) - self.config.num_train_timesteps // self.num_inference_steps
-        a_t = self.alphas_cumprod[int(timestep)].to(sample.device, torch.float32)
-        a_prev = (self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod).to(sample.device, torch.float32)
-        x, out = sample.float(), model_output.float()
-        x0, eps = _clean_and_noise(self.config.prediction_type, x, out, a_t)
-        if self.config.clip_sample:
-            x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
-            eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
-        sigma_ddpm = ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0).sqrt()
-        s = torch.minimum(self.probe_eta * sigma_ddpm, (1 - a_prev).sqrt())
-        noise = randn_tensor(model_output.shape, generator=generator, device=sample.device, dtype=torch.float32)
-        prev_sample = (a_prev.sqrt() * x0 + (1 - a_prev - s ** 2).clamp(min=0).sqrt() * eps + s * noise).to(sample.dtype)
-        x0 = x0.to(sample.dtype)
-        return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0) if return_dict else (prev_sample, x0)
+        n comes from the pipeline's per-image generators (after each image's starting noise), so it
+        is the same for an image in any batch. Every other step is plain DDIM (eta as asked, 0).
+        """
+
+        noisy_steps: int = 0
+        probe_eta: float = 0.0
+
+        def configure(self, noisy_steps: int, eta: float):
+            """Set how many leading steps are noisy and their eta; returns self."""
+            self.noisy_steps, self.probe_eta = int(noisy_steps), float(eta)
+            return self
+
+        def step(self, model_output, timestep, sample, eta: float = 0.0, use_clipped_model_output: bool = False,
+                 generator=None, variance_noise=None, return_dict: bool = True):
+            position = int((self.timesteps == int(timestep)).nonzero()[0, 0])
+            if position >= self.noisy_steps:
+                return super().step(model_output, timestep, sample, eta=eta,
+                                    use_clipped_model_output=use_clipped_model_output, generator=generator,
+                                    variance_noise=variance_noise, return_dict=return_dict)
+            prev_sample, x0 = early_noise_step(self, model_output, timestep, sample, generator)
+            return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0) if return_dict \
+                else (prev_sample, x0)
+
+    return EarlyNoiseDDIMScheduler
+
+
+def __getattr__(name: str):
+    if name == "EarlyNoiseDDIMScheduler":
+        return early_noise_scheduler_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _clean_and_noise(prediction_type: str, x, out, a_t):
@@ -326,7 +348,7 @@ def noisy_steps(config: EvaluationConfig) -> int:
 
 def _noise_pipeline(ctx: AttackContext):
     def build():
-        scheduler = EarlyNoiseDDIMScheduler.from_config(ctx.pipe.scheduler.config)
+        scheduler = early_noise_scheduler_class().from_config(ctx.pipe.scheduler.config)
         return type(ctx.pipe).from_pipe(ctx.pipe, scheduler=scheduler.configure(noisy_steps(ctx.config),
                                                                                  ctx.config.noise_eta))
     return ctx.cached("noise", build)
@@ -408,6 +430,7 @@ def reference_images(config: EvaluationConfig, base=None, count: int | None = No
 
 
 __all__ = ["Attack", "AttackContext", "ATTACKS", "render", "attack_prompt", "learn_cce_token", "cce_ti_config",
-           "with_token", "token_placeholders", "reference_for_seed", "EarlyNoiseDDIMScheduler", "noisy_steps",
+           "with_token", "token_placeholders", "reference_for_seed", "EarlyNoiseDDIMScheduler", "early_noise_scheduler_class",
+           "early_noise_step", "noisy_steps",
            "reference_images",
            "STAGE_CCE"]

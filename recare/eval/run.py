@@ -24,7 +24,7 @@ prompts x care_images_per_prompt seeds; one image per CLIP caption (caption i: s
 A batch is `batch_size` consecutive images of one attack, always the same images whatever the
 process count, so every image comes out of the same pipeline call in a 1- or N-process run.
 Resume: a batch whose images and records are all on disk is not generated again (key: attack,
-prompt, seed). Scale-out: under `accelerate launch`, batch b is process (b mod N)'s; the main
+concept, prompt, seed). Scale-out: under `accelerate launch`, batch b is process (b mod N)'s; the main
 process prepares the reference images and the CCE token first, and merges after a barrier.
 
 Job target: `recare.eval.run:run_evaluation_job(run, progress, cancel)`.
@@ -85,8 +85,9 @@ class PlanItem:
     file: str
 
     @property
-    def key(self) -> tuple[str, str, int]:
-        return (self.attack, self.prompt, self.seed)
+    def key(self) -> tuple[str, str, str, int]:
+        """What identifies the image across runs and processes (the resume key)."""
+        return (self.attack, self.concept, self.prompt, self.seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -489,13 +490,9 @@ class _Evaluation:
             return LearnedToken(placeholder, initializer, f.get_tensor(placeholder).float())
 
     # -- generation --------------------------------------------------------------------------
-    def done_keys(self) -> set[tuple[str, str, int]]:
+    def done_keys(self) -> set[tuple[str, str, str, int]]:
         """Keys of images whose record and file are both on disk (any process, any earlier attempt)."""
-        keys = set()
-        for record in _shard_records(self.run_dir):
-            if (self.run_dir / record["file"]).is_file():
-                keys.add((record["attack"], record["prompt"], int(record["seed"])))
-        return keys
+        return {_record_key(r) for r in _shard_records(self.run_dir) if (self.run_dir / r["file"]).is_file()}
 
     def generate(self) -> None:
         started = time.perf_counter()
@@ -541,7 +538,7 @@ class _Evaluation:
     def merge(self, seconds: float) -> EvaluationResult:
         by_key = {}
         for record in _shard_records(self.run_dir):
-            by_key.setdefault((record["attack"], record["prompt"], int(record["seed"])), record)
+            by_key.setdefault(_record_key(record), record)
         items = [it for b in self.plan for it in b.items]
         missing = [it for it in items if it.key not in by_key or not (self.run_dir / it.file).is_file()]
         if missing:
@@ -595,15 +592,26 @@ class _Evaluation:
                                       else "recare.json evaluation.clip_range / user")},
             "plan": {"images": sum(len(b.items) for b in self.plan), "batches": len(self.plan)},
             "processes": self.procs.count,
+            "torch_threads": _torch_threads(),
             "versions": library_versions(),
             "timing": {**self.timing, "total_s": round(seconds, 3), "images_generated_by_main": self.generated},
         }
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _heldout_seed() -> int:
     from recare.miniworld.heldout import HELDOUT_SEED
 
     return HELDOUT_SEED
+
+
+def _record_key(record: dict) -> tuple[str, str, str, int]:
+    return (record["attack"], record["concept"], record["prompt"], int(record["seed"]))
 
 
 def _shard_records(run_dir: Path) -> list[dict]:
@@ -684,6 +692,7 @@ def evaluate(config: EvaluationConfig | None = None, out: str | Path = "runs", r
     if procs.is_main and run is None and stored is None:
         from recare import __version__
 
+        run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / "config.json", {"command": "evaluate", "recare_version": __version__,
                                                     "evaluation": resolved.to_dict()})
     evaluation = _Evaluation(resolved, models, captions, run_dir, procs, progress, cancel, run)
