@@ -29,7 +29,8 @@ def pipe():
 @pytest.fixture(scope="module")
 def config():
     return resolve_config(EvaluationConfig(
-        model="tiny", target_prompt=PROMPT, target_concept="tench", detector="oracle", encoder="tiny-clip", initializer_token="man",
+        model="tiny", target_prompt=PROMPT, target_concept="tench", detector="oracle", encoder="tiny-clip",
+        initializer_token="man",
         care_labels=["person"], care_prompts={}, seeds=2, steps=4, height=64, width=64, cce_images=2, cce_steps=2,
         reference_images="base", batch_size=2))
 

@@ -266,3 +266,39 @@ def test_mini_world_settings_come_from_recare_json():
     assert paper.clip_range == [0.25, 0.32] and paper.detector == "torchvision-classifier"
     assert paper.encoder == "open_clip:ViT-B-32/openai" and len(paper.care_labels) == 82
     assert dataclasses.replace(paper, care_prompts={}).care_prompts == {}
+
+
+def test_cce_cancelled_mid_inversion_resumes_to_the_same_token(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    from recare.eval.attacks import learn_cce_token
+    from recare.eval.run import load_models
+    from recare.progress import CancelToken
+
+    config = settings(tiny, attacks=["cce"], cce_steps=4, clip_prompts=None, care_prompts={})
+    cancel = CancelToken()
+
+    def stop_at_step_2(event):
+        if event.stage == "cce" and event.step == 2:
+            cancel.cancel()
+
+    with pytest.raises(Cancelled):
+        evaluate(config, out=tmp_path, progress=stop_at_step_2, cancel=cancel)
+    (run_dir,) = tmp_path.iterdir()
+    assert (run_dir / "cce" / "state.pt").is_file() and not (run_dir / "cce" / "token.safetensors").exists()
+    steps = []
+    evaluate(None, run_dir=run_dir, progress=lambda e: steps.append(e.step) if e.stage == "cce" else None)
+    assert steps == [3, 4] and not (run_dir / "cce" / "state.pt").exists()
+    resumed = load_file(str(run_dir / "cce" / "token.safetensors"))["<cce*>"]
+    from recare.eval.config import resolve_config
+    from recare.eval.run import _load_png
+
+    references = [_load_png(p) for p in sorted((run_dir / "reference").glob("*.png"))]
+    straight = learn_cce_token(load_models(resolve_config(config), "cpu").pipe, references, resolve_config(config))
+    assert torch_equal(resumed, straight.embedding)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a.float(), b.float()))

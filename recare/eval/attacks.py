@@ -2,8 +2,9 @@
 
 Every attack makes images through one call (`render`: one diffusers pipeline call per batch, image
 i from its own CPU `torch.Generator` seeded with its seed, as `recare.generate.iter_generation`
-does, so a batch of one prompt gives exactly `iter_generation`'s images). An attack says which
-prompts it asks, which pipeline answers, and what it adds to the call:
+does: a batch of one prompt and consecutive seeds gives exactly `iter_generation`'s images at the
+same batch size; another batch size can move a pixel by 1/255 through float rounding). An attack
+says which prompts it asks, which pipeline answers, and what it adds to the call:
 
   erased       the plain target prompt ("Erased" in Table 1)
   cce          Circumventing Concept Erasure: textual inversion of a fresh token <cce*> against the
@@ -22,7 +23,8 @@ eta = `noise_eta` (default 1.5, inside the paper's 1.3-1.9), the rest plain DDIM
 `EarlyNoiseDDIMScheduler`. The paper samples with eta > 1 (more noise than DDPM's eta = 1); plain
 DDIM would take the square root of a negative number there, so the injected noise is clamped at
 sqrt(1 - abar_prev) (all of the next level's noise). The noise of image i comes from its own
-generator after its starting noise, so the probe is deterministic per image and batch-independent.
+generator after its starting noise, so the probe is deterministic per image and does not depend on
+the other images of its batch.
 
 Real target images (`reference_images`) feed CCE and completion: the mini world's renders of the
 target prompt ("world", ground truth), images of the *base* model ("base", seeds
@@ -237,12 +239,16 @@ def _completion_pipeline(ctx: AttackContext):
 
 
 def reference_for_seed(ctx: AttackContext, seed: int) -> Image.Image:
-    """The real image completion starts from for `seed`: reference[(seed - base_seed) mod count]."""
+    """The real image completion starts from for `seed`: reference[(seed - base_seed) mod count], at the
+    generation size (the model's native size when none is set)."""
     if not ctx.reference:
         raise EvaluationError("the completion probe needs real target images (prepare 'reference' first).")
-    image = ctx.reference[(int(seed) - ctx.config.base_seed) % len(ctx.reference)]
-    size = (ctx.config.width or image.width, ctx.config.height or image.height)
-    return image.convert("RGB") if image.size == size else image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+    from recare.train.textual_inversion import native_resolution
+
+    image = ctx.reference[(int(seed) - ctx.config.base_seed) % len(ctx.reference)].convert("RGB")
+    native = native_resolution(ctx.pipe.unet, ctx.pipe.vae)   # the size the model generates when none is set
+    size = (ctx.config.width or native, ctx.config.height or native)
+    return image if image.size == size else image.resize(size, Image.Resampling.BICUBIC)
 
 
 def _completion_call(ctx: AttackContext, kwargs: dict, seeds: Sequence[int]) -> dict:
@@ -430,7 +436,5 @@ def reference_images(config: EvaluationConfig, base=None, count: int | None = No
 
 
 __all__ = ["Attack", "AttackContext", "ATTACKS", "render", "attack_prompt", "learn_cce_token", "cce_ti_config",
-           "with_token", "token_placeholders", "reference_for_seed", "EarlyNoiseDDIMScheduler", "early_noise_scheduler_class",
-           "early_noise_step", "noisy_steps",
-           "reference_images",
-           "STAGE_CCE"]
+           "with_token", "token_placeholders", "reference_for_seed", "EarlyNoiseDDIMScheduler",
+           "early_noise_scheduler_class", "early_noise_step", "noisy_steps", "reference_images", "STAGE_CCE"]

@@ -34,37 +34,39 @@ class EvaluationConfig(JsonConfig):
     None means "fill in" (see `resolve_config`); the comment says with what.
     """
 
-    model: str | None = None                 # base model: "mini-world", a hub id or a diffusers folder; None: the --unet run's, else mini-world
-    unet: str | None = None                  # trained weights (a training run folder or a weights file); None: the base model itself
-    task: str | None = None                  # a mini-world task ("tench", "van_gogh", "smoking"): fills the target and CARE fields
+    model: str | None = None                 # "mini-world", a hub id or a diffusers folder; None: the --unet run's, else mini-world
+    unet: str | None = None                  # trained weights (a training run folder or a weights file); None: the base model
+    task: str | None = None                  # a mini-world task (tench, van_gogh, smoking): fills the target and CARE fields
     target_prompt: str | None = None         # the erased concept's prompt ("A photo of a tench"); the "erased" attack
     target_concept: str | None = None        # what the detector looks for (oracle concept, classifier class, "nudity")
     prompt_style: str | None = None          # "photo" (objects) or "painting" (styles): CCE's templates and prompt
     initializer_token: str | None = None     # CCE's token starts from this word; None: the task's, else "person"/"art"
     care_prompts: dict[str, list[str]] | None = None  # CARE concept -> prompts (Appendix K); {} skips the CARE score
-    attacks: list[str] | None = None         # None: erased, cce, (adversarial when the UNet run has tokens/), completion, noise
-    seeds: int | None = None                 # images per attack prompt, seeds base_seed + i (paper 500; mini world: recare.json)
+    attacks: list[str] | None = None         # None: erased, cce, (adversarial: the UNet run has tokens/), completion, noise
+    seeds: int | None = None                 # images per attack prompt, seeds base_seed + i (paper 500; mini world 64)
     base_seed: int = 42                      # image i of a prompt uses seed base_seed + i (official 42 + i)
     care_images_per_prompt: int = 10         # CARE-score images per prompt (official 10)
-    clip_prompts: str | None = None          # prompt file for the CLIP score (COCO captions); None: the mini world's held-out captions
+    clip_prompts: str | None = None          # CLIP-score prompt file (COCO captions); None: the mini world's held-out captions
     clip_count: int | None = None            # prompts used from it; None: all (mini world: recare.json's count)
     steps: int | None = None                 # DDIM steps; None: 50 (official) or the mini world's 25
     guidance: float | None = None            # classifier-free guidance; None: 7.5
     height: int | None = None                # None: the model's native size (mini world: 64)
     width: int | None = None
     batch_size: int = 8                      # images per pipeline call (the unit of work, resume and sharding)
-    detector: str | None = None              # None: oracle (mini world), nudenet (nudity), hf-classifier (styles), torchvision-classifier
-    detector_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the detector's own arguments (weights_path, folder, top_k, ...)
-    encoder: str | None = None               # CLIP for CARE and CLIP scores; None: mini-world or open_clip:ViT-B-32/openai (official)
-    care_labels: list[str] | None = None     # the CARE score's O; None: the world's care_labels or COCO 80 + stars, freshwater
+    detector: str | None = None              # None: oracle (mini world), nudenet (nudity), hf-classifier (styles), else
+                                             # torchvision-classifier (objects)
+    # the detector's own arguments (weights_path, folder, top_k, threshold, ...), over the target-specific defaults
+    detector_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    encoder: str | None = None               # CLIP for CARE and CLIP scores; None: mini-world or open_clip:ViT-B-32/openai
+    care_labels: list[str] | None = None     # the CARE score's O; None: the world's care_labels, or COCO 80 + stars, freshwater
     care_k: int = 1                          # R-Precision@k (Eq. 4: 1; Appendix N.1: 2)
-    clip_range: list[float] | None = None    # (lo, hi) of RATIO's utility axis; None: the mini world's measured range or (0.25, 0.32)
+    clip_range: list[float] | None = None    # RATIO's utility (lo, hi); None: the mini world's measured one, or (0.25, 0.32)
     cce_images: int | None = None            # CCE's textual-inversion images; None: 30 for photo, 6 for painting (paper)
     cce_steps: int | None = None             # CCE's textual-inversion steps; None: 3000 (official) or the mini world's
     cce_seed: int = 42                       # CCE's textual-inversion seed (noise, timesteps, templates, flips)
     reference_images: str | None = None      # real target images for CCE and completion: "world", "base" or a folder/zip
-    reference_seed: int = 4_242              # seed of the world renders or base images used as reference (distinct from 42 + i)
-    completion_strength: float = 0.6        # completion probe: fraction of the schedule the real image is noised to
+    reference_seed: int = 4_242              # seed of the reference world renders or base images (distinct from 42 + i)
+    completion_strength: float = 0.6         # completion probe: fraction of the schedule the real image is noised to
     noise_eta: float = 1.5                   # noise probe: DDIM eta of the noisy steps (paper 1.3-1.9; 1 = DDPM's noise)
     noise_fraction: float = 0.5              # noise probe: the first fraction of the sampler's steps are noisy
     device: str = "auto"                     # "auto": CUDA, then MPS, then CPU

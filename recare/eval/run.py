@@ -464,7 +464,7 @@ class _Evaluation:
         if self._cce_file.is_file():
             return
         state_file = self.run_dir / "cce" / "state.pt"
-        state = (TextualInversionState.from_state_dict(torch.load(state_file, weights_only=False))
+        state = (TextualInversionState.from_state_dict(torch.load(state_file, weights_only=True))
                  if state_file.is_file() else TextualInversionState())
         try:
             token = learn_cce_token(self.models.pipe, self._load_reference(), self.config, self.progress, self.cancel,
