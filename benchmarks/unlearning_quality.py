@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import itertools
 import json
 import os
 import sys
@@ -417,8 +416,8 @@ def _main_table(task: str, rows: list[dict], adv: str) -> str:
     for r in rows:
         def rel(key):
             v, b = r.get(key), base.get(key)
-            if v is None:
-                return "-"
+            if v is None or np.isnan(v):
+                return "-"   # not measured, or no prompt in this group (e.g. no CARE prompt was trained on)
             return f"{v:.2f}" + (f" ({v / b:.2f}x)" if b else "")
         lines.append(f"{r['model']:26s} {fmt(r['target']):>7s} {rel('care_trained'):>15s} {rel('care_held'):>15s} "
                      f"{fmt(r.get('adv_v1')):>9s} {rel('collateral'):>16s} {r['pixdist']:8.3f}")

@@ -213,3 +213,137 @@ def loss_figure(rows: list[dict], title: str = "", height: int = 360) -> go.Figu
         legend={"orientation": "h", "x": 0, "y": -0.2}, uirevision="loss",
     )
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# the Compare workspace's radars (Appendix M's RATIO triangle, Appendix N.2's CARE radar)
+
+MODEL_COLOURS = ("#4477AA", "#EE6677", "#228833", "#CCBB44", "#AA3377", "#66CCEE", "#EE8866", "#332288")
+DEFENSE_ATTACK = "cce"  # Appendix M's Defense axis is 100 - ASR under CCE
+
+
+def defense_attack(asr: dict) -> str | None:
+    """The attack whose ASR makes the Defense axis: CCE when measured (Appendix M), else the strongest measured one.
+
+    Args:
+        asr: attack -> ASR in percent (metrics.json's "asr").
+    """
+    if not asr:
+        return None
+    if DEFENSE_ATTACK in asr:
+        return DEFENSE_ATTACK
+    return max(asr, key=lambda a: (asr[a], a))  # the highest ASR: the defense is only as good as its weakest spot
+
+
+def radar_numbers(row: dict) -> dict | None:
+    """One model's RATIO radar numbers from its metrics (metrics.json plus "model"), through `recare.metrics`.
+
+    Returns {"model", "attack", "asr", "D", "U", "C", "ratio", "clip_score", "care_score"}, or None when the
+    metrics lack an ASR, the CLIP score or the CARE score. When CCE was not run, Defense uses the strongest
+    measured attack (`defense_attack`) and the RATIO is that attack's, not Appendix M's CCE one.
+
+    Args:
+        row: {"model": label, "asr": {...}, "clip_score": float, "care_score": {"mean", ...},
+            "ratio": {"clip_range": [lo, hi], ...}}.
+    """
+    from recare.metrics import CLIP_RANGE, ratio, ratio_axes
+
+    asr, clip, care = row.get("asr") or {}, row.get("clip_score"), row.get("care_score") or {}
+    attack = defense_attack(asr)
+    if attack is None or clip is None or care.get("mean") is None:
+        return None
+    lo, hi = (row.get("ratio") or {}).get("clip_range") or CLIP_RANGE
+    d, u, c = ratio_axes(asr[attack], clip, care["mean"], (lo, hi))
+    return {"model": str(row.get("model", "")), "attack": attack, "asr": float(asr[attack]), "D": d, "U": u, "C": c,
+            "ratio": ratio(asr[attack], clip, care["mean"], (lo, hi)), "clip_score": float(clip),
+            "care_score": float(care["mean"])}
+
+
+def _closed(values: list, axes: list) -> tuple[list, list]:
+    return values + values[:1], axes + axes[:1]
+
+
+def ratio_radar_figure(rows: list[dict], height: int = 420) -> go.Figure:
+    """The RATIO radar: Defense, Utility, CARE on three axes, one filled triangle per model, RATIO in the legend.
+
+    Every number comes from `radar_numbers` (recare.metrics.ratio_axes, ratio, ratio_triangle).
+
+    Args:
+        rows: one metrics dict per model (see `radar_numbers`); rows without the numbers are left out.
+        height: figure height in pixels.
+    """
+    from recare.metrics import ratio_triangle
+
+    fig = go.Figure()
+    for i, row in enumerate(rows):
+        n = radar_numbers(row)
+        if n is None:
+            continue
+        tri = ratio_triangle(n["D"], n["U"], n["C"])
+        axes = [a if a != "Defense" else f"Defense (ASR {n['attack']})" for a in tri.axes]
+        r, theta = _closed(list(tri.values), axes)
+        colour = MODEL_COLOURS[i % len(MODEL_COLOURS)]
+        fig.add_trace(go.Scatterpolar(r=r, theta=theta, fill="toself", name=f"{html.escape(n['model'])} · RATIO "
+                                      f"{n['ratio']:.3f}", line={"color": colour}, opacity=0.6, showlegend=True,
+                                      meta={"model": n["model"], "ratio": n["ratio"], "attack": n["attack"]},
+                                      hovertemplate="%{theta}: %{r:.3f}<extra>" + html.escape(n["model"]) + "</extra>"))
+    fig.update_layout(template="plotly_white", height=height, margin={"l": 60, "r": 90, "t": 40, "b": 30},
+                      title={"text": "RATIO radar (Appendix M)", "font": {"size": 13}, "x": 0.01, "xanchor": "left"},
+                      polar={"radialaxis": {"range": [0, 1]}}, legend={"orientation": "h", "y": -0.1},
+                      uirevision="ratio")
+    return fig
+
+
+def care_concepts(rows: list[dict]) -> list[str]:
+    """Every CARE concept of the rows, in first-seen order (the CARE radar's axes)."""
+    out: dict[str, None] = {}
+    for row in rows:
+        for concept in ((row.get("care_score") or {}).get("per_concept") or {}):
+            out[concept] = None
+    return list(out)
+
+
+def care_radar_figure(rows: list[dict], height: int = 420) -> go.Figure:
+    """The CARE radar (Appendix N.2): one axis per CARE concept, one trace per model (`recare.metrics.care_radar`).
+
+    A radar needs three axes: with one or two concepts (a mini-world task has one) the same numbers are
+    drawn as grouped bars, one bar trace per model, and the title says so.
+
+    Args:
+        rows: one metrics dict per model: {"model", "care_score": {"per_concept": {concept: score}}}.
+        height: figure height in pixels.
+    """
+    from recare.metrics import care_radar
+
+    concepts = care_concepts(rows)
+    as_bars = len(concepts) < 3
+    fig = go.Figure()
+    for i, row in enumerate(rows):
+        per = (row.get("care_score") or {}).get("per_concept") or {}
+        if not per:
+            continue
+        radar = care_radar(per)
+        values = radar.as_dict()
+        model = html.escape(str(row.get("model", "")))
+        colour = MODEL_COLOURS[i % len(MODEL_COLOURS)]
+        axes = [html.escape(c) for c in concepts]
+        r = [values.get(c) for c in concepts]
+        if as_bars:
+            fig.add_trace(go.Bar(x=axes, y=r, name=model, marker={"color": colour}, meta={"model": row.get("model")},
+                                 showlegend=True,
+                                 hovertemplate="%{x}: %{y:.3f}<extra>" + model + "</extra>"))
+        else:
+            rr, theta = _closed(r, axes)
+            fig.add_trace(go.Scatterpolar(r=rr, theta=theta, fill="toself", name=model, line={"color": colour},
+                                          opacity=0.6, showlegend=True, meta={"model": row.get("model")},
+                                          hovertemplate="%{theta}: %{r:.3f}<extra>" + model + "</extra>"))
+    title = (f"CARE score per concept (bars: {len(concepts)} concept{'s' if len(concepts) != 1 else ''}; "
+             "a radar needs 3)" if as_bars else "CARE radar (Appendix N.2)")
+    fig.update_layout(template="plotly_white", height=height, margin={"l": 40, "r": 40, "t": 40, "b": 30},
+                      title={"text": title, "font": {"size": 13}, "x": 0.01, "xanchor": "left"},
+                      legend={"orientation": "h", "y": -0.15}, uirevision="care")
+    if as_bars:
+        fig.update_layout(barmode="group", yaxis={"range": [0, 1], "title": "CARE score"})
+    else:
+        fig.update_layout(polar={"radialaxis": {"range": [0, 1]}})
+    return fig

@@ -24,7 +24,7 @@ from ui.careset_tab import create_careset_tab
 from ui.cluster_plot import plotly_js_path
 from ui.common import AppContext, md, new_browser_key, ok, owner_key, problem
 from ui.generate_tab import create_generate_tab
-from ui.placeholder_tabs import create_compare_tab
+from ui.compare_tab import create_compare_tab
 from ui.train_tab import create_train_tab
 from ui.session import close_session, max_session_age_s, new_session, sweep_sessions, workspace_root
 
