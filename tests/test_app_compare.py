@@ -16,7 +16,7 @@ import pytest
 from gradio_client import Client, handle_file
 
 from recare import metrics
-from tests.test_app_fixtures import world_env
+from tests.test_app_fixtures import app_for_module, mini_world_client
 from ui.common import new_browser_key
 from ui.figures import care_radar_figure, radar_numbers, ratio_radar_figure
 
@@ -59,25 +59,13 @@ def test_radar_figures_have_one_trace_per_model_with_the_library_numbers():
 
 @pytest.fixture(scope="module")
 def compare_app(tmp_path_factory):
-    """A launched app with a run store of its own."""
-    import ui
-
-    base = tmp_path_factory.getbasetemp().parent / "recare-app-shared"
-    with world_env(base) as (folder, is_real):
-        workspace, runs = tmp_path_factory.mktemp("workspace"), tmp_path_factory.mktemp("runs")
-        demo = ui.create_app(workspace=workspace, device="cpu", runs_dir=runs)
-        demo.queue(default_concurrency_limit=4)
-        _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **ui.launch_kwargs(workspace, runs_dir=runs))
-        try:
-            yield {"url": url, "workspace": workspace, "runs": runs, "real_world": is_real}
-        finally:
-            demo.close()
+    """A launched app with a run store of its own (module-scoped fixtures start before the per-test env)."""
+    with app_for_module(tmp_path_factory) as app:
+        yield app
 
 
 def _client(app) -> Client:
-    if not app["real_world"]:
-        pytest.skip("the Compare tests use the mini world's tasks (checkpoints/mini-world)")
-    return Client(app["url"], verbose=False, download_files=str(app["workspace"].parent / "downloads"))
+    return mini_world_client(app, "Compare")
 
 
 def _care_prompts(task="tench", n=2):

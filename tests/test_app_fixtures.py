@@ -56,12 +56,17 @@ def world_env(tmp_root: Path):
         yield folder, real is not None
 
 
+def runs_dir_of(workspace: Path) -> Path:
+    """The run store of the app launched on `workspace` (never the user's ~/.cache/recare/runs)."""
+    return workspace.parent / f"{workspace.name}-runs"
+
+
 @contextlib.contextmanager
 def launched_app(workspace: Path):
     """Create and launch the app on a free port; yields (demo, url). Closed on exit."""
     import ui
 
-    runs = workspace.parent / f"{workspace.name}-runs"  # never the user's ~/.cache/recare/runs
+    runs = runs_dir_of(workspace)
     demo = ui.create_app(workspace=workspace, device="cpu", runs_dir=runs)
     demo.queue(default_concurrency_limit=4)
     _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **ui.launch_kwargs(workspace, runs_dir=runs))
@@ -80,14 +85,32 @@ def session_dirs(workspace: Path) -> list[Path]:
     return sorted(p for p in workspace.glob("s-*") if p.is_dir())
 
 
-@pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
-    """URL of a launched app on the (mini or tiny) world, with its workspace folder."""
+@contextlib.contextmanager
+def app_for_module(tmp_path_factory):
+    """A launched app on the (mini or tiny) world with its own workspace and run store: yields
+    {"url", "workspace", "runs", "demo", "world", "real_world"}."""
     base = tmp_path_factory.getbasetemp().parent / "recare-app-shared"
     with world_env(base) as (folder, is_real):
         workspace = tmp_path_factory.mktemp("workspace")
         with launched_app(workspace) as (demo, url):
-            yield {"url": url, "workspace": workspace, "demo": demo, "world": folder, "real_world": is_real}
+            yield {"url": url, "workspace": workspace, "runs": runs_dir_of(workspace), "demo": demo, "world": folder,
+                   "real_world": is_real}
+
+
+def mini_world_client(app: dict, workspace_name: str):
+    """A gradio_client for `app`; skips when the app runs on the tiny stand-in world (no tasks)."""
+    from gradio_client import Client
+
+    if not app["real_world"]:
+        pytest.skip(f"the {workspace_name} tests use the mini world's tasks (checkpoints/mini-world)")
+    return Client(app["url"], verbose=False, download_files=str(app["workspace"].parent / "downloads"))
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    """URL of a launched app on the (mini or tiny) world, with its workspace folder."""
+    with app_for_module(tmp_path_factory) as app:
+        yield app
 
 
 def env_cache_dir() -> str:

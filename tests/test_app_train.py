@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from gradio_client import Client, handle_file
 
-from tests.test_app_fixtures import world_env
+from tests.test_app_fixtures import app_for_module, mini_world_client
 from ui.common import new_browser_key
 
 STATUS, PROGRESS, LOSS, PREVIEWS, INFO = range(5)
@@ -23,24 +23,12 @@ STATUS, PROGRESS, LOSS, PREVIEWS, INFO = range(5)
 @pytest.fixture(scope="module")
 def train_app(tmp_path_factory):
     """A launched app with a run store of its own (module-scoped fixtures start before the per-test env)."""
-    import ui
-
-    base = tmp_path_factory.getbasetemp().parent / "recare-app-shared"
-    with world_env(base) as (folder, is_real):
-        workspace, runs = tmp_path_factory.mktemp("workspace"), tmp_path_factory.mktemp("runs")
-        demo = ui.create_app(workspace=workspace, device="cpu", runs_dir=runs)
-        demo.queue(default_concurrency_limit=4)
-        _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **ui.launch_kwargs(workspace, runs_dir=runs))
-        try:
-            yield {"url": url, "workspace": workspace, "runs": runs, "real_world": is_real}
-        finally:
-            demo.close()
+    with app_for_module(tmp_path_factory) as app:
+        yield app
 
 
 def _client(app) -> Client:
-    if not app["real_world"]:
-        pytest.skip("the Train tests use the mini world's tasks (checkpoints/mini-world)")
-    return Client(app["url"], verbose=False, download_files=str(app["workspace"].parent / "downloads"))
+    return mini_world_client(app, "Train")
 
 
 def _start(client: Client, key: str, task="tench", method="recare", careset=None, iterations=4, s1_iterations=2,

@@ -72,7 +72,8 @@ def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
                                         lines=4, elem_id="compare-care-prompts")
             c["attacks"] = gr.CheckboxGroup(list(ATTACK_CHOICES), value=["erased"], label="Attacks",
                                             info="erased is fastest; Appendix M's RATIO uses CCE (without it, the "
-                                                 "Defense axis uses the strongest attack run)", elem_id="compare-attacks")
+                                                 "Defense axis uses the strongest attack run)",
+                                            elem_id="compare-attacks")
             with gr.Row():
                 c["seeds"] = gr.Number(4, precision=0, label="Seeds per prompt", elem_id="compare-seeds")
                 c["care_images"] = gr.Number(2, precision=0, label="CARE images per prompt")

@@ -1,8 +1,7 @@
 """The app shell: header with the model picker, one tab per workspace, per-session state.
 
 Workspaces plug in through the tab registry `TABS`: each entry names a tab and the function
-that builds it inside a `gr.Tab` and returns its components. Later workspaces (Train, Compare)
-replace their placeholder entries without touching the shell.
+that builds it inside a `gr.Tab` and returns its components; a new workspace is one more entry.
 """
 
 from __future__ import annotations
