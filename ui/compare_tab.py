@@ -28,7 +28,7 @@ import pandas as pd
 
 from recare import models, worldspec
 from recare.errors import ConfigError, RecareError, RunError
-from recare.eval.attacks import ATTACKS
+from recare.eval import attacks as eval_attacks
 from recare.eval.config import EvaluationConfig
 from recare.runs import CANCELLED, DONE, QUEUED, RUNNING
 from ui.common import AppContext, md, number, ok, owner_key, problem, served
@@ -38,7 +38,7 @@ TARGET = "recare.eval.run:run_evaluation_job"
 BASE = "base"  # the model list's value for the header's base model
 CHECKPOINT_KIND = "checkpoint"
 CHECKPOINT_NAMES = (models.TRAINED_PARAMS_FILE, models.OFFICIAL_UNET_FILE)
-ATTACK_CHOICES = tuple(a for a in ("erased", "cce", "completion", "noise") if a in ATTACKS)
+ATTACK_CHOICES = tuple(a for a in ("erased", "cce", "completion", "noise") if a in eval_attacks.ATTACKS)
 POLL_S = 2.0
 RATIO_COLUMNS = ("model", "run", "Defense attack", "ASR %", "Defense", "Utility", "CARE", "RATIO", "CLIP score")
 
@@ -425,25 +425,25 @@ def _export(ctx: AppContext, ids, key, request=None):
     except RecareError as e:
         return gr.skip(), gr.skip(), problem(str(e))
     ratio, care, numbers = _tables(rows)
-    folder = Path(tempfile.mkdtemp(prefix="recare-compare-"))
-    (folder / "metrics.json").write_text(json.dumps({"models": rows, "ratio_radar": numbers}, indent=1),
-                                         encoding="utf-8")
-    attacks = list(dict.fromkeys(a for r in rows for a in (r.get("asr") or {})))
-    concepts = care_concepts(rows)
-    by_run = {n["run"]: n for n in numbers}
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["model", "run", *[f"asr_{a}" for a in attacks], "clip_score", "care_score",
-                     *[f"care_{c}" for c in concepts], "defense_attack", "defense", "utility", "care", "ratio"])
-    for r in rows:
-        n = by_run.get(r["run"]) or {}
-        per = (r.get("care_score") or {}).get("per_concept") or {}
-        writer.writerow([r["model"], r["run"], *[(r.get("asr") or {}).get(a, "") for a in attacks],
-                         r.get("clip_score", ""), (r.get("care_score") or {}).get("mean", ""),
-                         *[per.get(c, "") for c in concepts],
-                         *[n.get(k, "") for k in ("attack", "D", "U", "C", "ratio")]])
-    (folder / "metrics.csv").write_text(buffer.getvalue(), encoding="utf-8")
-    result = (served(folder / "metrics.json"), served(folder / "metrics.csv"),
-              ok(f"Exported the metrics of {len(rows)} model(s)."))
-    shutil.rmtree(folder, ignore_errors=True)
-    return result
+    with tempfile.TemporaryDirectory(prefix="recare-compare-") as tmp:
+        folder = Path(tmp)
+        (folder / "metrics.json").write_text(json.dumps({"models": rows, "ratio_radar": numbers}, indent=1),
+                                             encoding="utf-8")
+        attacks = list(dict.fromkeys(a for r in rows for a in (r.get("asr") or {})))
+        concepts = care_concepts(rows)
+        by_run = {n["run"]: n for n in numbers}
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["model", "run", *[f"asr_{a}" for a in attacks], "clip_score", "care_score",
+                         *[f"care_{c}" for c in concepts], "defense_attack", "defense", "utility", "care", "ratio"])
+        for r in rows:
+            n = by_run.get(r["run"]) or {}
+            per = (r.get("care_score") or {}).get("per_concept") or {}
+            writer.writerow([r["model"], r["run"], *[(r.get("asr") or {}).get(a, "") for a in attacks],
+                             r.get("clip_score", ""), (r.get("care_score") or {}).get("mean", ""),
+                             *[per.get(c, "") for c in concepts],
+                             *[n.get(k, "") for k in ("attack", "D", "U", "C", "ratio")]])
+        (folder / "metrics.csv").write_text(buffer.getvalue(), encoding="utf-8")
+        result = (served(folder / "metrics.json"), served(folder / "metrics.csv"),
+                  ok(f"Exported the metrics of {len(rows)} model(s)."))
+        return result
