@@ -297,6 +297,26 @@ def save_generation(result: GenerationResult, out_dir: str | Path) -> Path:
     return out_dir
 
 
+def generated_images(pipe, config: GenerateConfig, folder: str | Path, progress: ProgressCallback | None = None,
+                     cancel: CancelToken | None = None) -> list[Image.Image]:
+    """The images of a generation folder made once: read back when its manifest is there, else
+    generated in full and saved (a job's target images, reused when the job resumes).
+
+    Raises:
+        Cancelled: the cancel token stopped generation before every image was made (nothing is saved).
+    """
+    folder = Path(folder)
+    if (folder / MANIFEST_NAME).is_file():  # the manifest is written last: the folder is complete
+        return load_images(folder)
+    result = generate_images(pipe, config, progress, cancel)
+    if len(result.images) < config.num_images:
+        from recare.errors import Cancelled
+
+        raise Cancelled("generating the target images was cancelled")
+    save_generation(result, folder)
+    return result.images
+
+
 # ---------------------------------------------------------------------------------------------
 # images the user brings
 

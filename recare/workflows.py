@@ -129,23 +129,14 @@ def prepare_task_inputs(folder: str | Path, task: dict, pipe, num_images: int, s
         (the images folder, the official careset.json path).
     """
     from recare.encoders import word_list_vocabulary
-    from recare.generate import generate_images, load_images, save_generation
+    from recare.generate import generated_images
     from recare.models import load_encoder
 
     spec = worldspec.mini_world_spec() if spec is None else spec
     folder = Path(folder)
     images_dir, careset_dir = folder / TARGET_IMAGES_DIR, folder / CARESET_DIR
-    if (images_dir / "manifest.json").is_file():
-        images = load_images(images_dir)
-    else:
-        gen = dataclasses.replace(worldspec.generate_defaults(spec), prompt=task["target_prompt"], num_images=num_images)
-        result = generate_images(pipe, gen, progress, cancel)
-        if len(result.images) < num_images:
-            from recare.errors import Cancelled
-
-            raise Cancelled("generating the target images was cancelled")
-        save_generation(result, images_dir)
-        images = result.images
+    gen = dataclasses.replace(worldspec.generate_defaults(spec), prompt=task["target_prompt"], num_images=num_images)
+    images = generated_images(pipe, gen, images_dir, progress, cancel)
     careset_json = careset_dir / "careset.json"
     if not careset_json.is_file():
         words = worldspec.mini_world_words(spec)

@@ -424,7 +424,7 @@ def _export(ctx: AppContext, ids, key, request=None):
             raise RunError("no finished evaluation selected: nothing to export yet.")
     except RecareError as e:
         return gr.skip(), gr.skip(), problem(str(e))
-    ratio, care, numbers = _tables(rows)
+    numbers = _tables(rows)[2]
     with tempfile.TemporaryDirectory(prefix="recare-compare-") as tmp:
         folder = Path(tmp)
         (folder / "metrics.json").write_text(json.dumps({"models": rows, "ratio_radar": numbers}, indent=1),
@@ -444,6 +444,5 @@ def _export(ctx: AppContext, ids, key, request=None):
                              *[per.get(c, "") for c in concepts],
                              *[n.get(k, "") for k in ("attack", "D", "U", "C", "ratio")]])
         (folder / "metrics.csv").write_text(buffer.getvalue(), encoding="utf-8")
-        result = (served(folder / "metrics.json"), served(folder / "metrics.csv"),
-                  ok(f"Exported the metrics of {len(rows)} model(s)."))
-        return result
+        return (served(folder / "metrics.json"), served(folder / "metrics.csv"),
+                ok(f"Exported the metrics of {len(rows)} model(s)."))

@@ -683,19 +683,10 @@ def run_training_job(run, progress: ProgressCallback | None, cancel: CancelToken
 
 
 def _job_images(config: TrainConfig, pipe, folder: Path, progress, cancel) -> list:
-    from recare.generate import load_images
+    from recare.config import GenerateConfig
+    from recare.generate import generated_images, load_images
 
     if config.images:
         return load_images(config.images)
-    generated = folder / TARGET_IMAGES_DIR
-    if (generated / "manifest.json").is_file():
-        return load_images(generated)
-    from recare.config import GenerateConfig
-    from recare.generate import generate_images, save_generation
-
-    result = generate_images(pipe, GenerateConfig(prompt=config.target_prompt, num_images=config.num_images),
-                             progress, cancel)
-    if len(result.images) < config.num_images:
-        raise Cancelled("generating the target images was cancelled")
-    save_generation(result, generated)
-    return result.images
+    return generated_images(pipe, GenerateConfig(prompt=config.target_prompt, num_images=config.num_images),
+                            folder / TARGET_IMAGES_DIR, progress, cancel)
