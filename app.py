@@ -24,6 +24,8 @@ from pathlib import Path
 
 from recare.runtime import set_process_defaults
 
+DEMO_DIR = Path(__file__).resolve().parent / "assets" / "demo"  # the reviewer demo (README: Reviewer demo)
+
 # `ui` (gradio, torch) is imported in main(): a job worker that the app spawns re-imports this
 # file as __mp_main__, and must not pay seconds of imports it never uses.
 
@@ -44,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--allow-model", action="append", default=[], metavar="DIR",
                         help="in public mode, a folder whose models visitors may load (repeatable) "
                              "[env RECARE_ALLOWED_MODELS, separated by os.pathsep]")
+    parser.add_argument("--demo", default=os.environ.get("RECARE_DEMO", str(DEMO_DIR)), metavar="DIR",
+                        help="the reviewer demo's bundled results (python -m recare demo pack); '' for none "
+                             "(default: the repository's assets/demo when it has one) [env RECARE_DEMO]")
     return parser.parse_args(argv)
 
 
@@ -74,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import ui
 
-    demo = ui.create_app(model=args.model, device=args.device, runs_dir=args.runs_dir, policy=model_policy(args))
+    demo = ui.create_app(model=args.model, device=args.device, runs_dir=args.runs_dir, policy=model_policy(args),
+                         demo_dir=args.demo or None)
     demo.queue(default_concurrency_limit=2)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share,
                 **ui.launch_kwargs(runs_dir=args.runs_dir))

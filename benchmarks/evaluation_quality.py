@@ -9,8 +9,8 @@ attack prompt, CCE with 1000 textual-inversion steps, 10 images per CARE prompt,
 captions, the oracle as the ASR judge, the mini CLIP for the CARE and CLIP scores and the world's
 measured CLIP range for RATIO). Printed:
 
-* Table 1 analog: ASR (percent) of the plain prompt ("erased") and of CCE, the two probes
-  (completion, noise), CLIP score, CARE score, RATIO, and the evaluation's wall time.
+* Table 1 analog: ASR (percent) of the plain prompt ("erased"), of CCE, of the model's own stage-1
+  tokens (ReCARE runs), the two probes (completion, noise), CLIP score, CARE score, RATIO, and the evaluation's wall time.
 * CARE-score validity: over every (model, CARE concept) pair, the CARE score (mini CLIP
   zero-shot, R-Precision@1) against the oracle's detection rate of that CARE concept on the same
   images (the oracle plays the human raters of the paper's Fig. 5), and their Pearson correlation;
@@ -170,11 +170,11 @@ def main(argv=None) -> int:
         m = result["metrics"]
         asr = m["asr"]
         table.append([task, name, _fmt(asr.get("erased"), percent=True), _fmt(asr.get("cce"), percent=True),
-                      _fmt(asr.get("completion"), percent=True), _fmt(asr.get("noise"), percent=True),
+                      _fmt(asr.get("adversarial"), percent=True), _fmt(asr.get("completion"), percent=True), _fmt(asr.get("noise"), percent=True),
                       _fmt(m["clip_score"], 4), _fmt((m["care_score"] or {}).get("mean")), _fmt(m["ratio"]["value"]),
                       f"{result['seconds']:.0f}" if result["seconds"] else "cached"])
-    print_table(["task", "model", "ASR erased", "ASR CCE", "ASR completion", "ASR noise", "CLIP", "CARE", "RATIO",
-                 "seconds"], table)
+    print_table(["task", "model", "ASR erased", "ASR CCE", "ASR own tokens", "ASR completion", "ASR noise", "CLIP",
+                 "CARE", "RATIO", "seconds"], table)
 
     for by_prompt in (False, True):
         pairs = care_validity(results, by_prompt)

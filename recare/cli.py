@@ -437,6 +437,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                        help="objects (photo) or styles (painting): CCE's templates and prompt (default: the task's, else photo)")
     model.add_argument("--initializer-token", help="CCE's token starts from this word (default: the task's, else "
                                                    "person / art)")
+    model.add_argument("--extra-prompt", action="append", metavar="P", dest="extra_prompts",
+                       help="a custom prompt made on the attacks' seeds and judged by the target detector, never "
+                            "counted in ASR or RATIO (repeatable; the app's Compare 'Custom prompts'; default: none)")
     attack = parser.add_argument_group("attacks")
     attack.add_argument("--attacks", metavar="A,B,...",
                         help=f"comma-separated, from {', '.join(ATTACKS)} (default: erased,cce,completion,noise, "
@@ -559,6 +562,8 @@ def _evaluation_config(args: argparse.Namespace):
     options = _key_values(args.detector_option, "--detector-option")
     if options:
         given["detector_options"] = {**base.get("detector_options", {}), **options}
+    if args.extra_prompts:
+        given["extra_prompts"] = list(args.extra_prompts)
     care = _care_prompts(args.care_prompts)
     if care is not None:
         given["care_prompts"] = care
@@ -599,6 +604,54 @@ def run_evaluate(args: argparse.Namespace) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+# demo
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from recare.demo import MAX_BYTES, MODELS
+
+    sub = parser.add_subparsers(dest="demo_command", metavar="ACTION", required=True)
+    pack = sub.add_parser("pack", help="pack finished evaluation runs into the app's reviewer demo (<= 3 MB)",
+                          description="Copy trimmed, read-only evaluation run folders (config, status, manifest, "
+                                      "metrics, a small image grid) and an index.json into one folder the app shows.")
+    pack.add_argument("--eval", action="append", required=True, metavar="TASK:MODEL=RUN", dest="evals",
+                      help=f"an evaluation run folder for a task and a model ({', '.join(MODELS)}); repeatable, "
+                           "kept in the given order")
+    pack.add_argument("--out", default="assets/demo", metavar="DIR", help="the bundle folder (default: assets/demo)")
+    pack.add_argument("--grid-seeds", type=int, default=4, help="images per grid row (default 4)")
+    pack.add_argument("--max-mb", type=float, default=MAX_BYTES / 1024 / 1024,
+                      help=f"size limit of the whole bundle in MiB (default {MAX_BYTES / 1024 / 1024:g})")
+
+
+def _demo_evals(items: list[str]) -> dict[str, dict[str, str]]:
+    """--eval TASK:MODEL=RUN items as {task: {model: run}} in the given order."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, sep, run = item.partition("=")
+        task, colon, model = key.partition(":")
+        if not sep or not colon or not task.strip() or not model.strip() or not run.strip():
+            raise ConfigError(f"--eval takes TASK:MODEL=RUN, e.g. tench:recare=runs/evaluate-... (got {item!r}).")
+        if model.strip() in out.get(task.strip(), {}):
+            raise ConfigError(f"--eval gives {task.strip()}:{model.strip()} twice.")
+        out.setdefault(task.strip(), {})[model.strip()] = run.strip()
+    return out
+
+
+def run_demo(args: argparse.Namespace) -> Path:
+    import shlex
+
+    from recare.demo import pack_demo
+
+    evaluations = _demo_evals(args.evals)
+    _check_folder_arg("--out", args.out)
+    command = "python -m recare demo pack " + " ".join(
+        [*(f"--eval {shlex.quote(e)}" for e in args.evals), f"--out {shlex.quote(args.out)}",
+         f"--grid-seeds {args.grid_seeds}"])
+    return pack_demo(evaluations, args.out, grid_seeds=args.grid_seeds, max_bytes=int(args.max_mb * 1024 * 1024),
+                     command=command)
+
+
+# ---------------------------------------------------------------------------------------------
 # the command table and main
 
 
@@ -616,6 +669,8 @@ COMMANDS: dict[str, Command] = {
                      add_train_arguments, run_train),
     "evaluate": Command("evaluate a model: attack success (erased, CCE, probes), CARE score, CLIP score, RATIO",
                         add_evaluate_arguments, run_evaluate),
+    "demo": Command("the app's reviewer demo: `demo pack` bundles finished evaluation runs (<= 3 MB)",
+                    add_demo_arguments, run_demo),
 }
 
 

@@ -28,6 +28,10 @@ ends DONE (+ result), CANCELLED (resumable) or FAILED (a `RecareError`'s message
 other exception as "Type: message" with its traceback in error.log). A worker that dies
 without a word (killed, out of memory) is reported FAILED by `Run.status()`, resumable when it
 saved a state.
+
+On a Hugging Face Space with ZeroGPU (`recare.zerogpu.zerogpu_available()`), a GPU job instead runs
+in a thread of this process whose GPU work goes through `spaces.GPU` calls, in chunks that resume
+from state/ (`recare.zerogpu.ChunkedGpuRunner`); CPU jobs, and every job elsewhere, are unchanged.
 """
 
 from __future__ import annotations
@@ -233,6 +237,9 @@ class JobRunner:
         self._active: dict[str, _Worker] = {}
         self._closed = False
         self._thread: threading.Thread | None = None
+        from recare.zerogpu import zerogpu_runner  # here, not at the top: recare.zerogpu imports this module
+
+        self._zerogpu = zerogpu_runner()  # None unless on a ZeroGPU Space (made now: ZeroGPU looks at start-up)
         atexit.register(_shutdown_at_exit, weakref.ref(self))
 
     # -- public API ----------------------------------------------------------------------------
@@ -402,7 +409,7 @@ class JobRunner:
         deadline = time.monotonic() + timeout
         for worker in workers:
             worker.handle.join(max(0.0, deadline - time.monotonic()))
-            if worker.alive() and self.use_processes:
+            if worker.alive() and not isinstance(worker.handle, threading.Thread):
                 worker.handle.terminate()
                 worker.handle.join(2.0)
                 if worker.alive():
@@ -485,7 +492,10 @@ class JobRunner:
         if claimed is None:  # cancelled, or started by another runner
             return False
         target = claimed["target"]
-        if self.use_processes:
+        if self._zerogpu is not None and device != "cpu":  # ZeroGPU: spaces.GPU chunks called from a thread here
+            handle = threading.Thread(target=self._zerogpu.run_job, args=(run, target), name=f"recare-job-{run_id}",
+                                      daemon=True)
+        elif self.use_processes:
             handle = self._spawn.Process(target=_process_main, args=(str(run.path), target),
                                          name=f"recare-job-{run_id}")
         else:
@@ -496,7 +506,7 @@ class JobRunner:
             run.update_status(state=FAILED, finished=now_iso(), error=f"could not start the worker: {e}",
                               resumable=run.has_state())
             return False
-        if self.use_processes:  # until the worker writes its own pid, watch the process we started
+        if not isinstance(handle, threading.Thread):  # until the worker writes its own pid, watch the process
             run.update_status_if(lambda s: s.get("state") == RUNNING and s.get("pid") == os.getpid(), pid=handle.pid)
         self._active[run_id] = _Worker(run_id, device, handle)
         return True

@@ -84,7 +84,8 @@ def mini_world_task(name: str, spec: dict | None = None) -> dict:
 
 def task_train_config(task: dict, method: str = "recare", spec: dict | None = None, **fields: Any) -> TrainConfig:
     """A TrainConfig for a mini-world task: the method's official preset, then the world's recommended
-    settings (recare.json "unlearning": per method, chosen by measurement and written down there), then `fields`.
+    settings (recare.json "unlearning": "common", then per method, then the task's own "tasks": {name:
+    {"common", "methods"}}; chosen by measurement and written down there), then `fields`.
 
     Args:
         task: a task dict (`mini_world_task`).
@@ -100,6 +101,10 @@ def task_train_config(task: dict, method: str = "recare", spec: dict | None = No
     unlearning = spec.get("unlearning") if isinstance(spec.get("unlearning"), dict) else {}
     _merge(data, unlearning.get("common") or {})
     _merge(data, (unlearning.get("methods") or {}).get(method) or {})
+    # a task's own measured settings win over the world-wide ones (van gogh needs a larger lr than tench)
+    per_task = (unlearning.get("tasks") or {}).get(task.get("name")) or {}
+    _merge(data, per_task.get("common") or {})
+    _merge(data, (per_task.get("methods") or {}).get(method) or {})
     ti = (data.get("stage1") or {}).get("textual_inversion")
     if ti is not None:
         ti["templates"] = task.get("prompt_style", "photo")

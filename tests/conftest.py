@@ -34,3 +34,28 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def store(tmp_path):
+    """An empty run store in the test's tmp dir (tests/test_jobs.py, tests/test_zerogpu.py)."""
+    from recare.runs import RunStore
+
+    return RunStore(tmp_path / "runs")
+
+
+@pytest.fixture
+def make_runner(store):
+    """make(**JobRunner kwargs) -> a JobRunner on `store` polling every 50 ms; all are shut down after the test."""
+    from recare.jobs import JobRunner
+
+    made = []
+
+    def make(**kwargs):
+        runner = JobRunner(store, poll_s=0.05, **kwargs)
+        made.append(runner)
+        return runner
+
+    yield make
+    for runner in made:
+        runner.shutdown(timeout=10)

@@ -1,8 +1,10 @@
-"""The Compare workspace: its radar figures (pure), and through gradio_client against a launched app.
+"""The Compare workspace: its radar figures (pure), its live view of a stopped evaluation (tiny models), and
+through gradio_client against a launched app.
 
-Evaluate the base mini-world model on one seed with the erased attack only, poll to done, and check
-the radar numbers against the run's metrics.json through `recare.metrics`; a checkpoint trained on
-another base is refused and leaves no run behind; two owners never see each other's evaluations.
+Evaluate the base mini-world model on one seed with the erased attack only and a custom prompt, poll to
+done, and check the radar numbers against the run's metrics.json through `recare.metrics` and the custom
+prompt's images in the grid; a checkpoint trained on another base, or a corrupt one, is refused and
+leaves no run behind; cancelling twice says so; two owners never see each other's evaluations.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import time
 from pathlib import Path
 
+import gradio as gr
 import pytest
 from gradio_client import Client, handle_file
 
@@ -21,6 +24,9 @@ from ui.common import new_browser_key
 from ui.figures import care_radar_figure, radar_numbers, ratio_radar_figure
 
 STATUS, RATIO_PLOT, RATIO_TABLE, CARE_PLOT, CARE_TABLE, INFO = range(6)
+CARE_CONCEPTS = 7  # the poll's CARE-axes update (after the timer)
+GRID_PROMPT, GRID, GRID_NOTE, GRID_INFO = range(4)
+CUSTOM = "a photo of a boat on a lake"
 
 
 def _row(model, asr, clip, per_concept, clip_range=(0.2, 0.3)):
@@ -57,6 +63,74 @@ def test_radar_figures_have_one_trace_per_model_with_the_library_numbers():
     assert radar_numbers({"model": "x", "asr": {}, "clip_score": None, "care_score": None}) is None
 
 
+def test_live_view_of_a_stopped_evaluation_is_partial_then_final(tmp_path):
+    """A run stopped in its CARE images (tiny models): the poll draws its provisional numbers dashed and marked
+    "(partial)", equal to `partial_metrics`; the grid shows the custom prompt's images on the attacks' seeds and
+    pending cells; once resumed to the end the numbers are metrics.json's and the marks are gone."""
+    from recare.errors import Cancelled
+    from recare.eval.config import EvaluationConfig
+    from recare.eval.run import evaluate, partial_metrics
+    from recare.progress import CancelToken
+    from recare.runs import CANCELLED, DONE, RunStore
+    from tests.helpers_tiny import make_tiny_clip, make_tiny_pipeline
+    from ui.common import AppContext
+    from ui.compare_tab import _grid, _poll
+
+    make_tiny_pipeline(tmp_path / "pipeline")
+    make_tiny_clip(tmp_path / "clip")
+    (tmp_path / "captions.txt").write_text("a photo of a fish\na boat on a lake\n")
+    config = EvaluationConfig(model=str(tmp_path / "pipeline"), target_prompt="a photo of a fish", target_concept="tench",
+                              care_prompts={"water": ["a lake", "a river"], "person": ["a man"]},
+                              care_labels=["person", "fish"], encoder=str(tmp_path / "clip"), detector="oracle",
+                              clip_prompts=str(tmp_path / "captions.txt"), attacks=["erased"],
+                              extra_prompts=["a boat"], seeds=2, care_images_per_prompt=2, steps=2, height=64,
+                              width=64, batch_size=2, device="cpu")
+    key = new_browser_key()
+    store = RunStore(tmp_path / "runs")
+    run = store.create("evaluate", {"evaluation": config.to_dict(), "compare": {"label": "tiny base"}}, owner=key)
+    cancel = CancelToken()
+    stop = lambda event: cancel.cancel() if event.stage == "evaluate" and event.step >= 6 else None  # noqa: E731
+    with pytest.raises(Cancelled):  # erased (2) + custom (2) + one CARE batch (2) made
+        evaluate(config, run_dir=run.path, run=run, progress=stop, cancel=cancel)
+    run.update_status(state=CANCELLED)
+    ctx = AppContext(models=None, session=None, model_name=None, runs=store)
+
+    out = _poll(ctx, [run.id], key, [], {})
+    info, partial = out[INFO], partial_metrics(run.path)
+    assert info["partial"][run.id] == partial["progress"] and partial["progress"]["images"] == 6
+    assert info["care"]["tiny base"] == partial["care_score"]["per_concept"]
+    assert info["ratio"] == []  # no CLIP image yet: no triangle, but the table shows what there is
+    table = out[RATIO_TABLE]
+    assert list(table.iloc[0][["ASR %", "numbers"]]) == [pytest.approx(partial["asr"]["erased"], abs=0.01),
+                                                         "partial: 6/12 images"]
+    [bars] = out[CARE_PLOT].data
+    assert bars.name == "tiny base (partial)" and bars.meta["partial"] and bars.marker.pattern.shape == "/"
+    assert [v for _, v in out[CARE_CONCEPTS].choices] == list(partial["care_score"]["per_concept"])
+
+    prompt, gallery, note, grid, view = _grid(ctx, [run.id], None, key, out[8])
+    labels = [label for label, _ in prompt.choices]
+    assert labels[:2] == ["target prompt · a photo of a fish", "custom · a boat"] and len(labels) == 5
+    custom = json.dumps(["extra", "a boat"])
+    prompt, gallery, note, grid, view = _grid(ctx, [run.id], custom, key, view)
+    assert grid["seeds"] == [42, 43] and [c["state"] for c in grid["rows"][0]["cells"]] == ["ready", "ready"]
+    assert len(gallery.value) == 2 and "Rows: 1 model(s)" in note
+    again = _grid(ctx, [run.id], custom, key, view)
+    assert again[1] == gr.skip()  # nothing changed: the gallery is not sent again
+    care = json.dumps(["care", "a man"])
+    cells = _grid(ctx, [run.id], care, key, view)[3]["rows"][0]["cells"]
+    assert [c["state"] for c in cells] == ["pending", "pending"]  # not made yet
+
+    evaluate(None, run_dir=run.path)
+    run.update_status(state=DONE)
+    out = _poll(ctx, [run.id], key, [], {})
+    saved = json.loads((run.path / "metrics.json").read_text())
+    [numbers] = out[INFO]["ratio"]
+    assert out[INFO]["partial"] == {} and numbers["partial"] is False
+    assert numbers["ratio"] == pytest.approx(radar_numbers({**saved, "model": "tiny base"})["ratio"])
+    assert "(partial)" not in out[RATIO_PLOT].data[0].name and out[RATIO_PLOT].data[0].line.dash == "solid"
+    assert list(out[RATIO_TABLE]["numbers"]) == ["final"]
+
+
 @pytest.fixture(scope="module")
 def compare_app(tmp_path_factory):
     """A launched app with a run store of its own (module-scoped fixtures start before the per-test env)."""
@@ -74,30 +148,42 @@ def _care_prompts(task="tench", n=2):
     return json.dumps({k: v[:n] for k, v in mini_world_task(task)["care_prompts"].items()})
 
 
-def _start(client, key, picked=("base",), attacks=("erased",), seeds=1):
+def _start(client, key, picked=("base",), attacks=("erased",), seeds=1, custom=""):
     return client.predict(list(picked), "tench", "a photo of a tench", _care_prompts(), list(attacks), seeds, 1, 4,
-                          "mini-world", key, api_name="/evaluate_start")
+                          custom, "mini-world", key, api_name="/evaluate_start")
 
 
-def _status(client, ids, key):
-    return client.predict(ids, key, api_name="/evaluate_status")
+def _status(client, ids, key, concepts=()):
+    return client.predict(ids, key, list(concepts), api_name="/evaluate_status")
+
+
+def _grid(client, ids, key, choice=None):
+    return client.predict(ids, choice, key, api_name="/evaluate_grid")
+
+
+def _ids(evaluations) -> list[str]:
+    return evaluations["value"] if isinstance(evaluations, dict) else evaluations  # a gr.Dropdown update
 
 
 def test_evaluate_base_polled_to_done_radar_equals_metrics(compare_app):
     client, key = _client(compare_app), new_browser_key()
-    message, evaluations, _ = _start(client, key)
+    message, evaluations, _ = _start(client, key, custom=f"{CUSTOM}\n\n{CUSTOM}\n")  # blank and repeated lines drop
     assert message.startswith("✓ Started 1 evaluation"), message
-    ids = evaluations["value"] if isinstance(evaluations, dict) else evaluations  # a gr.Dropdown update
+    ids = _ids(evaluations)
     assert len(ids) == 1
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while True:
         out = _status(client, ids, key)
         info = out[INFO]
         assert all(r["state"] != "failed" for r in info["runs"]), info
+        for run_id, progress in info["partial"].items():  # provisional numbers while it runs: the images so far
+            assert 0 < progress["images"] <= progress["planned"], progress
+            assert progress["complete"] is (progress["images"] == progress["planned"])  # merging: all made
         if info["all_done"]:
             break
         assert time.monotonic() < deadline, info
         time.sleep(1.0)
+    assert info["partial"] == {}
     saved = json.loads((compare_app["runs"] / ids[0] / "metrics.json").read_text())
     assert set(saved["asr"]) == {"erased"}
     [numbers] = info["ratio"]
@@ -113,6 +199,29 @@ def test_evaluate_base_polled_to_done_radar_equals_metrics(compare_app):
     assert len(care_fig["data"]) == 1
     assert care_fig["data"][0]["y"] == pytest.approx(list(saved["care_score"]["per_concept"].values()))
     assert out[RATIO_TABLE]["data"][0][7] == pytest.approx(numbers["ratio"], abs=1e-4)
+    assert out[RATIO_TABLE]["data"][0][9] == "final" and "(partial)" not in ratio_fig["data"][0]["name"]
+    assert info["care_axes"] == list(saved["care_score"]["per_concept"])  # every evaluated concept (<= 10)
+
+    # the grid: the custom prompt is one of its prompts (made once, on the attacks' seed 42), its image is there
+    grid = _grid(client, ids, key)
+    choices = {json.loads(value)[1]: json.loads(value)[0] for _, value in grid[GRID_INFO]["choices"]}
+    assert choices[CUSTOM] == "extra" and choices["a photo of a tench"] == "erased"
+    assert sum(1 for p in choices if p == CUSTOM) == 1
+    grid = _grid(client, ids, key, json.dumps(["extra", CUSTOM]))
+    info = grid[GRID_INFO]
+    assert info["prompt"] == CUSTOM and info["seeds"] == [42]
+    [row] = info["rows"]
+    [cell] = row["cells"]
+    assert cell["state"] == "ready" and (compare_app["runs"] / ids[0] / cell["file"]).is_file()
+    assert cell["file"].startswith("images/extra/") and len(grid[GRID]["value"]) == 1
+    records = list(csv.DictReader((compare_app["runs"] / ids[0] / "records.csv").open()))
+    assert [r["prompt"] for r in records if r["attack"] == "extra"] == [CUSTOM]
+    assert set(saved["asr"]) == {"erased"}  # a custom prompt is shown, never scored
+    png, message = client.predict(ids, json.dumps(["extra", CUSTOM]), key, api_name="/evaluate_export_grid")
+    from PIL import Image
+
+    with Image.open(png) as picture:
+        assert picture.width > 128 and picture.height > 128, message
 
     json_file, csv_file, message = client.predict(ids, key, api_name="/evaluate_export")
     assert json.loads(Path(json_file).read_text())["models"][0]["asr"] == saved["asr"], message
@@ -125,8 +234,27 @@ def test_evaluate_base_polled_to_done_radar_equals_metrics(compare_app):
     assert ids[0] not in json.dumps(listed)
     assert ids[0] in json.dumps(client.predict([], key, api_name="/evaluate_list"))
     assert "not yours" in _status(client, ids, other)[INFO]["error"]
+    assert "not yours" in _grid(client, ids, other)[GRID_INFO]["error"]
     message, _ = client.predict(ids, other, api_name="/evaluate_cancel")
     assert "not yours" in message
+
+
+def test_cancelling_twice_says_so_and_keeps_the_run(compare_app):
+    client, key = _client(compare_app), new_browser_key()
+    assert "no evaluation selected" in client.predict([], key, api_name="/evaluate_cancel")[0]
+    ids = _ids(_start(client, key, seeds=2)[1])
+    first, _ = client.predict(ids, key, api_name="/evaluate_cancel")
+    assert "Cancel" in first, first
+    second, _ = client.predict(ids, key, api_name="/evaluate_cancel")
+    assert "already" in second and ids[0] in second, second  # "...already requested" or "...already cancelled"
+    deadline = time.monotonic() + 120
+    while _status(client, ids, key)[INFO]["runs"][0]["state"] not in ("cancelled", "done"):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    third, _ = client.predict(ids, key, api_name="/evaluate_cancel")
+    assert "Nothing to cancel" in third and "already" in third, third
+    assert (compare_app["runs"] / ids[0] / "config.json").is_file()  # the run is kept
+    assert ids[0] in json.dumps(client.predict([], key, api_name="/evaluate_list"))
 
 
 def test_mismatched_checkpoint_is_refused(compare_app, tmp_path):
@@ -160,6 +288,20 @@ def test_mismatched_checkpoint_is_refused(compare_app, tmp_path):
                                      api_name="/evaluate_add_checkpoint")
     assert message.startswith("✓ Added"), message
     run_id = message.split("**")[1]
-    assert (compare_app["runs"] / run_id / "trained_params.safetensors").is_file()
+    saved = (compare_app["runs"] / run_id / "trained_params.safetensors").read_bytes()
     assert run_id in json.dumps(client.predict(["base"], key, api_name="/evaluate_models"))
     assert run_id not in json.dumps(client.predict(["base"], new_browser_key(), api_name="/evaluate_models"))
+
+    # corrupt files under the right names: a clear message, no new run, the checkpoint added before untouched
+    before = sorted(p.name for p in compare_app["runs"].iterdir())
+    for name, data in (("trained_params.safetensors", b"not a safetensors file" * 4),
+                       ("ReCARE-Diffusers-UNet.pt", b"PK\x03\x04 truncated")):
+        corrupt = tmp_path / "corrupt" / name
+        corrupt.parent.mkdir(exist_ok=True)
+        corrupt.write_bytes(data)
+        message, _ = client.predict(handle_file(str(corrupt)), "mini-world", ["base"], key,
+                                    api_name="/evaluate_add_checkpoint")
+        assert "Checkpoint refused" in message and "damaged or incomplete" in message, message
+        assert sorted(p.name for p in compare_app["runs"].iterdir()) == before
+    assert (compare_app["runs"] / run_id / "trained_params.safetensors").read_bytes() == saved
+    assert run_id in json.dumps(client.predict(["base"], key, api_name="/evaluate_models"))

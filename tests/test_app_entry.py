@@ -34,7 +34,7 @@ def test_main_builds_queues_and_launches_with_minimal_allowed_paths(monkeypatch,
     monkeypatch.setenv("RECARE_WORKSPACE", str(tmp_path / "ws"))
     monkeypatch.delenv("SPACE_ID", raising=False)
     monkeypatch.delenv("RECARE_PUBLIC", raising=False)
-    monkeypatch.setattr(ui, "create_app", lambda model, device, runs_dir, policy: calls.setdefault(
+    monkeypatch.setattr(ui, "create_app", lambda model, device, runs_dir, policy, demo_dir=None: calls.setdefault(
         "create", (model, device, runs_dir, policy.public_mode)) and FakeDemo())
     app.main(["--model", "mini-world", "--port", "7998", "--runs-dir", str(tmp_path / "runs")])
     assert calls["create"] == ("mini-world", "auto", str(tmp_path / "runs"), False)

@@ -164,6 +164,17 @@ def _loss_points(page) -> int:
         if (!h || !h.data) return 0; return h.data.reduce((n, t) => n + ((t.x || []).length), 0); }""")
 
 
+def _open_train_with(page, **numbers) -> None:
+    """Open the Train tab and type the short-run settings, e.g. iterations=12 -> #train-iterations."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="3 · Train").click()
+    expect(page.locator("#train-estimate")).to_contain_text("Plan:")
+    for name, value in numbers.items():
+        page.fill(f"#train-{name.replace('_', '-')} input[type=number]", str(value))
+        page.keyboard.press("Tab")
+
+
 def test_train_start_watch_cancel_resume_finish(train_app, tmp_path):
     """A short ReCARE run on the mini world from the Train tab: loss points and a preview arrive,
     cancel, resume, finish (a few iterations only)."""
@@ -179,12 +190,7 @@ def test_train_start_watch_cancel_resume_finish(train_app, tmp_path):
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(train_app["url"])
-        page.get_by_role("tab", name="3 · Train").click()
-        expect(page.locator("#train-estimate")).to_contain_text("Plan:")
-        for box, value in (("#train-iterations", "12"), ("#train-s1-iterations", "4"), ("#train-ti-steps", "3"),
-                           ("#train-preview-every", "2")):
-            page.fill(f"{box} input[type=number]", value)
-            page.keyboard.press("Tab")
+        _open_train_with(page, iterations=12, s1_iterations=4, ti_steps=3, preview_every=2)
         expect(page.locator("#train-estimate")).to_contain_text("12 stage-2 it")
         page.click("#train-start")
         expect(page.locator("#train-message")).to_contain_text("Started", timeout=30_000)
@@ -208,5 +214,182 @@ def test_train_start_watch_cancel_resume_finish(train_app, tmp_path):
         expect(page.locator("#train-status")).to_contain_text("done", timeout=240_000)
         expect(page.locator("#train-progress")).to_contain_text("100%")
         expect(page.locator("#train-runs")).to_contain_text("done")
+        assert not errors, f"page errors: {errors}"
+        browser.close()
+
+
+def _plot_traces(page, elem_id: str) -> list[dict]:
+    """The traces plotly drew in a gr.Plot: type, name and values."""
+    return page.evaluate("""id => { const h = document.querySelector(`#${id} .js-plotly-plot`);
+        if (!h || !h.data) return []; return h.data.map(t => ({type: t.type, name: t.name, r: t.r || null,
+        theta: t.theta || null, meta: t.meta || null})); }""", elem_id)
+
+
+COMPARE_CARE_PROMPTS = {"freshwater": ["a photo of a lake"], "person": ["a photo of a person"],
+                        "stars": ["a photo of stars"]}  # three concepts of the mini world: a real CARE radar
+
+
+def test_compare_base_vs_a_trained_run(train_app, tmp_path):
+    """Train a very short ReCARE run from the Train tab, then in Compare evaluate the base model and that run on
+    two seeds: both radars draw one trace per model with the numbers of each run's metrics.json (through
+    recare.metrics), and the grid shows every model's images of the same seeds."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from recare import metrics
+
+    if not train_app["real_world"]:
+        pytest.skip("the Compare flow uses a mini-world task")
+    shots = SCREENSHOTS if os.environ.get("RECARE_SCREENSHOTS") == "1" else tmp_path
+    shots.mkdir(parents=True, exist_ok=True)
+    runs = train_app["runs"]
+    before = {p.name for p in runs.glob("evaluate-*")}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 1100})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(train_app["url"])
+
+        # ---- a very short training run of this browser ----
+        _open_train_with(page, iterations=2, s1_iterations=2, ti_steps=2, preview_every=0)
+        page.click("#train-start")
+        expect(page.locator("#train-message")).to_contain_text("Started", timeout=30_000)
+        expect(page.locator("#train-status")).to_contain_text("done", timeout=300_000)
+        run_id = page.locator("#train-message").inner_text().split("Started")[1].split()[0].strip("*:.,")
+
+        # ---- Compare: base vs that run, two seeds, a custom prompt, three CARE concepts ----
+        page.get_by_role("tab", name="4 · Compare").click()
+        page.click("#compare-models-refresh")
+        trained = page.locator("#compare-models label").filter(has_text="train-")
+        expect(trained).to_have_count(1, timeout=30_000)
+        trained.locator("input").check()
+        editor = page.locator("#compare-care-prompts .cm-content")
+        editor.click()
+        page.keyboard.press("Control+A")
+        page.keyboard.press("Delete")
+        page.keyboard.insert_text(json.dumps(COMPARE_CARE_PROMPTS))
+        page.fill("#compare-custom textarea", "a boat on a lake")
+        for box, value in (("#compare-seeds", "2"),):
+            page.fill(f"{box} input[type=number]", value)
+            page.keyboard.press("Tab")
+        page.get_by_label("CARE images per prompt").fill("1")
+        page.get_by_label("CLIP captions").fill("4")
+        page.keyboard.press("Tab")
+        page.click("#compare-start")
+        expect(page.locator("#compare-message")).to_contain_text("Started 2 evaluation", timeout=30_000)
+        expect(page.locator("#compare-status li").filter(has_text="✓ done")).to_have_count(2, timeout=480_000)
+        page.wait_for_function("() => { const h = document.querySelector('#compare-ratio .js-plotly-plot');"
+                               " return h && h.data && h.data.length === 2 && !h.data.some(t => t.name.includes("
+                               "'(partial)')); }", timeout=30_000)
+
+        # both radars: one trace per model, the numbers of each run's metrics.json through recare.metrics
+        made = sorted({p.name for p in runs.glob("evaluate-*")} - before)
+        assert len(made) == 2
+        saved = {json.loads((runs / r / "config.json").read_text())["compare"]["label"]:
+                 json.loads((runs / r / "metrics.json").read_text()) for r in made}
+        assert any(run_id in label for label in saved)
+        ratio_traces = _plot_traces(page, "compare-ratio")
+        assert [t["type"] for t in ratio_traces] == ["scatterpolar", "scatterpolar"]
+        for trace in ratio_traces:
+            m = saved[trace["meta"]["model"]]
+            asr = m["asr"]
+            attack = max(asr, key=lambda a: (asr[a], a))  # no CCE run: the strongest attack run
+            assert trace["meta"]["attack"] == attack
+            lo, hi = m["ratio"]["clip_range"]
+            d, u, c = metrics.ratio_axes(asr[attack], m["clip_score"], m["care_score"]["mean"], (lo, hi))
+            assert trace["r"] == pytest.approx([d, u, c, d])
+            value = metrics.ratio(asr[attack], m["clip_score"], m["care_score"]["mean"], (lo, hi))
+            assert f"RATIO {value:.3f}" in trace["name"]
+            expect(page.locator("#compare-ratio-table")).to_contain_text(f"{value:.4f}".rstrip("0"))
+        assert "adversarial" in next(m for label, m in saved.items() if run_id in label)["asr"]
+        care_traces = _plot_traces(page, "compare-care")
+        assert [t["type"] for t in care_traces] == ["scatterpolar", "scatterpolar"]
+        for trace in care_traces:
+            per = saved[trace["meta"]["model"]]["care_score"]["per_concept"]
+            radar = metrics.care_radar(per)
+            assert trace["theta"][:3] == list(radar.axes) and trace["r"][:3] == pytest.approx(list(radar.values))
+
+        # the grid: the target prompt first, two models x the same two seeds
+        expect(page.locator("#compare-grid img")).to_have_count(4, timeout=30_000)
+        expect(page.locator("#compare-grid-note")).to_contain_text("Rows: 2 model(s) · columns: seeds 42, 43")
+        page.locator("#compare-grid-prompt input").click()
+        expect(page.get_by_role("option", name="custom · a boat on a lake")).to_be_visible()
+        expect(page.get_by_role("option").filter(has_text="own adversarial token")).to_have_count(2)
+        page.get_by_role("option", name="custom · a boat on a lake").click()
+        page.wait_for_function("() => [...document.querySelectorAll('#compare-grid img')].length === 4 && "
+                               "[...document.querySelectorAll('#compare-grid img')].every(i => i.complete)")
+        page.locator("#compare-ratio").scroll_into_view_if_needed()
+        top = page.locator("#compare-models").bounding_box()["y"] + page.evaluate("window.scrollY") - 20
+        page.screenshot(path=str(shots / "compare-live.png"), full_page=True,
+                        clip={"x": 0, "y": max(0, top), "width": 1440, "height": 1100})
+        assert not errors, f"page errors: {errors}"
+        browser.close()
+
+
+DEMO = Path(__file__).resolve().parent.parent / "assets" / "demo"
+
+
+@pytest.fixture(scope="module")
+def demo_app_url(tmp_path_factory):
+    """The app as `python app.py` starts it on the mini world: with the shipped reviewer-demo bundle."""
+    import ui
+    from tests.test_app_fixtures import installed_mini_world
+
+    if installed_mini_world() is None or not (DEMO / "index.json").is_file():
+        pytest.skip("the reviewer demo needs the mini world and the shipped assets/demo bundle")
+    workspace = tmp_path_factory.mktemp("demo-workspace")
+    app = ui.create_app(workspace=workspace, device="cpu", runs_dir=workspace / "runs", demo_dir=DEMO)
+    app.queue(default_concurrency_limit=4)
+    _, url, _ = app.launch(prevent_thread_lock=True, quiet=True,
+                           **ui.launch_kwargs(workspace, runs_dir=workspace / "runs"))
+    try:
+        yield url
+    finally:
+        app.close()
+
+
+def test_fresh_start_opens_compare_with_the_shipped_demo_drawn(demo_app_url, tmp_path):
+    """A reviewer's first visit: Compare is open, the first task's base / ESD / ReCARE results are drawn as
+    radars with the numbers of the bundled metrics.json (through recare.metrics), no warning toast."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from recare import metrics
+
+    shots = SCREENSHOTS if os.environ.get("RECARE_SCREENSHOTS") == "1" else tmp_path
+    shots.mkdir(parents=True, exist_ok=True)
+    index = json.loads((DEMO / "index.json").read_text())
+    first = index["tasks"][0]
+    saved = {}
+    for folder in DEMO.iterdir():
+        config = folder / "config.json"
+        if config.is_file() and folder.name.startswith(f"evaluate-demo-{first}-"):
+            label = json.loads(config.read_text())["compare"]["label"]
+            saved[label] = json.loads((folder / "metrics.json").read_text())
+    assert len(saved) == 3, f"the bundle's first task should hold base, ESD and ReCARE: {sorted(saved)}"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 1100})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(demo_app_url)
+        expect(page.get_by_role("tab", name="4 · Compare")).to_have_attribute("aria-selected", "true",
+                                                                            timeout=30_000)
+        page.wait_for_function("() => { const h = document.querySelector('#compare-ratio .js-plotly-plot');"
+                               " return h && h.data && h.data.length === 3; }", timeout=60_000)
+        traces = _plot_traces(page, "compare-ratio")
+        assert sorted(t["meta"]["model"] for t in traces) == sorted(saved)
+        for trace in traces:
+            m = saved[trace["meta"]["model"]]
+            lo, hi = m["ratio"]["clip_range"]
+            cce = m["asr"]["cce"]  # the bundle's evaluations ran CCE: Appendix M's Defense axis
+            assert trace["meta"]["attack"] == "cce"
+            d, u, c = metrics.ratio_axes(cce, m["clip_score"], m["care_score"]["mean"], (lo, hi))
+            assert trace["r"] == pytest.approx([d, u, c, d])
+            assert f"RATIO {metrics.ratio(cce, m['clip_score'], m['care_score']['mean'], (lo, hi)):.3f}" in trace["name"]
+        assert len(_plot_traces(page, "compare-care")) == 3
+        page.wait_for_timeout(1500)  # a warning would arrive with the page-load events
+        assert page.locator(".toast-body").count() == 0, page.locator(".toast-body").all_inner_texts()
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=str(shots / "compare.png"), clip={"x": 0, "y": 0, "width": 1440, "height": 1100})
         assert not errors, f"page errors: {errors}"
         browser.close()

@@ -302,3 +302,14 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a.float(), b.float()))
+
+
+def test_cli_extra_prompts_become_the_configs_custom_prompts():
+    from recare.cli import _evaluation_config, build_parser
+
+    args = build_parser().parse_args(["evaluate", "--task", "tench", "--extra-prompt", "a tench in a bucket",
+                                      "--extra-prompt", "a lake at dawn"])
+    config, given = _evaluation_config(args)
+    assert config.extra_prompts == ["a tench in a bucket", "a lake at dawn"] == given["extra_prompts"]
+    none = _evaluation_config(build_parser().parse_args(["evaluate", "--task", "tench"]))[0]
+    assert none.extra_prompts == []

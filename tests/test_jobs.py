@@ -12,29 +12,10 @@ import pytest
 
 from recare import runs as R
 from recare.errors import RunError
-from recare.jobs import JobRunner, resolve_target, run_job
+from recare.jobs import resolve_target, run_job
 from tests.jobs_fixture import expected_value
 
 ACCUMULATE = "tests.jobs_fixture:accumulate"
-
-
-@pytest.fixture
-def store(tmp_path):
-    return R.RunStore(tmp_path / "runs")
-
-
-@pytest.fixture
-def make_runner(store):
-    made = []
-
-    def make(**kwargs):
-        runner = JobRunner(store, poll_s=0.05, **kwargs)
-        made.append(runner)
-        return runner
-
-    yield make
-    for runner in made:
-        runner.shutdown(timeout=5)
 
 
 def _wait_for(predicate, timeout=15.0, what="condition"):

@@ -79,6 +79,17 @@ def owner_key(stored: str | None, request: gr.Request | None = None) -> str:
     raise RunError("this browser has no key for its runs yet; reload the page.")
 
 
+def page_owner(stored: str | None, request: gr.Request | None = None) -> str | None:
+    """`owner_key`, or None while a first visit's page is still getting its key (no warning then).
+
+    Page-load handlers run before `ensure_browser_key` has given a new browser its key; they
+    skip quietly and run again when the key arrives (`owner.change`). A malformed key still raises.
+    """
+    if not stored and not (getattr(request, "username", None) if request is not None else None):
+        return None
+    return owner_key(stored, request)
+
+
 def problem(message: str) -> str:
     """Show `message` as a toast and return it as Markdown for the tab's status line.
 

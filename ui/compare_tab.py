@@ -2,10 +2,19 @@
 
 Nothing here evaluates: Start submits one job per picked model (target `recare.eval.run:run_evaluation_job`,
 kind "evaluate") to the app's JobRunner with the browser's owner key, and a gr.Timer polls the run
-folders while any is queued or running. As each job finishes, its metrics.json joins the charts:
+folders while any is queued or running. The charts are live: while a job runs, its provisional metrics
+(`recare.eval.run.partial_metrics`: the same metrics over the images made so far) are drawn dashed with
+"(partial)" in the legend and the tables; when it finishes, its metrics.json replaces them:
 - the RATIO radar (Appendix M): Defense, Utility, CARE, one filled triangle per model, RATIO in the legend;
-- the CARE chart (Appendix N.2): one axis per CARE concept, one trace per model (bars below 3 concepts).
+- the CARE chart (Appendix N.2): one axis per chosen CARE concept (up to 10), one trace per model (bars
+  below 3 concepts).
 Every number comes from `recare.metrics` through `ui.figures.radar_numbers` / `care_radar_figure`.
+
+The image grid shows one prompt (the target prompt, a run's own adversarial-token prompts, each CARE
+prompt, the custom prompts; `recare.eval.run.prompt_table`) for every model on the same seeds: rows =
+models, columns = seeds, from the images the evaluation runs save (images/<set>/...). Images the NudeNet
+detector flags (`recare.safety.check_images`, as the Generate tab) are shown as `recare.safety.blur`
+copies; when the detector is unavailable every image is. The grid exports as one PNG.
 
 Models: the base (the header's model), this browser's finished training runs, and uploaded trained
 checkpoints (trained_params.safetensors or ReCARE-Diffusers-UNet.pt), each copied into a run folder of
@@ -16,31 +25,41 @@ Every event is a named API endpoint (`evaluate_*`).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import shutil
 import tempfile
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import gradio as gr
 import pandas as pd
+from PIL import Image
 
-from recare import models, worldspec
-from recare.errors import ConfigError, RecareError, RunError
+from recare import models, safety, worldspec
+from recare.errors import ConfigError, ModelLoadError, RecareError, RunError
 from recare.eval import attacks as eval_attacks
-from recare.eval.config import EvaluationConfig
+from recare.eval.config import EvaluationConfig, resolve_config
+from recare.eval.run import CARE, EXTRA, config_from_file, partial_metrics, partial_records, prompt_table
 from recare.runs import CANCELLED, DONE, QUEUED, RUNNING
-from ui.common import AppContext, md, number, ok, owner_key, problem, served
-from ui.figures import care_concepts, care_radar_figure, radar_numbers, ratio_radar_figure
+from ui.common import AppContext, md, number, ok, owner_key, page_owner, problem, served
+from ui.figures import (
+    MAX_CARE_AXES, TABLE_COLUMNS, care_concepts, care_radar_figure, image_grid, metric_tables, ratio_radar_figure,
+)
 
 TARGET = "recare.eval.run:run_evaluation_job"
 BASE = "base"  # the model list's value for the header's base model
 CHECKPOINT_KIND = "checkpoint"
 CHECKPOINT_NAMES = (models.TRAINED_PARAMS_FILE, models.OFFICIAL_UNET_FILE)
-ATTACK_CHOICES = tuple(a for a in ("erased", "cce", "completion", "noise") if a in eval_attacks.ATTACKS)
+ATTACK_CHOICES = tuple(a for a in ("erased", "cce", "adversarial", "completion", "noise") if a in eval_attacks.ATTACKS)
+TOKEN_ATTACKS = ("adversarial",)  # need the model's own learned tokens: skipped for models without them
 POLL_S = 2.0
-RATIO_COLUMNS = ("model", "run", "Defense attack", "ASR %", "Defense", "Utility", "CARE", "RATIO", "CLIP score")
+MAX_CUSTOM_PROMPTS, MAX_PROMPT_CHARS = 8, 300
+MAX_GRID_SEEDS = 8  # columns of the image grid
+SET_NAMES = MappingProxyType({"erased": "target prompt", "adversarial": "own adversarial token", CARE: "CARE",
+                              EXTRA: "custom"})
 
 
 def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
@@ -70,10 +89,14 @@ def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
             c["target_prompt"] = gr.Textbox(first[0], label="Target prompt (the erased attack)")
             c["care_prompts"] = gr.Code(first[1], language="json", label="CARE prompts {concept: [prompts]}",
                                         lines=4, elem_id="compare-care-prompts")
-            c["attacks"] = gr.CheckboxGroup(list(ATTACK_CHOICES), value=["erased"], label="Attacks",
-                                            info="erased is fastest; Appendix M's RATIO uses CCE (without it, the "
-                                                 "Defense axis uses the strongest attack run)",
+            c["attacks"] = gr.CheckboxGroup(list(ATTACK_CHOICES), value=["erased", "adversarial"], label="Attacks",
+                                            info="erased is fastest; adversarial = a training run's own stage-1 tokens "
+                                                 "(skipped for models without them); Appendix M's RATIO uses CCE "
+                                                 "(without it, the Defense axis uses the strongest attack run)",
                                             elem_id="compare-attacks")
+            c["custom_prompts"] = gr.Textbox("", lines=2, max_lines=8, label="Custom prompts (one per line)",
+                                             info="made by every model on the attacks' seeds; shown in the grid, "
+                                                  "not scored", elem_id="compare-custom")
             with gr.Row():
                 c["seeds"] = gr.Number(4, precision=0, label="Seeds per prompt", elem_id="compare-seeds")
                 c["care_images"] = gr.Number(2, precision=0, label="CARE images per prompt")
@@ -93,31 +116,56 @@ def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
             with gr.Row():
                 with gr.Column():
                     c["ratio_plot"] = gr.Plot(label="RATIO radar", elem_id="compare-ratio")
-                    c["ratio_table"] = gr.Dataframe(pd.DataFrame(columns=list(RATIO_COLUMNS)), interactive=False,
-                                                    label="RATIO numbers", elem_id="compare-ratio-table")
                 with gr.Column():
                     c["care_plot"] = gr.Plot(label="CARE scores", elem_id="compare-care")
-                    c["care_table"] = gr.Dataframe(pd.DataFrame(columns=["model"]), interactive=False,
-                                                   label="CARE score per concept", elem_id="compare-care-table")
+                    c["care_concepts"] = gr.CheckboxGroup([], value=[], label=f"CARE radar axes (up to {MAX_CARE_AXES})",
+                                                          info="the evaluated CARE concepts; Appendix N.2",
+                                                          elem_id="compare-care-concepts")
+            # the tables span the width: ten columns beside a radar left room for the model names only
+            c["ratio_table"] = gr.Dataframe(pd.DataFrame(columns=list(TABLE_COLUMNS)), interactive=False, wrap=True,
+                                            label="RATIO numbers", elem_id="compare-ratio-table")
+            c["care_table"] = gr.Dataframe(pd.DataFrame(columns=["model"]), interactive=False, wrap=True,
+                                           label="CARE score per concept", elem_id="compare-care-table")
             with gr.Row():
                 c["export"] = gr.Button("Export metrics (JSON + CSV)", elem_id="compare-export")
                 c["json_file"] = gr.File(label="metrics.json", interactive=False, elem_id="compare-json")
                 c["csv_file"] = gr.File(label="metrics.csv", interactive=False, elem_id="compare-csv")
             c["info"] = gr.JSON(visible=False)  # the poll's numbers for API clients
+            gr.Markdown("### Same seeds, side by side")
+            with gr.Row():
+                c["grid_prompt"] = gr.Dropdown([], value=None, label="Prompt", scale=4, elem_id="compare-grid-prompt",
+                                               info="rows = models, columns = seeds; NudeNet-flagged images are blurred")
+                c["grid_export"] = gr.Button("Export grid (PNG)", size="sm", scale=1, elem_id="compare-grid-export")
+                c["grid_file"] = gr.File(label="grid.png", interactive=False, scale=2, elem_id="compare-grid-file")
+            c["grid_note"] = gr.Markdown("", elem_id="compare-grid-note")
+            c["grid"] = gr.Gallery(label="Images", columns=4, height="auto", object_fit="contain", preview=False,
+                                   interactive=False, elem_id="compare-grid")
+            c["grid_info"] = gr.JSON(visible=False)  # the grid's cells for API clients
     c["timer"] = gr.Timer(POLL_S, active=False)
+    c["view"] = gr.State({})  # what this page shows: the CARE concepts offered, the grid's content, safety flags
 
     owner = ctx.owner
     settings = [c[k] for k in ("models", "task", "target_prompt", "care_prompts", "attacks", "seeds", "care_images",
-                               "clip_count")]
-    poll_out = [c["status"], c["ratio_plot"], c["ratio_table"], c["care_plot"], c["care_table"], c["info"], c["timer"]]
+                               "clip_count", "custom_prompts")]
+    poll_in = [c["evaluations"], owner, c["care_concepts"], c["view"]]
+    poll_out = [c["status"], c["ratio_plot"], c["ratio_table"], c["care_plot"], c["care_table"], c["info"], c["timer"],
+                c["care_concepts"], c["view"]]
+    grid_in = [c["evaluations"], c["grid_prompt"], owner, c["view"]]
+    grid_out = [c["grid_prompt"], c["grid"], c["grid_note"], c["grid_info"], c["view"]]
 
-    def start(picked, task, target_prompt, care_prompts, attacks, seeds, care_images, clip_count, model_name, key,
-              request: gr.Request):
-        return _start(ctx, picked, task, target_prompt, care_prompts, attacks, seeds, care_images, clip_count,
-                      model_name, key, request)
+    def start(picked, task, target_prompt, care_prompts, attacks, seeds, care_images, clip_count, custom_prompts,
+              model_name, key, request: gr.Request):
+        return _start(ctx, (picked, task, target_prompt, care_prompts, attacks, seeds, care_images, clip_count,
+                            custom_prompts, model_name), key, request)
 
-    def poll(ids, key, request: gr.Request):
-        return _poll(ctx, ids, key, request)
+    def poll(ids, key, concepts, view, request: gr.Request):
+        return _poll(ctx, ids, key, concepts, view, request)
+
+    def grid(ids, choice, key, view, request: gr.Request):
+        return _grid(ctx, ids, choice, key, view, request)
+
+    def export_grid(ids, choice, key, view, request: gr.Request):
+        return _export_grid(ctx, ids, choice, key, view, request)
 
     def cancel(ids, key, request: gr.Request):
         return _cancel(ctx, ids, key, request)
@@ -138,10 +186,17 @@ def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
                      show_progress="hidden")
     c["start"].click(start, [*settings, ctx.model_name, owner], [c["message"], c["evaluations"], c["timer"]],
                      api_name="evaluate_start", concurrency_limit=4)
-    c["timer"].tick(poll, [c["evaluations"], owner], poll_out, api_name=False, show_progress="hidden")
-    c["evaluations"].input(poll, [c["evaluations"], owner], poll_out, api_name=False, show_progress="hidden")
-    c["status_btn"] = gr.Button(visible=False)  # API twin of the poll
-    c["status_btn"].click(poll, [c["evaluations"], owner], poll_out, api_name="evaluate_status", show_progress="hidden")
+    c["timer"].tick(poll, poll_in, poll_out, api_name=False, show_progress="hidden").then(
+        grid, grid_in, grid_out, api_name=False, show_progress="hidden")
+    c["evaluations"].input(poll, poll_in, poll_out, api_name=False, show_progress="hidden").then(
+        grid, grid_in, grid_out, api_name=False, show_progress="hidden")
+    c["care_concepts"].input(poll, poll_in, poll_out, api_name=False, show_progress="hidden")
+    c["grid_prompt"].input(grid, grid_in, grid_out, api_name=False, show_progress="hidden")
+    c["status_btn"] = gr.Button(visible=False)  # API twins of the poll and of the grid
+    c["status_btn"].click(poll, poll_in, poll_out, api_name="evaluate_status", show_progress="hidden")
+    c["grid_btn"] = gr.Button(visible=False)
+    c["grid_btn"].click(grid, grid_in, grid_out, api_name="evaluate_grid", show_progress="hidden")
+    c["grid_export"].click(export_grid, grid_in, [c["grid_file"], c["grid_note"]], api_name="evaluate_export_grid")
     c["cancel"].click(cancel, [c["evaluations"], owner], [c["message"], c["timer"]], api_name="evaluate_cancel")
     c["refresh"].click(list_evaluations, [c["evaluations"], owner], [c["evaluations"]], api_name="evaluate_list")
     c["models_refresh"].click(list_models, [c["models"], owner], [c["models"]], api_name="evaluate_models")
@@ -155,6 +210,9 @@ def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
         root.load(list_evaluations, [c["evaluations"], owner], [c["evaluations"]], api_visibility="private")
     owner.change(list_models, [c["models"], owner], [c["models"]], api_visibility="private")
     owner.change(list_evaluations, [c["evaluations"], owner], [c["evaluations"]], api_visibility="private")
+    from ui.demo import attach_demo  # the reviewer demo's panel and bundled results (nothing without a bundle)
+
+    attach_demo(ctx, c)
     return c
 
 
@@ -205,7 +263,10 @@ def _model_label(run) -> str:
 
 def _models_choices(ctx: AppContext, picked, key, request=None):
     try:
-        options = _model_options(ctx, owner_key(key, request))
+        owner = page_owner(key, request)
+        if owner is None:  # a first visit's page load, before the browser has its key
+            return gr.skip()
+        options = _model_options(ctx, owner)
     except RecareError as e:
         problem(str(e))
         return gr.skip()
@@ -265,42 +326,112 @@ def _care_prompts(text) -> dict[str, list[str]]:
     return value
 
 
-def _start(ctx: AppContext, picked, task, target_prompt, care_prompts, attacks, seeds, care_images, clip_count,
-           model_name, key, request=None):
-    """One evaluation job per picked model. Returns (message, evaluations dropdown, timer)."""
-    try:
-        owner = owner_key(key, request)
-        picked = [p for p in (picked or []) if isinstance(p, str)]
+def _custom_prompts(text) -> list[str]:
+    """The custom prompts box: one prompt per line, blank lines and repeats dropped."""
+    if text is not None and not isinstance(text, str):
+        raise ConfigError("the custom prompts must be text, one prompt per line.")
+    prompts = list(dict.fromkeys(line.strip() for line in (text or "").splitlines() if line.strip()))
+    if len(prompts) > MAX_CUSTOM_PROMPTS:
+        raise ConfigError(f"at most {MAX_CUSTOM_PROMPTS} custom prompts (got {len(prompts)}).")
+    long = [p for p in prompts if len(p) > MAX_PROMPT_CHARS]
+    if long:
+        raise ConfigError(f"a custom prompt is longer than {MAX_PROMPT_CHARS} characters: {long[0][:40]!r}...")
+    return prompts
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareSettings:
+    """What Evaluate runs: the same prompts, attacks and seeds for every picked model.
+
+    Attributes:
+        picked: the model list's values (BASE, training run ids, checkpoint run ids).
+        task: the mini-world task (None for another base model).
+        target_prompt: the erased attack's prompt (None: the task's).
+        care_prompts: CARE concept -> prompts.
+        attacks: attack names; TOKEN_ATTACKS are dropped for a model without learned tokens.
+        seeds: images per attack and custom prompt; care_images: per CARE prompt; clip_count: CLIP captions.
+        custom_prompts: extra prompts, made and judged, never scored.
+        model_name: the header's base model.
+    """
+
+    picked: tuple[str, ...]
+    task: str | None
+    target_prompt: str | None
+    care_prompts: dict
+    attacks: tuple[str, ...]
+    seeds: int
+    care_images: int
+    clip_count: int
+    custom_prompts: tuple[str, ...]
+    model_name: str
+
+    @classmethod
+    def from_inputs(cls, picked, task, target_prompt, care_prompts, attacks, seeds, care_images, clip_count,
+                    custom_prompts, model_name) -> "CompareSettings":
+        """Check the form's raw values (ConfigError with what to fix)."""
+        picked = tuple(p for p in (picked or []) if isinstance(p, str))
         if not picked:
             raise ConfigError("pick at least one model.")
-        attacks = [a for a in (attacks or []) if isinstance(a, str)]
+        attacks = tuple(a for a in (attacks or []) if isinstance(a, str))
         if not attacks:
             raise ConfigError(f"pick at least one attack ({', '.join(ATTACK_CHOICES)}).")
         base_model = str(model_name or models.MINI_WORLD)
-        common = {"task": task if base_model == models.MINI_WORLD and task else None,
-                  "target_prompt": (target_prompt or "").strip() or None, "care_prompts": _care_prompts(care_prompts),
-                  "attacks": attacks, "seeds": int(number(seeds, "seeds")),
-                  "care_images_per_prompt": int(number(care_images, "CARE images per prompt")),
-                  "clip_count": int(number(clip_count, "CLIP captions")), "device": str(ctx.models.device)}
+        return cls(picked=picked, task=task if base_model == models.MINI_WORLD and task else None,
+                   target_prompt=(target_prompt or "").strip() or None, care_prompts=_care_prompts(care_prompts),
+                   attacks=attacks, seeds=int(number(seeds, "seeds")),
+                   care_images=int(number(care_images, "CARE images per prompt")),
+                   clip_count=int(number(clip_count, "CLIP captions")), custom_prompts=tuple(_custom_prompts(
+                       custom_prompts)), model_name=base_model)
+
+    def evaluation(self, model: str, unet: str | None, has_tokens: bool, device: str) -> EvaluationConfig:
+        """The EvaluationConfig of one model (ConfigError when none of the attacks applies to it)."""
+        attacks = [a for a in self.attacks if has_tokens or a not in TOKEN_ATTACKS]
+        if not attacks:
+            raise ConfigError(f"{', '.join(TOKEN_ATTACKS)} needs a training run's learned tokens; pick another attack "
+                              "too for the base model and uploaded checkpoints.")
+        return EvaluationConfig(model=model, unet=unet, task=self.task if model == models.MINI_WORLD else None,
+                                target_prompt=self.target_prompt, care_prompts=self.care_prompts, attacks=attacks,
+                                seeds=self.seeds, care_images_per_prompt=self.care_images, clip_count=self.clip_count,
+                                extra_prompts=list(self.custom_prompts), device=device)
+
+
+def _has_tokens(weights: Path) -> bool:
+    try:
+        models.find_token_files(weights)
+    except ModelLoadError:
+        return False
+    return True
+
+
+def _start(ctx: AppContext, values, key, request=None):
+    """One evaluation job per picked model. Returns (message, evaluations dropdown, timer).
+
+    Args:
+        values: the form's raw values in `CompareSettings.from_inputs`'s order.
+    """
+    try:
+        owner = owner_key(key, request)
+        settings = CompareSettings.from_inputs(*values)
+        device = str(ctx.models.device)
         jobs = []
-        for value in picked:  # check every model before any job starts
+        for value in settings.picked:  # check every model before any job starts
             if value == BASE:
-                config = EvaluationConfig(model=base_model, **common)
-                label = f"base ({base_model})"
+                config = settings.evaluation(settings.model_name, None, False, device)
+                label = f"base ({settings.model_name})"
             else:
                 run = ctx.runs.get(value, owner)
                 if run.status().get("state") != DONE:
                     raise RunError(f"run {run.id} has not finished.")
-                settings = run.config()
-                weights = run.path / settings["checkpoint"]["file"] if "checkpoint" in settings else run.path
-                model = (settings.get("checkpoint") or settings.get("train") or {}).get("model") or base_model
-                config = EvaluationConfig(model=model, unet=str(weights),
-                                          **{**common, "task": common["task"] if model == models.MINI_WORLD else None})
+                stored = run.config()
+                weights = run.path / stored["checkpoint"]["file"] if "checkpoint" in stored else run.path
+                model = (stored.get("checkpoint") or stored.get("train") or {}).get("model") or settings.model_name
+                config = settings.evaluation(model, str(weights), _has_tokens(weights), device)
                 label = _model_label(run)
+            resolve_config(config)  # unknown task, missing prompts: refused before any job starts
             jobs.append((config, label, value))
         runs = [ctx.jobs.submit("evaluate", TARGET, {"command": "app", "evaluation": config.to_dict(),
                                                      "compare": {"label": label, "model": value}},
-                                owner=owner, device=str(ctx.models.device)) for config, label, value in jobs]
+                                owner=owner, device=device) for config, label, value in jobs]
     except RecareError as e:
         return problem(f"Not started: {e}"), gr.skip(), gr.skip()
     ids = [r.id for r in runs]
@@ -338,7 +469,10 @@ def _evaluation_choices(ctx: AppContext, owner: str) -> list[tuple[str, str]]:
 
 def _list(ctx: AppContext, ids, key, request=None):
     try:
-        choices = _evaluation_choices(ctx, owner_key(key, request))
+        owner = page_owner(key, request)
+        if owner is None:  # a first visit's page load, before the browser has its key
+            return gr.skip()
+        choices = _evaluation_choices(ctx, owner)
     except RecareError as e:
         problem(str(e))
         return gr.skip()
@@ -358,45 +492,56 @@ def _metrics(run) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def _provisional(run) -> dict | None:
+    """The run's metrics from the images made so far (`partial_metrics`), None before its first image."""
+    try:
+        metrics = partial_metrics(run.path)
+    except RecareError:
+        return None
+    return metrics if metrics["progress"]["images"] else None
+
+
 def _collect(ctx: AppContext, ids, owner: str) -> tuple[list[dict], list[dict]]:
-    """(per-run states, metrics rows of the finished ones: metrics.json plus "model" and "run")."""
+    """(per-run states, metrics rows: metrics.json plus "model" and "run"; a run that has not finished gives its
+    provisional metrics with "partial": True and its "progress")."""
     states, rows = [], []
     for run_id in _ids(ids):
         run = ctx.runs.get(run_id, owner)
         status, label = run.status(), (run.config().get("compare") or {}).get("label", run_id)
-        metrics = _metrics(run) if status.get("state") == DONE else None
+        state = status.get("state")
+        metrics = _metrics(run) if state == DONE else None
+        partial = metrics is None and state != QUEUED
+        if partial:
+            metrics = _provisional(run)
         progress = status.get("progress") or {}
-        states.append({"id": run.id, "model": label, "state": status.get("state"), "stage": progress.get("stage"),
-                       "step": progress.get("step"), "total": progress.get("total"), "error": status.get("error")})
+        states.append({"id": run.id, "model": label, "state": state, "stage": progress.get("stage"),
+                       "step": progress.get("step"), "total": progress.get("total"), "error": status.get("error"),
+                       "partial": (metrics or {}).get("progress") if partial else None})
         if metrics is not None:
-            rows.append({**metrics, "model": label, "run": run.id})
+            rows.append({**metrics, "model": label, "run": run.id, "partial": partial})
     return states, rows
 
 
-def _tables(rows: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
-    numbers = []
-    for row in rows:
-        n = radar_numbers(row)
-        if n is not None:
-            numbers.append({**n, "run": row["run"]})
-    ratio = pd.DataFrame([[n["model"], n["run"], n["attack"], round(n["asr"], 2), round(n["D"], 4), round(n["U"], 4),
-                           round(n["C"], 4), round(n["ratio"], 4), round(n["clip_score"], 4)] for n in numbers],
-                         columns=list(RATIO_COLUMNS))
-    concepts = care_concepts(rows)
-    care = pd.DataFrame([[row["model"], *[((row.get("care_score") or {}).get("per_concept") or {}).get(c)
-                                          for c in concepts]] for row in rows], columns=["model", *concepts])
-    return ratio, care, numbers
+def _chosen_concepts(rows: list[dict], picked) -> tuple[list[str], list[str]]:
+    """(every evaluated CARE concept, the radar's axes: the picked ones that exist, else the first 10)."""
+    known = care_concepts(rows)
+    chosen = [c for c in (picked or []) if isinstance(c, str) and c in known]
+    return known, (chosen or known)[:MAX_CARE_AXES]
 
 
-def _poll(ctx: AppContext, ids, key, request=None):
-    """(status, RATIO radar, its table, CARE chart, its table, info, timer) of the selected evaluations."""
+def _poll(ctx: AppContext, ids, key, concepts=None, view=None, request=None):
+    """(status, RATIO radar, its table, CARE chart, its table, info, timer, CARE concepts, view) of the selected
+    evaluations; the ones still running are drawn from their images so far, marked "(partial)"."""
+    view = dict(view or {})
     try:
         owner = owner_key(key, request)
         states, rows = _collect(ctx, ids, owner)
     except RecareError as e:
-        return md(str(e)), gr.skip(), gr.skip(), gr.skip(), gr.skip(), {"error": str(e)}, gr.Timer(active=False)
+        return (md(str(e)), gr.skip(), gr.skip(), gr.skip(), gr.skip(), {"error": str(e)}, gr.Timer(active=False),
+                gr.skip(), view)
     if not states:
-        return "No evaluation selected.", None, gr.skip(), None, gr.skip(), {"runs": []}, gr.Timer(active=False)
+        return ("No evaluation selected.", None, gr.skip(), None, gr.skip(), {"runs": []}, gr.Timer(active=False),
+                gr.skip(), view)
     lines = []
     for s in states:
         if s["state"] == RUNNING and s["total"]:
@@ -406,25 +551,210 @@ def _poll(ctx: AppContext, ids, key, request=None):
         else:
             what = {DONE: "✓ done", QUEUED: "queued", CANCELLED: "cancelled", RUNNING: "running"}.get(s["state"],
                                                                                                 s["state"])
+        if s["partial"]:
+            what += f" · charts: partial, {s['partial']['images']} of {s['partial']['planned']} images"
         lines.append(f"- **{md(s['model'])}** ({s['id']}): {what}")
-    ratio, care, numbers = _tables(rows)
+    known, chosen = _chosen_concepts(rows, concepts)
+    if len([c for c in (concepts or []) if c in known]) > MAX_CARE_AXES:
+        lines.append(f"- the CARE radar shows the first {MAX_CARE_AXES} chosen concepts")
+    ratio, care, numbers = metric_tables(rows, chosen)
     active = any(s["state"] in (QUEUED, RUNNING) for s in states)
     info = {"runs": states, "ratio": numbers, "care": {r["model"]: (r.get("care_score") or {}).get("per_concept")
-                                                       for r in rows}, "all_done": not active}
-    return ("\n".join(lines), ratio_radar_figure(rows), ratio, care_radar_figure(rows), care, info,
-            gr.Timer(active=active))
+                                                       for r in rows},
+            "partial": {r["run"]: r.get("progress") for r in rows if r.get("partial")},
+            "care_axes": chosen, "all_done": not active}
+    concept_box = gr.skip()
+    if known != view.get("concepts") or list(concepts or []) != chosen:
+        concept_box = gr.CheckboxGroup(choices=known, value=chosen)
+        view["concepts"] = known
+    return ("\n".join(lines), ratio_radar_figure(rows), ratio, care_radar_figure(rows, concepts=chosen), care, info,
+            gr.Timer(active=active), concept_box, view)
+
+
+# ---------------------------------------------------------------------------------------------
+# the image grid
+
+
+def _choice_value(set_name: str, prompt: str) -> str:
+    return json.dumps([set_name, prompt])
+
+
+def _choice_label(row: dict) -> str:
+    kind = SET_NAMES.get(row["set"], f"{row['set']} attack")
+    if row["set"] == CARE:
+        kind = f"CARE · {row['concept']}"
+    return f"{kind} · {row['prompt']}"
+
+
+@dataclasses.dataclass
+class _Grid:
+    """What the grid shows: the prompt choices, the chosen one, its seeds, and a row of cells per model."""
+
+    choices: list[tuple[str, str]]
+    choice: str | None
+    seeds: list[int]
+    rows: list[dict]   # {"model", "run", "cells": [{"seed", "state", "path", "file", "blurred", "positive"}]}
+    unchecked: bool = False
+
+
+def _grid_data(ctx: AppContext, ids, choice, owner: str, flags: dict) -> _Grid:
+    """The grid of the selected evaluations for one prompt (the first when `choice` is not one of them)."""
+    runs = []
+    choices: dict[str, str] = {}
+    seeds_of: dict[str, set[int]] = {}
+    for run_id in _ids(ids):
+        run = ctx.runs.get(run_id, owner)
+        stored = run.config()
+        try:
+            table = prompt_table(resolve_config(config_from_file(stored)))
+        except RecareError:
+            continue
+        for row in table:
+            value = _choice_value(row["set"], row["prompt"])
+            choices.setdefault(value, _choice_label(row))
+            seeds_of.setdefault(value, set()).update(row["seeds"])
+        runs.append((run, (stored.get("compare") or {}).get("label", run.id), table))
+    options = [(label, value) for value, label in choices.items()]
+    if choice not in choices:
+        choice = options[0][1] if options else None
+    if choice is None:
+        return _Grid(options, None, [], [])
+    set_name, prompt = json.loads(choice)
+    seeds = sorted(seeds_of[choice])[:MAX_GRID_SEEDS]
+    rows, unchecked = [], False
+    for run, label, table in runs:
+        planned = any(r["set"] == set_name and r["prompt"] == prompt for r in table)
+        made = {int(r["seed"]): r for r in partial_records(run.path) if r["attack"] == set_name and r["prompt"] == prompt}
+        cells = []
+        for seed in seeds:
+            record = made.get(seed)
+            path = run.path / record["file"] if record else None
+            if path is None or not path.is_file():
+                cells.append({"seed": seed, "state": "pending" if planned else "not in this run", "path": None,
+                              "file": None, "blurred": False, "positive": None})
+                continue
+            hidden = _hidden(path, flags)
+            unchecked = unchecked or hidden is None
+            cells.append({"seed": seed, "state": "ready", "path": path, "file": record["file"],
+                          "blurred": hidden is not False, "positive": record.get("positive")})
+        rows.append({"model": label, "run": run.id, "cells": cells})
+    return _Grid(options, choice, seeds, rows, unchecked)
+
+
+def _hidden(path: Path, flags: dict) -> bool | None:
+    """Whether NudeNet flags the image (`recare.safety.check_images`, cached in the page's view by file and time);
+    None when the detector is unavailable (the image is then blurred, as in the Generate tab)."""
+    key = f"{path}:{path.stat().st_mtime_ns}"
+    if key not in flags:
+        try:
+            with Image.open(path) as im:
+                flags[key] = safety.check_images([im.convert("RGB")])[0].flagged
+        except safety.SafetyUnavailableError:
+            flags[key] = None
+    return flags[key]
+
+
+def _shown_image(cell: dict) -> Image.Image:
+    """The picture a cell shows: the image, or `recare.safety.blur`'s copy of it when hidden."""
+    with Image.open(cell["path"]) as im:
+        image = im.convert("RGB")
+    return safety.blur(image) if cell["blurred"] else image
+
+
+def _placeholder(folder: Path, text: str) -> Path:
+    from PIL import ImageDraw
+
+    path = folder / f"{text.replace(' ', '-')}.png"
+    if not path.is_file():
+        image = Image.new("RGB", (64, 64), "#eeeeee")
+        ImageDraw.Draw(image).text((4, 26), text[:12], fill="#888")
+        image.save(path)
+    return path
+
+
+def _grid_info(grid: _Grid) -> dict:
+    return {"choices": [[label, value] for label, value in grid.choices], "choice": grid.choice, "seeds": grid.seeds,
+            "prompt": json.loads(grid.choice)[1] if grid.choice else None,
+            "set": json.loads(grid.choice)[0] if grid.choice else None,
+            "rows": [{"model": r["model"], "run": r["run"],
+                      "cells": [{k: v for k, v in cell.items() if k != "path"} for cell in r["cells"]]}
+                     for r in grid.rows], "detector_unavailable": grid.unchecked}
+
+
+def _grid_note(grid: _Grid) -> str:
+    if grid.choice is None:
+        return "No images yet: select an evaluation."
+    blurred = sum(c["blurred"] for r in grid.rows for c in r["cells"])
+    note = f"Rows: {len(grid.rows)} model(s) · columns: seeds {', '.join(str(s) for s in grid.seeds)}"
+    if grid.unchecked:
+        note += " · the nudity detector is unavailable, so every image is blurred"
+    elif blurred:
+        note += f" · {blurred} image(s) flagged by NudeNet shown blurred"
+    return note
+
+
+def _grid(ctx: AppContext, ids, choice, key, view=None, request=None):
+    """(prompt dropdown, gallery, note, grid info, view): the grid of one prompt; the gallery is sent only when
+    its content changed since this page's last update."""
+    view = dict(view or {})
+    flags = dict(view.get("flags") or {})
+    try:
+        grid = _grid_data(ctx, ids, choice, owner_key(key, request), flags)
+    except RecareError as e:
+        return gr.skip(), gr.skip(), problem(str(e)), {"error": str(e)}, view
+    view["flags"] = flags
+    info = _grid_info(grid)
+    signature = json.dumps([info["choices"], info["choice"], [[c["state"], c["file"], c["blurred"]]
+                                                              for r in info["rows"] for c in r["cells"]]])
+    if signature == view.get("grid"):
+        return gr.skip(), gr.skip(), gr.skip(), info, view
+    view["grid"] = signature
+    items = []
+    with tempfile.TemporaryDirectory(prefix="recare-grid-") as tmp:
+        folder = Path(tmp)
+        for r in grid.rows:
+            for cell in r["cells"]:
+                caption = f"{r['model']} · seed {cell['seed']}"
+                if cell["state"] != "ready":
+                    items.append((served(_placeholder(folder, cell["state"])), f"{caption} · {cell['state']}"))
+                elif cell["blurred"]:
+                    hidden = folder / f"{r['run']}-{cell['seed']}.hidden.png"
+                    _shown_image(cell).save(hidden)
+                    items.append((served(hidden), f"{caption} · blurred"))
+                else:
+                    items.append((served(cell["path"]), caption))
+    dropdown = gr.Dropdown(choices=grid.choices, value=grid.choice)
+    return (dropdown, gr.Gallery(value=items or None, columns=max(1, len(grid.seeds))), _grid_note(grid), info, view)
+
+
+def _export_grid(ctx: AppContext, ids, choice, key, view=None, request=None):
+    """(grid.png, message): the grid as one picture, labels drawn on it, flagged images blurred."""
+    flags = dict((view or {}).get("flags") or {})
+    try:
+        grid = _grid_data(ctx, ids, choice, owner_key(key, request), flags)
+        if not any(c["state"] == "ready" for r in grid.rows for c in r["cells"]):
+            raise RunError("no image in the grid yet: select an evaluation that has made some.")
+    except RecareError as e:
+        return gr.skip(), problem(str(e))
+    set_name, prompt = json.loads(grid.choice)
+    picture = image_grid([(r["model"], [_shown_image(c) if c["state"] == "ready" else None for c in r["cells"]])
+                          for r in grid.rows], grid.seeds, title=f"{SET_NAMES.get(set_name, set_name)}: {prompt}")
+    with tempfile.TemporaryDirectory(prefix="recare-grid-") as tmp:
+        path = Path(tmp) / "compare-grid.png"
+        picture.save(path)
+        return served(path), ok(f"Exported the grid of {len(grid.rows)} model(s) x {len(grid.seeds)} seed(s).")
 
 
 def _export(ctx: AppContext, ids, key, request=None):
     """metrics.json (every finished model's metrics and radar numbers) and metrics.csv (one row per model)."""
     try:
         owner = owner_key(key, request)
-        _, rows = _collect(ctx, ids, owner)
+        rows = [r for r in _collect(ctx, ids, owner)[1] if not r.get("partial")]  # final numbers only
         if not rows:
             raise RunError("no finished evaluation selected: nothing to export yet.")
     except RecareError as e:
         return gr.skip(), gr.skip(), problem(str(e))
-    numbers = _tables(rows)[2]
+    numbers = metric_tables(rows)[2]
     with tempfile.TemporaryDirectory(prefix="recare-compare-") as tmp:
         folder = Path(tmp)
         (folder / "metrics.json").write_text(json.dumps({"models": rows, "ratio_radar": numbers}, indent=1),

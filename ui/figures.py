@@ -6,6 +6,7 @@ import html
 import json
 from types import MappingProxyType
 
+import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
 
@@ -263,10 +264,23 @@ def _closed(values: list, axes: list) -> tuple[list, list]:
     return values + values[:1], axes + axes[:1]
 
 
+PARTIAL_SUFFIX = " (partial)"  # a model whose evaluation is still running: its numbers come from the images so far
+
+
+def _shown_name(row: dict) -> str:
+    """The model's legend name, marked when its numbers are provisional (row["partial"])."""
+    return str(row.get("model", "")) + (PARTIAL_SUFFIX if row.get("partial") else "")
+
+
+def _line(colour: str, partial: bool) -> dict:
+    return {"color": colour, "dash": "dash" if partial else "solid", "width": 2 if partial else 1.5}
+
+
 def ratio_radar_figure(rows: list[dict], height: int = 420) -> go.Figure:
     """The RATIO radar: Defense, Utility, CARE on three axes, one filled triangle per model, RATIO in the legend.
 
-    Every number comes from `radar_numbers` (recare.metrics.ratio_axes, ratio, ratio_triangle).
+    Every number comes from `radar_numbers` (recare.metrics.ratio_axes, ratio, ratio_triangle). A row with
+    "partial": True (an evaluation still running) is drawn dashed and lighter, "(partial)" in its legend entry.
 
     Args:
         rows: one metrics dict per model (see `radar_numbers`); rows without the numbers are left out.
@@ -280,12 +294,14 @@ def ratio_radar_figure(rows: list[dict], height: int = 420) -> go.Figure:
         if n is None:
             continue
         tri = ratio_triangle(n["D"], n["U"], n["C"])
-        axes = [a if a != "Defense" else f"Defense (ASR {n['attack']})" for a in tri.axes]
-        r, theta = _closed(list(tri.values), axes)
+        # one shared set of axes (a per-model "Defense (ASR x)" would add categories); the attack is in the legend
+        r, theta = _closed(list(tri.values), list(tri.axes))
         colour = MODEL_COLOURS[i % len(MODEL_COLOURS)]
-        fig.add_trace(go.Scatterpolar(r=r, theta=theta, fill="toself", name=f"{html.escape(n['model'])} · RATIO "
-                                      f"{n['ratio']:.3f}", line={"color": colour}, opacity=0.6, showlegend=True,
-                                      meta={"model": n["model"], "ratio": n["ratio"], "attack": n["attack"]},
+        partial = bool(row.get("partial"))
+        fig.add_trace(go.Scatterpolar(r=r, theta=theta, fill="toself", name=f"{html.escape(_shown_name(row))} · RATIO "
+                                      f"{n['ratio']:.3f} (D: {html.escape(n['attack'])})", line=_line(colour, partial), opacity=0.35 if partial else 0.6,
+                                      showlegend=True, meta={"model": n["model"], "ratio": n["ratio"],
+                                                             "attack": n["attack"], "partial": partial},
                                       hovertemplate="%{theta}: %{r:.3f}<extra>" + html.escape(n["model"]) + "</extra>"))
     fig.update_layout(template="plotly_white", height=height, margin={"l": 60, "r": 90, "t": 40, "b": 30},
                       title={"text": "RATIO radar (Appendix M)", "font": {"size": 13}, "x": 0.01, "xanchor": "left"},
@@ -303,19 +319,26 @@ def care_concepts(rows: list[dict]) -> list[str]:
     return list(out)
 
 
-def care_radar_figure(rows: list[dict], height: int = 420) -> go.Figure:
+MAX_CARE_AXES = 10  # Appendix N.2 draws up to 10 CARE concepts
+
+
+def care_radar_figure(rows: list[dict], height: int = 420, concepts: list[str] | None = None) -> go.Figure:
     """The CARE radar (Appendix N.2): one axis per CARE concept, one trace per model (`recare.metrics.care_radar`).
 
     A radar needs three axes: with one or two concepts (a mini-world task has one) the same numbers are
-    drawn as grouped bars, one bar trace per model, and the title says so.
+    drawn as grouped bars, one bar trace per model, and the title says so. A row with "partial": True
+    is drawn dashed (hatched bars), "(partial)" in its legend entry; a concept it has no images of yet
+    is a gap.
 
     Args:
-        rows: one metrics dict per model: {"model", "care_score": {"per_concept": {concept: score}}}.
+        rows: one metrics dict per model: {"model", "care_score": {"per_concept": {concept: score}}, "partial"?}.
         height: figure height in pixels.
+        concepts: the axes, in order (at most MAX_CARE_AXES are drawn); None: every concept of the rows.
     """
     from recare.metrics import care_radar
 
-    concepts = care_concepts(rows)
+    known = care_concepts(rows)
+    concepts = [c for c in (known if concepts is None else concepts) if c in known][:MAX_CARE_AXES]
     as_bars = len(concepts) < 3
     fig = go.Figure()
     for i, row in enumerate(rows):
@@ -325,17 +348,21 @@ def care_radar_figure(rows: list[dict], height: int = 420) -> go.Figure:
         radar = care_radar(per)
         values = radar.as_dict()
         model = html.escape(str(row.get("model", "")))
+        name = html.escape(_shown_name(row))
+        partial = bool(row.get("partial"))
         colour = MODEL_COLOURS[i % len(MODEL_COLOURS)]
         axes = [html.escape(c) for c in concepts]
         r = [values.get(c) for c in concepts]
+        meta = {"model": row.get("model"), "partial": partial}
         if as_bars:
-            fig.add_trace(go.Bar(x=axes, y=r, name=model, marker={"color": colour}, meta={"model": row.get("model")},
-                                 showlegend=True,
+            fig.add_trace(go.Bar(x=axes, y=r, name=name, meta=meta, showlegend=True,
+                                 marker={"color": colour, "pattern": {"shape": "/" if partial else ""},
+                                         "opacity": 0.55 if partial else 1.0},
                                  hovertemplate="%{x}: %{y:.3f}<extra>" + model + "</extra>"))
         else:
             rr, theta = _closed(r, axes)
-            fig.add_trace(go.Scatterpolar(r=rr, theta=theta, fill="toself", name=model, line={"color": colour},
-                                          opacity=0.6, showlegend=True, meta={"model": row.get("model")},
+            fig.add_trace(go.Scatterpolar(r=rr, theta=theta, fill="toself", name=name, line=_line(colour, partial),
+                                          opacity=0.35 if partial else 0.6, showlegend=True, meta=meta,
                                           hovertemplate="%{theta}: %{r:.3f}<extra>" + model + "</extra>"))
     title = (f"CARE score per concept (bars: {len(concepts)} concept{'s' if len(concepts) != 1 else ''}; "
              "a radar needs 3)" if as_bars else "CARE radar (Appendix N.2)")
@@ -347,3 +374,106 @@ def care_radar_figure(rows: list[dict], height: int = 420) -> go.Figure:
     else:
         fig.update_layout(polar={"radialaxis": {"range": [0, 1]}})
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# the Compare workspace's image grid (rows = models, columns = seeds)
+
+
+def image_grid(rows: list[tuple[str, list]], seeds: list[int], title: str = "", cell: int = 128):
+    """One PNG-ready picture of the side-by-side grid: a row per model, a column per seed, labels drawn on it.
+
+    Args:
+        rows: (model label, one PIL image or None per seed); None draws an empty "not made" cell. Images are
+            shown as given (the caller passes the blurred copy of a flagged image).
+        seeds: the column headers.
+        title: a line above the grid (the prompt).
+        cell: the side of one image cell in pixels.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    label_w, header_h, title_h, gap = 180, 20, 24 if title else 0, 4
+    width = label_w + len(seeds) * (cell + gap) + gap
+    height = title_h + header_h + len(rows) * (cell + gap) + gap
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((gap, 5), _fit(draw, title, width - 2 * gap, font), fill="#222", font=font)
+    for j, seed in enumerate(seeds):
+        draw.text((label_w + gap + j * (cell + gap), title_h + 4), f"seed {seed}", fill="#444", font=font)
+    for i, (label, images) in enumerate(rows):
+        y = title_h + header_h + gap + i * (cell + gap)
+        for k, line in enumerate(_wrap(draw, label, label_w - 2 * gap, font)[:6]):
+            draw.text((gap, y + 4 + 14 * k), line, fill="#222", font=font)
+        for j in range(len(seeds)):
+            x = label_w + gap + j * (cell + gap)
+            image = images[j] if j < len(images) else None
+            if image is None:
+                draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill="#eeeeee", outline="#cccccc")
+                draw.text((x + 8, y + cell // 2 - 6), "not made", fill="#888", font=font)
+            else:
+                canvas.paste(image.convert("RGB").resize((cell, cell), Image.NEAREST), (x, y))
+    return canvas
+
+
+def _fit(draw, text: str, width: int, font) -> str:
+    while text and draw.textlength(text, font=font) > width:
+        text = text[:-2] + "…" if len(text) > 2 else ""
+    return text
+
+
+def _wrap(draw, text: str, width: int, font) -> list[str]:
+    lines, line = [], ""
+    for word in str(text).split():
+        candidate = f"{line} {word}".strip()
+        if line and draw.textlength(candidate, font=font) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = candidate
+    return lines + ([line] if line else [])
+
+
+RATIO_COLUMNS = ("model", "run", "Defense attack", "ASR %", "Defense", "Utility", "CARE", "RATIO", "CLIP score")
+TABLE_COLUMNS = (*RATIO_COLUMNS, "numbers")  # "final", or "partial: made/planned images" while a job runs
+
+
+def _numbers_state(row: dict) -> str:
+    if not row.get("partial"):
+        return "final"
+    progress = row.get("progress") or {}
+    return f"partial: {progress.get('images', 0)}/{progress.get('planned', '?')} images"
+
+
+def _round(value, digits=4):
+    return None if value is None else round(float(value), digits)
+
+
+def metric_tables(rows: list[dict], concepts: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
+    """(RATIO table, CARE table, radar numbers of the rows that have all three axes), as Compare and the demo show them.
+
+    Args:
+        rows: metrics.json contents (or provisional metrics with "partial" and "progress") plus "model" and "run".
+        concepts: the CARE table's columns (default: every evaluated concept).
+    """
+    numbers, ratio_rows = [], []
+    for row in rows:
+        n = radar_numbers(row)
+        if n is not None:
+            numbers.append({**n, "run": row["run"], "partial": bool(row.get("partial"))})
+            ratio_rows.append([n["model"], row["run"], n["attack"], round(n["asr"], 2), round(n["D"], 4),
+                               round(n["U"], 4), round(n["C"], 4), round(n["ratio"], 4), round(n["clip_score"], 4),
+                               _numbers_state(row)])
+        else:  # a partial row without every axis yet: what it has
+            asr = row.get("asr") or {}
+            attack = defense_attack(asr)
+            ratio_rows.append([row["model"], row["run"], attack, _round(asr.get(attack), 2) if attack else None, None,
+                               None, _round((row.get("care_score") or {}).get("mean")), None,
+                               _round(row.get("clip_score")), _numbers_state(row)])
+    ratio = pd.DataFrame(ratio_rows, columns=list(TABLE_COLUMNS))
+    concepts = care_concepts(rows) if concepts is None else concepts
+    care = pd.DataFrame([[row["model"], *[((row.get("care_score") or {}).get("per_concept") or {}).get(c)
+                                          for c in concepts], _numbers_state(row)] for row in rows],
+                        columns=["model", *concepts, "numbers"])
+    return ratio, care, numbers

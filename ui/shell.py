@@ -57,7 +57,8 @@ CSS = """
 
 def create_app(model: str = models.MINI_WORLD, device: str = "auto", workspace: str | Path | None = None,
                tabs: tuple[TabSpec, ...] = TABS, runs_dir: str | Path | None = None,
-               policy: models.ModelPolicy | None = None, limits: Limits | None = None) -> gr.Blocks:
+               policy: models.ModelPolicy | None = None, limits: Limits | None = None,
+               demo_dir: str | Path | None = None) -> gr.Blocks:
     """Build the Gradio app (not launched). Launch it with `demo.queue().launch(**launch_kwargs(workspace))`.
 
     Args:
@@ -69,7 +70,11 @@ def create_app(model: str = models.MINI_WORLD, device: str = "auto", workspace: 
         policy: which model and encoder names visitors may load (`recare.models.ModelPolicy`); a
             public deployment passes `ModelPolicy.public(allowed_dirs)`. Default: any name (local use).
         limits: resource limits for every request (default `Limits.from_env()`).
+        demo_dir: a reviewer-demo bundle (`recare.demo`, e.g. the repository's assets/demo): its results
+            are read-only runs every browser sees, and on the mini world the app opens on Compare
+            with them drawn. None or a folder without a bundle: no demo.
     """
+    from recare.demo import bundled_runs
     from recare.jobs import JobRunner
     from recare.model_cache import ModelCache
     from recare.runs import RunStore
@@ -80,7 +85,7 @@ def create_app(model: str = models.MINI_WORLD, device: str = "auto", workspace: 
     policy = policy or models.LOCAL_USE
     limits = limits or Limits.from_env()
     cache = ModelCache(device=device, policy=policy)
-    store = RunStore(runs_dir, limits=limits)
+    store = RunStore(runs_dir, bundled=bundled_runs(demo_dir), limits=limits)
     runner = JobRunner(store)
     runner.recover()  # runs left RUNNING by a crashed app read FAILED (resumable); QUEUED ones start
     with gr.Blocks(title="ReCARE Studio", delete_cache=(3600, 6 * 3600), analytics_enabled=False) as demo:
@@ -105,7 +110,10 @@ def create_app(model: str = models.MINI_WORLD, device: str = "auto", workspace: 
                 model_status = gr.Markdown(f"Device: **{cache.device}**", elem_id="model-status")
         ctx = AppContext(models=cache, session=session, model_name=model_name, runs=store, jobs=runner, owner=owner,
                          limits=limits)
-        with gr.Tabs():
+        # a fresh start on the mini world with a demo bundle opens on Compare, its results drawn
+        opening = "compare" if store.bundled and model == models.MINI_WORLD and "compare" in {t.key for t in tabs} \
+            else None
+        with gr.Tabs(selected=opening):
             for spec in tabs:
                 with gr.Tab(spec.title, id=spec.key):
                     for name, component in spec.build(ctx).items():

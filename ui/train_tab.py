@@ -11,10 +11,12 @@ beside the base model's grid of the same seeds) are made inside the training job
 `recare.train.preview.PreviewWriter` with the student UNet, the cheapest place: the weights
 are already in memory there.
 
-ZeroGPU (Hugging Face Spaces): not implemented. Jobs run in spawned worker processes, and
-`spaces.GPU` only lends a GPU to a decorated function of the Gradio process for a bounded time;
-the way there is a job target that trains in chunks of `save_every` iterations inside a
-`spaces.GPU` call and resumes from `state/` between chunks. Until then a ZeroGPU Space trains on CPU.
+ZeroGPU (Hugging Face Spaces): nothing here changes. `spaces.GPU` only lends a GPU to a decorated
+function called from the Gradio process for a bounded time, so on a ZeroGPU Space the JobRunner
+runs a GPU job in a thread of this process instead of a spawned worker (`recare.zerogpu`): each
+chunk is one `spaces.GPU(duration=D)` call that runs the same job target until a budget a bit
+under D, stops it through the cancel protocol (state/ saved), and the next chunk resumes from
+state/; the page polls the run as for any job.
 """
 
 from __future__ import annotations

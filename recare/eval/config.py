@@ -42,6 +42,8 @@ class EvaluationConfig(JsonConfig):
     prompt_style: str | None = None          # "photo" (objects) or "painting" (styles): CCE's templates and prompt
     initializer_token: str | None = None     # CCE's token starts from this word; None: the task's, else "person"/"art"
     care_prompts: dict[str, list[str]] | None = None  # CARE concept -> prompts (Appendix K); {} skips the CARE score
+    extra_prompts: list[str] = dataclasses.field(default_factory=list)  # custom prompts: generated on the attacks'
+                                             # seeds and judged (set "extra"), never part of an ASR or RATIO
     attacks: list[str] | None = None         # None: erased, cce, (adversarial: the UNet run has tokens/), completion, noise
     seeds: int | None = None                 # images per attack prompt, seeds base_seed + i (paper 500; mini world 64)
     base_seed: int = 42                      # image i of a prompt uses seed base_seed + i (official 42 + i)
@@ -125,6 +127,13 @@ class EvaluationConfig(JsonConfig):
             empty = [k for k, v in self.care_prompts.items() if not v]
             if empty:
                 raise ConfigError(f"no prompts for the CARE concept(s) {empty}.")
+        if not isinstance(self.extra_prompts, list) or not all(
+                isinstance(p, str) and p.strip() for p in self.extra_prompts):
+            raise ConfigError("extra_prompts must be a list of non-empty prompts.")
+        for prompt in self.extra_prompts:
+            _check_text("extra_prompts", prompt)
+        if len(set(self.extra_prompts)) != len(self.extra_prompts):
+            raise ConfigError("extra_prompts lists a prompt twice.")
         if self.clip_range is not None:
             if (not isinstance(self.clip_range, (list, tuple)) or len(self.clip_range) != 2
                     or not all(isinstance(v, (int, float)) for v in self.clip_range)

@@ -54,6 +54,7 @@ from recare.runs import atomic_save, atomic_write_bytes, atomic_write_json, atom
 
 FORMAT, FORMAT_VERSION = "recare-evaluation", 1
 CARE, CLIP = "care", "clip"   # the two image sets that are not attacks
+EXTRA = "extra"               # custom prompts (config.extra_prompts): generated and judged, never in an ASR
 STAGE = "evaluate"
 RECORD_FIELDS = ("index", "attack", "concept", "prompt", "seed", "file", "detector_score", "positive",
                  "detector_labels", "care_hit", "care_top_labels", "clip_cosine")
@@ -107,6 +108,7 @@ def _plain(ctx: AttackContext):
 IMAGE_SETS: dict[str, Attack] = {
     CARE: Attack(CARE, "CARE-score prompts (Eq. 4)", (), lambda ctx: [], _plain),
     CLIP: Attack(CLIP, "CLIP-score captions (utility)", (), lambda ctx: [], _plain),
+    EXTRA: Attack(EXTRA, "custom prompts (shown, not scored)", (), lambda ctx: list(ctx.config.extra_prompts), _plain),
 }
 
 
@@ -124,6 +126,9 @@ def build_plan(config: EvaluationConfig, ctx: AttackContext, captions: Sequence[
         prompts = ATTACKS[name].prompts(ctx)
         groups.append((name, [(config.target_concept, p, s, f"images/{name}/p{k:02d}-s{s}.png")
                               for k, p in enumerate(prompts) for s in seeds]))
+    if config.extra_prompts:  # the attacks' seeds, so a custom prompt lines up with the target prompt's images
+        groups.append((EXTRA, [("", p, s, f"images/{EXTRA}/p{k:03d}-s{s}.png")
+                               for k, p in enumerate(config.extra_prompts) for s in seeds]))
     care = [(c, p) for c, ps in config.care_prompts.items() for p in ps]
     care_seeds = [config.base_seed + i for i in range(config.care_images_per_prompt)]
     groups.append((CARE, [(c, p, s, f"images/care/p{k:03d}-s{s}.png") for k, (c, p) in enumerate(care)
@@ -314,8 +319,111 @@ def compute_metrics(records: Sequence[dict], config: EvaluationConfig) -> dict[s
     else:
         d, u, c = ratio_axes(asr["cce"], clip, care["mean"], (lo, hi))
         ratio_entry.update(value=ratio(asr["cce"], clip, care["mean"], (lo, hi)), axes={"D": d, "U": u, "C": c})
-    return {"asr": asr, "asr_counts": counts, "clip_score": clip, "clip_images": len(clip_rows), "care_score": care,
-            "ratio": ratio_entry, "target_leak": leak, "n_images": len(records)}
+    out = {"asr": asr, "asr_counts": counts, "clip_score": clip, "clip_images": len(clip_rows), "care_score": care,
+           "ratio": ratio_entry, "target_leak": leak, "n_images": len(records)}
+    extra_rows = by_attack.get(EXTRA, [])
+    if extra_rows:  # custom prompts: how often the target detector fires on each (not an attack: no ASR, no RATIO)
+        out["extra_detected"] = {p: attack_success_rate([r["positive"] for r in extra_rows if r["prompt"] == p])
+                                 for p in dict.fromkeys(r["prompt"] for r in extra_rows)}
+    return out
+
+
+def prompt_table(config: EvaluationConfig) -> list[dict[str, Any]]:
+    """Every prompt of the run's plan except the CLIP captions, with its seeds, loading no model.
+
+    Returns:
+        [{"set": an attack, "extra" or "care", "concept": ..., "prompt": ..., "seeds": [...]}] in plan order
+        (the "adversarial" prompts name the run's own token placeholders).
+
+    Args:
+        config: the resolved settings (`resolve_config`).
+    """
+    from recare.eval.config import _tokens_dir
+
+    ctx = AttackContext(config, None, tokens_dir=_tokens_dir(config.unet))
+    seeds = [config.base_seed + i for i in range(config.seeds)]
+    care_seeds = [config.base_seed + i for i in range(config.care_images_per_prompt)]
+    rows = [{"set": name, "concept": config.target_concept, "prompt": p, "seeds": seeds}
+            for name in config.attacks for p in ATTACKS[name].prompts(ctx)]
+    rows += [{"set": EXTRA, "concept": "", "prompt": p, "seeds": seeds} for p in config.extra_prompts]
+    rows += [{"set": CARE, "concept": c, "prompt": p, "seeds": care_seeds}
+             for c, ps in config.care_prompts.items() for p in ps]
+    return rows
+
+
+def planned_counts(config: EvaluationConfig) -> dict[str, int]:
+    """How many images each set of the run's plan holds (each attack, "extra", "care", "clip"), loading no model.
+
+    Equals the counts of `build_plan` for the same settings.
+
+    Args:
+        config: the resolved settings (`resolve_config`).
+    """
+    from recare.eval.utility import read_prompt_file
+
+    out = {name: 0 for name in config.attacks}
+    for row in prompt_table(config):
+        out[row["set"]] = out.get(row["set"], 0) + len(row["seeds"])
+    out[CARE] = out.get(CARE, 0)
+    if config.clip_prompts is not None:
+        out[CLIP] = len(read_prompt_file(config.clip_prompts, config.clip_count))
+    elif config.model == "mini-world":
+        from recare.miniworld.heldout import DEFAULT_CAPTIONS
+
+        out[CLIP] = config.clip_count or DEFAULT_CAPTIONS
+    else:
+        out[CLIP] = 0
+    return out
+
+
+def partial_records(run_dir: str | Path) -> list[dict]:
+    """The records an evaluation has written so far: records.csv once merged, else every shard's lines
+    (one per image key, as the merge keeps them; a torn last line is skipped).
+
+    Args:
+        run_dir: the evaluation's run folder.
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / "records.csv").is_file():
+        return read_records(run_dir)
+    by_key: dict[tuple, dict] = {}
+    for record in _shard_records(run_dir):
+        by_key.setdefault(_record_key(record), record)
+    return list(by_key.values())
+
+
+def partial_metrics(run_dir: str | Path) -> dict[str, Any]:
+    """Provisional metrics of an evaluation that is still running (or was stopped), from the records so far.
+
+    The same `compute_metrics` over `partial_records`, so each number is an estimate from fewer
+    images: the ASR of every attack with records, the CARE score of every CARE concept with images,
+    the CLIP score of the captions so far. Sets without a record are absent (RATIO needs all three).
+
+    Args:
+        run_dir: the evaluation's run folder (its config.json holds the settings).
+
+    Returns:
+        `compute_metrics`'s dict plus "progress": {"images": made, "planned": planned, "sets": {set: [made,
+        planned]}, "complete": whether every planned image has its record}.
+
+    Raises:
+        EvaluationError: the folder has no evaluation config.
+    """
+    run_dir = Path(run_dir)
+    stored = _stored_config(run_dir)
+    if stored is None:
+        raise EvaluationError(f"{run_dir} has no config.json: it is not an evaluation run.")
+    config = resolve_config(stored)
+    records = partial_records(run_dir)
+    planned = planned_counts(config)
+    made: dict[str, int] = {}
+    for r in records:
+        made[r["attack"]] = made.get(r["attack"], 0) + 1
+    metrics = compute_metrics(records, config)
+    metrics["progress"] = {"images": len(records), "planned": sum(planned.values()),
+                           "sets": {name: [made.get(name, 0), n] for name, n in planned.items()},
+                           "complete": all(made.get(name, 0) >= n for name, n in planned.items())}
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -720,5 +828,5 @@ def run_evaluation_job(run, progress: ProgressCallback | None = None, cancel: Ca
 
 
 __all__ = ["EvaluationResult", "PlanItem", "PlanBatch", "Models", "IMAGE_SETS", "RECORD_FIELDS", "build_plan",
-           "build_detector", "load_models", "compute_metrics", "write_records_csv", "read_records", "evaluate",
+           "build_detector", "load_models", "compute_metrics", "prompt_table", "planned_counts", "partial_records", "partial_metrics", "write_records_csv", "read_records", "evaluate",
            "run_evaluation_job", "config_from_file", "library_versions", "model_description"]

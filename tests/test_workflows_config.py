@@ -1,0 +1,37 @@
+"""recare.workflows.task_train_config: preset, then the world's settings, then the task's own, then explicit fields."""
+
+from __future__ import annotations
+
+from recare.config import TrainConfig
+from recare.workflows import task_train_config
+
+TASK = {"name": "van_gogh", "target_prompt": "a painting in the style of van gogh", "reference_word": "van gogh",
+        "initializer_token": "art", "prompt_style": "painting"}
+
+
+def _spec(tasks=None):
+    unlearning = {"common": {"num_images": 16},
+                  "methods": {"recare": {"stage2": {"iterations": 200, "learning_rate": 5e-5}},
+                              "esd": {"esd": {"iterations": 250, "learning_rate": 4e-4}}}}
+    if tasks is not None:
+        unlearning["tasks"] = tasks
+    return {"unlearning": unlearning}
+
+
+def test_world_settings_then_task_settings_then_fields_win_in_that_order():
+    official = TrainConfig.for_method("recare", model="mini-world", target_prompt=TASK["target_prompt"],
+                                      reference_word="van gogh")
+    world = task_train_config(TASK, "recare", _spec())
+    assert world.stage2.learning_rate == 5e-5 and world.stage2.iterations == 200 and world.num_images == 16
+    assert world.stage2.retain_weight == official.stage2.retain_weight  # untouched fields keep the official value
+    assert world.stage1.textual_inversion.templates == "painting"
+    tasks = {"van_gogh": {"common": {"num_images": 12}, "methods": {"recare": {"stage2": {"learning_rate": 2e-4}}}},
+             "tench": {"methods": {"recare": {"stage2": {"learning_rate": 9e-5}}}}}
+    own = task_train_config(TASK, "recare", _spec(tasks))
+    assert own.stage2.learning_rate == 2e-4 and own.stage2.iterations == 200 and own.num_images == 12
+    # another method of the same task and the same method of another task keep the world's settings
+    assert task_train_config(TASK, "esd", _spec(tasks)).esd.learning_rate == 4e-4
+    tench = task_train_config({**TASK, "name": "tench"}, "recare", _spec(tasks))
+    assert tench.stage2.learning_rate == 9e-5 and tench.num_images == 16
+    explicit = task_train_config(TASK, "recare", _spec(tasks), num_images=4)
+    assert explicit.num_images == 4
