@@ -389,7 +389,9 @@ def test_fresh_start_opens_compare_with_the_shipped_demo_drawn(demo_app_url, tmp
         assert len(_plot_traces(page, "compare-care")) == 3
         page.wait_for_timeout(1500)  # a warning would arrive with the page-load events
         assert page.locator(".toast-body").count() == 0, page.locator(".toast-body").all_inner_texts()
-        page.evaluate("window.scrollTo(0, 0)")
-        page.screenshot(path=str(shots / "compare.png"), clip={"x": 0, "y": 0, "width": 1440, "height": 1100})
+        # the README's picture: the demo's grids, then both radars and their tables
+        top = page.locator("#compare-status").bounding_box()["y"] + page.evaluate("window.scrollY") - 430
+        page.screenshot(path=str(shots / "compare.png"), full_page=True,
+                        clip={"x": 0, "y": max(0, top), "width": 1440, "height": 1250})
         assert not errors, f"page errors: {errors}"
         browser.close()
