@@ -140,3 +140,15 @@ def make_tiny_clip(path: str | Path, seed: int = 0, image_size: int = 32) -> Pat
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
     ).save_pretrained(path)
     return path
+
+
+TINY_CAPTIONS = ("a photo of a fish", "a man on the grass", "a boat on a lake")
+
+
+def make_tiny_eval_world(root: str | Path, captions_text: str = "\n".join(TINY_CAPTIONS) + "\n") -> Path:
+    """`root` with what an evaluation on tiny models needs: pipeline/, clip/ and captions.txt."""
+    root = Path(root)
+    make_tiny_pipeline(root / "pipeline")
+    make_tiny_clip(root / "clip")
+    (root / "captions.txt").write_text(captions_text)
+    return root

@@ -164,6 +164,15 @@ def _loss_points(page) -> int:
         if (!h || !h.data) return 0; return h.data.reduce((n, t) => n + ((t.x || []).length), 0); }""")
 
 
+def _open_page(playwright, height: int = 1100):
+    """(browser, a 1440-wide page, the list its JavaScript errors are appended to)."""
+    browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    page = browser.new_page(viewport={"width": 1440, "height": height})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    return browser, page, errors
+
+
 def _open_train_with(page, **numbers) -> None:
     """Open the Train tab and type the short-run settings, e.g. iterations=12 -> #train-iterations."""
     from playwright.sync_api import expect
@@ -185,10 +194,7 @@ def test_train_start_watch_cancel_resume_finish(train_app, tmp_path):
     shots = SCREENSHOTS if os.environ.get("RECARE_SCREENSHOTS") == "1" else tmp_path
     shots.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1440, "height": 1100})
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
+        browser, page, errors = _open_page(p)
         page.goto(train_app["url"])
         _open_train_with(page, iterations=12, s1_iterations=4, ti_steps=3, preview_every=2)
         expect(page.locator("#train-estimate")).to_contain_text("12 stage-2 it")
@@ -244,10 +250,7 @@ def test_compare_base_vs_a_trained_run(train_app, tmp_path):
     runs = train_app["runs"]
     before = {p.name for p in runs.glob("evaluate-*")}
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1440, "height": 1100})
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
+        browser, page, errors = _open_page(p)
         page.goto(train_app["url"])
 
         # ---- a very short training run of this browser ----
@@ -367,10 +370,7 @@ def test_fresh_start_opens_compare_with_the_shipped_demo_drawn(demo_app_url, tmp
             saved[label] = json.loads((folder / "metrics.json").read_text())
     assert len(saved) == 3, f"the bundle's first task should hold base, ESD and ReCARE: {sorted(saved)}"
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1440, "height": 1100})
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
+        browser, page, errors = _open_page(p)
         page.goto(demo_app_url)
         expect(page.get_by_role("tab", name="4 · Compare")).to_have_attribute("aria-selected", "true",
                                                                             timeout=30_000)

@@ -19,18 +19,14 @@ from recare.eval.config import EvaluationConfig
 from recare.eval.run import evaluate
 from recare.jobs import run_job
 from recare.runs import CANCELLED, DONE, RunStore
-from tests.helpers_tiny import make_tiny_clip, make_tiny_pipeline
+from tests.helpers_tiny import make_tiny_eval_world
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-demo")
-    make_tiny_pipeline(root / "pipeline")
-    make_tiny_clip(root / "clip")
-    (root / "captions.txt").write_text("a photo of a fish\na man on the grass\na boat on a lake\n")
-    return root
+    return make_tiny_eval_world(tmp_path_factory.mktemp("tiny-demo"))
 
 
 def eval_settings(tiny, **changes) -> EvaluationConfig:

@@ -12,18 +12,14 @@ from recare.eval.run import (
     read_records,
 )
 from recare.progress import CancelToken
-from tests.helpers_tiny import make_tiny_clip, make_tiny_pipeline
+from tests.helpers_tiny import make_tiny_eval_world
 
 EXTRA_PROMPTS = ["a boat on a lake", "a man on the grass"]
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-partial")
-    make_tiny_pipeline(root / "pipeline")
-    make_tiny_clip(root / "clip")
-    (root / "captions.txt").write_text("a photo of a fish\na man on the grass\na boat on a lake\n")
-    return root
+    return make_tiny_eval_world(tmp_path_factory.mktemp("tiny-partial"))
 
 
 def settings(tiny, **changes) -> EvaluationConfig:

@@ -14,7 +14,7 @@ from recare.config import ConfigError
 from recare.errors import Cancelled, EvaluationError, ModelLoadError
 from recare.eval.config import EvaluationConfig
 from recare.eval.run import RECORD_FIELDS, compute_metrics, evaluate, read_records
-from tests.helpers_tiny import make_tiny_clip, make_tiny_pipeline
+from tests.helpers_tiny import make_tiny_eval_world
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -33,11 +33,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-eval")
-    make_tiny_pipeline(root / "pipeline")
-    make_tiny_clip(root / "clip")
-    (root / "captions.txt").write_text("a photo of a fish\n\na man on the grass\na boat on a lake\n")
-    return root
+    captions = "a photo of a fish\n\na man on the grass\na boat on a lake\n"
+    return make_tiny_eval_world(tmp_path_factory.mktemp("tiny-eval"), captions)
 
 
 def settings(tiny, **changes) -> EvaluationConfig:
