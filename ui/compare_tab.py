@@ -261,14 +261,20 @@ def _model_label(run) -> str:
     return f"{run.id} ({train.get('method', '')}{', ' + concept if concept else ''})"
 
 
-def _models_choices(ctx: AppContext, picked, key, request=None):
+def _listing(key, request, make):
+    """`make(owner)` for a page load or a Refresh; None (the caller skips) while a first visit's page has no
+    browser key yet, or after an error, which is shown as a toast."""
     try:
         owner = page_owner(key, request)
-        if owner is None:  # a first visit's page load, before the browser has its key
-            return gr.skip()
-        options = _model_options(ctx, owner)
+        return None if owner is None else make(owner)
     except RecareError as e:
         problem(str(e))
+        return None
+
+
+def _models_choices(ctx: AppContext, picked, key, request=None):
+    options = _listing(key, request, lambda owner: _model_options(ctx, owner))
+    if options is None:
         return gr.skip()
     values = {v for _, v in options}
     return gr.CheckboxGroup(choices=options, value=[p for p in (picked or []) if p in values] or [BASE])
@@ -436,7 +442,7 @@ def _start(ctx: AppContext, values, key, request=None):
         return problem(f"Not started: {e}"), gr.skip(), gr.skip()
     ids = [r.id for r in runs]
     return (ok(f"Started {len(ids)} evaluation(s): {', '.join(ids)}."),
-            gr.Dropdown(choices=_evaluation_choices(ctx, owner), value=ids), gr.Timer(active=True))
+            gr.Dropdown(choices=evaluation_choices(ctx, owner), value=ids), gr.Timer(active=True))
 
 
 def _ids(ids) -> list[str]:
@@ -456,25 +462,25 @@ def _cancel(ctx: AppContext, ids, key, request=None):
     return ok(" ".join(messages)), gr.Timer(active=True)
 
 
-def _evaluation_choices(ctx: AppContext, owner: str) -> list[tuple[str, str]]:
+def evaluation_label(run, default: str = "") -> str:
+    """The model label an evaluation run was started with (config.json "compare"), else `default`."""
+    return (run.config().get("compare") or {}).get("label", default)
+
+
+def evaluation_choices(ctx: AppContext, owner: str) -> list[tuple[str, str]]:
+    """The "Evaluations shown" entries ("<id> · <label>", id) of every evaluation run `owner` sees, bundled ones last."""
     choices = []
     for run in ctx.runs.list(owner=owner, kind="evaluate"):
         try:
-            label = (run.config().get("compare") or {}).get("label", "")
-            choices.append((f"{run.id} · {label}", run.id))
+            choices.append((f"{run.id} · {evaluation_label(run)}", run.id))
         except RecareError:
             continue
     return choices
 
 
 def _list(ctx: AppContext, ids, key, request=None):
-    try:
-        owner = page_owner(key, request)
-        if owner is None:  # a first visit's page load, before the browser has its key
-            return gr.skip()
-        choices = _evaluation_choices(ctx, owner)
-    except RecareError as e:
-        problem(str(e))
+    choices = _listing(key, request, lambda owner: evaluation_choices(ctx, owner))
+    if choices is None:
         return gr.skip()
     known = {v for _, v in choices}
     return gr.Dropdown(choices=choices, value=[i for i in _ids(ids) if i in known])
@@ -501,13 +507,19 @@ def _provisional(run) -> dict | None:
     return metrics if metrics["progress"]["images"] else None
 
 
-def _collect(ctx: AppContext, ids, owner: str) -> tuple[list[dict], list[dict]]:
+def collect_evaluations(ctx: AppContext, ids, owner: str | None) -> tuple[list[dict], list[dict]]:
     """(per-run states, metrics rows: metrics.json plus "model" and "run"; a run that has not finished gives its
-    provisional metrics with "partial": True and its "progress")."""
+    provisional metrics with "partial": True and its "progress").
+
+    Args:
+        ctx: the app's context.
+        ids: evaluation run ids.
+        owner: whose runs these must be (`RunStore.get`); None only for ids known to be bundled runs.
+    """
     states, rows = [], []
     for run_id in _ids(ids):
         run = ctx.runs.get(run_id, owner)
-        status, label = run.status(), (run.config().get("compare") or {}).get("label", run_id)
+        status, label = run.status(), evaluation_label(run, run_id)
         state = status.get("state")
         metrics = _metrics(run) if state == DONE else None
         partial = metrics is None and state != QUEUED
@@ -535,7 +547,7 @@ def _poll(ctx: AppContext, ids, key, concepts=None, view=None, request=None):
     view = dict(view or {})
     try:
         owner = owner_key(key, request)
-        states, rows = _collect(ctx, ids, owner)
+        states, rows = collect_evaluations(ctx, ids, owner)
     except RecareError as e:
         return (md(str(e)), gr.skip(), gr.skip(), gr.skip(), gr.skip(), {"error": str(e)}, gr.Timer(active=False),
                 gr.skip(), view)
@@ -749,7 +761,7 @@ def _export(ctx: AppContext, ids, key, request=None):
     """metrics.json (every finished model's metrics and radar numbers) and metrics.csv (one row per model)."""
     try:
         owner = owner_key(key, request)
-        rows = [r for r in _collect(ctx, ids, owner)[1] if not r.get("partial")]  # final numbers only
+        rows = [r for r in collect_evaluations(ctx, ids, owner)[1] if not r.get("partial")]  # final numbers only
         if not rows:
             raise RunError("no finished evaluation selected: nothing to export yet.")
     except RecareError as e:

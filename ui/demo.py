@@ -17,15 +17,14 @@ Nothing here computes a number: the radars and tables come from `ui.figures` ove
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import gradio as gr
 
 from recare import demo as demo_bundle
 from recare.errors import ConfigError, RecareError
-from recare.runs import DONE
 from ui.common import AppContext, md, ok, owner_key, problem, served
+from ui.compare_tab import collect_evaluations, evaluation_choices
 from ui.figures import care_radar_figure, metric_tables, ratio_radar_figure
 
 DRAW_OUTPUTS = ("status", "ratio_plot", "ratio_table", "care_plot", "care_table", "info")
@@ -124,21 +123,6 @@ def _banner(index: dict) -> str:
             "**Re-run live** recomputes the selected task here (your own runs; training + evaluation).")
 
 
-def _rows(ctx: AppContext, ids: list[str]) -> tuple[list[dict], list[dict]]:
-    """(states, metrics rows) of bundled runs, as Compare's poll builds them."""
-    states, rows = [], []
-    for run_id in ids:
-        run = ctx.runs.get(run_id)
-        if not run.bundled:
-            continue
-        label = (run.config().get("compare") or {}).get("label", run_id)
-        states.append({"id": run.id, "model": label, "state": DONE, "stage": "metrics", "step": 1, "total": 1,
-                       "error": None})
-        metrics = json.loads((run.path / "metrics.json").read_text(encoding="utf-8"))
-        rows.append({**metrics, "model": label, "run": run.id})
-    return states, rows
-
-
 def _estimate(ctx: AppContext, entries: list[dict]) -> str:
     device = str(ctx.models.device)
     estimate = demo_bundle.rerun_estimate(ctx.runs, entries, device)
@@ -184,8 +168,8 @@ def _show(ctx: AppContext, task):
         return (gr.skip(), message, gr.skip(), gr.skip(), gr.skip(), gr.skip(), {"error": message}, gr.skip(),
                 gr.skip())
     try:
-        ids = [e["run"] for e in entries]
-        states, rows = _rows(ctx, ids)
+        ids = [e["run"] for e in entries]  # bundled runs only (`_entries`): readable by every browser
+        states, rows = collect_evaluations(ctx, ids, owner=None)
         ratio, care, numbers = metric_tables(rows)
         grids = [(served(found[0] / e["grid"]["file"]), f"{e['label']}: {_grid_caption(e)}") for e in entries
                  if (found[0] / e.get("grid", {}).get("file", "-")).is_file()]
@@ -224,19 +208,8 @@ def _rerun(ctx: AppContext, task, key, request=None):
     ids = [r.id for r in runs]
     return (ok(f"Re-running {md(task)}: {', '.join(ids)} (they run one after another; the charts update as each "
                "finishes)."),
-            gr.Dropdown(choices=_owner_choices(ctx, owner), value=[*(e["run"] for e in entries), *ids]),
+            gr.Dropdown(choices=evaluation_choices(ctx, owner), value=[*(e["run"] for e in entries), *ids]),
             gr.Timer(active=True))
-
-
-def _owner_choices(ctx: AppContext, owner: str) -> list[tuple[str, str]]:
-    """Compare's dropdown entries of every evaluation run `owner` sees (its own format: "<id> · <label>")."""
-    choices = []
-    for run in ctx.runs.list(owner=owner, kind="evaluate"):
-        try:
-            choices.append((f"{run.id} · {(run.config().get('compare') or {}).get('label', '')}", run.id))
-        except RecareError:
-            continue
-    return choices
 
 
 __all__ = ["attach_demo", "demo_of"]
