@@ -22,6 +22,7 @@ from types import MappingProxyType
 # Environment defaults for a process that runs recare; a value the user already set wins.
 PROCESS_DEFAULTS = MappingProxyType({
     "OMP_WAIT_POLICY": "PASSIVE",  # OpenMP threads sleep instead of spinning while they wait (see above)
+    "CUBLAS_WORKSPACE_CONFIG": ":4096:8",  # lets cuBLAS be deterministic on CUDA (recare.train.determinism)
 })
 
 

@@ -7,13 +7,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+_HIDE_GPUS = "CUDA_VISIBLE_DEVICES" not in os.environ
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")   # the suite runs on the CPU; `-m cuda` lifts this (below)
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # deterministic cuBLAS (tests/test_cuda.py)
 # The test process is an entry point like the CLI (recare.runtime.set_process_defaults): idle
 # OpenMP threads must not spin while workers and app threads share 2 cores (the training tests
 # took 35-117 s spinning, 12 s passive). Set before anything imports torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    """`python -m pytest -m cuda` (tests/test_cuda.py) sees the GPUs: nothing has touched CUDA yet."""
+    expression = (config.option.markexpr or "").replace("not cuda", "")
+    if _HIDE_GPUS and "cuda" in expression:
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
 
 
 @pytest.fixture(autouse=True)
