@@ -7,9 +7,11 @@ v1.4 UNet and VAE configs of `benchmarks.train_speed`, a CLIP ViT-L/14-shaped te
 layers over the full 49,408-token CLIP BPE), saves it with `save_pretrained` and loads it back
 through `recare.models.load_pipeline`, exactly as a hub folder. Then, on the device:
 
-  gen      generation at the model's 512 px, 50 DDIM steps, guidance 7.5, fp16 and bf16: images/s,
-           the projection for 500 images, peak memory; and seeding: images of seeds 42 + i made
-           twice are compared bit for bit, and with another batch size.
+  gen      generation at the model's 512 px, 50 DDIM steps, guidance 7.5, batches of 8: fp32 weights
+           (what a training job uses), fp32 under bf16 autocast, fp16, bf16: images/s, the
+           projection for 500 images, peak memory; and seeding: the images of seeds 42 + i made
+           twice in the same batches are compared bit for bit, and made one at a time (max pixel
+           difference).
   careset  the CARE-set with random CLIP encoders of the real shapes (ViT-B/32, D = 512, the
            official encoder; ViT-L/14, D = 768) saved and loaded as transformers folders: encoding
            500 images and the 49,408 vocabulary entries on the device, candidate selection
@@ -175,8 +177,20 @@ def timed(fn, device: torch.device):
 # parts
 
 
-def part_generation(folder: Path, device: torch.device, tiny: bool) -> dict:
-    """Images/s at the model's native size, 50 DDIM steps; seeds 42 + i repeat bit for bit."""
+GEN_VARIANTS = {  # label: (weights dtype, autocast dtype); a training job generates with the fp32 pipeline
+    "fp32": ("fp32", None), "fp32 + bf16 autocast": ("fp32", torch.bfloat16),
+    "fp16": ("fp16", None), "bf16": ("bf16", None),
+}
+
+
+def part_generation(folder: Path, device: torch.device, tiny: bool, labels: list[str] | None = None,
+                    out: dict | None = None) -> dict:
+    """Images/s at the model's native size, 50 DDIM steps; seeds 42 + i repeat bit for bit (same batches).
+
+    Each variant generates the timed images twice (the repeat must be bit-identical) and the first
+    two once more one at a time (how far the batch size moves the pixels). Variants go into `out`
+    as they are measured.
+    """
     from recare.config import GenerateConfig
     from recare.generate import generate_images
     from recare.models import load_pipeline
@@ -184,32 +198,29 @@ def part_generation(folder: Path, device: torch.device, tiny: bool) -> dict:
 
     n_images, batch = (4, 2) if tiny else (8, 8)
     steps = 4 if tiny else 50
-    out: dict = {"steps": steps, "batch_size": batch, "images_timed": n_images, "dtypes": {}}
-    # (label, weights dtype, autocast dtype): a training job generates its target images with the fp32 pipeline
-    variants = [("fp32", "fp32", None)]
-    if device.type == "cuda":
-        variants += [("fp32 + bf16 autocast", "fp32", torch.bfloat16), ("fp16", "fp16", None), ("bf16", "bf16", None)]
+    out = out if out is not None else {}
+    out.update({"steps": steps, "batch_size": batch, "images_timed": n_images, "dtypes": {}})
+    labels = labels or (list(GEN_VARIANTS) if device.type == "cuda" else ["fp32"])
     pipe, loaded = None, None
-    for label, weights, amp in variants:
+    for label in labels:
+        weights, amp = GEN_VARIANTS[label]
         if weights != loaded:
             del pipe
             release(device)
             pipe, loaded = load_pipeline(str(folder), device=device, dtype=weights), weights
             pipe.set_progress_bar_config(disable=True)
-        autocast = autocast_factory(device, amp)
         config = GenerateConfig(prompt="A photo of a tench", num_images=n_images, steps=steps, batch_size=batch)
-        with autocast():
+        with autocast_factory(device, amp)():
             generate_images(pipe, GenerateConfig(prompt=config.prompt, num_images=batch, steps=2, batch_size=batch))
             peak_reset(device)
             seconds, result = timed(lambda: generate_images(pipe, config), device)
             memory = peak(device)
-            again = generate_images(pipe, GenerateConfig(prompt=config.prompt, num_images=2, steps=steps,
-                                                         batch_size=batch))
+            again = generate_images(pipe, config)
             single = generate_images(pipe, GenerateConfig(prompt=config.prompt, num_images=2, steps=steps,
                                                           batch_size=1))
-        first = [np.asarray(im, dtype=np.int16) for im in result.images[:2]]
-        repeat_equal = all(np.array_equal(a, np.asarray(b, dtype=np.int16)) for a, b in zip(first, again.images))
-        batch_diff = max(int(np.abs(a - np.asarray(b, dtype=np.int16)).max()) for a, b in zip(first, single.images))
+        repeat_equal = all(a.tobytes() == b.tobytes() for a, b in zip(result.images, again.images))
+        batch_diff = max(int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
+                         for a, b in zip(result.images, single.images))
         out["dtypes"][label] = {
             "seconds": round(seconds, 2), "images_per_s": round(n_images / seconds, 3),
             "projected_500_min": round(TARGET_IMAGES / (n_images / seconds) / 60, 2), "peak_gb": memory,
@@ -287,14 +298,13 @@ def _stage_steps(make_trainer, device, n: int) -> tuple[list[float], float | Non
 
 
 def part_training(folder: Path, device: torch.device, tiny: bool, combos: list[tuple[str, str, bool]],
-                  out: dict | None = None) -> dict:
+                  out: dict | None = None, repeat: bool = True) -> dict:
     """TI step, ESD iteration and stage-2 iteration per (train_method, autocast, gradient checkpointing).
 
     Rows go into `out` as they are measured (a part that fails later keeps them).
     """
     from recare.config import ESDConfig, RolloutConfig, Stage2Config, TextualInversionConfig
     from recare.models import load_pipeline
-    from recare.train.determinism import deterministic
     from recare.train.esd import ESDTrainer
     from recare.train.rollout import autocast_factory, encode_prompts
     from recare.train.stage2 import Stage2Trainer
@@ -375,8 +385,20 @@ def part_training(folder: Path, device: torch.device, tiny: bool, combos: list[t
         print(f"[train] {label}: " + ", ".join(f"{k} {v}" for k, v in row.items()
                                                if k not in ("train_method", "autocast", "gradient_checkpointing")),
               flush=True)
-    # repeatability: two ESD runs of 2 iterations from the same weights and seed, without and with
-    # recare.train.determinism.deterministic() (warn-only, strict); bit-identical tensors or not, and the cost
+    if repeat:
+        _repeat(out, device, student, sampler, base, emb_esd, ks)
+    del pipe, base, tok2, enc2
+    release(device)
+    return out
+
+
+def _repeat(out: dict, device, student, sampler, base, emb_esd, ks) -> None:
+    """Two ESD runs of 2 iterations from the same weights and seed, without and with
+    recare.train.determinism.deterministic() (warn-only, strict): bit-identical tensors or not, and the cost."""
+    from recare.config import ESDConfig
+    from recare.train.determinism import deterministic
+    from recare.train.esd import ESDTrainer
+
     amp = torch.bfloat16 if device.type == "cuda" else None
     out["repeat"] = []
     for mode in ("off", "warn-only", "strict"):
@@ -414,9 +436,6 @@ def part_training(folder: Path, device: torch.device, tiny: bool, combos: list[t
               f"{np.mean(times):.3f} s per iteration at k={ks[1]}, peak {peak(device)} GB, flagged {flagged}",
               flush=True)
         del finals
-    del pipe, base, tok2, enc2
-    release(device)
-    return out
 
 
 def part_eval(work: Path, device: torch.device, tiny: bool, clip_folder: Path | None) -> dict:
@@ -476,7 +495,9 @@ def projection(report: dict) -> dict:
                      if "ti_s" in r}
     encoders = report.get("careset", {}).get("encoders", {})
     careset = (encoders.get("ViT-B/32") or next(iter(encoders.values()), {})).get("total_min")  # the official encoder
-    gen = min((d["projected_500_min"] for d in report.get("gen", {}).get("dtypes", {}).values()), default=None)
+    generation = report.get("gen", {}).get("dtypes", {})
+    # a training job generates its 500 target images with the pipeline it trains (fp32 weights)
+    gen = (generation.get("fp32") or next(iter(generation.values()), {})).get("projected_500_min")
     for r in report.get("train", {}).get("rows", []):
         ti = ti_by_setting.get((r["autocast"], r["gradient_checkpointing"]))
         if "error" in r or ti is None:
@@ -575,6 +596,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tiny", action="store_true", help="tiny models and counts: the CPU dry run (seconds)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
     ap.add_argument("--combos", default="", help="train rows as method:autocast[:gc], comma separated (default all)")
+    ap.add_argument("--gen", default="", help=f"generation variants, comma separated: {', '.join(GEN_VARIANTS)} "
+                    "(default all on CUDA, fp32 elsewhere)")
+    ap.add_argument("--no-repeat", action="store_true", help="train part: skip the repeatability rows")
     ap.add_argument("--work", default=None, help="folder for the built models (default a temporary one)")
     args = ap.parse_args(argv)
 
@@ -595,6 +619,10 @@ def main(argv: list[str] | None = None) -> dict:
         for item in args.combos.split(","):
             method, amp, *rest = item.strip().split(":")
             combos.append((method, amp, bool(rest and rest[0] == "gc")))
+    gen_labels = [g.strip() for g in args.gen.split(",") if g.strip()] or None
+    if gen_labels and not set(gen_labels) <= set(GEN_VARIANTS):
+        raise SystemExit(f"unknown generation variants {sorted(set(gen_labels) - set(GEN_VARIANTS))}: use "
+                         f"{', '.join(GEN_VARIANTS)}")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gpu-check-"))
@@ -619,12 +647,13 @@ def main(argv: list[str] | None = None) -> dict:
             begin = time.perf_counter()
             try:
                 if part == "gen":
-                    report["gen"] = part_generation(folder, device, args.tiny)
+                    report["gen"] = {}
+                    part_generation(folder, device, args.tiny, gen_labels, report["gen"])
                 elif part == "careset":
                     report["careset"] = part_careset(work, device, args.tiny)
                 elif part == "train":
                     report["train"] = {}
-                    part_training(folder, device, args.tiny, combos, report["train"])
+                    part_training(folder, device, args.tiny, combos, report["train"], repeat=not args.no_repeat)
                     report["projection"] = projection(report)
                 elif part == "eval":
                     clip = next(iter(sorted(work.glob("clip-ViT-L*")) or sorted(work.glob("clip-*"))), None)
