@@ -1,9 +1,5 @@
-"""`python -m recare ...`: see `recare.cli`."""
+"""`python -m recare ...`: see `recare.cli` (the `recare` command runs the same function)."""
 
-from recare.runtime import set_process_defaults
-
-set_process_defaults()  # first, before anything imports torch: libgomp reads OMP_WAIT_POLICY once
-
-from recare.cli import main  # noqa: E402
+from recare.console import main
 
 raise SystemExit(main())

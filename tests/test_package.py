@@ -72,3 +72,26 @@ def test_set_process_defaults_reports_what_it_set_and_warns_after_torch(monkeypa
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert set_process_defaults() == {}  # already set: nothing changes, nothing to warn about
+
+
+@pytest.mark.slow
+def test_pip_install_editable_gives_a_working_recare_command(tmp_path):
+    # A fresh virtualenv gets the package alone (--no-deps: the dependencies are this venv's, put on
+    # PYTHONPATH, so the test downloads nothing but the build backend); the console script then
+    # runs from another folder, so the import comes from the install, not from the checkout.
+    import site
+    import venv
+
+    venv.EnvBuilder(with_pip=True).create(tmp_path / "venv")
+    bin_dir = tmp_path / "venv" / "bin"
+    install = subprocess.run([str(bin_dir / "pip"), "install", "-q", "--no-deps", "-e", str(ROOT)],
+                             capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stderr
+    env = _clean_env(PYTHONPATH=os.pathsep.join(site.getsitepackages()))
+    result = subprocess.run([str(bin_dir / "recare"), "--help"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "evaluate" in result.stdout and "train" in result.stdout
+    where = subprocess.run([str(bin_dir / "python"), "-c", "import recare; print(recare.__file__)"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert where.stdout.strip() == str(ROOT / "recare" / "__init__.py")
