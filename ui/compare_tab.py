@@ -31,20 +31,19 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import gradio as gr
 import pandas as pd
-from PIL import Image
 
 from recare import models, safety, worldspec
 from recare.errors import ConfigError, ModelLoadError, RecareError, RunError
 from recare.eval import attacks as eval_attacks
 from recare.eval.config import EvaluationConfig, resolve_config
-from recare.eval.run import CARE, EXTRA, config_from_file, partial_metrics, partial_records, prompt_table
+from recare.eval.run import partial_metrics
 from recare.runs import CANCELLED, DONE, QUEUED, RUNNING
 from ui.common import AppContext, md, number, ok, owner_key, page_owner, problem, served
+from ui.compare_data import SET_NAMES, grid_data, grid_info, grid_note, placeholder, shown_image
 from ui.figures import (
     MAX_CARE_AXES, TABLE_COLUMNS, care_concepts, care_radar_figure, image_grid, metric_tables, ratio_radar_figure,
 )
@@ -57,9 +56,6 @@ ATTACK_CHOICES = tuple(a for a in ("erased", "cce", "adversarial", "completion",
 TOKEN_ATTACKS = ("adversarial",)  # need the model's own learned tokens: skipped for models without them
 POLL_S = 2.0
 MAX_CUSTOM_PROMPTS, MAX_PROMPT_CHARS = 8, 300
-MAX_GRID_SEEDS = 8  # columns of the image grid
-SET_NAMES = MappingProxyType({"erased": "target prompt", "adversarial": "own adversarial token", CARE: "CARE",
-                              EXTRA: "custom"})
 
 
 def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
@@ -587,122 +583,9 @@ def _poll(ctx: AppContext, ids, key, concepts=None, view=None, request=None):
 # the image grid
 
 
-def _choice_value(set_name: str, prompt: str) -> str:
-    return json.dumps([set_name, prompt])
-
-
-def _choice_label(row: dict) -> str:
-    kind = SET_NAMES.get(row["set"], f"{row['set']} attack")
-    if row["set"] == CARE:
-        kind = f"CARE · {row['concept']}"
-    return f"{kind} · {row['prompt']}"
-
-
-@dataclasses.dataclass
-class _Grid:
-    """What the grid shows: the prompt choices, the chosen one, its seeds, and a row of cells per model."""
-
-    choices: list[tuple[str, str]]
-    choice: str | None
-    seeds: list[int]
-    rows: list[dict]   # {"model", "run", "cells": [{"seed", "state", "path", "file", "blurred", "positive"}]}
-    unchecked: bool = False
-
-
-def _grid_data(ctx: AppContext, ids, choice, owner: str, flags: dict) -> _Grid:
-    """The grid of the selected evaluations for one prompt (the first when `choice` is not one of them)."""
-    runs = []
-    choices: dict[str, str] = {}
-    seeds_of: dict[str, set[int]] = {}
-    for run_id in _ids(ids):
-        run = ctx.runs.get(run_id, owner)
-        stored = run.config()
-        try:
-            table = prompt_table(resolve_config(config_from_file(stored)))
-        except RecareError:
-            continue
-        for row in table:
-            value = _choice_value(row["set"], row["prompt"])
-            choices.setdefault(value, _choice_label(row))
-            seeds_of.setdefault(value, set()).update(row["seeds"])
-        runs.append((run, (stored.get("compare") or {}).get("label", run.id), table))
-    options = [(label, value) for value, label in choices.items()]
-    if choice not in choices:
-        choice = options[0][1] if options else None
-    if choice is None:
-        return _Grid(options, None, [], [])
-    set_name, prompt = json.loads(choice)
-    seeds = sorted(seeds_of[choice])[:MAX_GRID_SEEDS]
-    rows, unchecked = [], False
-    for run, label, table in runs:
-        planned = any(r["set"] == set_name and r["prompt"] == prompt for r in table)
-        made = {int(r["seed"]): r for r in partial_records(run.path) if r["attack"] == set_name and r["prompt"] == prompt}
-        cells = []
-        for seed in seeds:
-            record = made.get(seed)
-            path = run.path / record["file"] if record else None
-            if path is None or not path.is_file():
-                cells.append({"seed": seed, "state": "pending" if planned else "not in this run", "path": None,
-                              "file": None, "blurred": False, "positive": None})
-                continue
-            hidden = _hidden(path, flags)
-            unchecked = unchecked or hidden is None
-            cells.append({"seed": seed, "state": "ready", "path": path, "file": record["file"],
-                          "blurred": hidden is not False, "positive": record.get("positive")})
-        rows.append({"model": label, "run": run.id, "cells": cells})
-    return _Grid(options, choice, seeds, rows, unchecked)
-
-
-def _hidden(path: Path, flags: dict) -> bool | None:
-    """Whether NudeNet flags the image (`recare.safety.check_images`, cached in the page's view by file and time);
-    None when the detector is unavailable (the image is then blurred, as in the Generate tab)."""
-    key = f"{path}:{path.stat().st_mtime_ns}"
-    if key not in flags:
-        try:
-            with Image.open(path) as im:
-                flags[key] = safety.check_images([im.convert("RGB")])[0].flagged
-        except safety.SafetyUnavailableError:
-            flags[key] = None
-    return flags[key]
-
-
-def _shown_image(cell: dict) -> Image.Image:
-    """The picture a cell shows: the image, or `recare.safety.blur`'s copy of it when hidden."""
-    with Image.open(cell["path"]) as im:
-        image = im.convert("RGB")
-    return safety.blur(image) if cell["blurred"] else image
-
-
-def _placeholder(folder: Path, text: str) -> Path:
-    from PIL import ImageDraw
-
-    path = folder / f"{text.replace(' ', '-')}.png"
-    if not path.is_file():
-        image = Image.new("RGB", (64, 64), "#eeeeee")
-        ImageDraw.Draw(image).text((4, 26), text[:12], fill="#888")
-        image.save(path)
-    return path
-
-
-def _grid_info(grid: _Grid) -> dict:
-    return {"choices": [[label, value] for label, value in grid.choices], "choice": grid.choice, "seeds": grid.seeds,
-            "prompt": json.loads(grid.choice)[1] if grid.choice else None,
-            "set": json.loads(grid.choice)[0] if grid.choice else None,
-            "rows": [{"model": r["model"], "run": r["run"],
-                      "cells": [{k: v for k, v in cell.items() if k != "path"} for cell in r["cells"]]}
-                     for r in grid.rows], "detector_unavailable": grid.unchecked}
-
-
-def _grid_note(grid: _Grid) -> str:
-    if grid.choice is None:
-        return "No images yet: select an evaluation."
-    blurred = sum(c["blurred"] for r in grid.rows for c in r["cells"])
-    note = f"Rows: {len(grid.rows)} model(s) · columns: seeds {', '.join(str(s) for s in grid.seeds)}"
-    if grid.unchecked:
-        note += " · the nudity detector is unavailable, so every image is blurred"
-    elif blurred:
-        note += f" · {blurred} image(s) flagged by NudeNet shown blurred"
-    return note
+def _runs(ctx: AppContext, ids, owner: str | None) -> list:
+    """The selected evaluation runs this owner may read (`RunStore.get` refuses the others)."""
+    return [ctx.runs.get(run_id, owner) for run_id in _ids(ids)]
 
 
 def _grid(ctx: AppContext, ids, choice, key, view=None, request=None):
@@ -711,11 +594,11 @@ def _grid(ctx: AppContext, ids, choice, key, view=None, request=None):
     view = dict(view or {})
     flags = dict(view.get("flags") or {})
     try:
-        grid = _grid_data(ctx, ids, choice, owner_key(key, request), flags)
+        grid = grid_data(_runs(ctx, ids, owner_key(key, request)), choice, flags)
     except RecareError as e:
         return gr.skip(), gr.skip(), problem(str(e)), {"error": str(e)}, view
     view["flags"] = flags
-    info = _grid_info(grid)
+    info = grid_info(grid)
     signature = json.dumps([info["choices"], info["choice"], [[c["state"], c["file"], c["blurred"]]
                                                               for r in info["rows"] for c in r["cells"]]])
     if signature == view.get("grid"):
@@ -728,28 +611,28 @@ def _grid(ctx: AppContext, ids, choice, key, view=None, request=None):
             for cell in r["cells"]:
                 caption = f"{r['model']} · seed {cell['seed']}"
                 if cell["state"] != "ready":
-                    items.append((served(_placeholder(folder, cell["state"])), f"{caption} · {cell['state']}"))
+                    items.append((served(placeholder(folder, cell["state"])), f"{caption} · {cell['state']}"))
                 elif cell["blurred"]:
                     hidden = folder / f"{r['run']}-{cell['seed']}.hidden.png"
-                    _shown_image(cell).save(hidden)
+                    shown_image(cell).save(hidden)
                     items.append((served(hidden), f"{caption} · blurred"))
                 else:
                     items.append((served(cell["path"]), caption))
     dropdown = gr.Dropdown(choices=grid.choices, value=grid.choice)
-    return (dropdown, gr.Gallery(value=items or None, columns=max(1, len(grid.seeds))), _grid_note(grid), info, view)
+    return (dropdown, gr.Gallery(value=items or None, columns=max(1, len(grid.seeds))), grid_note(grid), info, view)
 
 
 def _export_grid(ctx: AppContext, ids, choice, key, view=None, request=None):
     """(grid.png, message): the grid as one picture, labels drawn on it, flagged images blurred."""
     flags = dict((view or {}).get("flags") or {})
     try:
-        grid = _grid_data(ctx, ids, choice, owner_key(key, request), flags)
+        grid = grid_data(_runs(ctx, ids, owner_key(key, request)), choice, flags)
         if not any(c["state"] == "ready" for r in grid.rows for c in r["cells"]):
             raise RunError("no image in the grid yet: select an evaluation that has made some.")
     except RecareError as e:
         return gr.skip(), problem(str(e))
     set_name, prompt = json.loads(grid.choice)
-    picture = image_grid([(r["model"], [_shown_image(c) if c["state"] == "ready" else None for c in r["cells"]])
+    picture = image_grid([(r["model"], [shown_image(c) if c["state"] == "ready" else None for c in r["cells"]])
                           for r in grid.rows], grid.seeds, title=f"{SET_NAMES.get(set_name, set_name)}: {prompt}")
     with tempfile.TemporaryDirectory(prefix="recare-grid-") as tmp:
         path = Path(tmp) / "compare-grid.png"

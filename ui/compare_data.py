@@ -1,0 +1,148 @@
+"""What Compare shows, as data: the same-seed image grid of the selected evaluations, the paper view, the report.
+
+No Gradio here: `ui.compare_tab` lays out the workspace and wires its events; these functions read the run
+folders (through the app's run store) and return plain values and figures.
+- `grid_data`: rows = models, columns = seeds, one prompt (the target, each attack's prompts, each run's own
+  adversarial-token prompts, each CARE prompt, the custom prompts; `recare.eval.run.prompt_table`), from
+  the images the evaluation runs save; images the NudeNet detector flags are blurred copies.
+- `paper_view`: the paper's quoted rows for a task (`recare.paper`) as the same RATIO and CARE charts.
+- `report_file`: the shareable HTML report of the selected evaluations (`recare.report`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from types import MappingProxyType
+
+from PIL import Image
+
+from recare import safety
+from recare.errors import RecareError
+from recare.eval.config import resolve_config
+from recare.eval.run import CARE, EXTRA, config_from_file, partial_records, prompt_table
+
+MAX_GRID_SEEDS = 8  # columns of the image grid
+SET_NAMES = MappingProxyType({"erased": "target prompt", "adversarial": "own adversarial token", CARE: "CARE",
+                              EXTRA: "custom"})
+
+
+def choice_value(set_name: str, prompt: str) -> str:
+    return json.dumps([set_name, prompt])
+
+
+def choice_label(row: dict) -> str:
+    kind = SET_NAMES.get(row["set"], f"{row['set']} attack")
+    if row["set"] == CARE:
+        kind = f"CARE · {row['concept']}"
+    return f"{kind} · {row['prompt']}"
+
+
+@dataclasses.dataclass
+class Grid:
+    """What the grid shows: the prompt choices, the chosen one, its seeds, and a row of cells per model."""
+
+    choices: list[tuple[str, str]]
+    choice: str | None
+    seeds: list[int]
+    rows: list[dict]   # {"model", "run", "cells": [{"seed", "state", "path", "file", "blurred", "positive"}]}
+    unchecked: bool = False
+
+
+def grid_data(evaluations: list, choice, flags: dict) -> Grid:
+    """The grid of evaluation runs (`recare.runs` Run objects) for one prompt (the first when `choice` is not one
+    of them); `flags` caches the safety check of each image (updated in place)."""
+    runs = []
+    choices: dict[str, str] = {}
+    seeds_of: dict[str, set[int]] = {}
+    for run in evaluations:
+        stored = run.config()
+        try:
+            table = prompt_table(resolve_config(config_from_file(stored)))
+        except RecareError:
+            continue
+        for row in table:
+            value = choice_value(row["set"], row["prompt"])
+            choices.setdefault(value, choice_label(row))
+            seeds_of.setdefault(value, set()).update(row["seeds"])
+        runs.append((run, (stored.get("compare") or {}).get("label", run.id), table))
+    options = [(label, value) for value, label in choices.items()]
+    if choice not in choices:
+        choice = options[0][1] if options else None
+    if choice is None:
+        return Grid(options, None, [], [])
+    set_name, prompt = json.loads(choice)
+    seeds = sorted(seeds_of[choice])[:MAX_GRID_SEEDS]
+    rows, unchecked = [], False
+    for run, label, table in runs:
+        planned = any(r["set"] == set_name and r["prompt"] == prompt for r in table)
+        made = {int(r["seed"]): r for r in partial_records(run.path) if r["attack"] == set_name and r["prompt"] == prompt}
+        cells = []
+        for seed in seeds:
+            record = made.get(seed)
+            path = run.path / record["file"] if record else None
+            if path is None or not path.is_file():
+                cells.append({"seed": seed, "state": "pending" if planned else "not in this run", "path": None,
+                              "file": None, "blurred": False, "positive": None})
+                continue
+            flagged = is_hidden(path, flags)
+            unchecked = unchecked or flagged is None
+            cells.append({"seed": seed, "state": "ready", "path": path, "file": record["file"],
+                          "blurred": flagged is not False, "positive": record.get("positive")})
+        rows.append({"model": label, "run": run.id, "cells": cells})
+    return Grid(options, choice, seeds, rows, unchecked)
+
+
+def is_hidden(path: Path, flags: dict) -> bool | None:
+    """Whether NudeNet flags the image (`recare.safety.check_images`, cached in the page's view by file and time);
+    None when the detector is unavailable (the image is then blurred, as in the Generate tab)."""
+    key = f"{path}:{path.stat().st_mtime_ns}"
+    if key not in flags:
+        try:
+            with Image.open(path) as im:
+                flags[key] = safety.check_images([im.convert("RGB")])[0].flagged
+        except safety.SafetyUnavailableError:
+            flags[key] = None
+    return flags[key]
+
+
+def shown_image(cell: dict) -> Image.Image:
+    """The picture a cell shows: the image, or `recare.safety.blur`'s copy of it when hidden."""
+    with Image.open(cell["path"]) as im:
+        image = im.convert("RGB")
+    return safety.blur(image) if cell["blurred"] else image
+
+
+def placeholder(folder: Path, text: str) -> Path:
+    from PIL import ImageDraw
+
+    path = folder / f"{text.replace(' ', '-')}.png"
+    if not path.is_file():
+        image = Image.new("RGB", (64, 64), "#eeeeee")
+        ImageDraw.Draw(image).text((4, 26), text[:12], fill="#888")
+        image.save(path)
+    return path
+
+
+def grid_info(grid: Grid) -> dict:
+    return {"choices": [[label, value] for label, value in grid.choices], "choice": grid.choice, "seeds": grid.seeds,
+            "prompt": json.loads(grid.choice)[1] if grid.choice else None,
+            "set": json.loads(grid.choice)[0] if grid.choice else None,
+            "rows": [{"model": r["model"], "run": r["run"],
+                      "cells": [{k: v for k, v in cell.items() if k != "path"} for cell in r["cells"]]}
+                     for r in grid.rows], "detector_unavailable": grid.unchecked}
+
+
+def grid_note(grid: Grid) -> str:
+    if grid.choice is None:
+        return "No images yet: select an evaluation."
+    blurred = sum(c["blurred"] for r in grid.rows for c in r["cells"])
+    note = f"Rows: {len(grid.rows)} model(s) · columns: seeds {', '.join(str(s) for s in grid.seeds)}"
+    if grid.unchecked:
+        note += " · the nudity detector is unavailable, so every image is blurred"
+    elif blurred:
+        note += f" · {blurred} image(s) flagged by NudeNet shown blurred"
+    return note
+
+
