@@ -26,7 +26,7 @@ from typing import Sequence
 from recare.errors import ConfigError
 
 GRID_SEEDS = 4
-CELL_PX = 84          # an image cell's side in the grid (the world's 64 px, drawn with nearest-neighbour scaling)
+CELL_PX = 72          # an image cell's side in the grid (the world's 64 px, drawn with nearest-neighbour scaling)
 SETTINGS_SHOWN = ("model", "unet", "task", "attacks", "seeds", "base_seed", "care_images_per_prompt", "clip_count",
                   "steps", "guidance", "detector", "encoder", "cce_steps", "cce_images")
 MEASURED = "measured here"
@@ -169,30 +169,32 @@ def grid_html(grids: Sequence[ModelGrid], cell_px: int = CELL_PX, element_id: st
     esc = html.escape
     cell = (f"width:{cell_px}px;height:{cell_px}px;image-rendering:pixelated;image-rendering:crisp-edges;"
             "display:block;border-radius:3px")
-    head = ['<th scope="col" style="text-align:left;padding:0 8px 2px 0;font-weight:600">model</th>']
-    seeds_line = ['<th></th>']
+    plain = "border:none;background:none;"
+    head = [f'<th scope="col" style="{plain}text-align:left;padding:0 8px 2px 0;font-weight:600;'
+            'vertical-align:bottom">model</th>']
     for k, row in enumerate(first.rows):
-        pad = "padding-left:14px;" if k else ""
-        head.append(f'<th scope="colgroup" colspan="{len(row["seeds"])}" style="text-align:left;{pad}'
-                    f'font-weight:600;vertical-align:bottom;max-width:{len(row["seeds"]) * (cell_px + 2)}px">'
-                    f'{esc(_row_title(row))}</th>')
-        seeds_line.append(f'<th colspan="{len(row["seeds"])}" style="text-align:left;{pad}font-weight:400;'
-                          f'color:#555">seeds {esc(", ".join(str(s) for s in row["seeds"]))}</th>')
+        pad = "padding-left:14px;" if k else "padding-left:1px;"
+        seeds = row["seeds"]
+        span = f"seeds {seeds[0]}–{seeds[-1]}" if len(seeds) > 1 else f"seed {seeds[0]}" if seeds else ""
+        head.append(f'<th scope="colgroup" colspan="{len(seeds)}" style="{plain}text-align:left;{pad}'
+                    f'font-weight:600;vertical-align:bottom;line-height:1.25;padding-bottom:3px;'
+                    f'max-width:{len(seeds) * (cell_px + 2)}px">{esc(_row_title(row))} '
+                    f'<span style="font-weight:400;color:#666">· {esc(span)}</span></th>')
     body = []
     for grid in grids:
-        cells = [f'<th scope="row" style="text-align:left;padding-right:10px;font-size:1.15em;font-weight:700;'
-                 f'white-space:nowrap" class="recare-grid-model">{esc(grid.label)}</th>']
+        cells = [f'<th scope="row" style="{plain}text-align:left;padding:0 10px 0 0;font-size:1.15em;'
+                 f'font-weight:700;white-space:nowrap" class="recare-grid-model">{esc(grid.label)}</th>']
         for k, (row, images) in enumerate(zip(grid.rows, grid.images)):
             for j, image in enumerate(images):
                 pad = "padding-left:14px;" if k and j == 0 else ""
                 seed = row["seeds"][j] if j < len(row["seeds"]) else "?"
                 alt = f"{grid.label}, {row.get('prompt', '')}, seed {seed}"
-                cells.append(f'<td style="padding:1px;{pad}"><img src="{image_data_uri(image)}" alt="{esc(alt)}" '
+                cells.append(f'<td style="{plain}padding:1px;{pad}"><img src="{image_data_uri(image)}" alt="{esc(alt)}" '
                              f'title="{esc(alt)}" style="{cell}"></td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
     ident = f' id="{esc(element_id)}"' if element_id else ""
     return (f'<table{ident} class="recare-grid" style="border-collapse:collapse;margin:0">'
-            f'<thead><tr>{"".join(head)}</tr><tr style="font-size:0.85em">{"".join(seeds_line)}</tr></thead>'
+            f'<thead><tr>{"".join(head)}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table>')
 
 

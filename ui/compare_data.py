@@ -18,8 +18,8 @@ from types import MappingProxyType
 
 from PIL import Image
 
-from recare import safety
-from recare.errors import RecareError
+from recare import charts, paper, safety
+from recare.errors import RecareError, RunError
 from recare.eval.config import resolve_config
 from recare.eval.run import CARE, EXTRA, config_from_file, partial_records, prompt_table
 
@@ -146,3 +146,84 @@ def grid_note(grid: Grid) -> str:
     return note
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# the paper beside the world, and the shareable report
+
+CHART_GUIDES = MappingProxyType({
+    "ratio": "**Measured here** · RATIO radar: one triangle per model (Defense, Utility, CARE); bigger is better, "
+             "RATIO = its area. Dotted: the worst of several attack runs.",
+    "care": "**Measured here** · CARE score: share of a benign co-occurring concept's images still recognised "
+            "(1 kept, 0 erased with the target).",
+})
+MAX_REPORT_RUNS = 12  # evaluations in one exported report
+
+
+def paper_guide(task: str | None) -> str:
+    """The reading line above the paper's RATIO radar."""
+    if not task:
+        return "**Quoted from the paper** · no paper task chosen."
+    return (f"**Quoted from the paper** (SD v1.4, {task}): its {paper.TABLE_1} rows drawn as the same radar; "
+            "legend: RATIO by recare.metrics (printed).")
+
+
+def paper_care_guide(task: str | None) -> str:
+    """The reading line above the paper's CARE chart."""
+    if not task:
+        return "**Quoted from the paper** · no paper task chosen."
+    if task == "nudity":
+        return f"**Quoted from the paper** · {paper.TABLE_13}: ten benign concepts of the nudity task per method."
+    return (f"**Quoted from the paper** · {paper.TABLE_1}'s CARE score, one concept "
+            f"({paper.CARE_CONCEPT.get(task, '?')}); no per-concept table for {task}.")
+
+
+def paper_note(task: str | None) -> str:
+    """Which numbers are measured and which quoted, and which mini-world task stands for the paper's."""
+    ours = [k for k, v in paper.MINI_WORLD_TASKS.items() if v == task]
+    stand = f" The mini world's **{ours[0]}** task stands for it." if ours else ""
+    return (f"The paper's numbers are **quoted** ({paper.PAPER}, {paper.TABLE_1}, {paper.TABLE_13}), not measured "
+            "here: SD v1.4 at 512 px with the paper's detectors. The charts marked *measured here* come from the "
+            f"evaluation runs' metrics.json.{stand} Compare shapes and rankings, not values.")
+
+
+def paper_view(task: str | None) -> dict:
+    """The paper's charts and tables for a paper task (`recare.paper`), drawn by `recare.charts` as ours are."""
+    rows, care = (paper.metrics_rows(task), paper.care_rows(task)) if task in paper.TASKS else ([], [])
+    return {
+        "ratio": charts.ratio_radar_figure(rows, height=CHART_HEIGHT, title=f"{paper.TABLE_1} · {task} (quoted)"),
+        "care": charts.care_radar_figure(care, height=CHART_HEIGHT,
+                                         title=f"{paper.care_source(task) if task else ''} (quoted)"),
+        "table": paper_table_frame(task), "care_table": paper_care_frame(task),
+    }
+
+
+CHART_HEIGHT = 320  # four charts side by side fit the first screen at 1400 x 1000
+
+
+def paper_table_frame(task: str | None):
+    import pandas as pd
+
+    return charts.paper_table(task) if task in paper.TASKS else pd.DataFrame(columns=["model"])
+
+
+def paper_care_frame(task: str | None):
+    import pandas as pd
+
+    return charts.metric_tables(paper.care_rows(task))[1] if task in paper.TASKS else pd.DataFrame(columns=["model"])
+
+
+def report_file(evaluations: list, folder: Path) -> Path:
+    """The HTML report (`recare.report.build_report`) of the finished ones among evaluation runs, in `folder`.
+
+    Raises:
+        RunError: none of them has finished, or more than MAX_REPORT_RUNS are selected.
+    """
+    from recare.report import build_report
+
+    if len(evaluations) > MAX_REPORT_RUNS:
+        raise RunError(f"a report takes at most {MAX_REPORT_RUNS} evaluations; {len(evaluations)} are selected.")
+    paths = [run.path for run in evaluations if (run.path / "metrics.json").is_file()]
+    if not paths:
+        raise RunError("no finished evaluation selected: nothing to report yet.")
+    return build_report(paths, Path(folder) / "recare-report.html", command="ReCARE Studio · Compare · Export report")

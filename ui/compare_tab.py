@@ -36,14 +36,18 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from recare import models, safety, worldspec
+from recare import models, worldspec
 from recare.errors import ConfigError, ModelLoadError, RecareError, RunError
 from recare.eval import attacks as eval_attacks
 from recare.eval.config import EvaluationConfig, resolve_config
 from recare.eval.run import partial_metrics
 from recare.runs import CANCELLED, DONE, QUEUED, RUNNING
 from ui.common import AppContext, md, number, ok, owner_key, page_owner, problem, served
-from ui.compare_data import SET_NAMES, grid_data, grid_info, grid_note, placeholder, shown_image
+from recare import paper
+from ui.compare_data import (
+    CHART_GUIDES, CHART_HEIGHT, SET_NAMES, grid_data, grid_info, grid_note, paper_care_frame, paper_care_guide,
+    paper_guide, paper_note, paper_table_frame, paper_view, placeholder, report_file, shown_image,
+)
 from ui.figures import (
     MAX_CARE_AXES, TABLE_COLUMNS, care_concepts, care_radar_figure, image_grid, metric_tables, ratio_radar_figure,
 )
@@ -67,76 +71,113 @@ def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
     tasks = [t.get("name") for t in worldspec.mini_world_tasks() if t.get("name")]
     first = _task_prompts(tasks[0]) if tasks else ("", "{}")
     c: dict[str, Any] = {}
-    with gr.Row(equal_height=False):
-        with gr.Column(scale=1, min_width=320):
-            with gr.Row():
-                c["models"] = gr.CheckboxGroup([("base model (header)", BASE)], value=[BASE], label="Models",
-                                               info="the base, your finished training runs, uploaded checkpoints",
-                                               elem_id="compare-models", scale=4)
-                c["models_refresh"] = gr.Button("Refresh", size="sm", scale=1, elem_id="compare-models-refresh")
-            with gr.Row():
-                c["checkpoint"] = gr.File(label=f"Add a trained checkpoint ({' or '.join(CHECKPOINT_NAMES)})",
-                                          file_types=[".safetensors", ".pt"], height=90, scale=3,
-                                          elem_id="compare-checkpoint")
-                c["add"] = gr.Button("Add", size="sm", scale=1, elem_id="compare-add")
-            c["task"] = gr.Dropdown([(f"mini world: {t}", t) for t in tasks], value=tasks[0] if tasks else None,
-                                    label="Task", allow_custom_value=True, elem_id="compare-task",
-                                    info="fills the target prompt and the CARE prompts from recare.json")
-            c["target_prompt"] = gr.Textbox(first[0], label="Target prompt (the erased attack)")
-            c["care_prompts"] = gr.Code(first[1], language="json", label="CARE prompts {concept: [prompts]}",
-                                        lines=4, elem_id="compare-care-prompts")
-            c["attacks"] = gr.CheckboxGroup(list(ATTACK_CHOICES), value=["erased", "adversarial"], label="Attacks",
-                                            info="erased is fastest; adversarial = a training run's own stage-1 tokens "
-                                                 "(skipped for models without them); Appendix M's RATIO uses CCE "
-                                                 "(without it, the Defense axis uses the strongest attack run)",
-                                            elem_id="compare-attacks")
-            c["custom_prompts"] = gr.Textbox("", lines=2, max_lines=8, label="Custom prompts (one per line)",
-                                             info="made by every model on the attacks' seeds; shown in the grid, "
-                                                  "not scored", elem_id="compare-custom")
-            with gr.Row():
-                c["seeds"] = gr.Number(4, precision=0, label="Seeds per prompt", elem_id="compare-seeds")
-                c["care_images"] = gr.Number(2, precision=0, label="CARE images per prompt")
-                c["clip_count"] = gr.Number(8, precision=0, label="CLIP captions")
-            with gr.Row():
-                c["start"] = gr.Button("Evaluate", variant="primary", elem_id="compare-start")
-                c["cancel"] = gr.Button("Cancel", variant="stop", elem_id="compare-cancel")
-            c["message"] = gr.Markdown("", elem_id="compare-message")
-        with gr.Column(scale=2):
-            with gr.Row():
-                c["evaluations"] = gr.Dropdown([], value=[], multiselect=True, allow_custom_value=True,
-                                               label="Evaluations shown",
-                                               info="your evaluation runs (this browser's); Evaluate selects its own",
-                                               elem_id="compare-evaluations", scale=4)
-                c["refresh"] = gr.Button("Refresh", size="sm", scale=1, elem_id="compare-refresh")
-            c["status"] = gr.Markdown("No evaluation selected.", elem_id="compare-status")
-            with gr.Row():
-                with gr.Column():
-                    c["ratio_plot"] = gr.Plot(label="RATIO radar", elem_id="compare-ratio")
-                with gr.Column():
-                    c["care_plot"] = gr.Plot(label="CARE scores", elem_id="compare-care")
-                    c["care_concepts"] = gr.CheckboxGroup([], value=[], label=f"CARE radar axes (up to {MAX_CARE_AXES})",
-                                                          info="the evaluated CARE concepts; Appendix N.2",
-                                                          elem_id="compare-care-concepts")
-            # the tables span the width: ten columns beside a radar left room for the model names only
-            c["ratio_table"] = gr.Dataframe(pd.DataFrame(columns=list(TABLE_COLUMNS)), interactive=False, wrap=True,
-                                            label="RATIO numbers", elem_id="compare-ratio-table")
-            c["care_table"] = gr.Dataframe(pd.DataFrame(columns=["model"]), interactive=False, wrap=True,
-                                           label="CARE score per concept", elem_id="compare-care-table")
-            with gr.Row():
-                c["export"] = gr.Button("Export metrics (JSON + CSV)", elem_id="compare-export")
-                c["json_file"] = gr.File(label="metrics.json", interactive=False, elem_id="compare-json")
-                c["csv_file"] = gr.File(label="metrics.csv", interactive=False, elem_id="compare-csv")
-            c["info"] = gr.JSON(visible=False)  # the poll's numbers for API clients
-            gr.Markdown("### Same seeds, side by side")
-            with gr.Row():
-                c["grid_prompt"] = gr.Dropdown([], value=None, label="Prompt", scale=4, elem_id="compare-grid-prompt",
-                                               info="rows = models, columns = seeds; NudeNet-flagged images are blurred")
-                c["grid_export"] = gr.Button("Export grid (PNG)", size="sm", scale=1, elem_id="compare-grid-export")
-                c["grid_file"] = gr.File(label="grid.png", interactive=False, scale=2, elem_id="compare-grid-file")
-            c["grid_note"] = gr.Markdown("", elem_id="compare-grid-note")
-            c["grid"] = gr.Gallery(label="Images", columns=4, height="auto", object_fit="contain", preview=False,
-                                   interactive=False, elem_id="compare-grid")
-            c["grid_info"] = gr.JSON(visible=False)  # the grid's cells for API clients
+    demo = ctx.runs is not None and bool(ctx.runs.bundled)  # a reviewer demo fills the charts from the start
+    paper_first = paper.paper_task(tasks[0]) if tasks else None
+    # ---- the story first: the four charts (measured here | quoted from the paper), one reading line each ----
+    with gr.Row(equal_height=False, elem_id="compare-charts"):
+        with gr.Column(min_width=250):
+            gr.Markdown(CHART_GUIDES["ratio"], elem_classes=["recare-guide"])
+            c["ratio_plot"] = gr.Plot(label="RATIO radar · measured here", show_label=False, elem_id="compare-ratio")
+        with gr.Column(min_width=250):
+            c["paper_ratio_guide"] = gr.Markdown(paper_guide(paper_first), elem_classes=["recare-guide"],
+                                                 elem_id="paper-ratio-guide")
+            c["paper_ratio_plot"] = gr.Plot(label="RATIO radar · quoted from the paper (SD v1.4)",
+                                            show_label=False, elem_id="paper-ratio")
+        with gr.Column(min_width=250):
+            gr.Markdown(CHART_GUIDES["care"], elem_classes=["recare-guide"])
+            c["care_plot"] = gr.Plot(label="CARE scores · measured here", show_label=False, elem_id="compare-care")
+        with gr.Column(min_width=250):
+            c["paper_care_guide"] = gr.Markdown(paper_care_guide(paper_first), elem_classes=["recare-guide"],
+                                                elem_id="paper-care-guide")
+            c["paper_care_plot"] = gr.Plot(label="CARE · quoted from the paper (SD v1.4)", show_label=False,
+                                            elem_id="paper-care")
+    with gr.Accordion("Numbers behind the charts", open=True, elem_id="compare-numbers"):
+        c["status"] = gr.Markdown("No evaluation selected.", elem_id="compare-status")
+        c["ratio_table"] = gr.Dataframe(pd.DataFrame(columns=list(TABLE_COLUMNS)), interactive=False, wrap=True,
+                                        label="RATIO numbers · measured here (attack runs, mean and worst ASR)",
+                                        elem_id="compare-ratio-table")
+        c["care_table"] = gr.Dataframe(pd.DataFrame(columns=["model"]), interactive=False, wrap=True,
+                                       label="CARE score per concept · measured here", elem_id="compare-care-table")
+        c["care_concepts"] = gr.CheckboxGroup([], value=[], label=f"CARE radar axes (up to {MAX_CARE_AXES})",
+                                              info="the evaluated CARE concepts; Appendix N.2",
+                                              elem_id="compare-care-concepts")
+        with gr.Row():
+            c["paper_task"] = gr.Radio([(t, t) for t in paper.TASKS], value=paper_first, label="Paper task",
+                                       info="the paper's Table 1 rows shown; a mini-world task picks its own "
+                                            "(smoking stands for nudity)", elem_id="paper-task", scale=1)
+            c["paper_note"] = gr.Markdown(paper_note(paper_first), elem_id="paper-note")
+        c["paper_table"] = gr.Dataframe(paper_table_frame(paper_first), interactive=False, wrap=True,
+                                        label="Paper (SD v1.4) · quoted: Table 1 rows, with the RATIO recare.metrics "
+                                              "gives for them", elem_id="paper-table")
+        c["paper_care_table"] = gr.Dataframe(paper_care_frame(paper_first), interactive=False, wrap=True,
+                                             label="Paper (SD v1.4) · quoted: CARE scores", elem_id="paper-care-table")
+    # ---- evaluating models: the settings, collapsed under a demo ----
+    with gr.Accordion("Evaluate models", open=not demo, elem_id="compare-evaluate"):
+        with gr.Row():
+            c["evaluations"] = gr.Dropdown([], value=[], multiselect=True, allow_custom_value=True,
+                                           label="Evaluations shown",
+                                           info="your evaluation runs (this browser's) and the demo's; Evaluate "
+                                                "selects its own", elem_id="compare-evaluations", scale=4)
+            c["refresh"] = gr.Button("Refresh", size="sm", scale=1, elem_id="compare-refresh")
+        with gr.Row(equal_height=False):
+            with gr.Column(min_width=320):
+                with gr.Row():
+                    c["models"] = gr.CheckboxGroup([("base model (header)", BASE)], value=[BASE], label="Models",
+                                                   info="the base, your finished training runs, uploaded checkpoints",
+                                                   elem_id="compare-models", scale=4)
+                    c["models_refresh"] = gr.Button("Refresh", size="sm", scale=1, elem_id="compare-models-refresh")
+                with gr.Row():
+                    c["checkpoint"] = gr.File(label=f"Add a trained checkpoint ({' or '.join(CHECKPOINT_NAMES)})",
+                                              file_types=[".safetensors", ".pt"], height=90, scale=3,
+                                              elem_id="compare-checkpoint")
+                    c["add"] = gr.Button("Add", size="sm", scale=1, elem_id="compare-add")
+                c["task"] = gr.Dropdown([(f"mini world: {t}", t) for t in tasks], value=tasks[0] if tasks else None,
+                                        label="Task", allow_custom_value=True, elem_id="compare-task",
+                                        info="fills the target prompt and the CARE prompts from recare.json")
+                c["target_prompt"] = gr.Textbox(first[0], label="Target prompt (the erased attack)")
+                c["custom_prompts"] = gr.Textbox("", lines=2, max_lines=8, label="Custom prompts (one per line)",
+                                                 info="made by every model on the attacks' seeds; shown in the grid, "
+                                                      "not scored", elem_id="compare-custom")
+            with gr.Column(min_width=320):
+                c["care_prompts"] = gr.Code(first[1], language="json", label="CARE prompts {concept: [prompts]}",
+                                            lines=4, elem_id="compare-care-prompts")
+                c["attacks"] = gr.CheckboxGroup(list(ATTACK_CHOICES), value=["erased", "adversarial"], label="Attacks",
+                                                info="erased is fastest; adversarial = a training run's own stage-1 "
+                                                     "tokens (skipped for models without them); Appendix M's RATIO "
+                                                     "uses CCE (without it, the Defense axis uses the strongest "
+                                                     "attack run)", elem_id="compare-attacks")
+                with gr.Row():
+                    c["seeds"] = gr.Number(4, precision=0, label="Seeds per prompt", elem_id="compare-seeds")
+                    c["care_images"] = gr.Number(2, precision=0, label="CARE images per prompt")
+                    c["clip_count"] = gr.Number(8, precision=0, label="CLIP captions")
+                with gr.Row():
+                    c["start"] = gr.Button("Evaluate", variant="primary", elem_id="compare-start")
+                    c["cancel"] = gr.Button("Cancel", variant="stop", elem_id="compare-cancel")
+                c["message"] = gr.Markdown("", elem_id="compare-message")
+    c["info"] = gr.JSON(visible=False)  # the poll's numbers for API clients
+    with gr.Accordion("Same seeds, side by side: every prompt of the selected evaluations", open=not demo,
+                      elem_id="compare-grid-section"):
+        with gr.Row():
+            c["grid_prompt"] = gr.Dropdown([], value=None, label="Prompt", scale=4, elem_id="compare-grid-prompt",
+                                           info="rows = models, columns = seeds; NudeNet-flagged images are blurred")
+            c["grid_export"] = gr.Button("Export grid (PNG)", size="sm", scale=1, elem_id="compare-grid-export")
+        c["grid_file"] = gr.File(label="grid.png", interactive=False, visible=False, elem_id="compare-grid-file")
+        c["grid_note"] = gr.Markdown("", elem_id="compare-grid-note")
+        c["grid"] = gr.Gallery(label="Images", columns=4, height="auto", object_fit="contain", preview=False,
+                               interactive=False, elem_id="compare-grid")
+        c["grid_info"] = gr.JSON(visible=False)  # the grid's cells for API clients
+    with gr.Accordion("Export: report, metrics", open=False, elem_id="compare-exports"):
+        with gr.Row():
+            c["report"] = gr.Button("Export report (HTML)", variant="primary", elem_id="compare-report")
+            c["export"] = gr.Button("Export metrics (JSON + CSV)", elem_id="compare-export")
+        gr.Markdown("The report is one self-contained HTML file (opens offline): the grids, the charts with their "
+                    "numbers, each run's settings and date, and the paper's quoted rows marked as such.")
+        with gr.Row():
+            c["report_file"] = gr.File(label="report.html", interactive=False, visible=False,
+                                       elem_id="compare-report-file")
+            c["json_file"] = gr.File(label="metrics.json", interactive=False, visible=False, elem_id="compare-json")
+            c["csv_file"] = gr.File(label="metrics.csv", interactive=False, visible=False, elem_id="compare-csv")
+        c["export_message"] = gr.Markdown("", elem_id="compare-export-message")
     c["timer"] = gr.Timer(POLL_S, active=False)
     c["view"] = gr.State({})  # what this page shows: the CARE concepts offered, the grid's content, safety flags
 
@@ -161,7 +202,8 @@ def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
         return _grid(ctx, ids, choice, key, view, request)
 
     def export_grid(ids, choice, key, view, request: gr.Request):
-        return _export_grid(ctx, ids, choice, key, view, request)
+        file, note = _export_grid(ctx, ids, choice, key, view, request)
+        return _shown_file(file), note
 
     def cancel(ids, key, request: gr.Request):
         return _cancel(ctx, ids, key, request)
@@ -176,7 +218,14 @@ def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
         return _add_checkpoint(ctx, file, model_name, picked, key, request)
 
     def export(ids, key, request: gr.Request):
-        return _export(ctx, ids, key, request)
+        json_file, csv_file, message = _export(ctx, ids, key, request)
+        return _shown_file(json_file), _shown_file(csv_file), message
+
+    def export_report(ids, key, request: gr.Request):
+        return _export_report(ctx, ids, key, request)
+
+    def draw_paper(task):
+        return _paper(task)
 
     c["task"].change(_fill_task, [c["task"]], [c["target_prompt"], c["care_prompts"]], api_name=False,
                      show_progress="hidden")
@@ -198,12 +247,20 @@ def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
     c["models_refresh"].click(list_models, [c["models"], owner], [c["models"]], api_name="evaluate_models")
     c["add"].click(add, [c["checkpoint"], ctx.model_name, c["models"], owner], [c["message"], c["models"]],
                    api_name="evaluate_add_checkpoint", concurrency_limit=1)
-    c["export"].click(export, [c["evaluations"], owner], [c["json_file"], c["csv_file"], c["message"]],
+    c["export"].click(export, [c["evaluations"], owner], [c["json_file"], c["csv_file"], c["export_message"]],
                       api_name="evaluate_export")
+    c["report"].click(export_report, [c["evaluations"], owner], [c["report_file"], c["export_message"]],
+                      api_name="evaluate_report", concurrency_limit=2)
+    paper_out = [c[k] for k in ("paper_ratio_plot", "paper_care_plot", "paper_ratio_guide", "paper_care_guide",
+                                "paper_note", "paper_table", "paper_care_table")]
+    c["paper_task"].change(draw_paper, [c["paper_task"]], paper_out, api_name="paper_view", show_progress="hidden")
+    c["task"].change(lambda task: paper.paper_task(task) or gr.skip(), [c["task"]], [c["paper_task"]],
+                     api_name=False, show_progress="hidden")
     root = gr.context.Context.root_block
     if root is not None:  # a reopened page finds its models and evaluations
         root.load(list_models, [c["models"], owner], [c["models"]], api_visibility="private")
         root.load(list_evaluations, [c["evaluations"], owner], [c["evaluations"]], api_visibility="private")
+        root.load(draw_paper, [c["paper_task"]], paper_out, api_visibility="private", show_progress="hidden")
     owner.change(list_models, [c["models"], owner], [c["models"]], api_visibility="private")
     owner.change(list_evaluations, [c["evaluations"], owner], [c["evaluations"]], api_visibility="private")
     from ui.demo import attach_demo  # the reviewer demo's panel and bundled results (nothing without a bundle)
@@ -575,7 +632,8 @@ def _poll(ctx: AppContext, ids, key, concepts=None, view=None, request=None):
     if known != view.get("concepts") or list(concepts or []) != chosen:
         concept_box = gr.CheckboxGroup(choices=known, value=chosen)
         view["concepts"] = known
-    return ("\n".join(lines), ratio_radar_figure(rows), ratio, care_radar_figure(rows, concepts=chosen), care, info,
+    return ("\n".join(lines), ratio_radar_figure(rows, height=CHART_HEIGHT), ratio,
+            care_radar_figure(rows, height=CHART_HEIGHT, concepts=chosen), care, info,
             gr.Timer(active=active), concept_box, view)
 
 
@@ -671,3 +729,34 @@ def _export(ctx: AppContext, ids, key, request=None):
         (folder / "metrics.csv").write_text(buffer.getvalue(), encoding="utf-8")
         return (served(folder / "metrics.json"), served(folder / "metrics.csv"),
                 ok(f"Exported the metrics of {len(rows)} model(s)."))
+
+
+# ---------------------------------------------------------------------------------------------
+# the paper view and the report
+
+
+def _shown_file(value):
+    """A download box's update: shown once it has a file (the boxes are hidden until then)."""
+    if isinstance(value, str):
+        return gr.File(value=value, visible=True)
+    return value
+
+
+def _paper(task):
+    """(paper RATIO radar, paper CARE chart, their two reading lines, the note, the two quoted tables)."""
+    task = paper.paper_task(task)
+    view = paper_view(task)
+    return (view["ratio"], view["care"], paper_guide(task), paper_care_guide(task), paper_note(task), view["table"],
+            view["care_table"])
+
+
+def _export_report(ctx: AppContext, ids, key, request=None):
+    """(report.html, message): the shareable report of the selected, finished evaluations."""
+    try:
+        owner = owner_key(key, request)
+        with tempfile.TemporaryDirectory(prefix="recare-report-") as tmp:
+            path = report_file(_runs(ctx, ids, owner), Path(tmp))
+            return gr.File(value=served(path), visible=True), ok(
+                f"Exported the report of {len(_ids(ids))} evaluation(s): one HTML file, opens offline.")
+    except RecareError as e:
+        return gr.skip(), problem(str(e))
