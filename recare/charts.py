@@ -222,8 +222,8 @@ def care_radar_figure(rows: list[dict], height: int = 420, concepts: list[str] |
                                           opacity=0.35 if partial else 0.6, showlegend=True, meta=meta,
                                           hovertemplate="%{theta}: %{r:.3f}<extra>" + model + "</extra>"))
     if title is None:
-        title = (f"CARE score per concept (bars: {len(concepts)} concept{'s' if len(concepts) != 1 else ''}; "
-                 "a radar needs 3)" if as_bars else "CARE radar (Appendix N.2)")
+        title = (f"CARE score ({len(concepts)} concept{'s' if len(concepts) != 1 else ''}: bars)" if as_bars
+                 else "CARE radar (Appendix N.2)")
     _layout(fig, html.escape(title), height, "care")
     if as_bars:
         fig.update_layout(barmode="group", yaxis={"range": [0, 1], "title": "CARE score"})

@@ -185,7 +185,7 @@ def care_rows(task: str) -> list[dict]:
 
 def care_source(task: str) -> str:
     """Which table the paper's CARE chart of a task quotes."""
-    return TABLE_13 if task == "nudity" else f"{TABLE_1} (CARE score, one concept: {CARE_CONCEPT.get(task, '?')})"
+    return TABLE_13 if task == "nudity" else f"{TABLE_1} CARE · {CARE_CONCEPT.get(task, '?')}"
 
 
 __all__ = ["PAPER", "TABLE_1", "TABLE_13", "MODEL", "TABLE_1_COLUMNS", "TASKS", "MINI_WORLD_TASKS", "CARE_CONCEPT",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from types import MappingProxyType
 
 import plotly.graph_objects as go
@@ -211,13 +212,48 @@ def loss_figure(rows: list[dict], title: str = "", height: int = 360) -> go.Figu
         fig.add_vline(x=x - 0.5, line={"dash": "dot", "color": "#aaa", "width": 1})
         fig.add_annotation(x=x - 0.5, y=1, yref="paper", text=html.escape(name), showarrow=False, xanchor="left",
                            font={"size": 10, "color": "#777"})
+    yaxis = {"title": "loss", "type": "log"}
+    shown = loss_axis_range([y for data in traces.values() for y in data["y"]])
+    if shown is not None:
+        (lo, hi), hidden = shown
+        yaxis["range"] = [math.log10(lo) - 0.15, math.log10(hi) + 0.15]
+        if hidden:
+            fig.add_annotation(x=1, y=0, xref="paper", yref="paper", xanchor="right", yanchor="bottom",
+                               showarrow=False, font={"size": 10, "color": "#777"},
+                               text=f"{hidden} value(s) below {lo / LOSS_AXIS_DEPTH:.0e} off the axis (near 0, e.g. the "
+                                    "first retain loss)")
     fig.update_layout(
         template="plotly_white", height=height, margin={"l": 50, "r": 10, "t": 36, "b": 40},
         title={"text": html.escape(title), "font": {"size": 13}, "x": 0.01, "xanchor": "left"},
-        xaxis={"title": "step (all loops in order)"}, yaxis={"title": "loss", "type": "log"},
+        xaxis={"title": "step (all loops in order)"}, yaxis=yaxis,
         legend={"orientation": "h", "x": 0, "y": -0.2}, uirevision="loss",
     )
     return fig
+
+
+LOSS_AXIS_DEPTH = 1e4  # the log axis spans at most this factor below the losses' median
+
+
+def loss_axis_range(values: list[float]) -> tuple[tuple[float, float], int] | None:
+    """((lo, hi), how many values lie below lo) for the loss plot's log axis, or None to let plotly choose.
+
+    A loss that is numerically zero (stage 2's retain loss at its first step, when the model still equals the
+    frozen copy: about 1e-12) would stretch a log axis over twelve decades and flatten every curve; the axis
+    stops at LOSS_AXIS_DEPTH below the median of the values, and the few below it are left off (and counted).
+
+    Args:
+        values: every positive loss value drawn.
+    """
+    if not values:
+        return None
+    ordered = sorted(values)
+    median = ordered[len(ordered) // 2]
+    floor = median / LOSS_AXIS_DEPTH
+    kept = [v for v in ordered if v >= floor]
+    hidden = len(ordered) - len(kept)
+    if not hidden:
+        return None
+    return (kept[0], kept[-1]), hidden
 
 
 # ---------------------------------------------------------------------------------------------
