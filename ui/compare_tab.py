@@ -202,8 +202,7 @@ def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
         return _grid(ctx, ids, choice, key, view, request)
 
     def export_grid(ids, choice, key, view, request: gr.Request):
-        file, note = _export_grid(ctx, ids, choice, key, view, request)
-        return _shown_file(file), note
+        return _export_grid(ctx, ids, choice, key, view, request)
 
     def cancel(ids, key, request: gr.Request):
         return _cancel(ctx, ids, key, request)
@@ -218,8 +217,7 @@ def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
         return _add_checkpoint(ctx, file, model_name, picked, key, request)
 
     def export(ids, key, request: gr.Request):
-        json_file, csv_file, message = _export(ctx, ids, key, request)
-        return _shown_file(json_file), _shown_file(csv_file), message
+        return _export(ctx, ids, key, request)
 
     def export_report(ids, key, request: gr.Request):
         return _export_report(ctx, ids, key, request)
@@ -241,16 +239,20 @@ def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
     c["status_btn"].click(poll, poll_in, poll_out, api_name="evaluate_status", show_progress="hidden")
     c["grid_btn"] = gr.Button(visible=False)
     c["grid_btn"].click(grid, grid_in, grid_out, api_name="evaluate_grid", show_progress="hidden")
-    c["grid_export"].click(export_grid, grid_in, [c["grid_file"], c["grid_note"]], api_name="evaluate_export_grid")
+    c["grid_export"].click(export_grid, grid_in, [c["grid_file"], c["grid_note"]], api_name="evaluate_export_grid").then(
+        _show_files, [c["grid_file"]], [c["grid_file"]], api_name=False, show_progress="hidden")
     c["cancel"].click(cancel, [c["evaluations"], owner], [c["message"], c["timer"]], api_name="evaluate_cancel")
     c["refresh"].click(list_evaluations, [c["evaluations"], owner], [c["evaluations"]], api_name="evaluate_list")
     c["models_refresh"].click(list_models, [c["models"], owner], [c["models"]], api_name="evaluate_models")
     c["add"].click(add, [c["checkpoint"], ctx.model_name, c["models"], owner], [c["message"], c["models"]],
                    api_name="evaluate_add_checkpoint", concurrency_limit=1)
     c["export"].click(export, [c["evaluations"], owner], [c["json_file"], c["csv_file"], c["export_message"]],
-                      api_name="evaluate_export")
+                      api_name="evaluate_export").then(
+        _show_files, [c["json_file"], c["csv_file"]], [c["json_file"], c["csv_file"]], api_name=False,
+        show_progress="hidden")
     c["report"].click(export_report, [c["evaluations"], owner], [c["report_file"], c["export_message"]],
-                      api_name="evaluate_report", concurrency_limit=2)
+                      api_name="evaluate_report", concurrency_limit=2).then(
+        _show_files, [c["report_file"]], [c["report_file"]], api_name=False, show_progress="hidden")
     paper_out = [c[k] for k in ("paper_ratio_plot", "paper_care_plot", "paper_ratio_guide", "paper_care_guide",
                                 "paper_note", "paper_table", "paper_care_table")]
     c["paper_task"].change(draw_paper, [c["paper_task"]], paper_out, api_name="paper_view", show_progress="hidden")
@@ -735,11 +737,10 @@ def _export(ctx: AppContext, ids, key, request=None):
 # the paper view and the report
 
 
-def _shown_file(value):
-    """A download box's update: shown once it has a file (the boxes are hidden until then)."""
-    if isinstance(value, str):
-        return gr.File(value=value, visible=True)
-    return value
+def _show_files(*files):
+    """Download boxes are hidden until they hold a file: show each one that has one."""
+    shown = [gr.File(visible=True) if f else gr.skip() for f in files]
+    return shown[0] if len(shown) == 1 else shown
 
 
 def _paper(task):
@@ -756,7 +757,7 @@ def _export_report(ctx: AppContext, ids, key, request=None):
         owner = owner_key(key, request)
         with tempfile.TemporaryDirectory(prefix="recare-report-") as tmp:
             path = report_file(_runs(ctx, ids, owner), Path(tmp))
-            return gr.File(value=served(path), visible=True), ok(
+            return served(path), ok(
                 f"Exported the report of {len(_ids(ids))} evaluation(s): one HTML file, opens offline.")
     except RecareError as e:
         return gr.skip(), problem(str(e))
