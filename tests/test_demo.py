@@ -275,7 +275,7 @@ def test_demo_show_draws_the_task_with_the_librarys_numbers(demo_app, bundle):
 
     client = _client(demo_app)
     out = client.predict("tiny", api_name="/demo_show")
-    evaluations, status, ratio_plot, ratio_table, care_plot, care_table, info, grid, estimate, paper_task = out
+    evaluations, status, ratio_plot, ratio_table, care_plot, care_table, info, grid, estimate, paper_task, head = out
     ids = evaluations["value"] if isinstance(evaluations, dict) else evaluations
     assert ids == ["evaluate-demo-tiny-base", "evaluate-demo-tiny-esd"]
     saved = json.loads((bundle / ids[1] / "metrics.json").read_text())
@@ -289,6 +289,7 @@ def test_demo_show_draws_the_task_with_the_librarys_numbers(demo_app, bundle):
     assert grid.count("<img ") == sum(len(r["seeds"]) for e in demo.task_entries(demo.read_index(bundle), "tiny")
                                       for r in e["grid"]["rows"])
     assert paper_task == {"__type__": "update"}  # "tiny" stands for no task of the paper: left as it is
+    assert f"| ESD | {number['ratio']:.3f} | – |" in head  # the headline: no paper row for "tiny"
     assert "Re-run on" in estimate and "evaluations about" in estimate
 
 

@@ -152,20 +152,21 @@ def grid_note(grid: Grid) -> str:
 # the paper beside the world, and the shareable report
 
 CHART_GUIDES = MappingProxyType({
-    "ratio": "**Measured here** · RATIO radar: one triangle per model (Defense, Utility, CARE); bigger is better, "
-             "RATIO = its area. Dotted: the worst of several attack runs.",
-    "care": "**Measured here** · CARE score: share of a benign co-occurring concept's images still recognised "
-            "(1 kept, 0 erased with the target).",
+    "ratio": "**Measured here** · RATIO: a triangle per model (Defense, Utility, CARE); bigger is better. "
+             "Dotted: worst attack run.",
+    "care": "**Measured here** · CARE score: how often a benign co-occurring concept is still recognised "
+            "(1 kept).",
 })
-MAX_REPORT_RUNS = 12  # evaluations in one exported report
+MAX_REPORT_RUNS = 12
+METHOD_NAMES = MappingProxyType({"base": "base", "esd": "ESD", "recare": "ReCARE"})  # evaluations in one exported report
 
 
 def paper_guide(task: str | None) -> str:
     """The reading line above the paper's RATIO radar."""
     if not task:
         return "**Quoted from the paper** · no paper task chosen."
-    return (f"**Quoted from the paper** (SD v1.4, {task}): its {paper.TABLE_1} rows drawn as the same radar; "
-            "legend: RATIO by recare.metrics (printed).")
+    return (f"**Quoted from the paper** (SD v1.4, {task}): {paper.TABLE_1} as the same radar; legend: our "
+            "formula's RATIO (printed).")
 
 
 def paper_care_guide(task: str | None) -> str:
@@ -173,9 +174,9 @@ def paper_care_guide(task: str | None) -> str:
     if not task:
         return "**Quoted from the paper** · no paper task chosen."
     if task == "nudity":
-        return f"**Quoted from the paper** · {paper.TABLE_13}: ten benign concepts of the nudity task per method."
-    return (f"**Quoted from the paper** · {paper.TABLE_1}'s CARE score, one concept "
-            f"({paper.CARE_CONCEPT.get(task, '?')}); no per-concept table for {task}.")
+        return f"**Quoted from the paper** · {paper.TABLE_13}: ten benign concepts of nudity, per method."
+    return (f"**Quoted from the paper** · {paper.TABLE_1}'s CARE score of one concept "
+            f"({paper.CARE_CONCEPT.get(task, '?')}).")
 
 
 def paper_note(task: str | None) -> str:
@@ -198,7 +199,7 @@ def paper_view(task: str | None) -> dict:
     }
 
 
-CHART_HEIGHT = 320  # four charts side by side fit the first screen at 1400 x 1000
+CHART_HEIGHT = 300  # four charts side by side fit the first screen at 1400 x 1000
 
 
 def paper_table_frame(task: str | None):
@@ -227,3 +228,24 @@ def report_file(evaluations: list, folder: Path) -> Path:
     if not paths:
         raise RunError("no finished evaluation selected: nothing to report yet.")
     return build_report(paths, Path(folder) / "recare-report.html", command="ReCARE Studio · Compare · Export report")
+
+
+def headline(rows: list[dict], numbers: list[dict], task: str | None) -> str:
+    """A Markdown table: each model's RATIO measured here beside the paper's for the same method (quoted).
+
+    Args:
+        rows: the measured metrics rows, with "key" (base, esd, recare) and "run".
+        numbers: their radar numbers (`recare.charts.metric_tables`), with "run" and "ratio".
+        task: the paper's task the rows stand for (None: no paper column).
+    """
+    quoted = {r["key"]: r for r in paper.metrics_rows(task)} if task in paper.TASKS else {}
+    ratio_of = {n["run"]: n["ratio"] for n in numbers}
+    lines = [f"| model | RATIO measured here | RATIO quoted (paper, {task or '–'}) |", "|---|---|---|"]
+    for row in rows:
+        measured = ratio_of.get(row.get("run"))
+        q = quoted.get(row.get("key"))
+        cell = "–" if q is None else f"{q['ratio']['printed']:.2f} (printed)"
+        name = METHOD_NAMES.get(row.get("key"), str(row.get("model", "")))
+        lines.append(f"| {name.replace('|', '/')} | "
+                     f"{'–' if measured is None else f'{measured:.3f}'} | {cell} |")
+    return "\n".join(lines)

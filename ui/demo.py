@@ -27,7 +27,7 @@ from recare import demo as demo_bundle
 from recare.errors import ConfigError, RecareError
 from ui.common import AppContext, md, ok, owner_key, problem
 from recare import paper
-from ui.compare_data import CHART_HEIGHT
+from ui.compare_data import CHART_HEIGHT, headline
 from ui.compare_tab import collect_evaluations, evaluation_choices
 from ui.figures import care_radar_figure, metric_tables, ratio_radar_figure
 
@@ -60,16 +60,18 @@ def attach_demo(ctx: AppContext, c: dict[str, Any]) -> dict[str, Any]:
     parent = gr.context.Context.block
     with gr.Row(equal_height=False, elem_id="demo-panel") as panel:
         with gr.Column(scale=3, min_width=560):
+            c["demo_guide"] = gr.Markdown(_guide(index), elem_id="demo-guide", elem_classes=["recare-guide"])
             c["demo_grids"] = gr.HTML(_grid_html(ctx, folder, index, tasks[0]), elem_id="demo-grids")
         with gr.Column(scale=2, min_width=320):
             c["demo_banner"] = gr.Markdown(_banner(index), elem_id="demo-banner")
             with gr.Row(equal_height=True):
-                c["demo_task"] = gr.Dropdown([(f"mini world: {t}", t) for t in tasks], value=tasks[0],
-                                             label="Demo task", elem_id="demo-task", scale=3)
+                c["demo_task"] = gr.Dropdown([(f"demo task · mini world: {t}", t) for t in tasks], value=tasks[0],
+                                             label="Demo task", show_label=False, elem_id="demo-task", scale=3)
                 c["demo_rerun"] = gr.Button("Re-run live", elem_id="demo-rerun", scale=1, min_width=120)
-            with gr.Accordion("Re-run: how long it takes", open=False):
-                c["demo_estimate"] = gr.Markdown("", elem_id="demo-estimate")
+            c["demo_headline"] = gr.Markdown("", elem_id="demo-headline")
             c["demo_message"] = gr.Markdown("", elem_id="demo-message")
+            with gr.Accordion("Re-run live: what it does, how long it takes", open=False):
+                c["demo_estimate"] = gr.Markdown("", elem_id="demo-estimate")
     if parent is not None and panel in parent.children:  # the panel is what a reviewer should see first
         parent.children.remove(panel)
         parent.children.insert(0, panel)
@@ -83,7 +85,7 @@ def attach_demo(ctx: AppContext, c: dict[str, Any]) -> dict[str, Any]:
 
     owner = ctx.owner
     draw_out = [c[k] for k in DRAW_OUTPUTS]
-    show_out = [c["evaluations"], *draw_out, c["demo_grids"], c["demo_estimate"], c["paper_task"]]
+    show_out = [c["evaluations"], *draw_out, c["demo_grids"], c["demo_estimate"], c["paper_task"], c["demo_headline"]]
 
     def show(task):
         return _show(ctx, task)
@@ -120,12 +122,16 @@ def _choices(ctx: AppContext, index: dict) -> list[tuple[str, str]]:
 
 
 def _banner(index: dict) -> str:
-    created = str(index.get("created") or "")[:10]
     models = ", ".join(demo_bundle.MODELS.get(m, (None, m))[1] for m in index.get("models", []))
-    return (f"### Reviewer demo · {models} on the mini world\n"
-            f"Left: each model's images on the same seeds; the **target prompt** should lose its concept, the "
-            f"**CARE prompt** should keep its own. Below: the charts **measured here** (bundled evaluations, "
-            f"{md(created)}) beside the paper's **quoted** ones. **Re-run live** recomputes the task as your runs.")
+    return f"### Reviewer demo · {models} on the mini world"
+
+
+def _guide(index: dict) -> str:
+    """The grid's reading line."""
+    created = str(index.get("created") or "")[:10]
+    return ("Same seeds for every model: the **target prompt** should lose its concept, the **CARE prompt** keep "
+            f"its own. Below: charts **measured here** (bundled evaluations, {md(created)}) beside the paper's, "
+            "**quoted**.")
 
 
 def _grid_html(ctx: AppContext, folder, index: dict, task: str) -> str:
@@ -176,13 +182,13 @@ def _duration(seconds: float) -> str:
 
 def _show(ctx: AppContext, task):
     """(evaluations dropdown, status, RATIO radar, its table, CARE chart, its table, info, grid, estimate,
-    paper task)."""
+    paper task, headline: RATIO measured beside the paper's)."""
     found = demo_of(ctx)
     entries = _entries(ctx, found[1], task) if found and isinstance(task, str) else []
     if not entries:
         message = problem(f"the demo has no results for the task {str(task)[:40]!r}.")
         return (gr.skip(), message, gr.skip(), gr.skip(), gr.skip(), gr.skip(), {"error": message}, gr.skip(),
-                gr.skip(), gr.skip())
+                gr.skip(), gr.skip(), gr.skip())
     try:
         ids = [e["run"] for e in entries]  # bundled runs only (`_entries`): readable by every browser
         states, rows = collect_evaluations(ctx, ids, owner=None)
@@ -194,13 +200,13 @@ def _show(ctx: AppContext, task):
     except (RecareError, OSError, ValueError) as e:
         message = problem(f"the demo bundle cannot be read: {e}")
         return (gr.skip(), message, gr.skip(), gr.skip(), gr.skip(), gr.skip(), {"error": message}, gr.skip(),
-                gr.skip(), gr.skip())
+                gr.skip(), gr.skip(), gr.skip())
     lines = [f"- **{md(s['model'])}** ({s['id']}): ✓ bundled result" for s in states]
     info = {"runs": states, "ratio": numbers, "care": {r["model"]: (r.get("care_score") or {}).get("per_concept")
                                                        for r in rows}, "all_done": True, "demo_task": task}
     return (gr.Dropdown(value=ids), "\n".join(lines), ratio_radar_figure(rows, height=CHART_HEIGHT), ratio,
             care_radar_figure(rows, height=CHART_HEIGHT), care, info, grid, estimate,
-            paper.paper_task(task) or gr.skip())
+            paper.paper_task(task) or gr.skip(), headline(rows, numbers, paper.paper_task(task)))
 
 
 def _rerun(ctx: AppContext, task, key, request=None):
