@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -209,8 +210,11 @@ def test_train_start_watch_cancel_resume_finish(train_app, tmp_path):
         expect(page.locator("#train-previews img")).to_have_count(2, timeout=180_000)
         page.wait_for_function(f"() => document.querySelector('#train-loss .recare-plot').data"
                                f".reduce((n, t) => n + ((t.x || []).length), 0) > {first}", timeout=120_000)
+        expect(page.locator("#train-run input")).not_to_have_value(re.compile("queued|running|done"))  # no stale state
         page.evaluate("window.scrollTo(0, 0)")
-        page.screenshot(path=str(shots / "train.png"), clip={"x": 0, "y": 0, "width": 1440, "height": 1100})
+        page.screenshot(path=str(shots / "train.png"), full_page=True,
+                        clip={"x": 0, "y": 0, "width": 1440, "height": 1300})  # the previews' both rows
+        _small_png(shots / "train.png")
         # cancel: the run stops with a resumable state; resume: it finishes
         page.click("#train-cancel")
         expect(page.locator("#train-message")).to_contain_text("Cancel", timeout=30_000)
@@ -321,8 +325,11 @@ def test_compare_base_vs_a_trained_run(train_app, tmp_path):
         page.get_by_role("option", name="custom · a boat on a lake").click()
         page.wait_for_function("() => [...document.querySelectorAll('#compare-grid img')].length === 4 && "
                                "[...document.querySelectorAll('#compare-grid img')].every(i => i.complete)")
-        page.locator("#compare-ratio").scroll_into_view_if_needed()
-        top = page.locator("#compare-models").bounding_box()["y"] + page.evaluate("window.scrollY") - 20
+        for box in ("#compare-json", "#compare-csv", "#compare-grid-file", "#compare-report-file"):
+            expect(page.locator(box)).to_be_hidden()  # no download box before there is a file
+        page.click("#compare-grid-export")
+        expect(page.locator("#compare-grid-file")).to_be_visible(timeout=30_000)  # shown once it holds grid.png
+        top = page.locator("#compare-charts").bounding_box()["y"] + page.evaluate("window.scrollY") - 20
         page.screenshot(path=str(shots / "compare-live.png"), full_page=True,
                         clip={"x": 0, "y": max(0, top), "width": 1440, "height": 1100})
         assert not errors, f"page errors: {errors}"

@@ -8,7 +8,15 @@ folders while any is queued or running. The charts are live: while a job runs, i
 - the RATIO radar (Appendix M): Defense, Utility, CARE, one filled triangle per model, RATIO in the legend;
 - the CARE chart (Appendix N.2): one axis per chosen CARE concept (up to 10), one trace per model (bars
   below 3 concepts).
-Every number comes from `recare.metrics` through `ui.figures.radar_numbers` / `care_radar_figure`.
+Every number comes from `recare.metrics` through `recare.charts` (`radar_numbers`, `care_radar_figure`); where an
+evaluation ran a learned attack several times the RATIO radar adds the worst run's triangle, dotted.
+
+Layout, the story first: a row of four charts, each under one reading line: the RATIO radar and the CARE
+chart *measured here*, each beside the paper's own numbers for the same task *quoted* (`recare.paper`: Table 1,
+Table 13; "Paper task" picks nudity, van gogh or tench, a mini-world task its own); under them the numbers of
+every chart in tables; then, in sections (collapsed under the reviewer demo, which adds its labelled grid above
+the charts, `ui.demo`): the evaluation settings, the prompt grid, and the exports (the HTML report of
+`recare.report`, metrics JSON / CSV, the grid PNG), whose download boxes appear once they hold a file.
 
 The image grid shows one prompt (the target prompt, a run's own adversarial-token prompts, each CARE
 prompt, the custom prompts; `recare.eval.run.prompt_table`) for every model on the same seeds: rows =
@@ -75,22 +83,12 @@ def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
     paper_first = paper.paper_task(tasks[0]) if tasks else None
     # ---- the story first: the four charts (measured here | quoted from the paper), one reading line each ----
     with gr.Row(equal_height=False, elem_id="compare-charts"):
-        with gr.Column(min_width=250):
-            gr.Markdown(CHART_GUIDES["ratio"], elem_classes=["recare-guide"])
-            c["ratio_plot"] = gr.Plot(label="RATIO radar · measured here", show_label=False, elem_id="compare-ratio")
-        with gr.Column(min_width=250):
-            c["paper_ratio_guide"] = gr.Markdown(paper_guide(paper_first), elem_classes=["recare-guide"],
-                                                 elem_id="paper-ratio-guide")
-            c["paper_ratio_plot"] = gr.Plot(label="RATIO radar · quoted from the paper (SD v1.4)",
-                                            show_label=False, elem_id="paper-ratio")
-        with gr.Column(min_width=250):
-            gr.Markdown(CHART_GUIDES["care"], elem_classes=["recare-guide"])
-            c["care_plot"] = gr.Plot(label="CARE scores · measured here", show_label=False, elem_id="compare-care")
-        with gr.Column(min_width=250):
-            c["paper_care_guide"] = gr.Markdown(paper_care_guide(paper_first), elem_classes=["recare-guide"],
-                                                elem_id="paper-care-guide")
-            c["paper_care_plot"] = gr.Plot(label="CARE · quoted from the paper (SD v1.4)", show_label=False,
-                                            elem_id="paper-care")
+        _, c["ratio_plot"] = _chart(CHART_GUIDES["ratio"], "RATIO radar · measured here", "compare-ratio")
+        c["paper_ratio_guide"], c["paper_ratio_plot"] = _chart(
+            paper_guide(paper_first), "RATIO radar · quoted from the paper (SD v1.4)", "paper-ratio")
+        _, c["care_plot"] = _chart(CHART_GUIDES["care"], "CARE scores · measured here", "compare-care")
+        c["paper_care_guide"], c["paper_care_plot"] = _chart(
+            paper_care_guide(paper_first), "CARE · quoted from the paper (SD v1.4)", "paper-care")
     with gr.Accordion("Numbers behind the charts", open=True, elem_id="compare-numbers"):
         c["status"] = gr.Markdown("No evaluation selected.", elem_id="compare-status")
         c["ratio_table"] = gr.Dataframe(pd.DataFrame(columns=list(TABLE_COLUMNS)), interactive=False, wrap=True,
@@ -735,6 +733,14 @@ def _export(ctx: AppContext, ids, key, request=None):
 
 # ---------------------------------------------------------------------------------------------
 # the paper view and the report
+
+
+def _chart(guide: str, label: str, elem_id: str) -> tuple[gr.Markdown, gr.Plot]:
+    """One column of the chart row: its reading line over the chart (the label is for screen readers)."""
+    with gr.Column(min_width=250):
+        text = gr.Markdown(guide, elem_classes=["recare-guide"], elem_id=f"{elem_id}-guide")
+        plot = gr.Plot(label=label, show_label=False, elem_id=elem_id)
+    return text, plot
 
 
 def _show_files(*files):
