@@ -182,3 +182,24 @@ def test_loss_axis_leaves_off_a_numerically_zero_first_retain_loss():
     assert 10 ** lo > 1e-4 and 10 ** hi >= 0.4  # the axis spans the curves, not twelve decades
     assert any("off the axis" in a.text for a in fig.layout.annotations)
     assert loss_axis_range([0.5, 0.4, 0.3]) is None  # nothing near zero: plotly chooses
+
+
+@needs_demo
+def test_report_draws_the_spread_of_a_metrics_json_with_several_attack_runs(tmp_path):
+    """A fixture evaluation whose metrics.json has "asr_runs" / "asr_worst" (several CCE runs; "asr" the mean):
+    the report's radar has the worst run's dotted triangle and its table the runs, mean and worst."""
+    from recare.report import build_report
+
+    run = tmp_path / "evaluate-spread"
+    shutil.copytree(DEMO / "evaluate-demo-tench-recare", run)
+    saved = json.loads((run / "metrics.json").read_text())
+    saved["asr_runs"] = {"cce": [80.0, 89.0625, 98.125]}
+    saved["asr"]["cce"] = 89.0625
+    saved["asr_worst"] = {"cce": 98.125}
+    (run / "metrics.json").write_text(json.dumps(saved))
+    text = build_report([run, DEMO / "evaluate-demo-tench-base"], tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "worst of 3 cce runs" in text
+    lo, hi = saved["ratio"]["clip_range"]
+    worst = metrics.ratio(98.125, saved["clip_score"], saved["care_score"]["mean"], (lo, hi))
+    assert f"<td>{round(worst, 4)}</td>" in text and f"<td>{round(98.125, 2)}</td>" in text  # RATIO, ASR worst
+    assert text.count("worst of") == 1  # the bundled base run has one draw: no whisker
