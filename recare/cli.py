@@ -652,6 +652,26 @@ def run_demo(args: argparse.Namespace) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+# report
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--eval", action="append", required=True, metavar="RUN", dest="evals",
+                        help="a finished evaluation run folder; repeatable, shown in the given order")
+    parser.add_argument("--out", default="report.html", metavar="FILE", help="the HTML file (default: report.html)")
+
+
+def run_report(args: argparse.Namespace) -> Path:
+    import shlex
+
+    from recare.report import build_report
+
+    command = "python -m recare report " + " ".join(
+        [*(f"--eval {shlex.quote(e)}" for e in args.evals), f"--out {shlex.quote(args.out)}"])
+    return build_report(args.evals, args.out, command=command)
+
+
+# ---------------------------------------------------------------------------------------------
 # the command table and main
 
 
@@ -671,6 +691,8 @@ COMMANDS: dict[str, Command] = {
                         add_evaluate_arguments, run_evaluate),
     "demo": Command("the app's reviewer demo: `demo pack` bundles finished evaluation runs (<= 3 MB)",
                     add_demo_arguments, run_demo),
+    "report": Command("one self-contained HTML report (grids, radars, numbers, the paper's rows) of evaluation runs",
+                      add_report_arguments, run_report),
 }
 
 

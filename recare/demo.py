@@ -51,6 +51,7 @@ GRID_FILE = "grid.png"
 MAX_BYTES = 3 * 1024 * 1024          # the whole bundle (issue 14: <= 3 MB; 3 MiB)
 RECORDS_MAX_BYTES = 96 * 1024        # records.csv is copied only below this size
 GRID_CELL = 128                      # grid cells are at most this many pixels wide (mini world: 64, kept)
+GRID_GAP = 2                         # white pixels between grid.png cells
 RUN_PREFIX = "evaluate-demo"
 TRAIN_DIR = "train"                  # where a re-run trains, inside its own run folder
 EVALUATE_TARGET = "recare.eval.run:run_evaluation_job"
@@ -99,14 +100,14 @@ def _check_name(kind: str, value: str) -> None:
         raise ConfigError(f"demo {kind} {value!r} must be letters, digits and '_' (e.g. 'tench', 'van_gogh').")
 
 
-def _grid(run_dir: Path, records: list[dict], evaluation, seeds: int) -> tuple[bytes, dict]:
-    """A PNG of `seeds` images of the target prompt (top row) and of the first CARE prompt (bottom row).
+def grid_images(run_dir: Path, records: list[dict], evaluation, seeds: int) -> tuple[list[list], list[dict]]:
+    """`seeds` images of the target prompt (first row) and of the first CARE prompt (second row) of an evaluation.
 
     The target row is the "erased" attack's images (the plain target prompt), else the first attack's.
-    Images a nudity detector flagged are blurred (`recare.safety.blur`): nothing explicit is stored.
+    Images a nudity detector flagged are blurred (`recare.safety.blur`): nothing explicit is shown or stored.
 
     Returns:
-        (the PNG bytes, {"rows": [{"attack", "prompt", "seeds"}], "cell": px}).
+        (rows of PIL images, one {"attack", "concept", "prompt", "seeds"} per row).
     """
     from PIL import Image
 
@@ -140,9 +141,23 @@ def _grid(run_dir: Path, records: list[dict], evaluation, seeds: int) -> tuple[b
             image.thumbnail((GRID_CELL, GRID_CELL))
             line.append(image)
         images.append(line)
+    described = [{"attack": row[0]["attack"], "concept": row[0]["concept"], "prompt": row[0]["prompt"],
+                  "seeds": [r["seed"] for r in row]} for row in rows]
+    return images, described
+
+
+def _grid(run_dir: Path, records: list[dict], evaluation, seeds: int) -> tuple[bytes, dict]:
+    """A PNG of `grid_images` (rows: target prompt, a CARE prompt; columns: seeds), 2 px apart.
+
+    Returns:
+        (the PNG bytes, {"rows": [{"attack", "concept", "prompt", "seeds"}], "cell": px}).
+    """
+    from PIL import Image
+
+    images, described = grid_images(run_dir, records, evaluation, seeds)
     cell_w = max(im.width for line in images for im in line)
     cell_h = max(im.height for line in images for im in line)
-    gap, cols = 2, max(len(line) for line in images)
+    gap, cols = GRID_GAP, max(len(line) for line in images)
     canvas = Image.new("RGB", (cols * cell_w + (cols - 1) * gap, len(images) * cell_h + (len(images) - 1) * gap),
                        "white")
     for i, line in enumerate(images):
@@ -150,9 +165,26 @@ def _grid(run_dir: Path, records: list[dict], evaluation, seeds: int) -> tuple[b
             canvas.paste(im, (j * (cell_w + gap), i * (cell_h + gap)))
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG", optimize=True)
-    described = [{"attack": row[0]["attack"], "concept": row[0]["concept"], "prompt": row[0]["prompt"],
-                  "seeds": [r["seed"] for r in row]} for row in rows]
     return buffer.getvalue(), {"rows": described, "cell": [cell_w, cell_h]}
+
+
+def grid_cells(png_path: Path, grid: dict) -> list[list]:
+    """The images of a bundled grid.png cut apart again: rows of PIL images (`grid` is the index entry's "grid").
+
+    Args:
+        png_path: the bundled grid.png.
+        grid: {"rows": [{"seeds": [...]}, ...], "cell": [w, h]} as `pack_demo` wrote it.
+    """
+    from PIL import Image
+
+    w, h = (int(v) for v in grid["cell"])
+    out = []
+    with Image.open(png_path) as im:
+        canvas = im.convert("RGB")
+    for i, row in enumerate(grid["rows"]):
+        out.append([canvas.crop((j * (w + GRID_GAP), i * (h + GRID_GAP), j * (w + GRID_GAP) + w,
+                                 i * (h + GRID_GAP) + h)) for j in range(len(row["seeds"]))])
+    return out
 
 
 def _training_source(evaluation) -> dict | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -209,8 +210,11 @@ def test_train_start_watch_cancel_resume_finish(train_app, tmp_path):
         expect(page.locator("#train-previews img")).to_have_count(2, timeout=180_000)
         page.wait_for_function(f"() => document.querySelector('#train-loss .recare-plot').data"
                                f".reduce((n, t) => n + ((t.x || []).length), 0) > {first}", timeout=120_000)
+        expect(page.locator("#train-run input")).not_to_have_value(re.compile("queued|running|done"))  # no stale state
         page.evaluate("window.scrollTo(0, 0)")
-        page.screenshot(path=str(shots / "train.png"), clip={"x": 0, "y": 0, "width": 1440, "height": 1100})
+        page.screenshot(path=str(shots / "train.png"), full_page=True,
+                        clip={"x": 0, "y": 0, "width": 1440, "height": 1300})  # the previews' both rows
+        _small_png(shots / "train.png")
         # cancel: the run stops with a resumable state; resume: it finishes
         page.click("#train-cancel")
         expect(page.locator("#train-message")).to_contain_text("Cancel", timeout=30_000)
@@ -321,8 +325,11 @@ def test_compare_base_vs_a_trained_run(train_app, tmp_path):
         page.get_by_role("option", name="custom · a boat on a lake").click()
         page.wait_for_function("() => [...document.querySelectorAll('#compare-grid img')].length === 4 && "
                                "[...document.querySelectorAll('#compare-grid img')].every(i => i.complete)")
-        page.locator("#compare-ratio").scroll_into_view_if_needed()
-        top = page.locator("#compare-models").bounding_box()["y"] + page.evaluate("window.scrollY") - 20
+        for box in ("#compare-json", "#compare-csv", "#compare-grid-file", "#compare-report-file"):
+            expect(page.locator(box)).to_be_hidden()  # no download box before there is a file
+        page.click("#compare-grid-export")
+        expect(page.locator("#compare-grid-file")).to_be_visible(timeout=30_000)  # shown once it holds grid.png
+        top = page.locator("#compare-charts").bounding_box()["y"] + page.evaluate("window.scrollY") - 20
         page.screenshot(path=str(shots / "compare-live.png"), full_page=True,
                         clip={"x": 0, "y": max(0, top), "width": 1440, "height": 1100})
         assert not errors, f"page errors: {errors}"
@@ -351,12 +358,34 @@ def demo_app_url(tmp_path_factory):
         app.close()
 
 
+FIRST_SCREEN = {"width": 1400, "height": 1000}  # the reviewer's first screen (issue 23)
+
+
+def _small_png(path: Path) -> None:
+    """Keep a README screenshot small: a 256-colour palette PNG (the pages are flat colours and a few images)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        small = im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    small.save(path, optimize=True)
+
+
+def _first_screen_box(page, selector: str) -> dict:
+    """The element's box on the page as first shown (no scrolling): top and bottom in viewport pixels."""
+    return page.evaluate("""sel => { const r = document.querySelector(sel).getBoundingClientRect();
+        return {top: r.top + window.scrollY, bottom: r.bottom + window.scrollY, left: r.left, right: r.right}; }""",
+                         selector)
+
+
 def test_fresh_start_opens_compare_with_the_shipped_demo_drawn(demo_app_url, tmp_path):
-    """A reviewer's first visit: Compare is open, the first task's base / ESD / ReCARE results are drawn as
-    radars with the numbers of the bundled metrics.json (through recare.metrics), no warning toast."""
+    """A reviewer's first visit at 1400 x 1000: Compare is open; without a click or a scroll the first screen
+    holds the demo grid with the three model names, the RATIO and CARE charts measured here (the numbers of the
+    bundled metrics.json through recare.metrics) and the paper's quoted rows as the same radar (the RATIO values
+    of its Table 1); no download box waits empty; no warning toast. Then Export report: the HTML file opens in
+    Chromium from a file URL with networking off and draws its charts."""
     from playwright.sync_api import expect, sync_playwright
 
-    from recare import metrics
+    from recare import metrics, paper
 
     shots = SCREENSHOTS if os.environ.get("RECARE_SCREENSHOTS") == "1" else tmp_path
     shots.mkdir(parents=True, exist_ok=True)
@@ -370,12 +399,40 @@ def test_fresh_start_opens_compare_with_the_shipped_demo_drawn(demo_app_url, tmp
             saved[label] = json.loads((folder / "metrics.json").read_text())
     assert len(saved) == 3, f"the bundle's first task should hold base, ESD and ReCARE: {sorted(saved)}"
     with sync_playwright() as p:
-        browser, page, errors = _open_page(p)
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport=FIRST_SCREEN, accept_downloads=True)
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(demo_app_url)
         expect(page.get_by_role("tab", name="4 · Compare")).to_have_attribute("aria-selected", "true",
                                                                             timeout=30_000)
         page.wait_for_function("() => { const h = document.querySelector('#compare-ratio .js-plotly-plot');"
                                " return h && h.data && h.data.length === 3; }", timeout=60_000)
+        page.wait_for_function("() => { const h = document.querySelector('#paper-ratio .js-plotly-plot');"
+                               " return h && h.data && h.data.length === 4; }", timeout=60_000)
+        assert page.evaluate("window.scrollY") == 0
+
+        # the grid: each model's name in front of its images, all inside the first screen, no click
+        names = page.locator("#demo-grids th.recare-grid-model")
+        expect(names).to_have_text(["base", "ESD", "ReCARE"])
+        for i in range(3):
+            expect(names.nth(i)).to_be_visible()
+        images = page.locator("#demo-grids img")
+        expect(images).to_have_count(24)
+        grid = _first_screen_box(page, "#demo-grids table")
+        assert grid["bottom"] <= FIRST_SCREEN["height"], grid
+        assert page.evaluate("() => [...document.querySelectorAll('#demo-grids img')].every(i => i.complete && "
+                             "i.naturalWidth === 64 && i.getBoundingClientRect().width >= 64)")
+        # the four charts and their reading lines fit the first screen too
+        for chart in ("#compare-ratio", "#paper-ratio", "#compare-care", "#paper-care"):
+            box = _first_screen_box(page, f"{chart} .js-plotly-plot")
+            assert box["bottom"] <= FIRST_SCREEN["height"] and box["right"] <= FIRST_SCREEN["width"], (chart, box)
+        guides = page.locator("#compare-charts").inner_text()
+        assert guides.count("Measured here") == 2 and guides.count("Quoted from the paper") == 2, guides
+        for box in ("#compare-json", "#compare-csv", "#compare-grid-file", "#compare-report-file"):
+            expect(page.locator(box)).to_be_hidden()  # no download box before there is a file
+
+        # measured here: the bundled metrics.json through recare.metrics
         traces = _plot_traces(page, "compare-ratio")
         assert sorted(t["meta"]["model"] for t in traces) == sorted(saved)
         for trace in traces:
@@ -387,11 +444,60 @@ def test_fresh_start_opens_compare_with_the_shipped_demo_drawn(demo_app_url, tmp
             assert trace["r"] == pytest.approx([d, u, c, d])
             assert f"RATIO {metrics.ratio(cce, m['clip_score'], m['care_score']['mean'], (lo, hi)):.3f}" in trace["name"]
         assert len(_plot_traces(page, "compare-care")) == 3
+        # quoted: the paper's Table 1 rows of the same task, drawn through recare.metrics, its RATIO beside ours
+        quoted = paper.table_1(paper.paper_task(first))
+        for trace, row in zip(_plot_traces(page, "paper-ratio"), quoted, strict=True):
+            d, u, c = metrics.ratio_axes(row.asr_cce, row.clip, row.care)
+            assert trace["r"] == pytest.approx([d, u, c, d])
+            assert f"(printed {row.printed_ratio:.2f})" in page.evaluate(
+                "id => document.querySelector(`#${id} .js-plotly-plot`).data.map(t => t.name).join('|')",
+                "paper-ratio")
+        table = page.locator("#paper-table")
+        for row in quoted:
+            expect(table).to_contain_text(f"{row.printed_ratio:g}")
+        expect(page.locator("#paper-note")).to_contain_text("quoted")
+        head = page.locator("#demo-headline")  # at a glance: our RATIO beside the paper's, each marked
+        expect(head).to_contain_text("measured here")
+        for row in quoted:
+            if row.method != "STEREO":  # the demo has base, ESD and ReCARE
+                expect(head).to_contain_text(f"{row.printed_ratio:.2f} (printed")
+        assert _first_screen_box(page, "#demo-headline")["bottom"] <= FIRST_SCREEN["height"]
         page.wait_for_timeout(1500)  # a warning would arrive with the page-load events
         assert page.locator(".toast-body").count() == 0, page.locator(".toast-body").all_inner_texts()
-        # the README's picture: the demo's grids, then both radars and their tables
-        top = page.locator("#compare-status").bounding_box()["y"] + page.evaluate("window.scrollY") - 430
-        page.screenshot(path=str(shots / "compare.png"), full_page=True,
-                        clip={"x": 0, "y": max(0, top), "width": 1440, "height": 1250})
+        # the README's picture: the first screen as a reviewer sees it
+        page.screenshot(path=str(shots / "compare.png"))
+        _small_png(shots / "compare.png")
+
+        # a keyboard reaches the demo's controls
+        page.locator("#demo-task input").focus()
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.id") == "demo-rerun"
+
+        # ---- Export report: one HTML file that draws its charts offline ----
+        page.locator("#compare-exports").get_by_text("Export: report, metrics").click()
+        page.click("#compare-report")
+        expect(page.locator("#compare-export-message")).to_contain_text("Exported the report", timeout=120_000)
+        expect(page.locator("#compare-report-file")).to_be_visible()
+        with page.expect_download() as download:
+            page.locator("#compare-report-file a").first.click()
+        report = tmp_path / "report.html"
+        download.value.save_as(report)
         assert not errors, f"page errors: {errors}"
+        browser.close()
+
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        offline = browser.new_context(viewport={"width": 1400, "height": 1100}, offline=True)
+        page = offline.new_page()
+        requests: list[str] = []
+        page.on("request", lambda r: requests.append(r.url))
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(report.as_uri())
+        page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot .main-svg').length >= 4")
+        assert page.evaluate("() => [...document.querySelectorAll('.js-plotly-plot')].filter(p => p.data && "
+                             "p.data.length).length") == 4
+        assert page.locator("th.recare-grid-model").all_inner_texts() == ["base", "ESD", "ReCARE"]
+        assert all(u.startswith(("file:", "data:")) for u in requests), requests  # nothing asked of a network
+        page.screenshot(path=str(shots / "report.png"))
+        _small_png(shots / "report.png")
+        assert not errors, f"report page errors: {errors}"
         browser.close()

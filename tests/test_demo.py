@@ -5,6 +5,7 @@ every browser and drawing them at once."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -274,7 +275,7 @@ def test_demo_show_draws_the_task_with_the_librarys_numbers(demo_app, bundle):
 
     client = _client(demo_app)
     out = client.predict("tiny", api_name="/demo_show")
-    evaluations, status, ratio_plot, ratio_table, care_plot, care_table, info, grids, estimate = out
+    evaluations, status, ratio_plot, ratio_table, care_plot, care_table, info, grid, estimate, paper_task, head = out
     ids = evaluations["value"] if isinstance(evaluations, dict) else evaluations
     assert ids == ["evaluate-demo-tiny-base", "evaluate-demo-tiny-esd"]
     saved = json.loads((bundle / ids[1] / "metrics.json").read_text())
@@ -283,9 +284,34 @@ def test_demo_show_draws_the_task_with_the_librarys_numbers(demo_app, bundle):
     assert (number["D"], number["U"], number["C"]) == pytest.approx(
         metrics.ratio_axes(saved["asr"]["erased"], saved["clip_score"], saved["care_score"]["mean"], (lo, hi)))
     assert len(json.loads(ratio_plot["plot"])["data"]) == 2 and len(json.loads(care_plot["plot"])["data"]) == 2
-    assert len(grids) == 2 and all(Path(g["image"]).is_file() and g["caption"].startswith(label)
-                                   for g, label in zip(grids, ("tiny · base", "tiny · ESD")))
+    # the labelled grid: each model's name in front of its images (embedded), no click needed
+    assert re.findall(r'class="recare-grid-model">([^<]+)</th>', grid) == ["base", "ESD"]
+    assert grid.count("<img ") == sum(len(r["seeds"]) for e in demo.task_entries(demo.read_index(bundle), "tiny")
+                                      for r in e["grid"]["rows"])
+    assert paper_task == {"__type__": "update"}  # "tiny" stands for no task of the paper: left as it is
+    assert f"| ESD | {number['ratio']:.3f} | – |" in head  # the headline: no paper row for "tiny"
     assert "Re-run on" in estimate and "evaluations about" in estimate
+
+
+def test_export_report_and_the_paper_view_through_the_api(demo_app):
+    """Any browser exports the bundled results as one HTML report (every run id in it); the paper view draws the
+    quoted Table 1 rows of a task with recare.metrics' RATIO."""
+    from recare import metrics, paper
+    from ui.common import new_browser_key
+
+    client = _client(demo_app)
+    ids = ["evaluate-demo-tiny-base", "evaluate-demo-tiny-esd"]
+    path, message = client.predict(ids, new_browser_key(), api_name="/evaluate_report")
+    text = Path(path).read_text(encoding="utf-8")
+    assert message.startswith("✓") and all(i in text for i in ids) and "<html" in text
+    ratio_plot, care_plot, *_, table, care_table = client.predict("tench", api_name="/paper_view")
+    traces = json.loads(ratio_plot["plot"])["data"]
+    for trace, row in zip(traces, paper.table_1("tench"), strict=True):
+        d, u, c = metrics.ratio_axes(row.asr_cce, row.clip, row.care)
+        assert trace["r"] == pytest.approx([d, u, c, d]) and f"printed {row.printed_ratio:.2f}" in trace["name"]
+    assert [r[table["headers"].index("RATIO")] for r in table["data"]] == [0.30, 0.25, 0.56, 0.85]
+    message = client.predict(["x"] * 13, new_browser_key(), api_name="/evaluate_report")[1]
+    assert message.startswith("⚠")  # unknown runs, too many: refused in one line
 
 
 def test_rerun_refuses_what_it_cannot_recompute(demo_app):

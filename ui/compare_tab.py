@@ -8,7 +8,15 @@ folders while any is queued or running. The charts are live: while a job runs, i
 - the RATIO radar (Appendix M): Defense, Utility, CARE, one filled triangle per model, RATIO in the legend;
 - the CARE chart (Appendix N.2): one axis per chosen CARE concept (up to 10), one trace per model (bars
   below 3 concepts).
-Every number comes from `recare.metrics` through `ui.figures.radar_numbers` / `care_radar_figure`.
+Every number comes from `recare.metrics` through `recare.charts` (`radar_numbers`, `care_radar_figure`); where an
+evaluation ran a learned attack several times the RATIO radar adds the worst run's triangle, dotted.
+
+Layout, the story first: a row of four charts, each under one reading line: the RATIO radar and the CARE
+chart *measured here*, each beside the paper's own numbers for the same task *quoted* (`recare.paper`: Table 1,
+Table 13; "Paper task" picks nudity, van gogh or tench, a mini-world task its own); under them the numbers of
+every chart in tables; then, in sections (collapsed under the reviewer demo, which adds its labelled grid above
+the charts, `ui.demo`): the evaluation settings, the prompt grid, and the exports (the HTML report of
+`recare.report`, metrics JSON / CSV, the grid PNG), whose download boxes appear once they hold a file.
 
 The image grid shows one prompt (the target prompt, a run's own adversarial-token prompts, each CARE
 prompt, the custom prompts; `recare.eval.run.prompt_table`) for every model on the same seeds: rows =
@@ -31,20 +39,23 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import gradio as gr
 import pandas as pd
-from PIL import Image
 
-from recare import models, safety, worldspec
+from recare import models, worldspec
 from recare.errors import ConfigError, ModelLoadError, RecareError, RunError
 from recare.eval import attacks as eval_attacks
 from recare.eval.config import EvaluationConfig, resolve_config
-from recare.eval.run import CARE, EXTRA, config_from_file, partial_metrics, partial_records, prompt_table
+from recare.eval.run import partial_metrics
 from recare.runs import CANCELLED, DONE, QUEUED, RUNNING
 from ui.common import AppContext, md, number, ok, owner_key, page_owner, problem, served
+from recare import paper
+from ui.compare_data import (
+    CHART_GUIDES, CHART_HEIGHT, SET_NAMES, grid_data, grid_info, grid_note, paper_care_frame, paper_care_guide,
+    paper_guide, paper_note, paper_table_frame, paper_view, placeholder, report_file, shown_image,
+)
 from ui.figures import (
     MAX_CARE_AXES, TABLE_COLUMNS, care_concepts, care_radar_figure, image_grid, metric_tables, ratio_radar_figure,
 )
@@ -56,10 +67,9 @@ CHECKPOINT_NAMES = (models.TRAINED_PARAMS_FILE, models.OFFICIAL_UNET_FILE)
 ATTACK_CHOICES = tuple(a for a in ("erased", "cce", "adversarial", "completion", "noise") if a in eval_attacks.ATTACKS)
 TOKEN_ATTACKS = ("adversarial",)  # need the model's own learned tokens: skipped for models without them
 POLL_S = 2.0
+# the RATIO table's columns (TABLE_COLUMNS): room for the model and the run id, the numbers narrow
+RATIO_TABLE_WIDTHS = ["15%", "18%", "6%", "5%", "6%", "6%", "6%", "6%", "5%", "6%", "6%", "7%", "8%"]
 MAX_CUSTOM_PROMPTS, MAX_PROMPT_CHARS = 8, 300
-MAX_GRID_SEEDS = 8  # columns of the image grid
-SET_NAMES = MappingProxyType({"erased": "target prompt", "adversarial": "own adversarial token", CARE: "CARE",
-                              EXTRA: "custom"})
 
 
 def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
@@ -71,76 +81,103 @@ def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
     tasks = [t.get("name") for t in worldspec.mini_world_tasks() if t.get("name")]
     first = _task_prompts(tasks[0]) if tasks else ("", "{}")
     c: dict[str, Any] = {}
-    with gr.Row(equal_height=False):
-        with gr.Column(scale=1, min_width=320):
-            with gr.Row():
-                c["models"] = gr.CheckboxGroup([("base model (header)", BASE)], value=[BASE], label="Models",
-                                               info="the base, your finished training runs, uploaded checkpoints",
-                                               elem_id="compare-models", scale=4)
-                c["models_refresh"] = gr.Button("Refresh", size="sm", scale=1, elem_id="compare-models-refresh")
-            with gr.Row():
-                c["checkpoint"] = gr.File(label=f"Add a trained checkpoint ({' or '.join(CHECKPOINT_NAMES)})",
-                                          file_types=[".safetensors", ".pt"], height=90, scale=3,
-                                          elem_id="compare-checkpoint")
-                c["add"] = gr.Button("Add", size="sm", scale=1, elem_id="compare-add")
-            c["task"] = gr.Dropdown([(f"mini world: {t}", t) for t in tasks], value=tasks[0] if tasks else None,
-                                    label="Task", allow_custom_value=True, elem_id="compare-task",
-                                    info="fills the target prompt and the CARE prompts from recare.json")
-            c["target_prompt"] = gr.Textbox(first[0], label="Target prompt (the erased attack)")
-            c["care_prompts"] = gr.Code(first[1], language="json", label="CARE prompts {concept: [prompts]}",
-                                        lines=4, elem_id="compare-care-prompts")
-            c["attacks"] = gr.CheckboxGroup(list(ATTACK_CHOICES), value=["erased", "adversarial"], label="Attacks",
-                                            info="erased is fastest; adversarial = a training run's own stage-1 tokens "
-                                                 "(skipped for models without them); Appendix M's RATIO uses CCE "
-                                                 "(without it, the Defense axis uses the strongest attack run)",
-                                            elem_id="compare-attacks")
-            c["custom_prompts"] = gr.Textbox("", lines=2, max_lines=8, label="Custom prompts (one per line)",
-                                             info="made by every model on the attacks' seeds; shown in the grid, "
-                                                  "not scored", elem_id="compare-custom")
-            with gr.Row():
-                c["seeds"] = gr.Number(4, precision=0, label="Seeds per prompt", elem_id="compare-seeds")
-                c["care_images"] = gr.Number(2, precision=0, label="CARE images per prompt")
-                c["clip_count"] = gr.Number(8, precision=0, label="CLIP captions")
-            with gr.Row():
-                c["start"] = gr.Button("Evaluate", variant="primary", elem_id="compare-start")
-                c["cancel"] = gr.Button("Cancel", variant="stop", elem_id="compare-cancel")
-            c["message"] = gr.Markdown("", elem_id="compare-message")
-        with gr.Column(scale=2):
-            with gr.Row():
-                c["evaluations"] = gr.Dropdown([], value=[], multiselect=True, allow_custom_value=True,
-                                               label="Evaluations shown",
-                                               info="your evaluation runs (this browser's); Evaluate selects its own",
-                                               elem_id="compare-evaluations", scale=4)
-                c["refresh"] = gr.Button("Refresh", size="sm", scale=1, elem_id="compare-refresh")
-            c["status"] = gr.Markdown("No evaluation selected.", elem_id="compare-status")
-            with gr.Row():
-                with gr.Column():
-                    c["ratio_plot"] = gr.Plot(label="RATIO radar", elem_id="compare-ratio")
-                with gr.Column():
-                    c["care_plot"] = gr.Plot(label="CARE scores", elem_id="compare-care")
-                    c["care_concepts"] = gr.CheckboxGroup([], value=[], label=f"CARE radar axes (up to {MAX_CARE_AXES})",
-                                                          info="the evaluated CARE concepts; Appendix N.2",
-                                                          elem_id="compare-care-concepts")
-            # the tables span the width: ten columns beside a radar left room for the model names only
-            c["ratio_table"] = gr.Dataframe(pd.DataFrame(columns=list(TABLE_COLUMNS)), interactive=False, wrap=True,
-                                            label="RATIO numbers", elem_id="compare-ratio-table")
-            c["care_table"] = gr.Dataframe(pd.DataFrame(columns=["model"]), interactive=False, wrap=True,
-                                           label="CARE score per concept", elem_id="compare-care-table")
-            with gr.Row():
-                c["export"] = gr.Button("Export metrics (JSON + CSV)", elem_id="compare-export")
-                c["json_file"] = gr.File(label="metrics.json", interactive=False, elem_id="compare-json")
-                c["csv_file"] = gr.File(label="metrics.csv", interactive=False, elem_id="compare-csv")
-            c["info"] = gr.JSON(visible=False)  # the poll's numbers for API clients
-            gr.Markdown("### Same seeds, side by side")
-            with gr.Row():
-                c["grid_prompt"] = gr.Dropdown([], value=None, label="Prompt", scale=4, elem_id="compare-grid-prompt",
-                                               info="rows = models, columns = seeds; NudeNet-flagged images are blurred")
-                c["grid_export"] = gr.Button("Export grid (PNG)", size="sm", scale=1, elem_id="compare-grid-export")
-                c["grid_file"] = gr.File(label="grid.png", interactive=False, scale=2, elem_id="compare-grid-file")
-            c["grid_note"] = gr.Markdown("", elem_id="compare-grid-note")
-            c["grid"] = gr.Gallery(label="Images", columns=4, height="auto", object_fit="contain", preview=False,
-                                   interactive=False, elem_id="compare-grid")
-            c["grid_info"] = gr.JSON(visible=False)  # the grid's cells for API clients
+    demo = ctx.runs is not None and bool(ctx.runs.bundled)  # a reviewer demo fills the charts from the start
+    paper_first = paper.paper_task(tasks[0]) if tasks else None
+    # ---- the story first: the four charts (measured here | quoted from the paper), one reading line each ----
+    with gr.Row(equal_height=False, elem_id="compare-charts"):
+        _, c["ratio_plot"] = _chart(CHART_GUIDES["ratio"], "RATIO radar · measured here", "compare-ratio")
+        c["paper_ratio_guide"], c["paper_ratio_plot"] = _chart(
+            paper_guide(paper_first), "RATIO radar · quoted from the paper (SD v1.4)", "paper-ratio")
+        _, c["care_plot"] = _chart(CHART_GUIDES["care"], "CARE scores · measured here", "compare-care")
+        c["paper_care_guide"], c["paper_care_plot"] = _chart(
+            paper_care_guide(paper_first), "CARE · quoted from the paper (SD v1.4)", "paper-care")
+    with gr.Accordion("Numbers behind the charts", open=True, elem_id="compare-numbers"):
+        c["status"] = gr.Markdown("No evaluation selected.", elem_id="compare-status")
+        c["ratio_table"] = gr.Dataframe(pd.DataFrame(columns=list(TABLE_COLUMNS)), interactive=False, wrap=True,
+                                        label="RATIO numbers · measured here (attack runs, mean and worst ASR)",
+                                        column_widths=RATIO_TABLE_WIDTHS, elem_id="compare-ratio-table")
+        c["care_table"] = gr.Dataframe(pd.DataFrame(columns=["model"]), interactive=False, wrap=True,
+                                       label="CARE score per concept · measured here", elem_id="compare-care-table")
+        c["care_concepts"] = gr.CheckboxGroup([], value=[], label=f"CARE radar axes (up to {MAX_CARE_AXES})",
+                                              info="the evaluated CARE concepts; Appendix N.2",
+                                              elem_id="compare-care-concepts")
+        with gr.Row():
+            c["paper_task"] = gr.Radio([(t, t) for t in paper.TASKS], value=paper_first, label="Paper task",
+                                       info="the paper's Table 1 rows shown; a mini-world task picks its own "
+                                            "(smoking stands for nudity)", elem_id="paper-task", scale=1)
+            c["paper_note"] = gr.Markdown(paper_note(paper_first), elem_id="paper-note")
+        c["paper_table"] = gr.Dataframe(paper_table_frame(paper_first), interactive=False, wrap=True,
+                                        label="Paper (SD v1.4) · quoted: Table 1 rows, with the RATIO recare.metrics "
+                                              "gives for them", elem_id="paper-table")
+        c["paper_care_table"] = gr.Dataframe(paper_care_frame(paper_first), interactive=False, wrap=True,
+                                             label="Paper (SD v1.4) · quoted: CARE scores", elem_id="paper-care-table")
+    # ---- evaluating models: the settings, collapsed under a demo ----
+    with gr.Accordion("Evaluate models", open=not demo, elem_id="compare-evaluate"):
+        with gr.Row():
+            c["evaluations"] = gr.Dropdown([], value=[], multiselect=True, allow_custom_value=True,
+                                           label="Evaluations shown",
+                                           info="your evaluation runs (this browser's) and the demo's; Evaluate "
+                                                "selects its own", elem_id="compare-evaluations", scale=4)
+            c["refresh"] = gr.Button("Refresh", size="sm", scale=1, elem_id="compare-refresh")
+        with gr.Row(equal_height=False):
+            with gr.Column(min_width=320):
+                with gr.Row():
+                    c["models"] = gr.CheckboxGroup([("base model (header)", BASE)], value=[BASE], label="Models",
+                                                   info="the base, your finished training runs, uploaded checkpoints",
+                                                   elem_id="compare-models", scale=4)
+                    c["models_refresh"] = gr.Button("Refresh", size="sm", scale=1, elem_id="compare-models-refresh")
+                with gr.Row():
+                    c["checkpoint"] = gr.File(label=f"Add a trained checkpoint ({' or '.join(CHECKPOINT_NAMES)})",
+                                              file_types=[".safetensors", ".pt"], height=90, scale=3,
+                                              elem_id="compare-checkpoint")
+                    c["add"] = gr.Button("Add", size="sm", scale=1, elem_id="compare-add")
+                c["task"] = gr.Dropdown([(f"mini world: {t}", t) for t in tasks], value=tasks[0] if tasks else None,
+                                        label="Task", allow_custom_value=True, elem_id="compare-task",
+                                        info="fills the target prompt and the CARE prompts from recare.json")
+                c["target_prompt"] = gr.Textbox(first[0], label="Target prompt (the erased attack)")
+                c["custom_prompts"] = gr.Textbox("", lines=2, max_lines=8, label="Custom prompts (one per line)",
+                                                 info="made by every model on the attacks' seeds; shown in the grid, "
+                                                      "not scored", elem_id="compare-custom")
+            with gr.Column(min_width=320):
+                c["care_prompts"] = gr.Code(first[1], language="json", label="CARE prompts {concept: [prompts]}",
+                                            lines=4, elem_id="compare-care-prompts")
+                c["attacks"] = gr.CheckboxGroup(list(ATTACK_CHOICES), value=["erased", "adversarial"], label="Attacks",
+                                                info="erased is fastest; adversarial = a training run's own stage-1 "
+                                                     "tokens (skipped for models without them); Appendix M's RATIO "
+                                                     "uses CCE (without it, the Defense axis uses the strongest "
+                                                     "attack run)", elem_id="compare-attacks")
+                with gr.Row():
+                    c["seeds"] = gr.Number(4, precision=0, label="Seeds per prompt", elem_id="compare-seeds")
+                    c["care_images"] = gr.Number(2, precision=0, label="CARE images per prompt")
+                    c["clip_count"] = gr.Number(8, precision=0, label="CLIP captions")
+                with gr.Row():
+                    c["start"] = gr.Button("Evaluate", variant="primary", elem_id="compare-start")
+                    c["cancel"] = gr.Button("Cancel", variant="stop", elem_id="compare-cancel")
+                c["message"] = gr.Markdown("", elem_id="compare-message")
+    c["info"] = gr.JSON(visible=False)  # the poll's numbers for API clients
+    with gr.Accordion("Same seeds, side by side: every prompt of the selected evaluations", open=not demo,
+                      elem_id="compare-grid-section"):
+        with gr.Row():
+            c["grid_prompt"] = gr.Dropdown([], value=None, label="Prompt", scale=4, elem_id="compare-grid-prompt",
+                                           info="rows = models, columns = seeds; NudeNet-flagged images are blurred")
+            c["grid_export"] = gr.Button("Export grid (PNG)", size="sm", scale=1, elem_id="compare-grid-export")
+        c["grid_file"] = gr.File(label="grid.png", interactive=False, visible=False, elem_id="compare-grid-file")
+        c["grid_note"] = gr.Markdown("", elem_id="compare-grid-note")
+        c["grid"] = gr.Gallery(label="Images", columns=4, height="auto", object_fit="contain", preview=False,
+                               interactive=False, elem_id="compare-grid")
+        c["grid_info"] = gr.JSON(visible=False)  # the grid's cells for API clients
+    with gr.Accordion("Export: report, metrics", open=False, elem_id="compare-exports"):
+        with gr.Row():
+            c["report"] = gr.Button("Export report (HTML)", variant="primary", elem_id="compare-report")
+            c["export"] = gr.Button("Export metrics (JSON + CSV)", elem_id="compare-export")
+        gr.Markdown("The report is one self-contained HTML file (opens offline): the grids, the charts with their "
+                    "numbers, each run's settings and date, and the paper's quoted rows marked as such.")
+        with gr.Row():
+            c["report_file"] = gr.File(label="report.html", interactive=False, visible=False,
+                                       elem_id="compare-report-file")
+            c["json_file"] = gr.File(label="metrics.json", interactive=False, visible=False, elem_id="compare-json")
+            c["csv_file"] = gr.File(label="metrics.csv", interactive=False, visible=False, elem_id="compare-csv")
+        c["export_message"] = gr.Markdown("", elem_id="compare-export-message")
     c["timer"] = gr.Timer(POLL_S, active=False)
     c["view"] = gr.State({})  # what this page shows: the CARE concepts offered, the grid's content, safety flags
 
@@ -182,6 +219,12 @@ def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
     def export(ids, key, request: gr.Request):
         return _export(ctx, ids, key, request)
 
+    def export_report(ids, key, request: gr.Request):
+        return _export_report(ctx, ids, key, request)
+
+    def draw_paper(task):
+        return _paper(task)
+
     c["task"].change(_fill_task, [c["task"]], [c["target_prompt"], c["care_prompts"]], api_name=False,
                      show_progress="hidden")
     c["start"].click(start, [*settings, ctx.model_name, owner], [c["message"], c["evaluations"], c["timer"]],
@@ -196,18 +239,30 @@ def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
     c["status_btn"].click(poll, poll_in, poll_out, api_name="evaluate_status", show_progress="hidden")
     c["grid_btn"] = gr.Button(visible=False)
     c["grid_btn"].click(grid, grid_in, grid_out, api_name="evaluate_grid", show_progress="hidden")
-    c["grid_export"].click(export_grid, grid_in, [c["grid_file"], c["grid_note"]], api_name="evaluate_export_grid")
+    c["grid_export"].click(export_grid, grid_in, [c["grid_file"], c["grid_note"]], api_name="evaluate_export_grid").then(
+        _show_files, [c["grid_file"]], [c["grid_file"]], api_name=False, show_progress="hidden")
     c["cancel"].click(cancel, [c["evaluations"], owner], [c["message"], c["timer"]], api_name="evaluate_cancel")
     c["refresh"].click(list_evaluations, [c["evaluations"], owner], [c["evaluations"]], api_name="evaluate_list")
     c["models_refresh"].click(list_models, [c["models"], owner], [c["models"]], api_name="evaluate_models")
     c["add"].click(add, [c["checkpoint"], ctx.model_name, c["models"], owner], [c["message"], c["models"]],
                    api_name="evaluate_add_checkpoint", concurrency_limit=1)
-    c["export"].click(export, [c["evaluations"], owner], [c["json_file"], c["csv_file"], c["message"]],
-                      api_name="evaluate_export")
+    c["export"].click(export, [c["evaluations"], owner], [c["json_file"], c["csv_file"], c["export_message"]],
+                      api_name="evaluate_export").then(
+        _show_files, [c["json_file"], c["csv_file"]], [c["json_file"], c["csv_file"]], api_name=False,
+        show_progress="hidden")
+    c["report"].click(export_report, [c["evaluations"], owner], [c["report_file"], c["export_message"]],
+                      api_name="evaluate_report", concurrency_limit=2).then(
+        _show_files, [c["report_file"]], [c["report_file"]], api_name=False, show_progress="hidden")
+    paper_out = [c[k] for k in ("paper_ratio_plot", "paper_care_plot", "paper_ratio_guide", "paper_care_guide",
+                                "paper_note", "paper_table", "paper_care_table")]
+    c["paper_task"].change(draw_paper, [c["paper_task"]], paper_out, api_name="paper_view", show_progress="hidden")
+    c["task"].change(lambda task: paper.paper_task(task) or gr.skip(), [c["task"]], [c["paper_task"]],
+                     api_name=False, show_progress="hidden")
     root = gr.context.Context.root_block
     if root is not None:  # a reopened page finds its models and evaluations
         root.load(list_models, [c["models"], owner], [c["models"]], api_visibility="private")
         root.load(list_evaluations, [c["evaluations"], owner], [c["evaluations"]], api_visibility="private")
+        root.load(draw_paper, [c["paper_task"]], paper_out, api_visibility="private", show_progress="hidden")
     owner.change(list_models, [c["models"], owner], [c["models"]], api_visibility="private")
     owner.change(list_evaluations, [c["evaluations"], owner], [c["evaluations"]], api_visibility="private")
     from ui.demo import attach_demo  # the reviewer demo's panel and bundled results (nothing without a bundle)
@@ -579,7 +634,8 @@ def _poll(ctx: AppContext, ids, key, concepts=None, view=None, request=None):
     if known != view.get("concepts") or list(concepts or []) != chosen:
         concept_box = gr.CheckboxGroup(choices=known, value=chosen)
         view["concepts"] = known
-    return ("\n".join(lines), ratio_radar_figure(rows), ratio, care_radar_figure(rows, concepts=chosen), care, info,
+    return ("\n".join(lines), ratio_radar_figure(rows, height=CHART_HEIGHT), ratio,
+            care_radar_figure(rows, height=CHART_HEIGHT, concepts=chosen), care, info,
             gr.Timer(active=active), concept_box, view)
 
 
@@ -587,122 +643,9 @@ def _poll(ctx: AppContext, ids, key, concepts=None, view=None, request=None):
 # the image grid
 
 
-def _choice_value(set_name: str, prompt: str) -> str:
-    return json.dumps([set_name, prompt])
-
-
-def _choice_label(row: dict) -> str:
-    kind = SET_NAMES.get(row["set"], f"{row['set']} attack")
-    if row["set"] == CARE:
-        kind = f"CARE · {row['concept']}"
-    return f"{kind} · {row['prompt']}"
-
-
-@dataclasses.dataclass
-class _Grid:
-    """What the grid shows: the prompt choices, the chosen one, its seeds, and a row of cells per model."""
-
-    choices: list[tuple[str, str]]
-    choice: str | None
-    seeds: list[int]
-    rows: list[dict]   # {"model", "run", "cells": [{"seed", "state", "path", "file", "blurred", "positive"}]}
-    unchecked: bool = False
-
-
-def _grid_data(ctx: AppContext, ids, choice, owner: str, flags: dict) -> _Grid:
-    """The grid of the selected evaluations for one prompt (the first when `choice` is not one of them)."""
-    runs = []
-    choices: dict[str, str] = {}
-    seeds_of: dict[str, set[int]] = {}
-    for run_id in _ids(ids):
-        run = ctx.runs.get(run_id, owner)
-        stored = run.config()
-        try:
-            table = prompt_table(resolve_config(config_from_file(stored)))
-        except RecareError:
-            continue
-        for row in table:
-            value = _choice_value(row["set"], row["prompt"])
-            choices.setdefault(value, _choice_label(row))
-            seeds_of.setdefault(value, set()).update(row["seeds"])
-        runs.append((run, (stored.get("compare") or {}).get("label", run.id), table))
-    options = [(label, value) for value, label in choices.items()]
-    if choice not in choices:
-        choice = options[0][1] if options else None
-    if choice is None:
-        return _Grid(options, None, [], [])
-    set_name, prompt = json.loads(choice)
-    seeds = sorted(seeds_of[choice])[:MAX_GRID_SEEDS]
-    rows, unchecked = [], False
-    for run, label, table in runs:
-        planned = any(r["set"] == set_name and r["prompt"] == prompt for r in table)
-        made = {int(r["seed"]): r for r in partial_records(run.path) if r["attack"] == set_name and r["prompt"] == prompt}
-        cells = []
-        for seed in seeds:
-            record = made.get(seed)
-            path = run.path / record["file"] if record else None
-            if path is None or not path.is_file():
-                cells.append({"seed": seed, "state": "pending" if planned else "not in this run", "path": None,
-                              "file": None, "blurred": False, "positive": None})
-                continue
-            hidden = _hidden(path, flags)
-            unchecked = unchecked or hidden is None
-            cells.append({"seed": seed, "state": "ready", "path": path, "file": record["file"],
-                          "blurred": hidden is not False, "positive": record.get("positive")})
-        rows.append({"model": label, "run": run.id, "cells": cells})
-    return _Grid(options, choice, seeds, rows, unchecked)
-
-
-def _hidden(path: Path, flags: dict) -> bool | None:
-    """Whether NudeNet flags the image (`recare.safety.check_images`, cached in the page's view by file and time);
-    None when the detector is unavailable (the image is then blurred, as in the Generate tab)."""
-    key = f"{path}:{path.stat().st_mtime_ns}"
-    if key not in flags:
-        try:
-            with Image.open(path) as im:
-                flags[key] = safety.check_images([im.convert("RGB")])[0].flagged
-        except safety.SafetyUnavailableError:
-            flags[key] = None
-    return flags[key]
-
-
-def _shown_image(cell: dict) -> Image.Image:
-    """The picture a cell shows: the image, or `recare.safety.blur`'s copy of it when hidden."""
-    with Image.open(cell["path"]) as im:
-        image = im.convert("RGB")
-    return safety.blur(image) if cell["blurred"] else image
-
-
-def _placeholder(folder: Path, text: str) -> Path:
-    from PIL import ImageDraw
-
-    path = folder / f"{text.replace(' ', '-')}.png"
-    if not path.is_file():
-        image = Image.new("RGB", (64, 64), "#eeeeee")
-        ImageDraw.Draw(image).text((4, 26), text[:12], fill="#888")
-        image.save(path)
-    return path
-
-
-def _grid_info(grid: _Grid) -> dict:
-    return {"choices": [[label, value] for label, value in grid.choices], "choice": grid.choice, "seeds": grid.seeds,
-            "prompt": json.loads(grid.choice)[1] if grid.choice else None,
-            "set": json.loads(grid.choice)[0] if grid.choice else None,
-            "rows": [{"model": r["model"], "run": r["run"],
-                      "cells": [{k: v for k, v in cell.items() if k != "path"} for cell in r["cells"]]}
-                     for r in grid.rows], "detector_unavailable": grid.unchecked}
-
-
-def _grid_note(grid: _Grid) -> str:
-    if grid.choice is None:
-        return "No images yet: select an evaluation."
-    blurred = sum(c["blurred"] for r in grid.rows for c in r["cells"])
-    note = f"Rows: {len(grid.rows)} model(s) · columns: seeds {', '.join(str(s) for s in grid.seeds)}"
-    if grid.unchecked:
-        note += " · the nudity detector is unavailable, so every image is blurred"
-    elif blurred:
-        note += f" · {blurred} image(s) flagged by NudeNet shown blurred"
-    return note
+def _runs(ctx: AppContext, ids, owner: str | None) -> list:
+    """The selected evaluation runs this owner may read (`RunStore.get` refuses the others)."""
+    return [ctx.runs.get(run_id, owner) for run_id in _ids(ids)]
 
 
 def _grid(ctx: AppContext, ids, choice, key, view=None, request=None):
@@ -711,11 +654,11 @@ def _grid(ctx: AppContext, ids, choice, key, view=None, request=None):
     view = dict(view or {})
     flags = dict(view.get("flags") or {})
     try:
-        grid = _grid_data(ctx, ids, choice, owner_key(key, request), flags)
+        grid = grid_data(_runs(ctx, ids, owner_key(key, request)), choice, flags)
     except RecareError as e:
         return gr.skip(), gr.skip(), problem(str(e)), {"error": str(e)}, view
     view["flags"] = flags
-    info = _grid_info(grid)
+    info = grid_info(grid)
     signature = json.dumps([info["choices"], info["choice"], [[c["state"], c["file"], c["blurred"]]
                                                               for r in info["rows"] for c in r["cells"]]])
     if signature == view.get("grid"):
@@ -728,28 +671,28 @@ def _grid(ctx: AppContext, ids, choice, key, view=None, request=None):
             for cell in r["cells"]:
                 caption = f"{r['model']} · seed {cell['seed']}"
                 if cell["state"] != "ready":
-                    items.append((served(_placeholder(folder, cell["state"])), f"{caption} · {cell['state']}"))
+                    items.append((served(placeholder(folder, cell["state"])), f"{caption} · {cell['state']}"))
                 elif cell["blurred"]:
                     hidden = folder / f"{r['run']}-{cell['seed']}.hidden.png"
-                    _shown_image(cell).save(hidden)
+                    shown_image(cell).save(hidden)
                     items.append((served(hidden), f"{caption} · blurred"))
                 else:
                     items.append((served(cell["path"]), caption))
     dropdown = gr.Dropdown(choices=grid.choices, value=grid.choice)
-    return (dropdown, gr.Gallery(value=items or None, columns=max(1, len(grid.seeds))), _grid_note(grid), info, view)
+    return (dropdown, gr.Gallery(value=items or None, columns=max(1, len(grid.seeds))), grid_note(grid), info, view)
 
 
 def _export_grid(ctx: AppContext, ids, choice, key, view=None, request=None):
     """(grid.png, message): the grid as one picture, labels drawn on it, flagged images blurred."""
     flags = dict((view or {}).get("flags") or {})
     try:
-        grid = _grid_data(ctx, ids, choice, owner_key(key, request), flags)
+        grid = grid_data(_runs(ctx, ids, owner_key(key, request)), choice, flags)
         if not any(c["state"] == "ready" for r in grid.rows for c in r["cells"]):
             raise RunError("no image in the grid yet: select an evaluation that has made some.")
     except RecareError as e:
         return gr.skip(), problem(str(e))
     set_name, prompt = json.loads(grid.choice)
-    picture = image_grid([(r["model"], [_shown_image(c) if c["state"] == "ready" else None for c in r["cells"]])
+    picture = image_grid([(r["model"], [shown_image(c) if c["state"] == "ready" else None for c in r["cells"]])
                           for r in grid.rows], grid.seeds, title=f"{SET_NAMES.get(set_name, set_name)}: {prompt}")
     with tempfile.TemporaryDirectory(prefix="recare-grid-") as tmp:
         path = Path(tmp) / "compare-grid.png"
@@ -788,3 +731,41 @@ def _export(ctx: AppContext, ids, key, request=None):
         (folder / "metrics.csv").write_text(buffer.getvalue(), encoding="utf-8")
         return (served(folder / "metrics.json"), served(folder / "metrics.csv"),
                 ok(f"Exported the metrics of {len(rows)} model(s)."))
+
+
+# ---------------------------------------------------------------------------------------------
+# the paper view and the report
+
+
+def _chart(guide: str, label: str, elem_id: str) -> tuple[gr.Markdown, gr.Plot]:
+    """One column of the chart row: its reading line over the chart (the label is for screen readers)."""
+    with gr.Column(min_width=250):
+        text = gr.Markdown(guide, elem_classes=["recare-guide"], elem_id=f"{elem_id}-guide")
+        plot = gr.Plot(label=label, show_label=False, elem_id=elem_id)
+    return text, plot
+
+
+def _show_files(*files):
+    """Download boxes are hidden until they hold a file: show each one that has one."""
+    shown = [gr.File(visible=True) if f else gr.skip() for f in files]
+    return shown[0] if len(shown) == 1 else shown
+
+
+def _paper(task):
+    """(paper RATIO radar, paper CARE chart, their two reading lines, the note, the two quoted tables)."""
+    task = paper.paper_task(task)
+    view = paper_view(task)
+    return (view["ratio"], view["care"], paper_guide(task), paper_care_guide(task), paper_note(task), view["table"],
+            view["care_table"])
+
+
+def _export_report(ctx: AppContext, ids, key, request=None):
+    """(report.html, message): the shareable report of the selected, finished evaluations."""
+    try:
+        owner = owner_key(key, request)
+        with tempfile.TemporaryDirectory(prefix="recare-report-") as tmp:
+            path = report_file(_runs(ctx, ids, owner), Path(tmp))
+            return served(path), ok(
+                f"Exported the report of {len(_ids(ids))} evaluation(s): one HTML file, opens offline.")
+    except RecareError as e:
+        return gr.skip(), problem(str(e))

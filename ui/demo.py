@@ -7,7 +7,9 @@ panel at the top of that tab:
 - a "Demo task" picker; the first task's bundled evaluations (base, ESD, ReCARE) are selected in
   Compare's "Evaluations shown" from the start and drawn when the page loads; another task selects
   and draws its own;
-- the image grids of the task (target prompt and one CARE prompt, same seeds for every model);
+- the labelled image grid of the task (`recare.report.grid_html`: a row per model with its name in front, the
+  target prompt's and one CARE prompt's images on the same seeds, drawn large with nearest-neighbour scaling);
+- the paper's quoted rows of the same task in Compare's paper charts (`paper_task`);
 - "Re-run live": one job per model for this browser, kind "evaluate" (Compare lists and polls them
   like its own): the base model's evaluation with the bundle's `EvaluationConfig`, ESD / ReCARE as a
   training with the world's recommended settings followed by that evaluation
@@ -23,7 +25,9 @@ import gradio as gr
 
 from recare import demo as demo_bundle
 from recare.errors import ConfigError, RecareError
-from ui.common import AppContext, md, ok, owner_key, problem, served
+from ui.common import AppContext, md, ok, owner_key, problem
+from recare import paper
+from ui.compare_data import CHART_HEIGHT, headline
 from ui.compare_tab import collect_evaluations, evaluation_choices
 from ui.figures import care_radar_figure, metric_tables, ratio_radar_figure
 
@@ -54,18 +58,20 @@ def attach_demo(ctx: AppContext, c: dict[str, Any]) -> dict[str, Any]:
     if not tasks:
         return c
     parent = gr.context.Context.block
-    with gr.Group(elem_id="demo-panel") as panel:
-        c["demo_banner"] = gr.Markdown(_banner(index), elem_id="demo-banner")
-        with gr.Row(equal_height=False):
-            c["demo_task"] = gr.Dropdown([(f"mini world: {t}", t) for t in tasks], value=tasks[0], label="Demo task",
-                                         elem_id="demo-task", scale=3)
-            c["demo_rerun"] = gr.Button("Re-run live", elem_id="demo-rerun", scale=1, min_width=140)
-        c["demo_estimate"] = gr.Markdown("", elem_id="demo-estimate")
-        columns = max(len(_entries(ctx, index, t)) for t in tasks)
-        c["demo_grids"] = gr.Gallery(label="Same seeds for every model: target prompt (top row), a CARE prompt "
-                                           "(bottom row)", columns=columns, height=300, object_fit="contain",
-                                     preview=False, allow_preview=True, elem_id="demo-grids")
-        c["demo_message"] = gr.Markdown("", elem_id="demo-message")
+    with gr.Row(equal_height=False, elem_id="demo-panel") as panel:
+        with gr.Column(scale=3, min_width=560):
+            c["demo_guide"] = gr.Markdown(_guide(index), elem_id="demo-guide", elem_classes=["recare-guide"])
+            c["demo_grids"] = gr.HTML(_grid_html(ctx, folder, index, tasks[0]), elem_id="demo-grids")
+        with gr.Column(scale=2, min_width=320):
+            c["demo_banner"] = gr.Markdown(_banner(index), elem_id="demo-banner")
+            with gr.Row(equal_height=True):
+                c["demo_task"] = gr.Dropdown([(f"demo task · mini world: {t}", t) for t in tasks], value=tasks[0],
+                                             label="Demo task", show_label=False, elem_id="demo-task", scale=3)
+                c["demo_rerun"] = gr.Button("Re-run live", elem_id="demo-rerun", scale=1, min_width=120)
+            c["demo_headline"] = gr.Markdown("", elem_id="demo-headline")
+            c["demo_message"] = gr.Markdown("", elem_id="demo-message")
+            with gr.Accordion("Re-run live: what it does, how long it takes", open=False):
+                c["demo_estimate"] = gr.Markdown("", elem_id="demo-estimate")
     if parent is not None and panel in parent.children:  # the panel is what a reviewer should see first
         parent.children.remove(panel)
         parent.children.insert(0, panel)
@@ -75,10 +81,11 @@ def attach_demo(ctx: AppContext, c: dict[str, Any]) -> dict[str, Any]:
     first = [e["run"] for e in _entries(ctx, index, tasks[0])]
     c["evaluations"].choices = list(dict.fromkeys([*c["evaluations"].choices, *_choices(ctx, index)]))
     c["evaluations"].value = first
+    c["paper_task"].value = paper.paper_task(tasks[0])  # the paper's rows of the same task
 
     owner = ctx.owner
     draw_out = [c[k] for k in DRAW_OUTPUTS]
-    show_out = [c["evaluations"], *draw_out, c["demo_grids"], c["demo_estimate"]]
+    show_out = [c["evaluations"], *draw_out, c["demo_grids"], c["demo_estimate"], c["paper_task"], c["demo_headline"]]
 
     def show(task):
         return _show(ctx, task)
@@ -115,12 +122,26 @@ def _choices(ctx: AppContext, index: dict) -> list[tuple[str, str]]:
 
 
 def _banner(index: dict) -> str:
-    created = str(index.get("created") or "")[:10]
     models = ", ".join(demo_bundle.MODELS.get(m, (None, m))[1] for m in index.get("models", []))
-    return (f"### Reviewer demo · {models} on the mini world\n"
-            f"Precomputed evaluations ({md(created)}, `python -m recare demo pack`), drawn below as they were "
-            "measured: the **RATIO radar** (Defense, Utility, CARE) and the **CARE score** of each model. "
-            "**Re-run live** recomputes the selected task here (your own runs; training + evaluation).")
+    return f"### Reviewer demo · {models} on the mini world"
+
+
+def _guide(index: dict) -> str:
+    """The grid's reading line."""
+    created = str(index.get("created") or "")[:10]
+    return ("Same seeds for every model: the **target prompt** should lose its concept, the **CARE prompt** keep "
+            f"its own. Below: charts **measured here** (bundled evaluations, {md(created)}) beside the paper's, "
+            "**quoted**.")
+
+
+def _grid_html(ctx: AppContext, folder, index: dict, task: str) -> str:
+    """The task's labelled grid (`recare.report.grid_html`): a row per model with its name in front, the target
+    prompt's and the CARE prompt's images on the same seeds."""
+    from recare.report import grid_html, run_grid
+
+    grids = [run_grid(folder / e["run"], label=demo_bundle.MODELS.get(e.get("model"), (None, e.get("label", "")))[1])
+             for e in _entries(ctx, index, task)]
+    return grid_html([g for g in grids if g is not None], element_id="demo-grid-table")
 
 
 def _estimate(ctx: AppContext, entries: list[dict]) -> str:
@@ -160,36 +181,32 @@ def _duration(seconds: float) -> str:
 
 
 def _show(ctx: AppContext, task):
-    """(evaluations dropdown, status, RATIO radar, its table, CARE chart, its table, info, grids, estimate)."""
+    """(evaluations dropdown, status, RATIO radar, its table, CARE chart, its table, info, grid, estimate,
+    paper task, headline: RATIO measured beside the paper's)."""
     found = demo_of(ctx)
     entries = _entries(ctx, found[1], task) if found and isinstance(task, str) else []
     if not entries:
         message = problem(f"the demo has no results for the task {str(task)[:40]!r}.")
         return (gr.skip(), message, gr.skip(), gr.skip(), gr.skip(), gr.skip(), {"error": message}, gr.skip(),
-                gr.skip())
+                gr.skip(), gr.skip(), gr.skip())
     try:
         ids = [e["run"] for e in entries]  # bundled runs only (`_entries`): readable by every browser
         states, rows = collect_evaluations(ctx, ids, owner=None)
+        method = {e["run"]: e.get("model") for e in entries}
+        rows = [{**r, "key": method.get(r["run"])} for r in rows]  # one colour per method, as the paper's charts
         ratio, care, numbers = metric_tables(rows)
-        grids = [(served(found[0] / e["grid"]["file"]), f"{e['label']}: {_grid_caption(e)}") for e in entries
-                 if (found[0] / e.get("grid", {}).get("file", "-")).is_file()]
+        grid = _grid_html(ctx, found[0], found[1], task)
         estimate = _estimate(ctx, entries)
     except (RecareError, OSError, ValueError) as e:
         message = problem(f"the demo bundle cannot be read: {e}")
         return (gr.skip(), message, gr.skip(), gr.skip(), gr.skip(), gr.skip(), {"error": message}, gr.skip(),
-                gr.skip())
+                gr.skip(), gr.skip(), gr.skip())
     lines = [f"- **{md(s['model'])}** ({s['id']}): ✓ bundled result" for s in states]
     info = {"runs": states, "ratio": numbers, "care": {r["model"]: (r.get("care_score") or {}).get("per_concept")
                                                        for r in rows}, "all_done": True, "demo_task": task}
-    return (gr.Dropdown(value=ids), "\n".join(lines), ratio_radar_figure(rows), ratio, care_radar_figure(rows), care,
-            info, grids, estimate)
-
-
-def _grid_caption(entry: dict) -> str:
-    rows = (entry.get("grid") or {}).get("rows") or []
-    seeds = rows[0]["seeds"] if rows else []
-    shown = " / ".join(f"“{r['prompt']}”" for r in rows)
-    return f"{shown}, seeds {seeds[0]}–{seeds[-1]}" if seeds else shown
+    return (gr.Dropdown(value=ids), "\n".join(lines), ratio_radar_figure(rows, height=CHART_HEIGHT), ratio,
+            care_radar_figure(rows, height=CHART_HEIGHT), care, info, grid, estimate,
+            paper.paper_task(task) or gr.skip(), headline(rows, numbers, paper.paper_task(task)))
 
 
 def _rerun(ctx: AppContext, task, key, request=None):

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from types import MappingProxyType
 
-import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
 
 from recare.careset import CareSet
+# the Compare workspace's radars and tables live in the library (the HTML report draws them too); re-exported here
+from recare.charts import (  # noqa: F401
+    MAX_CARE_AXES, MODEL_COLOURS, PARTIAL_SUFFIX, RATIO_COLUMNS, TABLE_COLUMNS, care_concepts, care_radar_figure,
+    defense_attack, metric_tables, radar_numbers, ratio_radar_figure,
+)
 
 # One colour per cluster (colour-blind-friendly qualitative palette).
 CLUSTER_COLOURS = (
@@ -207,173 +212,48 @@ def loss_figure(rows: list[dict], title: str = "", height: int = 360) -> go.Figu
         fig.add_vline(x=x - 0.5, line={"dash": "dot", "color": "#aaa", "width": 1})
         fig.add_annotation(x=x - 0.5, y=1, yref="paper", text=html.escape(name), showarrow=False, xanchor="left",
                            font={"size": 10, "color": "#777"})
+    yaxis = {"title": "loss", "type": "log"}
+    shown = loss_axis_range([y for data in traces.values() for y in data["y"]])
+    if shown is not None:
+        (lo, hi), hidden = shown
+        yaxis["range"] = [math.log10(lo) - 0.15, math.log10(hi) + 0.15]
+        if hidden:
+            fig.add_annotation(x=1, y=0, xref="paper", yref="paper", xanchor="right", yanchor="bottom",
+                               showarrow=False, font={"size": 10, "color": "#777"},
+                               text=f"{hidden} value(s) below {lo / LOSS_AXIS_DEPTH:.0e} off the axis (near 0, e.g. the "
+                                    "first retain loss)")
     fig.update_layout(
         template="plotly_white", height=height, margin={"l": 50, "r": 10, "t": 36, "b": 40},
         title={"text": html.escape(title), "font": {"size": 13}, "x": 0.01, "xanchor": "left"},
-        xaxis={"title": "step (all loops in order)"}, yaxis={"title": "loss", "type": "log"},
+        xaxis={"title": "step (all loops in order)"}, yaxis=yaxis,
         legend={"orientation": "h", "x": 0, "y": -0.2}, uirevision="loss",
     )
     return fig
 
 
-# ---------------------------------------------------------------------------------------------
-# the Compare workspace's radars (Appendix M's RATIO triangle, Appendix N.2's CARE radar)
-
-MODEL_COLOURS = ("#4477AA", "#EE6677", "#228833", "#CCBB44", "#AA3377", "#66CCEE", "#EE8866", "#332288")
-DEFENSE_ATTACK = "cce"  # Appendix M's Defense axis is 100 - ASR under CCE
+LOSS_AXIS_DEPTH = 1e4  # the log axis spans at most this factor below the losses' median
 
 
-def defense_attack(asr: dict) -> str | None:
-    """The attack whose ASR makes the Defense axis: CCE when measured (Appendix M), else the strongest measured one.
+def loss_axis_range(values: list[float]) -> tuple[tuple[float, float], int] | None:
+    """((lo, hi), how many values lie below lo) for the loss plot's log axis, or None to let plotly choose.
+
+    A loss that is numerically zero (stage 2's retain loss at its first step, when the model still equals the
+    frozen copy: about 1e-12) would stretch a log axis over twelve decades and flatten every curve; the axis
+    stops at LOSS_AXIS_DEPTH below the median of the values, and the few below it are left off (and counted).
 
     Args:
-        asr: attack -> ASR in percent (metrics.json's "asr").
+        values: every positive loss value drawn.
     """
-    if not asr:
+    if not values:
         return None
-    if DEFENSE_ATTACK in asr:
-        return DEFENSE_ATTACK
-    return max(asr, key=lambda a: (asr[a], a))  # the highest ASR: the defense is only as good as its weakest spot
-
-
-def radar_numbers(row: dict) -> dict | None:
-    """One model's RATIO radar numbers from its metrics (metrics.json plus "model"), through `recare.metrics`.
-
-    Returns {"model", "attack", "asr", "D", "U", "C", "ratio", "clip_score", "care_score"}, or None when the
-    metrics lack an ASR, the CLIP score or the CARE score. When CCE was not run, Defense uses the strongest
-    measured attack (`defense_attack`) and the RATIO is that attack's, not Appendix M's CCE one.
-
-    Args:
-        row: {"model": label, "asr": {...}, "clip_score": float, "care_score": {"mean", ...},
-            "ratio": {"clip_range": [lo, hi], ...}}.
-    """
-    from recare.metrics import CLIP_RANGE, ratio, ratio_axes
-
-    asr, clip, care = row.get("asr") or {}, row.get("clip_score"), row.get("care_score") or {}
-    attack = defense_attack(asr)
-    if attack is None or clip is None or care.get("mean") is None:
+    ordered = sorted(values)
+    median = ordered[len(ordered) // 2]
+    floor = median / LOSS_AXIS_DEPTH
+    kept = [v for v in ordered if v >= floor]
+    hidden = len(ordered) - len(kept)
+    if not hidden:
         return None
-    lo, hi = (row.get("ratio") or {}).get("clip_range") or CLIP_RANGE
-    d, u, c = ratio_axes(asr[attack], clip, care["mean"], (lo, hi))
-    return {"model": str(row.get("model", "")), "attack": attack, "asr": float(asr[attack]), "D": d, "U": u, "C": c,
-            "ratio": ratio(asr[attack], clip, care["mean"], (lo, hi)), "clip_score": float(clip),
-            "care_score": float(care["mean"])}
-
-
-def _closed(values: list, axes: list) -> tuple[list, list]:
-    return values + values[:1], axes + axes[:1]
-
-
-PARTIAL_SUFFIX = " (partial)"  # a model whose evaluation is still running: its numbers come from the images so far
-
-
-def _shown_name(row: dict) -> str:
-    """The model's legend name, marked when its numbers are provisional (row["partial"])."""
-    return str(row.get("model", "")) + (PARTIAL_SUFFIX if row.get("partial") else "")
-
-
-def _line(colour: str, partial: bool) -> dict:
-    return {"color": colour, "dash": "dash" if partial else "solid", "width": 2 if partial else 1.5}
-
-
-def ratio_radar_figure(rows: list[dict], height: int = 420) -> go.Figure:
-    """The RATIO radar: Defense, Utility, CARE on three axes, one filled triangle per model, RATIO in the legend.
-
-    Every number comes from `radar_numbers` (recare.metrics.ratio_axes, ratio, ratio_triangle). A row with
-    "partial": True (an evaluation still running) is drawn dashed and lighter, "(partial)" in its legend entry.
-
-    Args:
-        rows: one metrics dict per model (see `radar_numbers`); rows without the numbers are left out.
-        height: figure height in pixels.
-    """
-    from recare.metrics import ratio_triangle
-
-    fig = go.Figure()
-    for i, row in enumerate(rows):
-        n = radar_numbers(row)
-        if n is None:
-            continue
-        tri = ratio_triangle(n["D"], n["U"], n["C"])
-        # one shared set of axes (a per-model "Defense (ASR x)" would add categories); the attack is in the legend
-        r, theta = _closed(list(tri.values), list(tri.axes))
-        colour = MODEL_COLOURS[i % len(MODEL_COLOURS)]
-        partial = bool(row.get("partial"))
-        fig.add_trace(go.Scatterpolar(r=r, theta=theta, fill="toself", name=f"{html.escape(_shown_name(row))} · RATIO "
-                                      f"{n['ratio']:.3f} (D: {html.escape(n['attack'])})", line=_line(colour, partial), opacity=0.35 if partial else 0.6,
-                                      showlegend=True, meta={"model": n["model"], "ratio": n["ratio"],
-                                                             "attack": n["attack"], "partial": partial},
-                                      hovertemplate="%{theta}: %{r:.3f}<extra>" + html.escape(n["model"]) + "</extra>"))
-    fig.update_layout(template="plotly_white", height=height, margin={"l": 60, "r": 90, "t": 40, "b": 30},
-                      title={"text": "RATIO radar (Appendix M)", "font": {"size": 13}, "x": 0.01, "xanchor": "left"},
-                      polar={"radialaxis": {"range": [0, 1]}}, legend={"orientation": "h", "y": -0.1},
-                      uirevision="ratio")
-    return fig
-
-
-def care_concepts(rows: list[dict]) -> list[str]:
-    """Every CARE concept of the rows, in first-seen order (the CARE radar's axes)."""
-    out: dict[str, None] = {}
-    for row in rows:
-        for concept in ((row.get("care_score") or {}).get("per_concept") or {}):
-            out[concept] = None
-    return list(out)
-
-
-MAX_CARE_AXES = 10  # Appendix N.2 draws up to 10 CARE concepts
-
-
-def care_radar_figure(rows: list[dict], height: int = 420, concepts: list[str] | None = None) -> go.Figure:
-    """The CARE radar (Appendix N.2): one axis per CARE concept, one trace per model (`recare.metrics.care_radar`).
-
-    A radar needs three axes: with one or two concepts (a mini-world task has one) the same numbers are
-    drawn as grouped bars, one bar trace per model, and the title says so. A row with "partial": True
-    is drawn dashed (hatched bars), "(partial)" in its legend entry; a concept it has no images of yet
-    is a gap.
-
-    Args:
-        rows: one metrics dict per model: {"model", "care_score": {"per_concept": {concept: score}}, "partial"?}.
-        height: figure height in pixels.
-        concepts: the axes, in order (at most MAX_CARE_AXES are drawn); None: every concept of the rows.
-    """
-    from recare.metrics import care_radar
-
-    known = care_concepts(rows)
-    concepts = [c for c in (known if concepts is None else concepts) if c in known][:MAX_CARE_AXES]
-    as_bars = len(concepts) < 3
-    fig = go.Figure()
-    for i, row in enumerate(rows):
-        per = (row.get("care_score") or {}).get("per_concept") or {}
-        if not per:
-            continue
-        radar = care_radar(per)
-        values = radar.as_dict()
-        model = html.escape(str(row.get("model", "")))
-        name = html.escape(_shown_name(row))
-        partial = bool(row.get("partial"))
-        colour = MODEL_COLOURS[i % len(MODEL_COLOURS)]
-        axes = [html.escape(c) for c in concepts]
-        r = [values.get(c) for c in concepts]
-        meta = {"model": row.get("model"), "partial": partial}
-        if as_bars:
-            fig.add_trace(go.Bar(x=axes, y=r, name=name, meta=meta, showlegend=True,
-                                 marker={"color": colour, "pattern": {"shape": "/" if partial else ""},
-                                         "opacity": 0.55 if partial else 1.0},
-                                 hovertemplate="%{x}: %{y:.3f}<extra>" + model + "</extra>"))
-        else:
-            rr, theta = _closed(r, axes)
-            fig.add_trace(go.Scatterpolar(r=rr, theta=theta, fill="toself", name=name, line=_line(colour, partial),
-                                          opacity=0.35 if partial else 0.6, showlegend=True, meta=meta,
-                                          hovertemplate="%{theta}: %{r:.3f}<extra>" + model + "</extra>"))
-    title = (f"CARE score per concept (bars: {len(concepts)} concept{'s' if len(concepts) != 1 else ''}; "
-             "a radar needs 3)" if as_bars else "CARE radar (Appendix N.2)")
-    fig.update_layout(template="plotly_white", height=height, margin={"l": 40, "r": 40, "t": 40, "b": 30},
-                      title={"text": title, "font": {"size": 13}, "x": 0.01, "xanchor": "left"},
-                      legend={"orientation": "h", "y": -0.15}, uirevision="care")
-    if as_bars:
-        fig.update_layout(barmode="group", yaxis={"range": [0, 1], "title": "CARE score"})
-    else:
-        fig.update_layout(polar={"radialaxis": {"range": [0, 1]}})
-    return fig
+    return (kept[0], kept[-1]), hidden
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,47 +313,3 @@ def _wrap(draw, text: str, width: int, font) -> list[str]:
         else:
             line = candidate
     return lines + ([line] if line else [])
-
-
-RATIO_COLUMNS = ("model", "run", "Defense attack", "ASR %", "Defense", "Utility", "CARE", "RATIO", "CLIP score")
-TABLE_COLUMNS = (*RATIO_COLUMNS, "numbers")  # "final", or "partial: made/planned images" while a job runs
-
-
-def _numbers_state(row: dict) -> str:
-    if not row.get("partial"):
-        return "final"
-    progress = row.get("progress") or {}
-    return f"partial: {progress.get('images', 0)}/{progress.get('planned', '?')} images"
-
-
-def _round(value, digits=4):
-    return None if value is None else round(float(value), digits)
-
-
-def metric_tables(rows: list[dict], concepts: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
-    """(RATIO table, CARE table, radar numbers of the rows that have all three axes), as Compare and the demo show them.
-
-    Args:
-        rows: metrics.json contents (or provisional metrics with "partial" and "progress") plus "model" and "run".
-        concepts: the CARE table's columns (default: every evaluated concept).
-    """
-    numbers, ratio_rows = [], []
-    for row in rows:
-        n = radar_numbers(row)
-        if n is not None:
-            numbers.append({**n, "run": row["run"], "partial": bool(row.get("partial"))})
-            ratio_rows.append([n["model"], row["run"], n["attack"], round(n["asr"], 2), round(n["D"], 4),
-                               round(n["U"], 4), round(n["C"], 4), round(n["ratio"], 4), round(n["clip_score"], 4),
-                               _numbers_state(row)])
-        else:  # a partial row without every axis yet: what it has
-            asr = row.get("asr") or {}
-            attack = defense_attack(asr)
-            ratio_rows.append([row["model"], row["run"], attack, _round(asr.get(attack), 2) if attack else None, None,
-                               None, _round((row.get("care_score") or {}).get("mean")), None,
-                               _round(row.get("clip_score")), _numbers_state(row)])
-    ratio = pd.DataFrame(ratio_rows, columns=list(TABLE_COLUMNS))
-    concepts = care_concepts(rows) if concepts is None else concepts
-    care = pd.DataFrame([[row["model"], *[((row.get("care_score") or {}).get("per_concept") or {}).get(c)
-                                          for c in concepts], _numbers_state(row)] for row in rows],
-                        columns=["model", *concepts, "numbers"])
-    return ratio, care, numbers

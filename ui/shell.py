@@ -52,6 +52,10 @@ CSS = """
 #recare-header p { margin-top: 2px; color: var(--body-text-color-subdued); }
 #careset-plot { border: 1px solid var(--border-color-primary); border-radius: 8px; background: white; }
 #careset-final textarea { font-family: var(--font-mono); }
+.recare-guide p, .recare-guide { font-size: 13px; line-height: 1.3; margin: 0; min-height: 2.6em; }
+#compare-grid img, #train-previews img { image-rendering: pixelated; }
+#demo-banner h3 { margin: 0; } #model-status p { margin: 0; }
+#demo-headline table { font-size: 13px; margin: 0; } #demo-headline th, #demo-headline td { padding: 2px 8px; }
 """
 
 

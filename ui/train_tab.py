@@ -128,7 +128,7 @@ def create_train_tab(ctx: AppContext) -> dict[str, Any]:
             c["loss"] = cluster_plot(placeholder_json("The loss curve appears here once training starts."),
                                      height=360, elem_id="train-loss")
             c["previews"] = gr.Gallery(label="Previews: base model | latest (rows: target prompt, CARE prompt; "
-                                             "columns: seeds 0, 1)", columns=2, height=300, object_fit="contain",
+                                             "columns: seeds 0, 1)", columns=2, height="auto", object_fit="contain",
                                        preview=False, interactive=False, elem_id="train-previews")
             c["info"] = gr.JSON(visible=False)  # the poll's numbers for API clients
     with gr.Accordion("Runs", open=True):
@@ -518,7 +518,8 @@ def _runs_view(ctx: AppContext, owner: str):
         except (RecareError, TypeError):
             plan = []
         concept = train.get("reference_word", "")
-        choices.append((f"{run.id} · {status.get('state')} · {train.get('method', '')} · {concept}", run.id))
+        # no state in the label: a choice list is not refreshed by every poll, so a state there goes stale
+        choices.append((f"{run.id} · {train.get('method', '')} · {concept}", run.id))
         rows.append([run.id, status.get("state"), train.get("method", ""),
                      f"{concept} ({settings['task']})" if settings.get("task") else concept,
                      " + ".join(f"{n} {_phase_label(p, short=True)}" for p, n in plan),

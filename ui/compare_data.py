@@ -1,0 +1,251 @@
+"""What Compare shows, as data: the same-seed image grid of the selected evaluations, the paper view, the report.
+
+No Gradio here: `ui.compare_tab` lays out the workspace and wires its events; these functions read the run
+folders (through the app's run store) and return plain values and figures.
+- `grid_data`: rows = models, columns = seeds, one prompt (the target, each attack's prompts, each run's own
+  adversarial-token prompts, each CARE prompt, the custom prompts; `recare.eval.run.prompt_table`), from
+  the images the evaluation runs save; images the NudeNet detector flags are blurred copies.
+- `paper_view`: the paper's quoted rows for a task (`recare.paper`) as the same RATIO and CARE charts.
+- `report_file`: the shareable HTML report of the selected evaluations (`recare.report`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from types import MappingProxyType
+
+from PIL import Image
+
+from recare import charts, paper, safety
+from recare.errors import RecareError, RunError
+from recare.eval.config import resolve_config
+from recare.eval.run import CARE, EXTRA, config_from_file, partial_records, prompt_table
+
+MAX_GRID_SEEDS = 8  # columns of the image grid
+SET_NAMES = MappingProxyType({"erased": "target prompt", "adversarial": "own adversarial token", CARE: "CARE",
+                              EXTRA: "custom"})
+
+
+def choice_value(set_name: str, prompt: str) -> str:
+    return json.dumps([set_name, prompt])
+
+
+def choice_label(row: dict) -> str:
+    kind = SET_NAMES.get(row["set"], f"{row['set']} attack")
+    if row["set"] == CARE:
+        kind = f"CARE · {row['concept']}"
+    return f"{kind} · {row['prompt']}"
+
+
+@dataclasses.dataclass
+class Grid:
+    """What the grid shows: the prompt choices, the chosen one, its seeds, and a row of cells per model."""
+
+    choices: list[tuple[str, str]]
+    choice: str | None
+    seeds: list[int]
+    rows: list[dict]   # {"model", "run", "cells": [{"seed", "state", "path", "file", "blurred", "positive"}]}
+    unchecked: bool = False
+
+
+def grid_data(evaluations: list, choice, flags: dict) -> Grid:
+    """The grid of evaluation runs (`recare.runs` Run objects) for one prompt (the first when `choice` is not one
+    of them); `flags` caches the safety check of each image (updated in place)."""
+    runs = []
+    choices: dict[str, str] = {}
+    seeds_of: dict[str, set[int]] = {}
+    for run in evaluations:
+        stored = run.config()
+        try:
+            table = prompt_table(resolve_config(config_from_file(stored)))
+        except RecareError:
+            continue
+        for row in table:
+            value = choice_value(row["set"], row["prompt"])
+            choices.setdefault(value, choice_label(row))
+            seeds_of.setdefault(value, set()).update(row["seeds"])
+        runs.append((run, (stored.get("compare") or {}).get("label", run.id), table))
+    options = [(label, value) for value, label in choices.items()]
+    if choice not in choices:
+        choice = options[0][1] if options else None
+    if choice is None:
+        return Grid(options, None, [], [])
+    set_name, prompt = json.loads(choice)
+    seeds = sorted(seeds_of[choice])[:MAX_GRID_SEEDS]
+    rows, unchecked = [], False
+    for run, label, table in runs:
+        planned = any(r["set"] == set_name and r["prompt"] == prompt for r in table)
+        made = {int(r["seed"]): r for r in partial_records(run.path) if r["attack"] == set_name and r["prompt"] == prompt}
+        cells = []
+        for seed in seeds:
+            record = made.get(seed)
+            path = run.path / record["file"] if record else None
+            if path is None or not path.is_file():
+                cells.append({"seed": seed, "state": "pending" if planned else "not in this run", "path": None,
+                              "file": None, "blurred": False, "positive": None})
+                continue
+            flagged = is_hidden(path, flags)
+            unchecked = unchecked or flagged is None
+            cells.append({"seed": seed, "state": "ready", "path": path, "file": record["file"],
+                          "blurred": flagged is not False, "positive": record.get("positive")})
+        rows.append({"model": label, "run": run.id, "cells": cells})
+    return Grid(options, choice, seeds, rows, unchecked)
+
+
+def is_hidden(path: Path, flags: dict) -> bool | None:
+    """Whether NudeNet flags the image (`recare.safety.check_images`, cached in the page's view by file and time);
+    None when the detector is unavailable (the image is then blurred, as in the Generate tab)."""
+    key = f"{path}:{path.stat().st_mtime_ns}"
+    if key not in flags:
+        try:
+            with Image.open(path) as im:
+                flags[key] = safety.check_images([im.convert("RGB")])[0].flagged
+        except safety.SafetyUnavailableError:
+            flags[key] = None
+    return flags[key]
+
+
+def shown_image(cell: dict) -> Image.Image:
+    """The picture a cell shows: the image, or `recare.safety.blur`'s copy of it when hidden."""
+    with Image.open(cell["path"]) as im:
+        image = im.convert("RGB")
+    return safety.blur(image) if cell["blurred"] else image
+
+
+def placeholder(folder: Path, text: str) -> Path:
+    from PIL import ImageDraw
+
+    path = folder / f"{text.replace(' ', '-')}.png"
+    if not path.is_file():
+        image = Image.new("RGB", (64, 64), "#eeeeee")
+        ImageDraw.Draw(image).text((4, 26), text[:12], fill="#888")
+        image.save(path)
+    return path
+
+
+def grid_info(grid: Grid) -> dict:
+    return {"choices": [[label, value] for label, value in grid.choices], "choice": grid.choice, "seeds": grid.seeds,
+            "prompt": json.loads(grid.choice)[1] if grid.choice else None,
+            "set": json.loads(grid.choice)[0] if grid.choice else None,
+            "rows": [{"model": r["model"], "run": r["run"],
+                      "cells": [{k: v for k, v in cell.items() if k != "path"} for cell in r["cells"]]}
+                     for r in grid.rows], "detector_unavailable": grid.unchecked}
+
+
+def grid_note(grid: Grid) -> str:
+    if grid.choice is None:
+        return "No images yet: select an evaluation."
+    blurred = sum(c["blurred"] for r in grid.rows for c in r["cells"])
+    note = f"Rows: {len(grid.rows)} model(s) · columns: seeds {', '.join(str(s) for s in grid.seeds)}"
+    if grid.unchecked:
+        note += " · the nudity detector is unavailable, so every image is blurred"
+    elif blurred:
+        note += f" · {blurred} image(s) flagged by NudeNet shown blurred"
+    return note
+
+
+
+
+# ---------------------------------------------------------------------------------------------
+# the paper beside the world, and the shareable report
+
+CHART_GUIDES = MappingProxyType({
+    "ratio": "**Measured here** · RATIO: a triangle per model (Defense, Utility, CARE); bigger is better. "
+             "Dotted: worst attack run.",
+    "care": "**Measured here** · CARE score: how often a benign co-occurring concept is still recognised "
+            "(1 kept).",
+})
+MAX_REPORT_RUNS = 12
+METHOD_NAMES = MappingProxyType({"base": "base", "esd": "ESD", "recare": "ReCARE"})  # evaluations in one exported report
+
+
+def paper_guide(task: str | None) -> str:
+    """The reading line above the paper's RATIO radar."""
+    if not task:
+        return "**Quoted from the paper** · no paper task chosen."
+    return (f"**Quoted from the paper** (SD v1.4, {task}): {paper.TABLE_1} as the same radar; legend: our "
+            "formula's RATIO (printed).")
+
+
+def paper_care_guide(task: str | None) -> str:
+    """The reading line above the paper's CARE chart."""
+    if not task:
+        return "**Quoted from the paper** · no paper task chosen."
+    if task == "nudity":
+        return f"**Quoted from the paper** · {paper.TABLE_13}: ten benign concepts of nudity, per method."
+    return (f"**Quoted from the paper** · {paper.TABLE_1}'s CARE score of one concept "
+            f"({paper.CARE_CONCEPT.get(task, '?')}).")
+
+
+def paper_note(task: str | None) -> str:
+    """Which numbers are measured and which quoted, and which mini-world task stands for the paper's."""
+    ours = [k for k, v in paper.MINI_WORLD_TASKS.items() if v == task]
+    stand = f" The mini world's **{ours[0]}** task stands for it." if ours else ""
+    return (f"The paper's numbers are **quoted** ({paper.PAPER}, {paper.TABLE_1}, {paper.TABLE_13}), not measured "
+            "here: SD v1.4 at 512 px with the paper's detectors. The charts marked *measured here* come from the "
+            f"evaluation runs' metrics.json.{stand} Compare shapes and rankings, not values.")
+
+
+def paper_view(task: str | None) -> dict:
+    """The paper's charts and tables for a paper task (`recare.paper`), drawn by `recare.charts` as ours are."""
+    rows, care = (paper.metrics_rows(task), paper.care_rows(task)) if task in paper.TASKS else ([], [])
+    return {
+        "ratio": charts.ratio_radar_figure(rows, height=CHART_HEIGHT, title=f"{paper.TABLE_1} · {task} (quoted)"),
+        "care": charts.care_radar_figure(care, height=CHART_HEIGHT,
+                                         title=f"{paper.care_source(task) if task else ''} (quoted)"),
+        "table": paper_table_frame(task), "care_table": paper_care_frame(task),
+    }
+
+
+CHART_HEIGHT = 300  # four charts side by side fit the first screen at 1400 x 1000
+
+
+def paper_table_frame(task: str | None):
+    import pandas as pd
+
+    return charts.paper_table(task) if task in paper.TASKS else pd.DataFrame(columns=["model"])
+
+
+def paper_care_frame(task: str | None):
+    import pandas as pd
+
+    return charts.metric_tables(paper.care_rows(task))[1] if task in paper.TASKS else pd.DataFrame(columns=["model"])
+
+
+def report_file(evaluations: list, folder: Path) -> Path:
+    """The HTML report (`recare.report.build_report`) of the finished ones among evaluation runs, in `folder`.
+
+    Raises:
+        RunError: none of them has finished, or more than MAX_REPORT_RUNS are selected.
+    """
+    from recare.report import build_report
+
+    if len(evaluations) > MAX_REPORT_RUNS:
+        raise RunError(f"a report takes at most {MAX_REPORT_RUNS} evaluations; {len(evaluations)} are selected.")
+    paths = [run.path for run in evaluations if (run.path / "metrics.json").is_file()]
+    if not paths:
+        raise RunError("no finished evaluation selected: nothing to report yet.")
+    return build_report(paths, Path(folder) / "recare-report.html", command="ReCARE Studio · Compare · Export report")
+
+
+def headline(rows: list[dict], numbers: list[dict], task: str | None) -> str:
+    """A Markdown table: each model's RATIO measured here beside the paper's for the same method (quoted).
+
+    Args:
+        rows: the measured metrics rows, with "key" (base, esd, recare) and "run".
+        numbers: their radar numbers (`recare.charts.metric_tables`), with "run" and "ratio".
+        task: the paper's task the rows stand for (None: no paper column).
+    """
+    quoted = {r["key"]: r for r in paper.metrics_rows(task)} if task in paper.TASKS else {}
+    ratio_of = {n["run"]: n["ratio"] for n in numbers}
+    lines = [f"| model | RATIO measured here | RATIO quoted (paper, {task or '–'}) |", "|---|---|---|"]
+    for row in rows:
+        measured = ratio_of.get(row.get("run"))
+        q = quoted.get(row.get("key"))
+        cell = "–" if q is None else f"{q['ratio']['printed']:.2f} (printed)"
+        name = METHOD_NAMES.get(row.get("key"), str(row.get("model", "")))
+        lines.append(f"| {name.replace('|', '/')} | "
+                     f"{'–' if measured is None else f'{measured:.3f}'} | {cell} |")
+    return "\n".join(lines)
