@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from recare.config import ConfigError, GenerateConfig
 from recare.limits import Limits, human_bytes
 from recare.progress import CancelToken, ProgressCallback, emit
-from recare.runs import atomic_write_bytes, atomic_write_json
+from recare.atomic import atomic_write_bytes, atomic_write_json
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MANIFEST_NAME = "manifest.json"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from recare.errors import ModelLoadError
 from recare.miniworld import world as W
-from recare.runs import atomic_write_text
+from recare.atomic import atomic_write_text
 
 # Recommended CARE-set parameters for this world's 126-word vocabulary (the paper's K=50 / N=100
 # are for the 49,408-token CLIP vocabulary). Tuned on 200 target images per task with the bundled
