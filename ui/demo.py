@@ -23,7 +23,7 @@ import gradio as gr
 
 from recare import demo as demo_bundle
 from recare.errors import ConfigError, RecareError
-from ui.common import AppContext, md, ok, owner_key, problem, served
+from ui.common import AppContext, md, no_paths, ok, owner_key, problem, served, submitter
 from ui.compare_tab import collect_evaluations, evaluation_choices
 from ui.figures import care_radar_figure, metric_tables, ratio_radar_figure
 
@@ -194,6 +194,8 @@ def _grid_caption(entry: dict) -> str:
 
 def _rerun(ctx: AppContext, task, key, request=None):
     """Submit one job per model of the task for this browser. Returns (message, evaluations, timer)."""
+    from recare.jobs.requests import DemoRerunRequest, submit_requests
+
     try:
         owner = owner_key(key, request)
         found = demo_of(ctx)
@@ -201,10 +203,10 @@ def _rerun(ctx: AppContext, task, key, request=None):
         if not entries:
             raise ConfigError(f"the demo has no results for the task {str(task)[:40]!r}.")
         device = str(ctx.models.device)
-        jobs = [demo_bundle.rerun_job(e, device) for e in entries]  # every settings check before any job starts
-        runs = [ctx.jobs.submit("evaluate", target, settings, owner=owner, device=device) for target, settings in jobs]
+        jobs = [DemoRerunRequest(demo_bundle.rerun_job(e, device)[1]) for e in entries]
+        runs = submit_requests(ctx.jobs, jobs, submitter(ctx, owner, request), device=device)  # all or none
     except RecareError as e:
-        return problem(f"Not started: {e}"), gr.skip(), gr.skip()
+        return problem(f"Not started: {no_paths(ctx, e)}"), gr.skip(), gr.skip()
     ids = [r.id for r in runs]
     return (ok(f"Re-running {md(task)}: {', '.join(ids)} (they run one after another; the charts update as each "
                "finishes)."),
