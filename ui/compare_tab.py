@@ -183,8 +183,9 @@ def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
 
     c["task"].change(_fill_task, [c["task"]], [c["target_prompt"], c["care_prompts"]], api_name=False,
                      show_progress="hidden")
+    # preprocess=False: the handler checks every raw value itself (a message, not a bare "Error")
     c["start"].click(start, [*settings, ctx.model_name, owner], [c["message"], c["evaluations"], c["timer"]],
-                     api_name="evaluate_start", concurrency_limit=4)
+                     api_name="evaluate_start", concurrency_limit=4, preprocess=False)
     c["timer"].tick(poll, poll_in, poll_out, api_name=False, show_progress="hidden").then(
         grid, grid_in, grid_out, api_name=False, show_progress="hidden")
     c["evaluations"].input(poll, poll_in, poll_out, api_name=False, show_progress="hidden").then(
@@ -390,6 +391,9 @@ class CompareSettings:
         attacks = tuple(dict.fromkeys(a for a in (attacks or []) if isinstance(a, str)))
         if not attacks:
             raise ConfigError(f"pick at least one attack ({', '.join(ATTACK_CHOICES)}).")
+        for name, value in (("the target prompt", target_prompt), ("the task", task), ("the model", model_name)):
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"{name} must be text, not {type(value).__name__}.")
         base_model = str(model_name or models.MINI_WORLD)
         return cls(picked=picked, task=task if base_model == models.MINI_WORLD and task else None,
                    target_prompt=(target_prompt or "").strip() or None, care_prompts=_care_prompts(care_prompts),

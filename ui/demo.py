@@ -91,7 +91,7 @@ def attach_demo(ctx: AppContext, c: dict[str, Any]) -> dict[str, Any]:
 
     c["demo_task"].change(show, [c["demo_task"]], show_out, api_name="demo_show", show_progress="hidden")
     c["demo_rerun"].click(rerun, [c["demo_task"], owner], [c["demo_message"], c["evaluations"], c["timer"]],
-                          api_name="demo_rerun", concurrency_limit=1)
+                          api_name="demo_rerun", concurrency_limit=1, preprocess=False)  # raw values checked here
     root = gr.context.Context.root_block
     if root is not None:
         root.load(draw, [c["demo_task"]], show_out[1:], api_visibility="private", show_progress="hidden")

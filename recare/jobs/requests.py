@@ -254,8 +254,13 @@ def check_train(config: TrainConfig, submitter: Submitter, roots: list[str | Pat
     _bound(limits, "images", config.num_images, "the number of target images")
 
 
-def check_evaluation(data: dict, submitter: Submitter, roots: list[str | Path]) -> None:
-    """Policy and bounds of one evaluation's settings (an EvaluationConfig dict), before it is resolved."""
+def check_evaluation(data: dict, submitter: Submitter, roots: list[str | Path], resolve: bool = True) -> None:
+    """Policy and bounds of one evaluation's settings (an EvaluationConfig dict), before it is resolved.
+
+    Args:
+        resolve: also `resolve_config` it (False for the demo's re-run, whose trained UNet, and so its
+            own adversarial tokens, exists only once the job's training part ran).
+    """
     from recare.eval.config import EvaluationConfig, resolve_config
 
     config = EvaluationConfig.from_dict(data)
@@ -298,7 +303,8 @@ def check_evaluation(data: dict, submitter: Submitter, roots: list[str | Path]) 
     for prompt in [config.target_prompt or "", *config.extra_prompts, *(p for v in care.values() for p in v)]:
         if len(prompt) > limits.prompt_chars:
             raise ConfigError(limits.exceeded("prompt_chars", f"a prompt has {len(prompt):,} characters"))
-    resolve_config(config)  # an unknown task, missing prompts: refused before any job starts
+    if resolve:
+        resolve_config(config)  # an unknown task, missing prompts: refused before any job starts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,8 +445,9 @@ class DemoRerunRequest(JobRequest):
         return "evaluate"
 
     def check(self, submitter: Submitter, roots: list[str]) -> None:
-        check_evaluation(self.job.get("evaluation") or {}, submitter, roots)
-        if self.job.get("train") is not None:
+        trained = self.job.get("train") is not None
+        check_evaluation(self.job.get("evaluation") or {}, submitter, roots, resolve=not trained)
+        if trained:
             check_train(TrainConfig.from_dict(self.job["train"]), submitter, roots)
 
     def settings(self) -> dict:
@@ -509,7 +516,7 @@ def recheck(run: Run) -> None:
     if isinstance(settings.get("train"), dict):
         check_train(TrainConfig.from_dict(settings["train"]), submitter, roots)
     if isinstance(settings.get("evaluation"), dict):
-        check_evaluation(settings["evaluation"], submitter, roots)
+        check_evaluation(settings["evaluation"], submitter, roots, resolve=kind != "demo-rerun")
 
 
 def client_hash(address: str | None) -> str:
