@@ -49,7 +49,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from recare.config import TrainConfig
-from recare.errors import Cancelled, ConfigError, TrainingError
+from recare.errors import Cancelled, ConfigError, StateError, TrainingError
 from recare.progress import CancelToken, ProgressCallback, ProgressEvent
 from recare.atomic import atomic_write_dir, atomic_write_json, atomic_write_text
 from recare.train.esd import ErasureTrainer, ESDTrainer
@@ -225,7 +225,17 @@ class StateFolder:
         return (self.path / "state.pt").is_file()
 
     def load(self, name: str = "state.pt") -> Any:
-        return torch.load(self.path / name, map_location="cpu", weights_only=False)
+        """One file of the state, read with `weights_only=True`: tensors and plain values, no code runs.
+
+        Raises:
+            StateError: the file is damaged (a truncated save) or holds something else than a state
+                (a pickle placed there); the run cannot be resumed from it.
+        """
+        try:
+            return torch.load(self.path / name, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated archives, foreign pickles and missing files raise many types here
+            raise StateError(f"the run's saved state is damaged or was not written by a training run ({name}: "
+                             f"{type(e).__name__}), so it cannot be resumed; start a new run") from e
 
 
 # ---------------------------------------------------------------------------------------------
