@@ -122,9 +122,12 @@ def call_pipeline(pipe):
     Args:
         pipe: the shared pipeline.
     """
-    if not (hasattr(pipe, "components") and hasattr(pipe, "scheduler")):
-        return pipe
+    from diffusers import DiffusionPipeline
+
     from recare.models import derive_pipeline
+
+    if not isinstance(pipe, DiffusionPipeline) or getattr(pipe, "scheduler", None) is None:
+        return pipe
 
     return derive_pipeline(pipe)
 
