@@ -307,6 +307,11 @@ def _add_checkpoint(ctx: AppContext, payload, model_name, picked, key, request=N
         if run is not None:
             shutil.rmtree(run.path, ignore_errors=True)  # a refused checkpoint leaves nothing behind
         return problem(f"Checkpoint refused: {no_paths(ctx, e)}"), gr.skip()
+    except OSError as e:  # the disk, not the file: no half-made run may hold a quota slot
+        if run is not None:
+            shutil.rmtree(run.path, ignore_errors=True)
+        return problem(f"Checkpoint not stored: the server could not write it ({type(e).__name__}); try again."), \
+            gr.skip()
     options = _model_options(ctx, owner)
     return (ok(f"Added {md(source.name)} as **{run.id}** (fits {md(model_name)})."),
             gr.CheckboxGroup(choices=options, value=list(dict.fromkeys([*(picked or []), run.id]))))
