@@ -640,12 +640,10 @@ def _check_fits(state: Mapping[str, torch.Tensor], unet, weights: TrainedWeights
     """ModelLoadError naming the first tensor of `state` that does not fit `unet` (see load_trained_unet_state)."""
     shapes = {name: tuple(t.shape) for name, t in unet.state_dict().items()}
 
+    from recare.weights_check import mismatch_error
+
     def mismatch(detail: str) -> ModelLoadError:
-        said = ", ".join(f"{k}={v}" for k, v in sorted(metadata.items()) if "base" in k.lower())
-        return ModelLoadError(
-            f"{weights.path.name} does not fit this base model: {detail}. The checkpoint was trained on another base "
-            f"model{f' ({said})' if said else ''}; load it onto the model it was trained from."
-        )
+        return mismatch_error(weights.path.name, detail, metadata)
 
     for name, tensor in state.items():
         if name not in shapes:

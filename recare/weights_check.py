@@ -32,6 +32,19 @@ _SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32":
 _TORCH_OWN_MEMBERS = 16  # data.pkl, version, byteorder, .data/serialization_id, ... beside one member per tensor
 
 
+def mismatch_error(file_name: str, detail: str, metadata: Mapping[str, str] | None = None) -> ModelLoadError:
+    """The error for weights of another base model: the file, what differs, and the base its metadata names.
+
+    Args:
+        file_name: the weights file's name (never its folder).
+        detail: the first difference, e.g. "its tensor 'x' is not in the base UNet".
+        metadata: the file's metadata (safetensors); entries whose key mentions "base" are quoted.
+    """
+    said = ", ".join(f"{k}={v}" for k, v in sorted((metadata or {}).items()) if "base" in str(k).lower())
+    return ModelLoadError(f"{file_name} does not fit this base model: {detail}. The checkpoint was trained on another "
+                          f"base model{f' ({said})' if said else ''}; load it onto the model it was trained from.")
+
+
 def _numel(shape) -> int:
     n = 1
     for d in shape:
@@ -82,26 +95,23 @@ def _inspect_safetensors(path: Path, shapes: Mapping[str, tuple], limits: Limits
     if not isinstance(header, dict):
         raise _damaged(path, "its header is not a table of tensors")
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    metadata = header.get("__metadata__") if isinstance(header.get("__metadata__"), dict) else {}
     most = min(limits.checkpoint_tensors, len(shapes))
     if len(tensors) > most:
         if len(tensors) > limits.checkpoint_tensors:
             raise ModelLoadError(limits.exceeded("checkpoint_tensors", f"{path.name} lists {len(tensors):,} tensors"))
-        raise ModelLoadError(f"{path.name} does not fit this base model: it lists {len(tensors):,} tensors and the "
-                             f"base UNet has {len(shapes):,}.")
+        raise mismatch_error(path.name, f"it lists {len(tensors):,} tensors and the base UNet has {len(shapes):,}",
+                             metadata)
     data = size - 8 - length
     for name, entry in tensors.items():
         if not isinstance(entry, dict) or entry.get("dtype") not in _SAFETENSORS_DTYPES \
                 or not isinstance(entry.get("shape"), list) or not isinstance(entry.get("data_offsets"), list):
             raise _damaged(path, f"the entry of tensor {str(name)[:80]!r} is malformed")
         if name not in shapes:
-            raise ModelLoadError(f"{path.name} does not fit this base model: its tensor {str(name)[:80]!r} is not in "
-                                 "the base UNet. The checkpoint was trained on another base model; load it onto the "
-                                 "model it was trained from.")
+            raise mismatch_error(path.name, f"its tensor {str(name)[:80]!r} is not in the base UNet", metadata)
         if tuple(entry["shape"]) != tuple(shapes[name]):
-            raise ModelLoadError(f"{path.name} does not fit this base model: tensor {name!r} has shape "
-                                 f"{list(entry['shape'])[:8]} in the checkpoint but {list(shapes[name])} in the base "
-                                 "UNet. The checkpoint was trained on another base model; load it onto the model it "
-                                 "was trained from.")
+            raise mismatch_error(path.name, f"tensor {name!r} has shape {list(entry['shape'])[:8]} in the checkpoint "
+                                            f"but {list(shapes[name])} in the base UNet", metadata)
         begin, end = (entry["data_offsets"] + [None, None])[:2]
         if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data
                 and end - begin == _numel(entry["shape"]) * _SAFETENSORS_DTYPES[entry["dtype"]]):
@@ -132,4 +142,4 @@ def _inspect_torch_zip(path: Path, shapes: Mapping[str, tuple], limits: Limits) 
                              f"tensors take at most {human_bytes(budget)}, so it is not a checkpoint of this model.")
 
 
-__all__ = ["inspect_weights_file"]
+__all__ = ["inspect_weights_file", "mismatch_error"]
