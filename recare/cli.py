@@ -22,6 +22,7 @@ from typing import Any, Callable
 from recare import __version__, worldspec
 from recare.config import CareSetConfig, ConfigError, GenerateConfig
 from recare.errors import Cancelled, RecareError, RunError
+from recare.jobs.targets import TRAIN_RECIPE as TRAIN_TARGET  # the registry of job functions
 
 EXIT_USAGE = 2
 EXIT_CANCELLED = 130  # as for Ctrl+C: a cancelled job saved its state and can be resumed
@@ -237,7 +238,6 @@ def run_careset(args: argparse.Namespace) -> Path:
 # ---------------------------------------------------------------------------------------------
 # train
 
-TRAIN_TARGET = "recare.train.recipe:run_training_job"
 TRAIN_METHOD_CHOICES = ("recare", "esd", "recare-no-adv", "recare-no-retain")
 
 

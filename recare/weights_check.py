@@ -126,7 +126,9 @@ def _inspect_torch_zip(path: Path, shapes: Mapping[str, tuple], limits: Limits) 
         raise _damaged(path, f"its zip directory is damaged ({type(e).__name__})") from None
     packed = next((m for m in members if m.compress_type != zipfile.ZIP_STORED), None)
     if packed is not None:  # torch.save stores its members as they are; a compressed one can inflate 1000:1
-        raise _damaged(path, f"its entry {packed.filename[-60:]!r} is compressed, which torch.save never writes")
+        raise ModelLoadError(f"{path.name} is refused unread: its entry {packed.filename[-60:]!r} is compressed, which "
+                             "torch.save never writes (it could unpack to far more than it weighs); save the state "
+                             "dict with torch.save and upload that file.")
     most = min(limits.checkpoint_tensors, len(shapes)) + _TORCH_OWN_MEMBERS
     if len(members) > most:
         raise ModelLoadError(f"{path.name} holds {len(members):,} entries; a state dict of this base UNet holds at "

@@ -228,3 +228,13 @@ def test_runs_stopped_by_a_shutdown_come_back_queued_with_a_note(tmp_path):
     assert second.wait(run.id, timeout=30)["result"]["value"] == expected_value(30)
     assert user.status()["state"] == R.CANCELLED and not user.status().get("note")
     second.shutdown()
+
+
+def test_every_job_function_is_named_in_the_registry_and_resolves():
+    from recare import cli, demo
+    from recare.jobs import resolve_target, targets
+
+    assert {demo.EVALUATE_TARGET, demo.RERUN_TARGET, cli.TRAIN_TARGET} <= set(targets.TARGETS.values())
+    for target in targets.TARGETS.values():
+        assert callable(resolve_target(target))
+    assert not targets.known("os:system")
