@@ -85,7 +85,7 @@ def evaluate_model(task: str, name: str, unet: str | None, out: Path, overrides:
     started = time.perf_counter()
     # a fixed folder per (task, model): write config.json first so `evaluate` treats it as this run
     from recare.eval.config import resolve_config
-    from recare.runs import atomic_write_json
+    from recare.atomic import atomic_write_json
 
     atomic_write_json(folder / "config.json", {"command": "evaluate", "evaluation": resolve_config(config).to_dict()})
     result = evaluate(None, run_dir=folder)

@@ -26,7 +26,7 @@ from recare.careset import DROP_REASONS, CareSet  # one-way: recare.careset neve
 from recare.config import CareSetConfig, ConfigError, careset_key
 from recare.errors import CareSetFileError  # re-exported: raised by this module
 from recare.limits import Limits, human_bytes
-from recare.runs import atomic_write_text
+from recare.atomic import atomic_write_text
 
 RICH_FORMAT = "recare-careset"
 RICH_VERSION = 1

@@ -22,6 +22,7 @@ from typing import Any, Callable
 from recare import __version__, worldspec
 from recare.config import CareSetConfig, ConfigError, GenerateConfig
 from recare.errors import Cancelled, RecareError, RunError
+from recare.jobs.targets import TRAIN_RECIPE as TRAIN_TARGET  # the registry of job functions
 
 EXIT_USAGE = 2
 EXIT_CANCELLED = 130  # as for Ctrl+C: a cancelled job saved its state and can be resumed
@@ -237,7 +238,6 @@ def run_careset(args: argparse.Namespace) -> Path:
 # ---------------------------------------------------------------------------------------------
 # train
 
-TRAIN_TARGET = "recare.train.recipe:run_training_job"
 TRAIN_METHOD_CHOICES = ("recare", "esd", "recare-no-adv", "recare-no-retain")
 
 
@@ -374,6 +374,9 @@ def run_train(args: argparse.Namespace) -> Path:
     if task is not None and args.model != MINI_WORLD:
         raise ConfigError(f"--task names a mini-world task; it needs --model {MINI_WORLD} (got {args.model!r}).")
     config = _train_config(args, task)
+    from recare.jobs.requests import Submitter, check_train
+
+    check_train(config, Submitter(), [])  # the bounds of the app's requests (RECARE_MAX_*; any local model)
     if config.stage2 is not None and not config.careset and task is None:
         raise ConfigError("ReCARE needs a CARE-set: pass --careset FILE (python -m recare careset makes one), "
                           "or --task for a mini-world task.")
@@ -579,7 +582,11 @@ def run_evaluate(args: argparse.Namespace) -> Path:
 
     config, given = _evaluation_config(args)
     _check_folder_arg("--out", args.out)
-    if args.resume is not None:
+    if args.resume is None:
+        from recare.jobs.requests import Submitter, check_evaluation
+
+        check_evaluation(config.to_dict(), Submitter(), [], resolve=False)  # the app's bounds (RECARE_MAX_*)
+    else:
         extra = sorted(given) + (["config"] if args.config else [])
         if extra:
             raise ConfigError(f"--resume continues {args.resume} with the settings it was started with; drop "

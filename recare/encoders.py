@@ -28,7 +28,7 @@ from PIL import Image
 from recare.errors import ConfigError
 from recare.limits import Limits, human_bytes
 from recare.progress import CancelToken, ProgressCallback, check_cancel, emit
-from recare.runs import atomic_write_bytes, atomic_write_json
+from recare.atomic import atomic_write_bytes, atomic_write_json
 
 
 class Encoder:

@@ -42,6 +42,10 @@ class RunError(RecareError):
     """A run folder is missing, belongs to someone else, or is not in a state that allows the request."""
 
 
+class StateError(RunError):
+    """A run's saved resume state is damaged or not what a run saves; the run cannot be resumed from it."""
+
+
 class TrainingError(RecareError, RuntimeError):
     """Training stopped for a reason the user can act on (NaN loss, out of memory, mismatched inputs)."""
 

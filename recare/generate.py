@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from recare.config import ConfigError, GenerateConfig
 from recare.limits import Limits, human_bytes
 from recare.progress import CancelToken, ProgressCallback, emit
-from recare.runs import atomic_write_bytes, atomic_write_json
+from recare.atomic import atomic_write_bytes, atomic_write_json
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MANIFEST_NAME = "manifest.json"
@@ -110,6 +110,28 @@ def check_generate_limits(config: GenerateConfig, limits: Limits | None = None) 
         raise ConfigError(limits.exceeded("generate_pixels", f"{config.height} x {config.width} images were asked for"))
 
 
+def call_pipeline(pipe):
+    """A pipeline for one generation call: `pipe`'s components with a scheduler of its own.
+
+    A diffusers pipeline call sets its scheduler's timesteps (and its own guidance scale) for that
+    call, so two calls on one cached pipeline from two threads (two app visitors) would change each
+    other's steps mid-way. The copy shares every model (nothing is duplicated) and costs a few
+    milliseconds (`recare.models.derive_pipeline`). Anything that is not a diffusers pipeline (a test's
+    stand-in) is returned as it is.
+
+    Args:
+        pipe: the shared pipeline.
+    """
+    from diffusers import DiffusionPipeline
+
+    from recare.models import derive_pipeline
+
+    if not isinstance(pipe, DiffusionPipeline) or getattr(pipe, "scheduler", None) is None:
+        return pipe
+
+    return derive_pipeline(pipe)
+
+
 def iter_generation(
     pipe,
     config: GenerateConfig,
@@ -138,6 +160,7 @@ def iter_generation(
     """
     config.validate()
     check_generate_limits(config, limits)
+    pipe = call_pipeline(pipe)
     seeds = image_seeds(config)
     total = len(seeds)
     for start in range(0, total, config.batch_size):

@@ -58,7 +58,27 @@ class Limits:
         vocab_cache_bytes: the vocabulary-feature cache folder; the least recently used files go first.
     Names:
         name_chars: characters of a model or encoder name or path.
-    Jobs (recare.runs, recare.jobs), per owner (a browser key or signed-in user; the CLI has none):
+    Job requests (recare.jobs.requests: the app's and the CLI's training and evaluation settings):
+        train_iterations: stage-2 or ESD iterations of one training (official 200; ESD 1000).
+        stage1_iterations: stage-1 erase iterations per round (official 200).
+        stage1_rounds: stage-1 rounds, one adversarial token each (official 2).
+        ti_steps: textual-inversion steps per round, and CCE's (official 3000).
+        eval_seeds: images per attack prompt of an evaluation (paper 500).
+        care_images: CARE-score images per CARE prompt (official 10).
+        clip_captions: CLIP-score captions of an evaluation.
+        attack_runs: repeated runs of a random attack in one evaluation.
+        ids_per_request: run or model ids named in one request (Compare's models and evaluations).
+        prompt_list: prompts in one list (all CARE prompts together, the custom prompts).
+        json_depth: nesting depth of a JSON value a request carries (the CARE prompts).
+    Checkpoint uploads (recare.models.load_trained_unet_state, inspected before anything is inflated):
+        checkpoint_tensors: tensors in one weights file (also never more than the base UNet has).
+        checkpoint_header_bytes: a safetensors header, or the pickle of a torch zip file.
+    Jobs of the whole server (recare.runs.RunStore.check_quota, through recare.jobs):
+        jobs_total: queued plus running jobs of every visitor together.
+        jobs_per_client: queued plus running jobs sent from one client address (Gradio's request,
+            proxies included): invented owner keys do not multiply it.
+        runs_disk_bytes: disk used by all runs together.
+    Jobs per owner (a browser key or signed-in user; the CLI has none):
         jobs_per_owner: queued plus running jobs of one owner.
         owner_disk_bytes: disk used by one owner's runs together.
     """
@@ -83,6 +103,22 @@ class Limits:
     word_list_words: int = 100_000
     vocab_cache_bytes: int = 2 * GiB
     name_chars: int = 1024
+    train_iterations: int = 10_000
+    stage1_iterations: int = 10_000
+    stage1_rounds: int = 10
+    ti_steps: int = 10_000
+    eval_seeds: int = 1000
+    care_images: int = 100
+    clip_captions: int = 10_000
+    attack_runs: int = 10
+    ids_per_request: int = 16
+    prompt_list: int = 200
+    json_depth: int = 32
+    checkpoint_tensors: int = 20_000
+    checkpoint_header_bytes: int = 16 * MiB
+    jobs_total: int = 32
+    jobs_per_client: int = 4
+    runs_disk_bytes: int = 200 * GiB
     jobs_per_owner: int = 4
     owner_disk_bytes: int = 20 * GiB
 

@@ -563,7 +563,7 @@ def _read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
     import torch
 
     if not path.is_file():
-        raise ModelLoadError(f"trained weights incomplete: {path} is missing.")
+        raise ModelLoadError(f"trained weights incomplete: {path.name} is missing.")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -573,12 +573,12 @@ def _read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or corrupt files raise many types here
         raise ModelLoadError(
-            f"could not read {path}: {_first_line(e)}. The file is damaged or incomplete; export or copy it again."
+            f"could not read {path.name}: it is damaged or incomplete ({type(e).__name__}); export or copy it again."
         ) from e
     if not isinstance(state, Mapping) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
-        raise ModelLoadError(f"{path} is not a state dict (a mapping of tensor names to tensors).")
+        raise ModelLoadError(f"{path.name} is not a state dict (a mapping of tensor names to tensors).")
     return dict(state)
 
 
@@ -590,12 +590,12 @@ def _safetensors_metadata(path: Path) -> dict[str, str]:
             return dict(f.metadata() or {})
     except Exception as e:
         raise ModelLoadError(
-            f"could not read {path}: {_first_line(e)}. The file is damaged or incomplete; export or copy it again."
+            f"could not read {path.name}: it is damaged or incomplete ({type(e).__name__}); export or copy it again."
         ) from e
 
 
 def load_trained_unet_state(path: str | Path | TrainedWeights, unet,
-                            check_base: bool = True) -> dict[str, torch.Tensor]:
+                            check_base: bool = True, limits: Limits | None = None) -> dict[str, torch.Tensor]:
     """Read trained UNet weights (any format of `find_trained_weights`) and check that they fit `unet`.
 
     Args:
@@ -605,6 +605,8 @@ def load_trained_unet_state(path: str | Path | TrainedWeights, unet,
             (`recare.train.export.model_fingerprint`), require `unet` to have the same one: two bases of one
             architecture (SD v1.4 and v1.5) have the same names and shapes, so only this tells them apart.
             The check runs for fp32 and fp16 UNets (the fingerprint is the same for both copies of a model).
+        limits: bounds of the files' headers (`recare.weights_check.inspect_weights_file`, which looks at
+            every file before it is read; default `Limits.from_env()`).
 
     Returns:
         {state-dict name: tensor on the CPU}; `unet.load_state_dict(state, strict=False)` applies it.
@@ -614,14 +616,20 @@ def load_trained_unet_state(path: str | Path | TrainedWeights, unet,
             tensor the UNet lacks, a shape that differs, or, for a full state dict, a missing tensor;
             the message names the first such tensor), or another base fingerprint (see `check_base`).
     """
+    from recare.weights_check import inspect_weights_file
+
     weights = find_trained_weights(path)
+    shapes = {name: tuple(t.shape) for name, t in unet.state_dict().items()}
+    tensor_files = [f for f in weights.files if not f.name.endswith(".json")]
+    for f in tensor_files:  # what each file says about itself, before anything is inflated
+        if f.is_file():
+            inspect_weights_file(f, shapes, limits)
     metadata: dict[str, str] = {}
     if weights.format == TRAINED_PARAMS:
         metadata = _safetensors_metadata(weights.path)
     state: dict[str, torch.Tensor] = {}
-    for f in weights.files:
-        if not f.name.endswith(".json"):
-            state.update(_read_tensor_file(f))
+    for f in tensor_files:
+        state.update(_read_tensor_file(f))
     _check_fits(state, unet, weights, metadata)
     if check_base:
         _check_base_fingerprint(unet, weights, metadata)
@@ -632,12 +640,10 @@ def _check_fits(state: Mapping[str, torch.Tensor], unet, weights: TrainedWeights
     """ModelLoadError naming the first tensor of `state` that does not fit `unet` (see load_trained_unet_state)."""
     shapes = {name: tuple(t.shape) for name, t in unet.state_dict().items()}
 
+    from recare.weights_check import mismatch_error
+
     def mismatch(detail: str) -> ModelLoadError:
-        said = ", ".join(f"{k}={v}" for k, v in sorted(metadata.items()) if "base" in k.lower())
-        return ModelLoadError(
-            f"{weights.path} does not fit this base model: {detail}. The checkpoint was trained on another base "
-            f"model{f' ({said})' if said else ''}; load it onto the model it was trained from."
-        )
+        return mismatch_error(weights.path.name, detail, metadata)
 
     for name, tensor in state.items():
         if name not in shapes:

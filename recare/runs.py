@@ -1,10 +1,4 @@
-"""Run folders: atomic writes for every module, and the persistent run store for long jobs.
-
-Atomic writes (used everywhere a file or folder is written): `atomic_save(path, write)` writes a
-file under a temporary name beside `path`, flushes it to disk and renames it into place;
-`atomic_write_dir(path)` does the same for a whole folder (a `save_pretrained` output, a job's
-resume state). A crash or a cancel never leaves a half-written file or folder behind, and a
-failed write keeps the previous version.
+"""Run folders: the persistent run store for long jobs (atomic writes live in `recare.atomic`).
 
 The run store keeps one folder per job (training, evaluation, ...) under one root that outlives
 a browser tab and the app process: `$RECARE_HOME/runs` when RECARE_HOME is set, else
@@ -37,6 +31,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from recare.atomic import (  # noqa: F401  (re-exported for older imports)
+    atomic_save, atomic_write_bytes, atomic_write_dir, atomic_write_json, atomic_write_text, restore_interrupted_swap,
+)
 from recare.errors import RunError
 from recare.limits import Limits, human_bytes
 from recare.progress import CancelToken, ProgressEvent
@@ -51,165 +48,6 @@ FINISHED = (DONE, FAILED, CANCELLED)
 
 HEARTBEAT_S = 2.0  # a running job bumps status.json's `updated` at least this often
 STALE_S = 60.0  # a RUNNING run whose pid cannot be checked (other host) is dead after this long without a heartbeat
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic writes
-# ---------------------------------------------------------------------------------------------
-def _fsync_path(path: Path) -> None:
-    """Flush a file's or folder's data to disk (best effort where the OS cannot open folders)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # Windows cannot open a folder; its rename is durable enough there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fresh_name(parent: Path, prefix: str, suffix: str = "") -> Path:
-    return parent / f"{prefix}{secrets.token_hex(4)}{suffix}"
-
-
-def atomic_save(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Write a file through `write(tmp)` on a temporary file beside `path`, then rename it into place.
-
-    The temporary file keeps `path`'s suffix (writers such as `np.save` add one otherwise), has
-    the permissions a plain `open` would give (umask), and is flushed to disk before the rename;
-    the folder entry is flushed after it. If `write` raises, `path` keeps its old content and the
-    temporary file is removed.
-
-    Args:
-        path: destination file; its folder is created if missing.
-        write: called once with the temporary path, e.g. `lambda p: torch.save(obj, p)` or
-            `lambda p: save_file(tensors, p)`.
-
-    Returns:
-        The destination path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = _fresh_name(path.parent, f".{path.stem}.", f".tmp{path.suffix}")
-        try:
-            # O_EXCL: never reuse someone else's file; mode 0o666 so the umask decides, as for open()
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            break
-        except FileExistsError:
-            continue
-    try:
-        write(tmp)
-        if not tmp.is_file():
-            raise FileNotFoundError(f"the writer did not leave a file at {tmp}")
-        _fsync_path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_path(path.parent)
-    return path
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write `data` to `path` through a temporary file in the same folder, then rename it into place.
-
-    Args:
-        path: destination file; its folder is created if missing.
-        data: the bytes to write.
-
-    Returns:
-        The destination path.
-    """
-    return atomic_save(path, lambda tmp: tmp.write_bytes(data))
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write UTF-8 `text` to `path` atomically (see `atomic_write_bytes`).
-
-    Args:
-        path: destination file.
-        text: the text to write.
-    """
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | Path, data: Any, indent: int = 2) -> Path:
-    """Write `data` as pretty JSON (trailing newline) to `path` atomically.
-
-    Args:
-        path: destination file.
-        data: anything `json.dumps` accepts.
-        indent: JSON indentation.
-    """
-    return atomic_write_text(path, json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
-
-
-def _fsync_tree(root: Path) -> None:
-    for folder, _, files in os.walk(root):
-        for name in files:
-            _fsync_path(Path(folder) / name)
-        _fsync_path(Path(folder))
-
-
-@contextlib.contextmanager
-def atomic_write_dir(path: str | Path) -> Iterator[Path]:
-    """Build a folder in a temporary sibling of `path`; on success it replaces `path` as a whole.
-
-    Usage:
-
-        with atomic_write_dir(out / "unet") as tmp:
-            unet.save_pretrained(tmp)
-
-    On success the files are flushed to disk, the old `path` (if any) is moved aside, the new
-    folder renamed in, and the old one removed. If the block raises, the temporary folder is
-    removed and `path` is left as it was.
-
-    Args:
-        path: the destination folder; its parent is created if missing.
-
-    Yields:
-        The temporary folder to write into (empty; permissions as a plain `mkdir` gives).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = _fresh_name(path.parent, f".{path.name}.tmp-")
-        try:
-            tmp.mkdir()
-            break
-        except FileExistsError:
-            continue
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        if path.exists() or path.is_symlink():
-            old = _fresh_name(path.parent, f".{path.name}.old-")
-            os.replace(path, old)
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                os.replace(old, path)  # put the previous folder back
-                raise
-            _fsync_path(path.parent)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-            _fsync_path(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _restore_interrupted_swap(path: Path) -> None:
-    """If a crash hit `atomic_write_dir` between its two renames, put the previous folder back."""
-    if path.exists():
-        return
-    olds = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if olds:
-        os.replace(olds[-1], path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,11 +137,40 @@ def _pid_alive(pid: int) -> bool | None:
         return True
 
 
+def _boot_id() -> str:
+    """This machine's boot id (Linux), else "" (a reboot gives a new one)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def process_identity(pid: int | None) -> str | None:
+    """"<boot id>:<start time>" of process `pid` (Linux), None where it cannot be read.
+
+    A pid alone does not name a process across restarts: a container that restarts gives its
+    first processes the same small pids again. The boot id and the process's start time (clock
+    ticks since boot, /proc/<pid>/stat field 22) do.
+
+    Args:
+        pid: a process id.
+    """
+    if not pid:
+        return None
+    try:
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()
+        start = stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError, ValueError):
+        return None
+    return f"{_boot_id()}:{start}"
+
+
 def worker_gone(status: dict) -> str | None:
     """Why the worker of a RUNNING status is no longer running, or None when it may be alive.
 
-    On the same host the worker's pid decides; elsewhere (a shared runs folder) a heartbeat
-    older than STALE_S does.
+    On the same host the worker's pid and its identity (`process_identity`, recorded beside the
+    pid) decide: a pid that now belongs to another process (reused after a restart) is gone too.
+    Elsewhere (a shared runs folder) a heartbeat older than STALE_S does.
 
     Args:
         status: a status.json dict.
@@ -313,6 +180,9 @@ def worker_gone(status: dict) -> str | None:
         alive = _pid_alive(int(pid))
         if alive is False:
             return f"process {pid} is gone"
+        recorded = status.get("pid_id")
+        if alive and recorded and process_identity(int(pid)) not in (None, recorded):
+            return f"process {pid} is gone (its pid now belongs to another process)"
         if alive:
             return None
     age = _age_s(status.get("updated"))
@@ -321,10 +191,11 @@ def worker_gone(status: dict) -> str | None:
     return None
 
 
-def _new_status(run_id: str, kind: str, owner: str, target: str | None, device: str | None) -> dict:
+def _new_status(run_id: str, kind: str, owner: str, target: str | None, device: str | None,
+                client: str = "") -> dict:
     stamp = now_iso()
     return {
-        "id": run_id, "kind": kind, "state": QUEUED, "owner": owner,
+        "id": run_id, "kind": kind, "state": QUEUED, "owner": owner, "client": client,
         "created": stamp, "started": None, "updated": stamp, "finished": None,
         "progress": {"stage": "", "step": 0, "total": 0, "message": "", "metrics": {}},
         "error": None, "pid": None, "host": None, "resumable": False, "attempts": 0,
@@ -523,7 +394,7 @@ class Run:
 
     def has_state(self) -> bool:
         """Whether the job saved a resume state."""
-        _restore_interrupted_swap(self.state_dir)
+        restore_interrupted_swap(self.state_dir)
         return self.state_dir.is_dir()
 
     # -- size ----------------------------------------------------------------------------------
@@ -559,7 +430,7 @@ class RunStore:
         return f"RunStore({str(self.root)!r})"
 
     def create(self, kind: str, config: dict, owner: str = "", target: str | None = None,
-               device: str | None = None) -> Run:
+               device: str | None = None, client: str = "", quota: bool = True) -> Run:
         """Create a run folder with config.json and a QUEUED status.json.
 
         Args:
@@ -568,38 +439,75 @@ class RunStore:
             owner: who may see it (a browser key or user name; "" for the CLI).
             target: the job function "package.module:function" (set by the job runner).
             device: the device the job runs on ("cpu", "cuda:0", ...).
+            client: who sent the request (the app's client address, hashed; "" for the CLI).
+            quota: check the limits first (`check_quota`); False when the caller checked them for
+                a whole batch.
         """
         if not _KIND_PATTERN.match(kind):
             raise RunError(f"run kind {kind!r} must be letters, digits, '_' or '-' (e.g. 'train').")
-        self.check_quota(owner)
+        if quota:
+            self.check_quota(owner, client=client)
         path = new_run_dir(self.root, kind)
         run = Run(path)
         try:
             atomic_write_json(run.config_path, config)
-            atomic_write_json(run.status_path, _new_status(run.id, kind, str(owner), target, device))
+            atomic_write_json(run.status_path, _new_status(run.id, kind, str(owner), target, device, str(client)))
         except BaseException:
             shutil.rmtree(path, ignore_errors=True)
             raise
         return run
 
-    def check_quota(self, owner: str) -> None:
-        """RunError when `owner` may not start another job: too many queued or running, or too much disk.
+    def check_quota(self, owner: str, client: str = "", count: int = 1) -> None:
+        """RunError when `count` more jobs may not start: the limits on queued + running jobs (in total,
+        per client address, per owner) and on disk (all runs, one owner's runs).
+
+        The owner key separates visitors' runs, but a client picks its own key, so the server is
+        bounded by the totals and the client address, not by keys.
 
         Args:
-            owner: who wants to start a job; "" (the CLI) is never bounded.
+            owner: who wants to start the jobs; "" with no client (the CLI) is never bounded.
+            client: the client address the request came from ("" when unknown).
+            count: jobs the request starts together (all or nothing).
         """
-        if not owner:
+        if not owner and not client:
             return
-        runs = self.list(owner=str(owner))
-        active = sum(1 for run in runs if not run.bundled and run.stored_status().get("state") in (QUEUED, RUNNING))
         limits = self.limits
-        if active >= limits.jobs_per_owner:
-            raise RunError(limits.exceeded("jobs_per_owner", f"you have {active} jobs queued or running") +
-                           " Wait for one to finish or cancel one.")
-        used = sum(run.size_bytes() for run in runs if not run.bundled)
-        if used >= limits.owner_disk_bytes:
-            raise RunError(limits.exceeded("owner_disk_bytes", f"your runs take {human_bytes(used)}") +
-                           " Delete old runs to start new ones.")
+        mine = [run for run in self.list() if not run.bundled]
+        statuses = []
+        for run in mine:
+            try:
+                statuses.append((run, run.stored_status()))
+            except RunError:
+                continue
+        active = [(run, st) for run, st in statuses if st.get("state") in (QUEUED, RUNNING)]
+        asks = f"this request starts {count} jobs" if count != 1 else "this request starts a job"
+
+        def refuse(field: str, what: str, advice: str) -> RunError:
+            return RunError(limits.exceeded(field, f"{asks} and {what}") + f" Nothing was started; {advice}")
+
+        if count > limits.jobs_per_owner:
+            raise RunError(limits.exceeded("jobs_per_owner", asks) + " Nothing was started.")
+        if len(active) + count > limits.jobs_total:
+            raise refuse("jobs_total", f"the server has {len(active)} jobs queued or running",
+                         "try again when some have finished.")
+        if client:
+            from_client = sum(1 for _, st in active if st.get("client") == client)
+            if from_client + count > limits.jobs_per_client:
+                raise refuse("jobs_per_client", f"{from_client} jobs from your address are queued or running",
+                             "wait for one to finish or cancel one.")
+        if owner:
+            own = sum(1 for _, st in active if st.get("owner") == owner)
+            if own + count > limits.jobs_per_owner:
+                raise refuse("jobs_per_owner", f"you have {own} jobs queued or running",
+                             "wait for one to finish or cancel one.")
+            used = sum(run.size_bytes() for run, st in statuses if st.get("owner") == owner)
+            if used >= limits.owner_disk_bytes:
+                raise RunError(limits.exceeded("owner_disk_bytes", f"your runs take {human_bytes(used)}") +
+                               " Delete old runs to start new ones.")
+        total = sum(run.size_bytes() for run, _ in statuses)
+        if total >= limits.runs_disk_bytes:
+            raise RunError(limits.exceeded("runs_disk_bytes", f"the server's runs take {human_bytes(total)}") +
+                           " Nothing was started; try again later.")
 
     def _find(self, run_id: str) -> Run | None:
         check_run_id(run_id)

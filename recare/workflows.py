@@ -176,7 +176,7 @@ def run_task_training_job(run, progress: ProgressCallback | None, cancel: Cancel
         cancel: the run's cancel token.
     """
     from recare.models import MINI_WORLD, load_pipeline
-    from recare.runs import atomic_write_json
+    from recare.atomic import atomic_write_json
     from recare.train.recipe import job_config, run_training_job
 
     settings = run.config()
@@ -205,7 +205,7 @@ def _stage_inputs(run, settings: dict) -> dict:
     import shutil
 
     from recare.errors import ImageInputError
-    from recare.runs import atomic_write_dir, atomic_write_json, atomic_write_text
+    from recare.atomic import atomic_write_dir, atomic_write_json, atomic_write_text
 
     inputs, train = settings["inputs"], dict(settings["train"])
     folder = run.path / INPUTS_DIR

@@ -59,3 +59,30 @@ def zip_with(path: Path, members: dict[str, bytes], flag: int | None = None, met
         data[local + 8:local + 10] = data[central + 10:central + 12] = struct.pack("<H", method)
     path.write_bytes(bytes(data))
     return path
+
+
+def deflated_torch_file(path: Path, mib: int = 64) -> Path:
+    """A ReCARE-Diffusers-UNet.pt whose members are deflate-compressed: `mib` MiB of zeros in ~`mib` KiB.
+
+    torch.save writes its zip members stored; this one inflates about 1000:1 when read.
+    """
+    import torch
+
+    plain = path.with_suffix(".plain")
+    torch.save({"conv_in.weight": torch.zeros(mib << 18)}, plain)  # float32: mib MiB
+    with zipfile.ZipFile(plain) as source, zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for info in source.infolist():
+            archive.writestr(info.filename, source.read(info.filename))
+    plain.unlink()
+    return path
+
+
+def safetensors_with(path: Path, tensors: dict[str, dict], header_pad: int = 0) -> Path:
+    """A .safetensors file written by hand: `tensors` is {name: {"dtype", "shape", "data_offsets"}} (the header),
+    followed by as many zero bytes as the offsets need; `header_pad` spaces make the header longer."""
+    import json as _json
+
+    header = _json.dumps(tensors).encode() + b" " * header_pad
+    end = max((t["data_offsets"][1] for t in tensors.values()), default=0)
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * end)
+    return path

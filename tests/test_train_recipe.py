@@ -290,3 +290,49 @@ def test_training_job_reads_its_run_and_writes_into_it(tmp_path):
     assert TrainConfig.from_dict(saved["train"]) == config and "versions" in saved
     assert (run.path / "trained_params.safetensors").is_file() and (run.path / "careset.json").is_file()
     assert not (run.path / "metrics.jsonl").exists()   # the runner's reporter writes it, not the recipe
+
+
+# ---- the saved state is data, never code ----------------------------------------------------------------
+
+class _Planted:
+    """A pickle that would create a file when loaded without weights_only."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickle_placed_in_the_state_runs_no_code_and_the_run_is_not_resumable(pipe, tmp_path):
+    from recare.errors import StateError
+
+    token = CancelToken()
+    with pytest.raises(Cancelled):
+        train(tiny("esd"), pipe, None, None, tmp_path, progress=lambda e: token.cancel(), cancel=token)
+    marker = tmp_path / "code-ran"
+    torch.save({"format": "x", "payload": _Planted(marker)}, tmp_path / "state" / "state.pt")
+    with pytest.raises(StateError, match="damaged or was not written by a training run"):
+        train(tiny("esd"), pipe, None, None, tmp_path)
+    assert not marker.exists()
+
+
+def test_a_truncated_state_fails_the_job_as_not_resumable_with_the_reason(tmp_path):
+    from recare.errors import RunError
+    from recare.jobs import JobRunner, run_job
+    from recare.runs import FAILED, RunStore
+
+    model = make_tiny_pipeline(tmp_path / "model")
+    config = tiny("esd", model=str(model), device="cpu")
+    store = RunStore(tmp_path / "runs")
+    run = store.create("train", recipe.job_config(config), target="recare.train.recipe:run_training_job")
+    run.request_cancel()  # stops at the first check: a state is saved
+    assert run_job(run, "recare.train.recipe:run_training_job")["state"] == "cancelled"
+    state = run.state_dir / "state.pt"
+    state.write_bytes(state.read_bytes()[:40])  # a save cut short
+    run.cancel_path.unlink()
+    status = run_job(run, "recare.train.recipe:run_training_job")
+    assert status["state"] == FAILED and status["resumable"] is False
+    assert "cannot be resumed" in status["error"] and "PytorchStreamReader" not in status["error"]
+    with pytest.raises(RunError, match="cannot be resumed: the run's saved state is damaged"):
+        JobRunner(store).resume(run.id)

@@ -44,3 +44,25 @@ def test_defaults_take_known_fields_and_the_task():
     assert worldspec.careset_defaults({"careset": {"top_k": -3}}) == CareSetConfig()  # invalid: library defaults
     assert worldspec.mini_world_words(SPEC) == ["tench", "lake", "stars"]
     assert worldspec.mini_world_words({}) is None
+
+
+def test_recare_spec_round_trips_the_shipped_recare_json():
+    """recare.json rewritten from the world's code keeps every measured section (evaluation, unlearning, ...)."""
+    import json
+    from pathlib import Path
+
+    from recare.miniworld.train import previous_spec, recare_spec
+
+    path = Path(__file__).resolve().parent.parent / "checkpoints" / "mini-world" / "recare.json"
+    shipped = previous_spec(path)
+    assert shipped is not None and {"evaluation", "unlearning"} <= set(shipped)
+    assert recare_spec(record=shipped["training"], previous=shipped) == shipped
+    again = json.loads(json.dumps(recare_spec(previous=shipped)))
+    assert again["evaluation"] == shipped["evaluation"] and again["unlearning"] == shipped["unlearning"]
+    assert again["training"] == shipped["training"]
+    # a measured field of one task, and a section this code does not know, survive a rewrite too
+    marked = {**shipped, "future_section": {"x": 1},
+              "tasks": {**shipped["tasks"], "tench": {**shipped["tasks"]["tench"], "measured": {"asr": 0.1}}}}
+    rewritten = recare_spec(previous=marked)
+    assert rewritten["future_section"] == {"x": 1} and rewritten["tasks"]["tench"]["measured"] == {"asr": 0.1}
+    assert "unlearning" not in recare_spec()  # nothing measured without a previous file

@@ -26,7 +26,7 @@ from recare.config import ConfigError, CareSetConfig
 from recare.errors import CareSetError, RecareError
 from recare.encoders import Vocabulary, clip_bpe_vocabulary, read_word_list, vocabulary_features, word_list_vocabulary
 from recare.limits import Limits
-from recare.runs import atomic_write_text
+from recare.atomic import atomic_write_text
 from recare import worldspec
 from ui.cluster_plot import cluster_plot, clicked
 from ui.common import AppContext, gradio_progress, md, number, ok, problem, served, skip_all

@@ -79,6 +79,58 @@ def owner_key(stored: str | None, request: gr.Request | None = None) -> str:
     raise RunError("this browser has no key for its runs yet; reload the page.")
 
 
+def client_key(request: gr.Request | None = None) -> str:
+    """Who sent a request, for the server's per-client job limit: a hash of the client's address.
+
+    Behind a proxy (a Hugging Face Space) the address is the one the proxy appended last to
+    X-Forwarded-For (a client can write the header's first entries itself, not the proxy's); set
+    `RECARE_PROXY_HOPS` to the number of proxies in front of the app (default 1 on a Space, else 0).
+
+    Args:
+        request: the handler's gr.Request ("" without one: a call from Python).
+    """
+    import os
+
+    from recare.jobs.requests import client_hash
+
+    if request is None:
+        return ""
+    address = getattr(getattr(request, "client", None), "host", None) or ""
+    try:
+        hops = int(os.environ.get("RECARE_PROXY_HOPS", "1" if os.environ.get("SPACE_ID") else "0"))
+    except ValueError:
+        hops = 0
+    headers = getattr(request, "headers", None) or {}
+    forwarded = [a.strip() for a in str(headers.get("x-forwarded-for") or "").split(",") if a.strip()]
+    if hops > 0 and len(forwarded) >= hops:
+        address = forwarded[-hops]
+    return client_hash(address or "unknown")
+
+
+def submitter(ctx: "AppContext", owner: str, request: gr.Request | None = None):
+    """The `recare.jobs.requests.Submitter` of a handler: this app's model policy and limits, the owner
+    key and the client's address."""
+    from recare.jobs.requests import Submitter
+
+    return Submitter.of(ctx.models.policy, ctx.limits, owner=owner, client=client_key(request))
+
+
+_ABS_PATH = re.compile(r"(?<![\w.:/])(?:/[^\s/'\"`,;:()]+)+/?")
+
+
+def no_paths(ctx: "AppContext", message: Any) -> str:
+    """`message` with every absolute server path cut to its last part, in public mode (as it is elsewhere).
+
+    Args:
+        ctx: the app's context (its model policy says whether this app is public).
+        message: an error's text.
+    """
+    text = str(message)
+    if not ctx.models.policy.public_mode:
+        return text
+    return _ABS_PATH.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1] or "/", text)
+
+
 def page_owner(stored: str | None, request: gr.Request | None = None) -> str | None:
     """`owner_key`, or None while a first visit's page is still getting its key (no warning then).
 

@@ -1,7 +1,7 @@
 """Compare workspace: evaluate the base model and unlearned models on the same seeds, live RATIO and CARE radars.
 
-Nothing here evaluates: Start submits one job per picked model (target `recare.eval.run:run_evaluation_job`,
-kind "evaluate") to the app's JobRunner with the browser's owner key, and a gr.Timer polls the run
+Nothing here evaluates: Start submits one `recare.jobs.requests.EvaluateRequest` per picked model (kind
+"evaluate"; checked, bounded and quota-counted as one batch) to the app's JobRunner with the browser's owner key, and a gr.Timer polls the run
 folders while any is queued or running. The charts are live: while a job runs, its provisional metrics
 (`recare.eval.run.partial_metrics`: the same metrics over the images made so far) are drawn dashed with
 "(partial)" in the legend and the tables; when it finishes, its metrics.json replaces them:
@@ -47,10 +47,10 @@ import pandas as pd
 from recare import models, worldspec
 from recare.errors import ConfigError, ModelLoadError, RecareError, RunError
 from recare.eval import attacks as eval_attacks
-from recare.eval.config import EvaluationConfig, resolve_config
+from recare.eval.config import EvaluationConfig
 from recare.eval.run import partial_metrics
 from recare.runs import CANCELLED, DONE, QUEUED, RUNNING
-from ui.common import AppContext, md, number, ok, owner_key, page_owner, problem, served
+from ui.common import AppContext, md, no_paths, number, ok, owner_key, page_owner, problem, served, submitter
 from recare import paper
 from ui.compare_data import (
     CHART_GUIDES, CHART_HEIGHT, SET_NAMES, grid_data, grid_info, grid_note, paper_care_frame, paper_care_guide,
@@ -60,7 +60,6 @@ from ui.figures import (
     MAX_CARE_AXES, TABLE_COLUMNS, care_concepts, care_radar_figure, image_grid, metric_tables, ratio_radar_figure,
 )
 
-TARGET = "recare.eval.run:run_evaluation_job"
 BASE = "base"  # the model list's value for the header's base model
 CHECKPOINT_KIND = "checkpoint"
 CHECKPOINT_NAMES = (models.TRAINED_PARAMS_FILE, models.OFFICIAL_UNET_FILE)
@@ -227,8 +226,9 @@ def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
 
     c["task"].change(_fill_task, [c["task"]], [c["target_prompt"], c["care_prompts"]], api_name=False,
                      show_progress="hidden")
+    # preprocess=False: the handler checks every raw value itself (a message, not a bare "Error")
     c["start"].click(start, [*settings, ctx.model_name, owner], [c["message"], c["evaluations"], c["timer"]],
-                     api_name="evaluate_start", concurrency_limit=4)
+                     api_name="evaluate_start", concurrency_limit=4, preprocess=False)
     c["timer"].tick(poll, poll_in, poll_out, api_name=False, show_progress="hidden").then(
         grid, grid_in, grid_out, api_name=False, show_progress="hidden")
     c["evaluations"].input(poll, poll_in, poll_out, api_name=False, show_progress="hidden").then(
@@ -336,7 +336,13 @@ def _models_choices(ctx: AppContext, picked, key, request=None):
 
 
 def _add_checkpoint(ctx: AppContext, payload, model_name, picked, key, request=None):
-    """Copy an uploaded checkpoint into a run folder once it is known to fit the base model; else refuse it."""
+    """Copy an uploaded checkpoint into a run folder once it is known to fit the base model; else refuse it.
+
+    The file is inspected where it was uploaded (`recare.weights_check`: its header against the base UNet,
+    before anything is inflated) and loaded; only then is a run made for it.
+    """
+    from recare.jobs.requests import check_model
+
     run = None
     try:
         owner = owner_key(key, request)
@@ -344,17 +350,23 @@ def _add_checkpoint(ctx: AppContext, payload, model_name, picked, key, request=N
         if source.name not in CHECKPOINT_NAMES:
             raise ConfigError(f"{source.name} is not a trained checkpoint this workspace takes: upload "
                               f"{' or '.join(CHECKPOINT_NAMES)}.")
-        model_name = str(model_name or models.MINI_WORLD)
+        sub = submitter(ctx, owner, request)
+        model_name = check_model(model_name if model_name not in (None, "") else models.MINI_WORLD, sub)
         base = ctx.models.pipeline(model_name)
-        run = ctx.runs.create(CHECKPOINT_KIND, {"checkpoint": {"file": source.name, "model": model_name}}, owner=owner)
-        target = run.path / source.name
-        shutil.copyfile(source, target)
-        models.load_trained_unet_state(target, base.unet)  # ModelLoadError: another base, damaged file
+        models.load_trained_unet_state(source, base.unet, limits=ctx.limits)  # another base, damaged, oversized
+        run = ctx.runs.create(CHECKPOINT_KIND, {"checkpoint": {"file": source.name, "model": model_name}}, owner=owner,
+                              client=sub.client)
+        shutil.copyfile(source, run.path / source.name)
         run.update_status(state=DONE, result={"file": source.name, "model": model_name})
     except RecareError as e:
         if run is not None:
             shutil.rmtree(run.path, ignore_errors=True)  # a refused checkpoint leaves nothing behind
-        return problem(f"Checkpoint refused: {e}"), gr.skip()
+        return problem(f"Checkpoint refused: {no_paths(ctx, e)}"), gr.skip()
+    except OSError as e:  # the disk, not the file: no half-made run may hold a quota slot
+        if run is not None:
+            shutil.rmtree(run.path, ignore_errors=True)
+        return problem(f"Checkpoint not stored: the server could not write it ({type(e).__name__}); try again."), \
+            gr.skip()
     options = _model_options(ctx, owner)
     return (ok(f"Added {md(source.name)} as **{run.id}** (fits {md(model_name)})."),
             gr.CheckboxGroup(choices=options, value=list(dict.fromkeys([*(picked or []), run.id]))))
@@ -378,10 +390,9 @@ def _uploaded(payload) -> Path:
 
 
 def _care_prompts(text) -> dict[str, list[str]]:
-    try:
-        value = json.loads(text or "{}")
-    except ValueError as e:
-        raise ConfigError(f"the CARE prompts are not JSON ({e}).") from None
+    from recare.jobs.requests import parse_json
+
+    value = parse_json(text or "{}", "the CARE prompts")  # depth checked before Python's parser recurses
     if not isinstance(value, dict) or not value:
         raise ConfigError('the CARE prompts must map each CARE concept to a list of prompts: {"person": ["..."]}.')
     return value
@@ -430,12 +441,19 @@ class CompareSettings:
     def from_inputs(cls, picked, task, target_prompt, care_prompts, attacks, seeds, care_images, clip_count,
                     custom_prompts, model_name) -> "CompareSettings":
         """Check the form's raw values (ConfigError with what to fix)."""
-        picked = tuple(p for p in (picked or []) if isinstance(p, str))
+        from recare.jobs.requests import run_ids
+
+        picked = tuple(run_ids(picked, what="models"))
         if not picked:
             raise ConfigError("pick at least one model.")
-        attacks = tuple(a for a in (attacks or []) if isinstance(a, str))
+        if attacks is not None and not isinstance(attacks, (list, tuple)):
+            raise ConfigError(f"the attacks must be a list of names from {', '.join(ATTACK_CHOICES)}.")
+        attacks = tuple(dict.fromkeys(a for a in (attacks or []) if isinstance(a, str)))
         if not attacks:
             raise ConfigError(f"pick at least one attack ({', '.join(ATTACK_CHOICES)}).")
+        for name, value in (("the target prompt", target_prompt), ("the task", task), ("the model", model_name)):
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"{name} must be text, not {type(value).__name__}.")
         base_model = str(model_name or models.MINI_WORLD)
         return cls(picked=picked, task=task if base_model == models.MINI_WORLD and task else None,
                    target_prompt=(target_prompt or "").strip() or None, care_prompts=_care_prompts(care_prompts),
@@ -465,22 +483,27 @@ def _has_tokens(weights: Path) -> bool:
 
 
 def _start(ctx: AppContext, values, key, request=None):
-    """One evaluation job per picked model. Returns (message, evaluations dropdown, timer).
+    """One evaluation job per picked model, submitted as one batch (all or none). Returns (message, evaluations
+    dropdown, timer).
 
     Args:
         values: the form's raw values in `CompareSettings.from_inputs`'s order.
     """
+    from recare.jobs.requests import EvaluateRequest, submit_requests
+
     try:
         owner = owner_key(key, request)
         settings = CompareSettings.from_inputs(*values)
         device = str(ctx.models.device)
         jobs = []
-        for value in settings.picked:  # check every model before any job starts
+        for value in settings.picked:  # every model is checked before any job exists
             if value == BASE:
                 config = settings.evaluation(settings.model_name, None, False, device)
                 label = f"base ({settings.model_name})"
             else:
                 run = ctx.runs.get(value, owner)
+                if run.bundled or run.kind not in ("train", CHECKPOINT_KIND):
+                    raise RunError(f"run {run.id} is not a model: pick the base, a training run or a checkpoint.")
                 if run.status().get("state") != DONE:
                     raise RunError(f"run {run.id} has not finished.")
                 stored = run.config()
@@ -488,22 +511,22 @@ def _start(ctx: AppContext, values, key, request=None):
                 model = (stored.get("checkpoint") or stored.get("train") or {}).get("model") or settings.model_name
                 config = settings.evaluation(model, str(weights), _has_tokens(weights), device)
                 label = _model_label(run)
-            resolve_config(config)  # unknown task, missing prompts: refused before any job starts
-            jobs.append((config, label, value))
-        runs = [ctx.jobs.submit("evaluate", TARGET, {"command": "app", "evaluation": config.to_dict(),
-                                                     "compare": {"label": label, "model": value}},
-                                owner=owner, device=device) for config, label, value in jobs]
+            jobs.append(EvaluateRequest(config.to_dict(), compare={"label": label, "model": value}))
+        runs = submit_requests(ctx.jobs, jobs, submitter(ctx, owner, request), device=device)
     except RecareError as e:
-        return problem(f"Not started: {e}"), gr.skip(), gr.skip()
+        return problem(f"Not started: {no_paths(ctx, e)}"), gr.skip(), gr.skip()
     ids = [r.id for r in runs]
-    return (ok(f"Started {len(ids)} evaluation(s): {', '.join(ids)}."),
+    position = ctx.jobs.queue_position(ids[0])
+    wait = f" Waiting: position {position} in the queue." if position and position > 1 else ""
+    return (ok(f"Started {len(ids)} evaluation(s): {', '.join(ids)}.{wait}"),
             gr.Dropdown(choices=evaluation_choices(ctx, owner), value=ids), gr.Timer(active=True))
 
 
 def _ids(ids) -> list[str]:
-    if isinstance(ids, str):
-        ids = [i for i in ids.replace(",", " ").split() if i]
-    return [i for i in (ids or []) if isinstance(i, str) and i.strip()]
+    """The evaluations' run ids (`recare.jobs.requests.run_ids`: texts only, bounded; ConfigError otherwise)."""
+    from recare.jobs.requests import run_ids
+
+    return run_ids(ids, what="evaluations")
 
 
 def _cancel(ctx: AppContext, ids, key, request=None):
@@ -511,7 +534,7 @@ def _cancel(ctx: AppContext, ids, key, request=None):
         owner = owner_key(key, request)
         messages = [ctx.jobs.cancel(run_id, owner=owner) for run_id in _ids(ids)]
     except RecareError as e:
-        return problem(str(e)), gr.skip()
+        return problem(no_paths(ctx, e)), gr.skip()
     if not messages:
         return problem("no evaluation selected."), gr.skip()
     return ok(" ".join(messages)), gr.Timer(active=True)
@@ -538,7 +561,12 @@ def _list(ctx: AppContext, ids, key, request=None):
     if choices is None:
         return gr.skip()
     known = {v for _, v in choices}
-    return gr.Dropdown(choices=choices, value=[i for i in _ids(ids) if i in known])
+    try:
+        shown = [i for i in _ids(ids) if i in known]
+    except RecareError as e:
+        problem(str(e))
+        shown = []
+    return gr.Dropdown(choices=choices, value=shown)
 
 
 # ---------------------------------------------------------------------------------------------

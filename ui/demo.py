@@ -25,8 +25,8 @@ import gradio as gr
 
 from recare import demo as demo_bundle
 from recare.errors import ConfigError, RecareError
-from ui.common import AppContext, md, ok, owner_key, problem
 from recare import paper
+from ui.common import AppContext, md, no_paths, ok, owner_key, problem, submitter
 from ui.compare_data import CHART_HEIGHT, headline
 from ui.compare_tab import collect_evaluations, evaluation_choices
 from ui.figures import care_radar_figure, metric_tables, ratio_radar_figure
@@ -98,7 +98,7 @@ def attach_demo(ctx: AppContext, c: dict[str, Any]) -> dict[str, Any]:
 
     c["demo_task"].change(show, [c["demo_task"]], show_out, api_name="demo_show", show_progress="hidden")
     c["demo_rerun"].click(rerun, [c["demo_task"], owner], [c["demo_message"], c["evaluations"], c["timer"]],
-                          api_name="demo_rerun", concurrency_limit=1)
+                          api_name="demo_rerun", concurrency_limit=1, preprocess=False)  # raw values checked here
     root = gr.context.Context.root_block
     if root is not None:
         root.load(draw, [c["demo_task"]], show_out[1:], api_visibility="private", show_progress="hidden")
@@ -211,6 +211,8 @@ def _show(ctx: AppContext, task):
 
 def _rerun(ctx: AppContext, task, key, request=None):
     """Submit one job per model of the task for this browser. Returns (message, evaluations, timer)."""
+    from recare.jobs.requests import DemoRerunRequest, submit_requests
+
     try:
         owner = owner_key(key, request)
         found = demo_of(ctx)
@@ -218,10 +220,10 @@ def _rerun(ctx: AppContext, task, key, request=None):
         if not entries:
             raise ConfigError(f"the demo has no results for the task {str(task)[:40]!r}.")
         device = str(ctx.models.device)
-        jobs = [demo_bundle.rerun_job(e, device) for e in entries]  # every settings check before any job starts
-        runs = [ctx.jobs.submit("evaluate", target, settings, owner=owner, device=device) for target, settings in jobs]
+        jobs = [DemoRerunRequest(demo_bundle.rerun_job(e, device)[1]) for e in entries]
+        runs = submit_requests(ctx.jobs, jobs, submitter(ctx, owner, request), device=device)  # all or none
     except RecareError as e:
-        return problem(f"Not started: {e}"), gr.skip(), gr.skip()
+        return problem(f"Not started: {no_paths(ctx, e)}"), gr.skip(), gr.skip()
     ids = [r.id for r in runs]
     return (ok(f"Re-running {md(task)}: {', '.join(ids)} (they run one after another; the charts update as each "
                "finishes)."),

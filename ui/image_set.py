@@ -16,7 +16,7 @@ from PIL import Image
 from recare import safety
 from recare.config import GenerateConfig
 from recare.generate import generation_metadata, write_manifest
-from recare.runs import atomic_write_bytes
+from recare.atomic import atomic_write_bytes
 from ui.common import md, served
 from ui.session import Session
 

@@ -1,8 +1,8 @@
 """Train workspace: start an unlearning run as a job, watch it live, cancel, resume, download, delete.
 
-Layout first, event wiring last. Nothing here trains: Start submits the job target
-`recare.workflows:run_task_training_job` to the app's JobRunner (one GPU job at a time, the rest
-queue), and a gr.Timer polls the run folder (status.json, metrics.jsonl, previews/previews.jsonl)
+Layout first, event wiring last. Nothing here trains: Start builds a `recare.jobs.requests.TrainRequest`
+(the model policy, every number bounded, the session's images and CARE-set copied into the run when it
+is submitted) and submits it to the app's JobRunner (one GPU job at a time, the rest queue), and a gr.Timer polls the run folder (status.json, metrics.jsonl, previews/previews.jsonl)
 while the selected run is queued or running. Runs belong to the browser's owner key, so a
 reloaded page lists them again. Every event is also a named API endpoint (`train_*`).
 
@@ -13,7 +13,7 @@ are already in memory there.
 
 ZeroGPU (Hugging Face Spaces): nothing here changes. `spaces.GPU` only lends a GPU to a decorated
 function called from the Gradio process for a bounded time, so on a ZeroGPU Space the JobRunner
-runs a GPU job in a thread of this process instead of a spawned worker (`recare.zerogpu`): each
+runs a GPU job in a thread of this process instead of a spawned worker (`recare.jobs.zerogpu`): each
 chunk is one `spaces.GPU(duration=D)` call that runs the same job target until a budget a bit
 under D, stops it through the cancel protocol (state/ saved), and the next chunk resumes from
 state/; the page polls the run as for any job.
@@ -38,11 +38,10 @@ from recare.runs import CANCELLED, DONE, QUEUED, RUNNING
 from recare.train import speed as train_speed
 from recare.train.preview import BASE_FILE, PREVIEW_DIR, read_previews
 from ui.cluster_plot import cluster_plot
-from ui.common import AppContext, md, number, ok, owner_key, problem, served
+from ui.common import AppContext, client_key, md, no_paths, number, ok, owner_key, problem, served, submitter
 from ui.figures import figure_json, loss_figure, placeholder_json
 from ui.session import Session
 
-TARGET = "recare.workflows:run_task_training_job"
 NO_TASK = "session"  # the task dropdown's "use this session's images and CARE-set"
 METHODS = (("ReCARE (stage 1 + 2)", "recare"), ("ESD (baseline)", "esd"),
            ("ReCARE without adversarial tokens", "recare-no-adv"), ("ReCARE without retain loss (λ = 0)", "recare-no-retain"))
@@ -383,22 +382,21 @@ def _start(ctx: AppContext, task, method, target_prompt, reference_word, initial
            lr, stage1_iterations, ti_steps, train_method, seed, num_images, preview_every, model_name,
            session: Session | None, stored_key, request: gr.Request | None = None):
     """Check everything, then submit the job. Returns (message, run dropdown, runs table, timer)."""
+    from recare.jobs.requests import TrainRequest, submit_requests
+
     try:
         owner = _key(ctx, stored_key, request)
+        if task is not None and not isinstance(task, str):
+            raise ConfigError(f"the task must be a mini-world task's name (text), not {type(task).__name__}.")
         config = _train_config(ctx, task, method, target_prompt, reference_word, initializer_token, iterations, lr,
                                stage1_iterations, ti_steps, train_method, seed, num_images, model_name)
         inputs = _session_inputs(session, careset_file, config, task)
         preview = _preview_config(config, inputs, task, number(preview_every, "preview every"))
-        settings: dict[str, Any] = {"command": "app", "train": config.to_dict()}
-        if task and task != NO_TASK:
-            settings["task"] = task
-        if inputs:
-            settings["inputs"] = inputs
-        if preview:
-            settings["preview"] = preview
-        run = ctx.jobs.submit("train", TARGET, settings, owner=owner, device=config.device)
+        job = TrainRequest(config=config, task=task if task and task != NO_TASK else None,
+                           images=tuple(inputs.get("images") or ()), careset=inputs.get("careset"), preview=preview)
+        (run,) = submit_requests(ctx.jobs, [job], submitter(ctx, owner, request), device=config.device)
     except RecareError as e:
-        return problem(f"Not started: {e}"), gr.skip(), gr.skip(), gr.skip()
+        return problem(f"Not started: {no_paths(ctx, e)}"), gr.skip(), gr.skip(), gr.skip()
     position = ctx.jobs.queue_position(run.id)
     wait = f" Waiting: position {position} in the queue." if position and position > 1 else ""
     choices, table = _runs_view(ctx, owner)
@@ -410,7 +408,7 @@ def _cancel(ctx: AppContext, run_id, stored_key, request=None):
     try:
         message = ctx.jobs.cancel(_run_id(run_id), owner=_key(ctx, stored_key, request))
     except RecareError as e:
-        return problem(str(e)), gr.skip()
+        return problem(no_paths(ctx, e)), gr.skip()
     if message.startswith("Nothing to cancel") or message.startswith("Cancel of"):
         return problem(message), gr.Timer(active=True)
     return ok(message + " It can be resumed."), gr.Timer(active=True)
@@ -418,9 +416,9 @@ def _cancel(ctx: AppContext, run_id, stored_key, request=None):
 
 def _resume(ctx: AppContext, run_id, stored_key, request=None):
     try:
-        run = ctx.jobs.resume(_run_id(run_id), owner=_key(ctx, stored_key, request))
+        run = ctx.jobs.resume(_run_id(run_id), owner=_key(ctx, stored_key, request), client=client_key(request))
     except RecareError as e:
-        return problem(str(e)), gr.skip()
+        return problem(no_paths(ctx, e)), gr.skip()
     return ok(f"Resumed **{run.id}** from its saved state."), gr.Timer(active=True)
 
 
@@ -450,11 +448,13 @@ def _download(ctx: AppContext, run_id, fmt, stored_key, request=None):
     """The selected run's weights in the format asked for, exported from the trained parameters when missing."""
     try:
         run = ctx.runs.get(_run_id(run_id), _key(ctx, stored_key, request))
+        if run.bundled or run.kind != "train":
+            raise RunError(f"run {run.id} is not one of your training runs; only those have weights to download.")
         if run.status().get("state") != DONE:
             raise RunError(f"run {run.id} has not finished; downloads are ready when it is done.")
         path = _export(run, fmt)
     except RecareError as e:
-        return gr.skip(), problem(str(e))
+        return gr.skip(), problem(no_paths(ctx, e))
     return served(path), ok(f"{Path(path).name} of {run.id} ({human_bytes(Path(path).stat().st_size)}).")
 
 
@@ -493,7 +493,9 @@ def _export(run, fmt) -> Path:
 
 
 def _run_id(run_id) -> str:
-    if not isinstance(run_id, str) or not run_id.strip():
+    if run_id is not None and not isinstance(run_id, str):
+        raise RunError(f"the run must be a run id (text), not {type(run_id).__name__} {str(run_id)[:40]!r}.")
+    if not run_id or not run_id.strip():
         raise RunError("no run selected: start one or pick one in the Run list.")
     return run_id.strip()
 
@@ -586,6 +588,17 @@ def _current_phase(rows: list[dict], plan: list[tuple[str, int]], status: dict) 
     return current, min(done + step, sum(n for _, n in plan))
 
 
+def _json_safe(value):
+    """`value` with whole numbers beyond what JSON readers keep exactly (2**53) written as text."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**53:
+        return str(value)
+    return value
+
+
 def _poll(ctx: AppContext, run_id, stored_key, request=None):
     """(status, progress bar, loss plot, previews, info, runs table, timer) of the selected run."""
     try:
@@ -593,7 +606,8 @@ def _poll(ctx: AppContext, run_id, stored_key, request=None):
         run = ctx.runs.get(_run_id(run_id), owner)
         status, settings = run.status(), run.config()
     except RecareError as e:
-        return md(str(e)), "", gr.skip(), gr.skip(), {"error": str(e)}, gr.skip(), gr.Timer(active=False)
+        text = no_paths(ctx, e)
+        return md(text), "", gr.skip(), gr.skip(), {"error": text}, gr.skip(), gr.Timer(active=False)
     state = status.get("state")
     rows = run.read_metrics()
     try:
@@ -607,6 +621,8 @@ def _poll(ctx: AppContext, run_id, stored_key, request=None):
     position = ctx.jobs.queue_position(run.id)
     if state == QUEUED:
         line = f"**{run.id}** · queued" + (f" · position **{position}** in the queue" if position else "")
+        if status.get("note"):
+            line += f" · {md(status['note'])}"
     elif state == RUNNING:
         stage = progress.get("stage")
         if stage in (None, "generate", "vocabulary", "careset"):
@@ -645,7 +661,8 @@ def _poll(ctx: AppContext, run_id, stored_key, request=None):
     info = {"id": run.id, "state": state, "phase": phase, "stage": progress.get("stage"), "step": progress.get("step"),
             "steps_done": done, "steps_total": total, "queue_position": position, "loss_points": len(rows),
             "previews": len([p for p in previews if p.get("phase") != "base"]), "error": status.get("error"),
-            "resumable": status.get("resumable"), "result": status.get("result")}
+            "resumable": status.get("resumable"), "result": status.get("result"), "note": status.get("note")}
+    info = _json_safe(info)  # a run stored with numbers past 2**53 (before they were bounded) still shows
     active = state in (QUEUED, RUNNING)
     figure = figure_json(loss_figure(rows, title=f"{run.id} · {config.method if config else ''}")) if rows \
         else placeholder_json("The loss curve appears here once training starts.")

@@ -40,7 +40,7 @@ from recare.errors import RecareError
 from recare.miniworld import world as W
 from recare.miniworld.oracle import augment
 from recare.miniworld.tokenizer import CONTEXT_LENGTH, build_clip_tokenizer, write_vocab_files
-from recare.runs import atomic_write_dir
+from recare.atomic import atomic_write_dir
 
 
 class MiniClipError(RecareError, RuntimeError):

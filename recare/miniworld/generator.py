@@ -328,7 +328,7 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet):
 
 def _save_pretrained_over(model, folder: Path, fp16: bool, finish=None) -> Path:
     """``save_pretrained`` a copy of ``model`` into a temporary sibling of ``folder``, then swap
-    it in for ``folder`` (``recare.runs.atomic_write_dir``: a failure leaves the old folder as it was).
+    it in for ``folder`` (``recare.atomic.atomic_write_dir``: a failure leaves the old folder as it was).
 
     Args:
         model: a diffusers pipeline or model (not modified).

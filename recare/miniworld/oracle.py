@@ -24,7 +24,7 @@ from torch import nn
 
 from recare.errors import RecareError
 from recare.miniworld import world as W
-from recare.runs import atomic_save, atomic_write_json
+from recare.atomic import atomic_save, atomic_write_json
 
 
 class OracleError(RecareError, RuntimeError):

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from recare.errors import RecareError
-from recare.runs import atomic_write_text
+from recare.atomic import atomic_write_text
 
 CONTEXT_LENGTH = 77  # CLIP's text context (max_position_embeddings)
 VOCAB_SIZE = 49408  # 256 bytes + 256 bytes</w> + 48,894 merges + 2 specials

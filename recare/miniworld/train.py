@@ -19,7 +19,7 @@ from pathlib import Path
 
 from recare.errors import ModelLoadError
 from recare.miniworld import world as W
-from recare.runs import atomic_write_text
+from recare.atomic import atomic_write_text
 
 # Recommended CARE-set parameters for this world's 126-word vocabulary (the paper's K=50 / N=100
 # are for the 49,408-token CLIP vocabulary). Tuned on 200 target images per task with the bundled
@@ -40,14 +40,22 @@ GENERATION_DEFAULTS = {"steps": 25, "guidance": 7.5, "height": 64, "width": 64, 
 CARE_IMAGES_PER_PROMPT = 10  # as the paper's CARE score
 
 
-def recare_spec(careset: dict | None = None, record: dict | None = None) -> dict:
+def recare_spec(careset: dict | None = None, record: dict | None = None, previous: dict | None = None) -> dict:
     """The content of ``recare.json``: everything a user of the mini world needs besides weights.
+
+    The sections made here (concepts, tasks, careset, generation, vocabulary, ...) come from the world's
+    code; the sections measured later by other tools (``evaluation``: the evaluation settings and CLIP
+    range; ``unlearning``: the recommended training settings per method and task; any other section, or
+    field of a task, this function does not make) are carried over from ``previous`` unchanged, so a
+    retrain or ``--spec-only`` never silently drops them.
 
     Args:
         careset: CARE-set parameters (default :data:`CARESET_DEFAULTS`).
-        record: training record (seed, times, metrics) to embed.
+        record: training record (seed, times, metrics) to embed (default: ``previous``'s, else none).
+        previous: the recare.json being replaced (see :func:`previous_spec`), or None.
     """
-    return {
+    previous = previous if isinstance(previous, dict) else {}
+    spec = {
         "name": "mini-world",
         "format_version": 1,
         "image_size": W.SIZE,
@@ -64,8 +72,24 @@ def recare_spec(careset: dict | None = None, record: dict | None = None) -> dict
             "words": W.lexicon(),
         },
         "encoder": "mini-world",
-        "training": record or {},
+        "training": record if record is not None else previous.get("training") or {},
     }
+    old_tasks = previous.get("tasks") if isinstance(previous.get("tasks"), dict) else {}
+    for name, task in spec["tasks"].items():
+        measured = old_tasks.get(name) if isinstance(old_tasks.get(name), dict) else {}
+        task.update({k: v for k, v in measured.items() if k not in task})
+    spec.update({k: v for k, v in previous.items() if k not in spec})
+    return spec
+
+
+def previous_spec(path: str | os.PathLike) -> dict | None:
+    """The recare.json at ``path`` when there is a readable one (its measured sections are kept), else None."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def write_recare_json(path: str | os.PathLike, spec: dict) -> Path:
@@ -166,7 +190,7 @@ def train_all(out_dir: str | os.PathLike, seed: int = 0, smoke: bool = False, pr
         record["seconds"]["generator"] = round(time.time() - t, 1)
     record["seconds"]["total"] = round(time.time() - start, 1)
     record["stages"] = collect_record(out)
-    write_recare_json(out / "recare.json", recare_spec(record=record))
+    write_recare_json(out / "recare.json", recare_spec(record=record, previous=previous_spec(out / "recare.json")))
     return record
 
 
@@ -207,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(args.threads)
     if args.spec_only:
-        print(write_recare_json(args.out / "recare.json", recare_spec(record={"stages": collect_record(args.out)})))
+        spec = recare_spec(record={"stages": collect_record(args.out)}, previous=previous_spec(args.out / "recare.json"))
+        print(write_recare_json(args.out / "recare.json", spec))
         return
     skip = tuple(s for s in args.skip.split(",") if s)
     unknown = set(skip) - {"oracle", "clip", "generator"}

@@ -7,7 +7,7 @@
     unet/                          a full diffusers UNet folder (`UNet2DConditionModel.from_pretrained`)
     ReCARE-Diffusers-UNet.pt       the official output: `torch.save` of the full UNet state dict
 
-Every file is written to a temporary name and renamed into place (`recare.runs.atomic_save` /
+Every file is written to a temporary name and renamed into place (`recare.atomic.atomic_save` /
 `atomic_write_dir`), so a crash never leaves a half-written weights file. Tensors are saved from
 the CPU in the dtype they have in the model.
 """
@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from recare.models import OFFICIAL_UNET_FILE, TOKENS_DIR, TRAINED_PARAMS_FILE  # the names the reader looks for
-from recare.runs import atomic_save, atomic_write_dir
+from recare.atomic import atomic_save, atomic_write_dir
 from recare.train.textual_inversion import LearnedToken
 
 UNET_FOLDER = "unet"

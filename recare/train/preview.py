@@ -131,7 +131,7 @@ class PreviewWriter:
         return grid, sum(flags)
 
     def _save(self, name: str, unet, line: dict) -> Path:
-        from recare.runs import atomic_write_bytes
+        from recare.atomic import atomic_write_bytes
         import io
 
         self.folder.mkdir(parents=True, exist_ok=True)

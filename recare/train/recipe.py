@@ -49,9 +49,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from recare.config import TrainConfig
-from recare.errors import Cancelled, ConfigError, TrainingError
+from recare.errors import Cancelled, ConfigError, StateError, TrainingError
 from recare.progress import CancelToken, ProgressCallback, ProgressEvent
-from recare.runs import atomic_write_dir, atomic_write_json, atomic_write_text
+from recare.atomic import atomic_write_dir, atomic_write_json, atomic_write_text
 from recare.train.esd import ErasureTrainer, ESDTrainer
 from recare.train.params import trainable_parameter_names
 from recare.train.rollout import XtSampler, autocast_factory, encode_prompts
@@ -184,7 +184,7 @@ class StateFolder:
     Args:
         path: the state folder.
         save_dir: writes a whole folder atomically: `save_dir(write)` calls `write(tmp)` and swaps tmp in
-            (default `recare.runs.atomic_write_dir`; a job passes `Run.save_state`).
+            (default `recare.atomic.atomic_write_dir`; a job passes `Run.save_state`).
     """
 
     def __init__(self, path: Path, save_dir: Callable[[Callable[[Path], None]], Any] | None = None):
@@ -225,7 +225,17 @@ class StateFolder:
         return (self.path / "state.pt").is_file()
 
     def load(self, name: str = "state.pt") -> Any:
-        return torch.load(self.path / name, map_location="cpu", weights_only=False)
+        """One file of the state, read with `weights_only=True`: tensors and plain values, no code runs.
+
+        Raises:
+            StateError: the file is damaged (a truncated save) or holds something else than a state
+                (a pickle placed there); the run cannot be resumed from it.
+        """
+        try:
+            return torch.load(self.path / name, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated archives, foreign pickles and missing files raise many types here
+            raise StateError(f"the run's saved state is damaged or was not written by a training run ({name}: "
+                             f"{type(e).__name__}), so it cannot be resumed; start a new run") from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -602,7 +612,7 @@ def train(config: TrainConfig, pipe, images: Sequence | None, careset, out_dir: 
         progress: receives one event per iteration / textual-inversion step.
         cancel: checked between iterations; when set, the state is saved and `Cancelled` is raised.
         resume: continue from `out_dir/state` when it exists (it must belong to the same config).
-        save_state: swaps a filled temp folder in as state/ (default: `recare.runs.atomic_write_dir`;
+        save_state: swaps a filled temp folder in as state/ (default: `recare.atomic.atomic_write_dir`;
             a job passes `run.save_state`).
         write_metrics: append one line per iteration to metrics.jsonl (a job's run store does it itself).
         config_extra: keys to keep in config.json besides the ones written here.

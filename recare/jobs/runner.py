@@ -29,165 +29,63 @@ other exception as "Type: message" with its traceback in error.log). A worker th
 without a word (killed, out of memory) is reported FAILED by `Run.status()`, resumable when it
 saved a state.
 
-On a Hugging Face Space with ZeroGPU (`recare.zerogpu.zerogpu_available()`), a GPU job instead runs
-in a thread of this process whose GPU work goes through `spaces.GPU` calls, in chunks that resume
-from state/ (`recare.zerogpu.ChunkedGpuRunner`); CPU jobs, and every job elsewhere, are unchanged.
+A run is judged alive by its pid together with that process's identity (boot id and start time,
+`recare.runs.process_identity`), so a pid reused after a restart does not keep a dead run running.
+`shutdown()` cancels the running jobs (they save their state) and marks them; the next
+`recover()` queues those runs again, with a note, so an app restart loses no work.
+
+On a Hugging Face Space with ZeroGPU (`recare.jobs.zerogpu.zerogpu_available()`), a GPU job instead
+runs in a thread of this process whose GPU work goes through `spaces.GPU` calls, in chunks that resume
+from state/ (`recare.jobs.zerogpu.ChunkedGpuRunner`); CPU jobs, and every job elsewhere, are unchanged.
+
+The app and the CLI do not call `submit` with hand-made settings: they build typed requests
+(`recare.jobs.requests`) whose `submit_requests` checks, copies and bounds everything first and
+then calls `submit_many` here, which applies the quota to the whole batch at once.
 """
 
 from __future__ import annotations
 
 import atexit
 import dataclasses
-import importlib
-import json
 import multiprocessing
 import multiprocessing.util  # noqa: F401  (imported before our atexit hook, so ours runs first)
 import os
-import re
-import signal
+import shutil
 import socket
 import threading
 import time
-import traceback
 import weakref
-from typing import Any, Callable
+from typing import Any
 
-from recare.errors import Cancelled, RecareError, RunError
-from recare.progress import ProgressEvent
-from recare.runs import (
-    CANCELLED, DONE, FAILED, FINISHED, HEARTBEAT_S, QUEUED, RUNNING, Run, RunStore, now_iso,
-)
+from recare.errors import RunError
+from recare.jobs.worker import _TARGET_PATTERN, process_main, run_job
+from recare.runs import CANCELLED, FAILED, FINISHED, QUEUED, RUNNING, Run, RunStore, now_iso, process_identity
 
-_TARGET_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-STATUS_WRITE_S = 0.5  # progress reaches status.json at most this often (metrics lines are never dropped)
-
-
-def resolve_target(target: str) -> Callable[..., Any]:
-    """Import the job function named "package.module:function".
-
-    Args:
-        target: the import path of a module-level function.
-    """
-    if not _TARGET_PATTERN.match(target or ""):
-        raise ValueError(f"job target {target!r} must look like 'package.module:function'.")
-    module_name, function_name = target.split(":")
-    fn = getattr(importlib.import_module(module_name), function_name)
-    if not callable(fn):
-        raise TypeError(f"job target {target} is not a function")
-    return fn
-
-
-class _StatusReporter:
-    """The progress callback a job receives: every metrics line, throttled status writes."""
-
-    def __init__(self, run: Run, listener: Callable[[ProgressEvent], None] | None = None):
-        self.run = run
-        self.listener = listener  # e.g. the CLI's tqdm bars for a job run in the foreground
-        self._last_write = 0.0
-        self._stage: str | None = None
-        self._pending: ProgressEvent | None = None
-
-    def __call__(self, event: ProgressEvent) -> None:
-        now = time.monotonic()
-        due = (event.stage != self._stage or (event.total > 0 and event.step >= event.total)
-               or now - self._last_write >= STATUS_WRITE_S)
-        self.run.report(event, write_status=due)
-        if self.listener is not None:
-            self.listener(event)
-        self._stage = event.stage
-        if due:
-            self._last_write, self._pending = now, None
-        else:
-            self._pending = event
-
-    def flush(self) -> None:
-        """Write the last event that a throttled call skipped."""
-        if self._pending is not None:
-            self.run.update_status(progress=self._pending.to_dict())
-            self._pending = None
-
-
-class _Heartbeat:
-    """Bumps status.json's `updated` every HEARTBEAT_S while the job runs (a thread of the worker)."""
-
-    def __init__(self, run: Run, pid: int):
-        self._run, self._pid = run, pid
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{run.id}", daemon=True)
-
-    def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            try:
-                self._run.update_status_if(lambda s: s.get("state") == RUNNING and s.get("pid") == self._pid)
-            except (OSError, RecareError):  # the folder went away: nothing left to keep alive
-                return
-
-    def __enter__(self) -> "_Heartbeat":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def _log_error(run: Run, attempt: int) -> None:
-    """Append the current exception's traceback to error.log, with a header per attempt."""
-    header = f"--- attempt {attempt}, {now_iso()}, pid {os.getpid()}\n"
-    with open(run.error_log_path, "a", encoding="utf-8") as fh:
-        fh.write(header + traceback.format_exc() + "\n")
-
-
-def run_job(run: Run, target: str, listener: Callable[[ProgressEvent], None] | None = None) -> dict:
-    """Run one job to its end in this process and record how it ended in status.json.
-
-    This is the body of every worker (process or thread); the CLI may call it to run a job in
-    the foreground.
-
-    Args:
-        run: the run (its config.json holds the job's settings).
-        target: the job function, "package.module:function".
-        listener: also receives every progress event (the CLI draws them with tqdm).
-
-    Returns:
-        The final status.
-    """
-    pid = os.getpid()
-    attempt = int(run.status().get("attempts") or 0) + 1
-    run.update_status(state=RUNNING, pid=pid, host=socket.gethostname(), started=now_iso(), finished=None,
-                      error=None, result=None, resumable=False, attempts=attempt, target=target)
-    reporter = _StatusReporter(run, listener)
-    with _Heartbeat(run, pid):
-        try:
-            fn = resolve_target(target)
-            result = fn(run, reporter, run.cancel_token())
-            result = json.loads(json.dumps(result))  # a result that is not JSON is a bug, caught below
-        except Cancelled:  # not an error: the run can be resumed from its state
-            reporter.flush()
-            return run.update_status(state=CANCELLED, finished=now_iso(), error=None, resumable=True)
-        except RecareError as e:
-            reporter.flush()
-            return run.update_status(state=FAILED, finished=now_iso(), error=str(e), resumable=run.has_state())
-        except BaseException as e:  # a bug (or an interrupt): keep the traceback for the maintainer
-            _log_error(run, attempt)
-            reporter.flush()
-            return run.update_status(state=FAILED, finished=now_iso(), error=f"{type(e).__name__}: {e}",
-                                     resumable=run.has_state())
-        reporter.flush()
-        return run.update_status(state=DONE, finished=now_iso(), result=result, resumable=False)
-
-
-def _process_main(run_path: str, target: str) -> None:
-    """Entry point of a spawned worker process."""
-    # Ctrl+C in the app's terminal reaches the whole process group; the app then cancels its jobs
-    # (they save their state) instead of each worker dying mid-step.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    run_job(Run(run_path), target)
-
+SHUTDOWN_NOTE = "the app restarted while this run was working; it continues from its last saved state"
 
 def _device_key(device: str | None) -> str:
     device = (device or "cpu").strip().lower()
     return "cuda:0" if device == "cuda" else device
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    """One job of a submission: what `JobRunner.submit_many` creates and queues.
+
+    Attributes:
+        kind: run kind ("train", "evaluate").
+        target: the job function, "package.module:function" (see `recare.jobs.targets`).
+        config: the job's settings (config.json).
+        device: "cpu" or a torch device.
+        stage: called with the new run before it is queued, to copy its inputs into the run folder
+            (a browser session's files may be gone by the time the job starts); raising removes the run.
+    """
+
+    kind: str
+    target: str
+    config: dict
+    device: str = "cpu"
+    stage: Any = None
 
 
 @dataclasses.dataclass
@@ -233,17 +131,19 @@ class JobRunner:
         self.poll_s = poll_s
         self._spawn = multiprocessing.get_context("spawn")  # fork is unsafe with CUDA and threads
         self._cond = threading.Condition()
+        self._submit_lock = threading.Lock()
         self._queue: list[str] = []  # run ids waiting, oldest first
         self._active: dict[str, _Worker] = {}
         self._closed = False
         self._thread: threading.Thread | None = None
-        from recare.zerogpu import zerogpu_runner  # here, not at the top: recare.zerogpu imports this module
+        from recare.jobs.zerogpu import zerogpu_runner
 
         self._zerogpu = zerogpu_runner()  # None unless on a ZeroGPU Space (made now: ZeroGPU looks at start-up)
         atexit.register(_shutdown_at_exit, weakref.ref(self))
 
     # -- public API ----------------------------------------------------------------------------
-    def submit(self, kind: str, target: str, config: dict, owner: str = "", device: str = "cpu") -> Run:
+    def submit(self, kind: str, target: str, config: dict, owner: str = "", device: str = "cpu",
+               client: str = "") -> Run:
         """Create a run and queue it; it starts when a slot for its device frees.
 
         Args:
@@ -252,16 +152,47 @@ class JobRunner:
             config: the job's settings (written to config.json).
             owner: who may see and control the run.
             device: "cpu" or a resolved torch device ("cuda:0", "mps"); one job at a time per GPU.
+            client: who sent it (the app's client address; "" for the CLI), for the per-client limit.
         """
-        if not _TARGET_PATTERN.match(target or ""):
-            raise ValueError(f"job target {target!r} must look like 'package.module:function'.")
-        with self._cond:
+        return self.submit_many([JobSpec(kind, target, config, device)], owner=owner, client=client)[0]
+
+    def submit_many(self, specs: list["JobSpec"], owner: str = "", client: str = "") -> list[Run]:
+        """Create and queue several runs as one request: the quota is checked for all of them at once.
+
+        Either every run is created (its inputs staged by `spec.stage`) and queued, or none is: a
+        quota refusal or a failed staging removes the runs made so far.
+
+        Args:
+            specs: the jobs.
+            owner: who may see and control the runs.
+            client: who sent the request ("" for the CLI).
+
+        Raises:
+            RunError: the runner is shut down, or the batch would go over a limit (the message names it).
+        """
+        for spec in specs:
+            if not _TARGET_PATTERN.match(spec.target or ""):
+                raise ValueError(f"job target {spec.target!r} must look like 'package.module:function'.")
+        created: list[Run] = []
+        with self._submit_lock:  # one batch at a time: two requests cannot both pass the same quota
             if self._closed:
                 raise RunError("the job runner is shut down; restart the app to start jobs.")
-            run = self.store.create(kind, config, owner=owner, target=target, device=_device_key(device))
-            self._queue.append(run.id)
-            self._wake()
-        return run
+            self.store.check_quota(owner, client=client, count=len(specs))
+            try:
+                for spec in specs:
+                    run = self.store.create(spec.kind, spec.config, owner=owner, target=spec.target,
+                                            device=_device_key(spec.device), client=client, quota=False)
+                    created.append(run)
+                    if spec.stage is not None:
+                        spec.stage(run)
+            except BaseException:
+                for run in created:
+                    shutil.rmtree(run.path, ignore_errors=True)
+                raise
+            with self._cond:
+                self._queue.extend(run.id for run in created)
+                self._wake()
+        return created
 
     def cancel(self, run_id: str, owner: str | None = None) -> str:
         """Cancel a run: a queued one at once, a running one at its next cancel check.
@@ -296,7 +227,7 @@ class JobRunner:
                 return f"Cancel requested: {run_id} saves its state and stops at its next step."
             return f"Nothing to cancel: {run_id} is already {status['state']}."
 
-    def resume(self, run_id: str, owner: str | None = None) -> Run:
+    def resume(self, run_id: str, owner: str | None = None, client: str = "") -> Run:
         """Queue a cancelled run, or a failed run that saved a state, again (same target and config).
 
         The job continues from its saved state (`run.has_state()`).
@@ -304,25 +235,28 @@ class JobRunner:
         Args:
             run_id: the run.
             owner: who asks (None: no owner check).
+            client: who sent the request (the per-client limit; "" for the CLI).
         """
         run = self.store.get(run_id, owner)
         if run.bundled:
             raise RunError(f"run {run_id} is bundled with the app and read-only.")
-        with self._cond:
+        with self._submit_lock, self._cond:
             if self._closed:
                 raise RunError("the job runner is shut down; restart the app to resume jobs.")
             status = run.status()
             state = status.get("state")
             if state == FAILED and not status.get("resumable"):
-                raise RunError(f"run {run_id} failed before it saved any state; start a new run instead.")
+                why = status.get("not_resumable") or "it failed before it saved any state"
+                raise RunError(f"run {run_id} cannot be resumed: {why}; start a new run instead.")
             if state not in (CANCELLED, FAILED):
                 raise RunError(f"run {run_id} is {state}; only cancelled or failed runs can be resumed.")
             if not status.get("target"):
                 raise RunError(f"run {run_id} does not say which job it runs (no target); it cannot be resumed.")
-            self.store.check_quota(str(status.get("owner") or ""))  # a resumed run is one more job
+            self.store.check_quota(str(status.get("owner") or ""), client=client)  # a resumed run is one more job
             run.cancel_path.unlink(missing_ok=True)
             queued = run.update_status_if(lambda s: s.get("state") in (CANCELLED, FAILED), state=QUEUED,
-                                          error=None, finished=None, result=None, pid=None)
+                                          error=None, finished=None, result=None, pid=None, pid_id=None,
+                                          note=None, client=client or status.get("client") or "")
             if queued is None:
                 raise RunError(f"run {run_id} changed state meanwhile; look at it again.")
             self._queue.append(run_id)
@@ -360,7 +294,8 @@ class JobRunner:
         """At start-up: report runs whose worker is gone as FAILED, and queue the runs still QUEUED.
 
         A RUNNING run whose worker still runs (another process on this folder) is left alone and
-        counts against the device limits.
+        counts against the device limits. Runs that a shutdown stopped (`shutdown()` marks them)
+        are queued again with a note, and continue from their saved state.
 
         Returns:
             {"failed": ids now failed (resumable when they saved a state), "queued": ids queued here}.
@@ -374,6 +309,10 @@ class JobRunner:
                     before = run.stored_status()
                     after = run.status()  # persists FAILED when the worker is gone
                 except RunError:
+                    continue
+                if after.get("stopped_by_shutdown") and after.get("state") in (CANCELLED, FAILED, RUNNING):
+                    if self._requeue_after_shutdown(run):
+                        queued.append(run.id)
                     continue
                 if before.get("state") == RUNNING and after.get("state") == FAILED:
                     failed.append(run.id)
@@ -403,7 +342,11 @@ class JobRunner:
         if cancel_running:
             for worker in workers:
                 try:
-                    self.store.get(worker.run_id).request_cancel()
+                    run = self.store.get(worker.run_id)
+                    # marked first, so the next recover() queues it again; a run the user cancelled stays cancelled
+                    run.update_status_if(lambda s: s.get("state") == RUNNING and not run.cancel_path.exists(),
+                                         stopped_by_shutdown=True)
+                    run.request_cancel()
                 except (RunError, OSError):
                     pass
         deadline = time.monotonic() + timeout
@@ -419,6 +362,23 @@ class JobRunner:
             self._reap()
         if self._thread is not None:
             self._thread.join(timeout=2.0)
+
+    def _requeue_after_shutdown(self, run: Run) -> bool:
+        """Queue a run that a shutdown stopped (caller holds the lock); False when it cannot resume."""
+        if run.id in self._queue or not run.stored_status().get("target"):
+            return False
+        if run.status().get("state") == RUNNING:  # its worker still runs (another app on this folder)
+            return False
+        run.cancel_path.unlink(missing_ok=True)
+        queued = run.update_status_if(
+            lambda s: s.get("state") in (CANCELLED, FAILED) and s.get("stopped_by_shutdown")
+            and (s.get("state") == CANCELLED or s.get("resumable")),
+            state=QUEUED, error=None, finished=None, result=None, pid=None, pid_id=None, stopped_by_shutdown=False,
+            note=SHUTDOWN_NOTE)
+        if queued is None:
+            return False
+        self._queue.append(run.id)
+        return True
 
     # -- scheduling ----------------------------------------------------------------------------
     def _wake(self) -> None:
@@ -486,7 +446,8 @@ class JobRunner:
         try:
             run = self.store.get(run_id)
             claimed = run.update_status_if(lambda s: s.get("state") == QUEUED, state=RUNNING, pid=os.getpid(),
-                                           host=socket.gethostname(), started=now_iso())
+                                           pid_id=process_identity(os.getpid()), host=socket.gethostname(),
+                                           started=now_iso())
         except RunError:  # deleted meanwhile
             return False
         if claimed is None:  # cancelled, or started by another runner
@@ -496,7 +457,7 @@ class JobRunner:
             handle = threading.Thread(target=self._zerogpu.run_job, args=(run, target), name=f"recare-job-{run_id}",
                                       daemon=True)
         elif self.use_processes:
-            handle = self._spawn.Process(target=_process_main, args=(str(run.path), target),
+            handle = self._spawn.Process(target=process_main, args=(str(run.path), target),
                                          name=f"recare-job-{run_id}")
         else:
             handle = threading.Thread(target=run_job, args=(run, target), name=f"recare-job-{run_id}", daemon=True)
@@ -507,7 +468,8 @@ class JobRunner:
                               resumable=run.has_state())
             return False
         if not isinstance(handle, threading.Thread):  # until the worker writes its own pid, watch the process
-            run.update_status_if(lambda s: s.get("state") == RUNNING and s.get("pid") == os.getpid(), pid=handle.pid)
+            run.update_status_if(lambda s: s.get("state") == RUNNING and s.get("pid") == os.getpid(), pid=handle.pid,
+                                 pid_id=process_identity(handle.pid))
         self._active[run_id] = _Worker(run_id, device, handle)
         return True
 
