@@ -518,40 +518,41 @@ def projection(report: dict) -> dict:
     return {"recipe": dict(RECIPE), "paper": PAPER, "goal": GOAL, "rows": rows}
 
 
+def _table(title: str, columns: list[str], rows: list[list]) -> None:
+    print(f"\n## {title}")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(str(x) for x in row) + " |")
+
+
 def print_table(report: dict) -> None:
     print(f"\n# gpu_check {report['date']} on {report['device_name']}, torch {report['torch']}, "
           f"CUDA {report['cuda']}, diffusers {report['diffusers']}, transformers {report['transformers']}")
     gen = report.get("gen")
-    if gen:
-        print(f"\n## generation ({gen['dtypes'] and next(iter(gen['dtypes'].values()))['resolution']} px, "
-              f"{gen['steps']} DDIM steps, batch {gen['batch_size']})")
-        print("| dtype | images/s | 500 images (min) | peak GB | seeds repeat | batch-1 max pixel diff |")
-        print("|---|---|---|---|---|---|")
-        for name, d in gen["dtypes"].items():
-            print(f"| {name} | {d['images_per_s']} | {d['projected_500_min']} | {d['peak_gb']} | "
-                  f"{d['seeds_repeat_bit_identical']} | {d['batch1_vs_batch_max_pixel_diff']} |")
+    if gen and gen.get("dtypes"):
+        _table(f"generation ({next(iter(gen['dtypes'].values()))['resolution']} px, {gen['steps']} DDIM steps, "
+               f"batch {gen['batch_size']})",
+               ["dtype", "images/s", "500 images (min)", "peak GB", "seeds repeat", "batch-1 max pixel diff"],
+               [[name, d["images_per_s"], d["projected_500_min"], d["peak_gb"], d["seeds_repeat_bit_identical"],
+                 d["batch1_vs_batch_max_pixel_diff"]] for name, d in gen["dtypes"].items()])
     cs = report.get("careset")
     if cs:
-        print(f"\n## CARE-set ({cs['images']} images x {cs['vocabulary']:,} tokens)")
-        print("| encoder | D | encode images s | encode vocabulary s | candidate selection s | build s | total min |")
-        print("|---|---|---|---|---|---|---|")
-        for name, d in cs["encoders"].items():
-            print(f"| {name} | {d['dim']} | {d['encode_images_s']} | {d['encode_vocabulary_s']} | "
-                  f"{d['candidate_selection_s']} | {d['build_care_set_s']} | {d['total_min']} |")
+        _table(f"CARE-set ({cs['images']} images x {cs['vocabulary']:,} tokens)",
+               ["encoder", "D", "encode images s", "encode vocabulary s", "candidate selection s", "build s",
+                "total min"],
+               [[name, d["dim"], d["encode_images_s"], d["encode_vocabulary_s"], d["candidate_selection_s"],
+                 d["build_care_set_s"], d["total_min"]] for name, d in cs["encoders"].items()])
     tr = report.get("train")
-    if tr:
-        print(f"\n## training steps ({tr['resolution']} px; roll-out at k = {MEAN_K}; base UNet fp32 {tr['base_gb']} GB "
-              "resident)")
-        print("| method | autocast | grad ckpt | ESD s | ESD peak GB | stage-2 s | stage-2 peak GB | TI s | TI peak GB "
-              "| left allocated GB |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        for r in tr["rows"]:
-            if "error" in r:
-                print(f"| {r['train_method']} | {r['autocast']} | {r['gradient_checkpointing']} | {r['error']} |")
-                continue
-            print(f"| {r['train_method']} | {r['autocast']} | {r['gradient_checkpointing']} | {r['esd_s']} | "
-                  f"{r['esd_peak_gb']} | {r['stage2_s']} | {r['stage2_peak_gb']} | {r.get('ti_s', '=')} | "
-                  f"{r.get('ti_peak_gb', '=')} | {r['left_allocated_gb']} |")
+    if tr and "rows" in tr:
+        _table(f"training steps ({tr['resolution']} px; roll-out at k = {MEAN_K}; base pipeline fp32 {tr['base_gb']} GB "
+               "resident)",
+               ["method", "autocast", "grad ckpt", "ESD s", "ESD peak GB", "stage-2 s", "stage-2 peak GB", "TI s",
+                "TI peak GB", "left allocated GB"],
+               [[r["train_method"], r["autocast"], r["gradient_checkpointing"], r["error"]] if "error" in r else
+                [r["train_method"], r["autocast"], r["gradient_checkpointing"], r["esd_s"], r["esd_peak_gb"],
+                 r["stage2_s"], r["stage2_peak_gb"], r.get("ti_s", "="), r.get("ti_peak_gb", "="),
+                 r["left_allocated_gb"]] for r in tr["rows"]])
     for r in (tr or {}).get("repeat", []):
         if "error" in r:
             print(f"repeat ESD (deterministic={r['deterministic']}): {r['error']}")
@@ -561,23 +562,18 @@ def print_table(report: dict) -> None:
               f"{r['flagged_ops'] or 'none'}")
     ev = report.get("eval")
     if ev:
-        print(f"\n## evaluation batch ({ev['images']} images)")
-        print("| judge | seconds | images/s |")
-        print("|---|---|---|")
-        for name, d in ev["judges"].items():
-            print(f"| {name} | {d['seconds']} | {d['images_per_s']} |")
+        _table(f"evaluation batch ({ev['images']} images)", ["judge", "seconds", "images/s"],
+               [[name, d["seconds"], d["images_per_s"]] for name, d in ev["judges"].items()])
     pr = report.get("projection")
     if pr and pr["rows"]:
-        print(f"\n## full recipe projected ({RECIPE['esd']} ESD + {RECIPE['ti']} TI steps, {RECIPE['stage2']} "
-              f"stage-2 iterations) vs the paper's {PAPER['train_min']} min / {PAPER['memory_gb']:.0f} GB, "
-              f"goal <= {GOAL['train_min']:.0f} min / {GOAL['memory_gb']:.0f} GB")
-        print("| setting | stage 1 min (TI) | stage 2 min | training min | peak GB | + generation + CARE-set min "
-              "| vs paper | time goal | memory goal |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for r in pr["rows"]:
-            print(f"| {r['setting']} | {r['stage1_min']} ({r['ti_min']}) | {r['stage2_min']} | {r['train_min']} | "
-                  f"{r['peak_gb']} | {r['with_generation_and_careset_min']} | {r['vs_paper_train']}x | "
-                  f"{_verdict(r['goal_time_met'])} | {_verdict(r['goal_memory_met'])} |")
+        _table(f"full recipe projected ({RECIPE['esd']} ESD + {RECIPE['ti']} TI steps, {RECIPE['stage2']} stage-2 "
+               f"iterations) vs the paper's {PAPER['train_min']} min / {PAPER['memory_gb']:.0f} GB, goal <= "
+               f"{GOAL['train_min']:.0f} min / {GOAL['memory_gb']:.0f} GB",
+               ["setting", "stage 1 min (TI)", "stage 2 min", "training min", "peak GB", "+ generation + CARE-set min",
+                "vs paper", "time goal", "memory goal"],
+               [[r["setting"], f"{r['stage1_min']} ({r['ti_min']})", r["stage2_min"], r["train_min"], r["peak_gb"],
+                 r["with_generation_and_careset_min"], f"{r['vs_paper_train']}x", _verdict(r["goal_time_met"]),
+                 _verdict(r["goal_memory_met"])] for r in pr["rows"]])
 
 
 def _verdict(met: bool | None) -> str:

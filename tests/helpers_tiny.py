@@ -152,3 +152,12 @@ def make_tiny_eval_world(root: str | Path, captions_text: str = "\n".join(TINY_C
     make_tiny_clip(root / "clip")
     (root / "captions.txt").write_text(captions_text)
     return root
+
+
+def cancel_after(token, count: int, seen: list):
+    """A progress callback that records every event in `seen` and sets `token` at the `count`-th."""
+    def progress(event):
+        seen.append(event)
+        if len(seen) == count:
+            token.cancel()
+    return progress

@@ -28,7 +28,7 @@ from recare.progress import CancelToken
 from recare.train import recipe
 from recare.train.determinism import cublas_ready, deterministic
 from recare.train.recipe import train
-from tests.helpers_tiny import build_tiny_pipeline
+from tests.helpers_tiny import build_tiny_pipeline, cancel_after
 from tests.test_train_recipe import careset, same_weights, tiny
 
 pytestmark = [pytest.mark.cuda,
@@ -112,13 +112,8 @@ def test_a_second_run_on_cuda_is_bit_identical(straight_cuda, images, tmp_path):
 
 @pytest.mark.parametrize("stop_after", [2, 5, 8, 14])   # inside: erase 1, TI 1, erase 2, stage 2
 def test_resume_after_cancel_on_cuda_is_bit_identical(straight_cuda, images, tmp_path, stop_after):
-    token = CancelToken()
-    seen = []
-
-    def cancel_at(event):
-        seen.append(event)
-        if len(seen) == stop_after:
-            token.cancel()
+    token, seen = CancelToken(), []
+    cancel_at = cancel_after(token, stop_after, seen)
 
     pipe = cuda_pipe()
     with deterministic():

@@ -20,7 +20,7 @@ from recare.progress import CancelToken
 from recare.train import recipe
 from recare.train.params import trainable_parameter_names
 from recare.train.recipe import round_images, round_placeholder, train
-from tests.helpers_tiny import build_tiny_pipeline, make_tiny_pipeline
+from tests.helpers_tiny import build_tiny_pipeline, cancel_after, make_tiny_pipeline
 
 CARESET = {"tench_care_word": ["A river", "A lake"], "tench_care_word_photo": ["A photo of river", "A photo of lake"]}
 
@@ -185,13 +185,8 @@ def test_same_config_and_seed_give_identical_weights(straight, pipe, images, tmp
 # event numbers: 1-3 erase round 1, 4-6 inversion round 1, 7-9 erase round 2, 10-12 inversion 2, 13-15 stage 2
 @pytest.mark.parametrize("stop_after", [1, 5, 8, 12, 14])
 def test_resume_after_cancel_is_bit_identical(straight, pipe, images, tmp_path, stop_after):
-    token = CancelToken()
-    seen = []
-
-    def cancel_at(event):
-        seen.append(event)
-        if len(seen) == stop_after:
-            token.cancel()
+    token, seen = CancelToken(), []
+    cancel_at = cancel_after(token, stop_after, seen)
 
     with pytest.raises(Cancelled):
         train(tiny(outputs=["trained_params", "unet_folder", "official_pt"]), pipe, images, careset(), tmp_path,

@@ -7,6 +7,7 @@
     stage2.py             the ReCARE loop (teacher predictions in one batched call)
     textual_inversion.py  learning a fresh token against a (erased) model
     export.py             writers of every output format
+    determinism.py        deterministic CUDA kernels for a block (bit-identical resume on a GPU)
     recipe.py             the orchestrator: `train(...)` and the job target `run_training_job`
 
 Typical use:
