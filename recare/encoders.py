@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import re
@@ -29,6 +28,7 @@ from recare.errors import ConfigError
 from recare.limits import Limits, human_bytes
 from recare.progress import CancelToken, ProgressCallback, check_cancel, emit
 from recare.atomic import atomic_write_bytes, atomic_write_json
+from recare.hashing import folder_fingerprint, text_hash  # noqa: F401  (folder_fingerprint re-exported)
 
 
 class Encoder:
@@ -140,24 +140,6 @@ def _pooled(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-def folder_fingerprint(folder: str | Path) -> str:
-    """A short hash of a model folder's file names, sizes and contents' ends (cheap, changes on retraining).
-
-    Args:
-        folder: a model folder (e.g. a CLIPModel saved with save_pretrained).
-    """
-    digest = hashlib.sha256()
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        size = path.stat().st_size
-        digest.update(f"{path.relative_to(folder)}:{size}".encode())
-        with open(path, "rb") as f:
-            digest.update(f.read(1 << 16))
-            if size > 1 << 16:
-                f.seek(max(size - (1 << 16), 1 << 16))
-                digest.update(f.read())
-    return digest.hexdigest()[:12]
-
-
 # ---------------------------------------------------------------------------------------------
 # vocabularies
 
@@ -186,8 +168,7 @@ class Vocabulary:
     @functools.cached_property
     def hash(self) -> str:
         """16 hex digits over the encoded texts and display tokens (the cache key's vocabulary half)."""
-        payload = json.dumps([self.texts, self.tokens], ensure_ascii=False).encode("utf-8")
-        return hashlib.sha256(payload).hexdigest()[:16]
+        return text_hash(json.dumps([self.texts, self.tokens], ensure_ascii=False), 16)
 
     @property
     def source_slug(self) -> str:
@@ -271,7 +252,7 @@ def vocabulary_cache_path(encoder: Encoder, vocab: Vocabulary, cache_dir: str | 
     """
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", encoder.identity)[-60:].strip("_")
-    identity_hash = hashlib.sha256(encoder.identity.encode("utf-8")).hexdigest()[:8]
+    identity_hash = text_hash(encoder.identity, 8)
     return folder / f"{readable}-{identity_hash}-{vocab.source_slug}-{vocab.hash}.npy"
 
 

@@ -602,7 +602,7 @@ def load_trained_unet_state(path: str | Path | TrainedWeights, unet,
         path: a training run folder or one of its weight formats (see `find_trained_weights`).
         unet: the base UNet the weights are meant for (only read: its tensor names, shapes and a few values).
         check_base: when a `trained_params.safetensors` header records its base model's fingerprint
-            (`recare.train.export.model_fingerprint`), require `unet` to have the same one: two bases of one
+            (`recare.hashing.model_fingerprint`), require `unet` to have the same one: two bases of one
             architecture (SD v1.4 and v1.5) have the same names and shapes, so only this tells them apart.
             The check runs for fp32 and fp16 UNets (the fingerprint is the same for both copies of a model).
         limits: bounds of the files' headers (`recare.weights_check.inspect_weights_file`, which looks at
@@ -668,7 +668,7 @@ def _check_base_fingerprint(unet, weights: TrainedWeights, metadata: Mapping[str
     dtype = next(unet.parameters()).dtype
     if not expected or dtype not in (torch.float32, torch.float16):  # it rounds values to fp16: bf16 copies differ
         return
-    from recare.train.export import model_fingerprint
+    from recare.hashing import model_fingerprint
 
     actual = model_fingerprint(unet)
     if actual != expected:
@@ -849,7 +849,8 @@ def _load_hf_clip(folder: Path, device: torch.device, identity_name: str) -> Enc
     import torch
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-    from recare.encoders import HFClipEncoder, folder_fingerprint
+    from recare.encoders import HFClipEncoder
+    from recare.hashing import folder_fingerprint
 
     if not (folder / "config.json").is_file():
         raise ModelLoadError(

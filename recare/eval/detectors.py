@@ -26,7 +26,6 @@ from __future__ import annotations
 import abc
 import dataclasses
 import difflib
-import hashlib
 import importlib.metadata
 import inspect
 import math
@@ -38,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 from recare.errors import EvaluationError, ImageInputError, RecareError
+from recare.hashing import file_fingerprint, tensors_sha256
 
 if TYPE_CHECKING:
     from recare.encoders import Encoder
@@ -129,25 +129,6 @@ def _package_version(package: str) -> str:
         return "not installed"
 
 
-def _file_fingerprint(path: Path) -> str:
-    """sha256 (12 hex) over a file's size and its first and last MiB: cheap and changes with the weights."""
-    digest = hashlib.sha256(str(path.stat().st_size).encode())
-    with open(path, "rb") as f:
-        digest.update(f.read(1 << 20))
-        f.seek(max(path.stat().st_size - (1 << 20), 0))
-        digest.update(f.read())
-    return digest.hexdigest()[:12]
-
-
-def _tensors_fingerprint(state: dict) -> str:
-    """sha256 (12 hex) over a state dict's names and values."""
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        digest.update(key.encode())
-        digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:12]
-
-
 # ---------------------------------------------------------------------------------------------
 # NudeNet
 
@@ -196,7 +177,7 @@ class NudeNetDetector(Detector):
                 import nudenet
 
                 model = Path(nudenet.__file__).with_name("320n.onnx")
-                weights = f"320n.onnx {_file_fingerprint(model)}" if model.is_file() else "320n.onnx (not found)"
+                weights = f"320n.onnx {file_fingerprint(model)}" if model.is_file() else "320n.onnx (not found)"
                 self._version = f"nudenet {_package_version('nudenet')}; {weights}; onnxruntime {_package_version('onnxruntime')}"
         return self._version
 
@@ -258,7 +239,7 @@ class OracleDetector(Detector):
             raise EvaluationError(f"the oracle has no concept {concept!r}; it knows {oracle.concepts}.")
         self.oracle, self.concept = oracle, concept
         self.threshold = _oracle_threshold() if threshold is None else float(threshold)
-        self._version = f"oracle {_tensors_fingerprint(oracle.net.state_dict())}"
+        self._version = f"oracle {tensors_sha256(oracle.net.state_dict())}"
 
     @property
     def version(self) -> str:
@@ -419,7 +400,7 @@ class TorchvisionClassifierDetector(ClassifierTopKDetector):
         self.model = model.to(device).eval()
         self.arch, self.weights_name, self.weights_path, self.device = arch, weights_name, path, torch.device(device)
         self._version = (f"torchvision {_package_version('torchvision')}; {arch} {weights_name or 'custom'}; "
-                         f"{path.name} {_file_fingerprint(path)}")
+                         f"{path.name} {file_fingerprint(path)}")
 
     @property
     def version(self) -> str:
@@ -477,7 +458,7 @@ class HFClassifierDetector(ClassifierTopKDetector):
         super().__init__([str(id2label[i]) for i in range(len(id2label))], targets, top_k, batch_size)
         self.model, self.processor, self.folder = model.to(device).eval(), processor, path
         self.device = torch.device(device)
-        from recare.encoders import folder_fingerprint
+        from recare.hashing import folder_fingerprint
 
         self._version = f"transformers {_package_version('transformers')}; {path.name} {folder_fingerprint(path)}"
 

@@ -14,7 +14,6 @@ the CPU in the dtype they have in the model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 from recare.models import OFFICIAL_UNET_FILE, TOKENS_DIR, TRAINED_PARAMS_FILE  # the names the reader looks for
 from recare.atomic import atomic_save, atomic_write_dir
+from recare.hashing import model_fingerprint  # re-exported: training writes it beside the weights
 from recare.train.textual_inversion import LearnedToken
 
 UNET_FOLDER = "unet"
@@ -37,42 +37,6 @@ TRAINED_PARAMS_VERSION = "1"
 LEARNED_TOKEN_FORMAT = "recare-learned-token"
 LEARNED_TOKEN_VERSION = "1"
 
-FINGERPRINT_SAMPLES = 8   # values read from each tensor for the fingerprint
-
-
-def _state_of(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-    return model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
-
-
-def model_fingerprint(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor],
-                      samples: int = FINGERPRINT_SAMPLES) -> str:
-    """A short id of a model's weights: sha256 over every tensor's name and shape and a few of its values.
-
-    Cheap (a handful of values per tensor, one device-to-host copy) and the same for the fp32 and
-    fp16 copies of one model (the sampled values are rounded to fp16 before hashing). Two models
-    that differ only in values the sample misses get the same id: it tells base models apart, it
-    is not a checksum.
-
-    Args:
-        model_or_state: a module (its state dict is read) or a state dict.
-        samples: values read per tensor, evenly spaced over the flattened tensor.
-
-    Returns:
-        "sha256:" followed by 16 hex digits.
-    """
-    state = _state_of(model_or_state)
-    digest = hashlib.sha256()
-    picked = []
-    for name in sorted(state):
-        tensor = state[name]
-        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
-        flat = tensor.detach().reshape(-1)
-        if flat.numel():
-            index = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
-            picked.append(flat[index].to(torch.float16))
-    if picked:
-        digest.update(torch.cat(picked).cpu().numpy().tobytes())
-    return f"sha256:{digest.hexdigest()[:16]}"
 
 
 def _header(values: Mapping[str, Any]) -> dict[str, str]:
