@@ -68,7 +68,7 @@ ATTACK_CHOICES = tuple(a for a in ("erased", "cce", "adversarial", "completion",
 TOKEN_ATTACKS = ("adversarial",)  # need the model's own learned tokens: skipped for models without them
 POLL_S = 2.0
 # the RATIO table's columns (TABLE_COLUMNS): room for the model and the run id, the numbers narrow
-RATIO_TABLE_WIDTHS = ["15%", "18%", "6%", "5%", "6%", "6%", "6%", "6%", "5%", "6%", "6%", "7%", "8%"]
+RATIO_TABLE_WIDTHS = ("15%", "18%", "6%", "5%", "6%", "6%", "6%", "6%", "5%", "6%", "6%", "7%", "8%")
 MAX_CUSTOM_PROMPTS, MAX_PROMPT_CHARS = 8, 300
 
 
@@ -95,7 +95,7 @@ def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
         c["status"] = gr.Markdown("No evaluation selected.", elem_id="compare-status")
         c["ratio_table"] = gr.Dataframe(pd.DataFrame(columns=list(TABLE_COLUMNS)), interactive=False, wrap=True,
                                         label="RATIO numbers · measured here (attack runs, mean and worst ASR)",
-                                        column_widths=RATIO_TABLE_WIDTHS, elem_id="compare-ratio-table")
+                                        column_widths=list(RATIO_TABLE_WIDTHS), elem_id="compare-ratio-table")
         c["care_table"] = gr.Dataframe(pd.DataFrame(columns=["model"]), interactive=False, wrap=True,
                                        label="CARE score per concept · measured here", elem_id="compare-care-table")
         c["care_concepts"] = gr.CheckboxGroup([], value=[], label=f"CARE radar axes (up to {MAX_CARE_AXES})",
