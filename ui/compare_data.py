@@ -190,11 +190,13 @@ def paper_note(task: str | None) -> str:
 
 def paper_view(task: str | None) -> dict:
     """The paper's charts and tables for a paper task (`recare.paper`), drawn by `recare.charts` as ours are."""
-    rows, care = (paper.metrics_rows(task), paper.care_rows(task)) if task in paper.TASKS else ([], [])
+    known = task in paper.TASKS
+    rows, care = (paper.metrics_rows(task), paper.care_rows(task)) if known else ([], [])
     return {
-        "ratio": charts.ratio_radar_figure(rows, height=CHART_HEIGHT, title=f"{paper.TABLE_1} · {task} (quoted)"),
-        "care": charts.care_radar_figure(care, height=CHART_HEIGHT,
-                                         title=f"{paper.care_source(task) if task else ''} (quoted)"),
+        "ratio": charts.ratio_radar_figure(rows, height=CHART_HEIGHT, title=f"{paper.TABLE_1} · {task} (quoted)"
+                                           if known else "Paper: pick a task under the charts"),
+        "care": charts.care_radar_figure(care, height=CHART_HEIGHT, title=f"{paper.care_source(task)} (quoted)"
+                                         if known else "Paper: pick a task under the charts"),
         "table": paper_table_frame(task), "care_table": paper_care_frame(task),
     }
 
