@@ -48,6 +48,7 @@ class ModelGrid:
     run: str
     rows: list[dict]
     images: list[list]
+    notes: list[list[str]] | None = None  # per image, added to its alt text (e.g. "blurred", "pending")
 
 
 @dataclasses.dataclass
@@ -149,6 +150,8 @@ def image_data_uri(image, scale: int = 1) -> str:
 
 
 def _row_title(row: dict) -> str:
+    if row.get("title"):
+        return str(row["title"])
     what = "target prompt" if row.get("attack") != "care" else f"CARE prompt ({row.get('concept', '')})"
     return f"{what}: “{row.get('prompt', '')}”"
 
@@ -183,12 +186,14 @@ def grid_html(grids: Sequence[ModelGrid], cell_px: int = CELL_PX, element_id: st
     body = []
     for grid in grids:
         cells = [f'<th scope="row" style="{plain}text-align:left;padding:0 10px 0 0;font-size:1.15em;'
-                 f'font-weight:700;white-space:nowrap" class="recare-grid-model">{esc(grid.label)}</th>']
+                 f'font-weight:700;max-width:220px;overflow-wrap:anywhere" class="recare-grid-model">'
+                 f'{esc(grid.label)}</th>']
         for k, (row, images) in enumerate(zip(grid.rows, grid.images)):
             for j, image in enumerate(images):
                 pad = "padding-left:14px;" if k and j == 0 else ""
                 seed = row["seeds"][j] if j < len(row["seeds"]) else "?"
-                alt = f"{grid.label}, {row.get('prompt', '')}, seed {seed}"
+                note = (grid.notes[k][j] if grid.notes and k < len(grid.notes) and j < len(grid.notes[k]) else "")
+                alt = f"{grid.label}, {row.get('prompt', '')}, seed {seed}" + (f", {note}" if note else "")
                 cells.append(f'<td style="{plain}padding:1px;{pad}"><img src="{image_data_uri(image)}" alt="{esc(alt)}" '
                              f'title="{esc(alt)}" style="{cell}"></td>')
         body.append("<tr>" + "".join(cells) + "</tr>")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import time
 from pathlib import Path
 
@@ -113,7 +114,9 @@ def test_live_view_of_a_stopped_evaluation_is_partial_then_final(tmp_path):
     custom = json.dumps(["extra", "a boat"])
     prompt, gallery, note, grid, view = _grid(ctx, [run.id], custom, key, view)
     assert grid["seeds"] == [42, 43] and [c["state"] for c in grid["rows"][0]["cells"]] == ["ready", "ready"]
-    assert len(gallery.value) == 2 and "Rows: 1 model(s)" in note
+    assert gallery.count("<img ") == 2 and "Rows: 1 model(s)" in note
+    assert re.findall(r'class="recare-grid-model">([^<]+)</th>', gallery) == ["tiny base"]  # labelled, no click
+    assert 'alt="tiny base, a boat, seed 42' in gallery
     again = _grid(ctx, [run.id], custom, key, view)
     assert again[1] == gr.skip()  # nothing changed: the gallery is not sent again
     care = json.dumps(["care", "a man"])
@@ -215,7 +218,7 @@ def test_evaluate_base_polled_to_done_radar_equals_metrics(compare_app):
     [row] = info["rows"]
     [cell] = row["cells"]
     assert cell["state"] == "ready" and (compare_app["runs"] / ids[0] / cell["file"]).is_file()
-    assert cell["file"].startswith("images/extra/") and len(grid[GRID]["value"]) == 1
+    assert cell["file"].startswith("images/extra/") and grid[GRID].count("<img ") == 1
     records = list(csv.DictReader((compare_app["runs"] / ids[0] / "records.csv").open()))
     assert [r["prompt"] for r in records if r["attack"] == "extra"] == [CUSTOM]
     assert set(saved["asr"]) == {"erased"}  # a custom prompt is shown, never scored

@@ -318,6 +318,8 @@ def test_compare_base_vs_a_trained_run(train_app, tmp_path):
 
         # the grid: the target prompt first, two models x the same two seeds
         expect(page.locator("#compare-grid img")).to_have_count(4, timeout=30_000)
+        expect(page.locator("#compare-grid th.recare-grid-model")).to_have_count(2)  # each model named in its row
+        expect(page.locator("#compare-grid th.recare-grid-model").filter(has_text=run_id)).to_be_visible()
         expect(page.locator("#compare-grid-note")).to_contain_text("Rows: 2 model(s) · columns: seeds 42, 43")
         page.locator("#compare-grid-prompt input").click()
         expect(page.get_by_role("option", name="custom · a boat on a lake")).to_be_visible()

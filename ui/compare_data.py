@@ -114,15 +114,31 @@ def shown_image(cell: dict) -> Image.Image:
     return safety.blur(image) if cell["blurred"] else image
 
 
-def placeholder(folder: Path, text: str) -> Path:
+def placeholder(text: str) -> Image.Image:
+    """A grey 64 x 64 cell saying why there is no image yet ("pending", "not in this run")."""
     from PIL import ImageDraw
 
-    path = folder / f"{text.replace(' ', '-')}.png"
-    if not path.is_file():
-        image = Image.new("RGB", (64, 64), "#eeeeee")
-        ImageDraw.Draw(image).text((4, 26), text[:12], fill="#888")
-        image.save(path)
-    return path
+    image = Image.new("RGB", (64, 64), "#eeeeee")
+    ImageDraw.Draw(image).text((4, 26), text[:12], fill="#888")
+    return image
+
+
+def grid_html(grid: Grid) -> str:
+    """The grid as the labelled HTML table (`recare.report.grid_html`): a row per model with its name in front,
+    a column per seed, the prompt above; flagged images blurred, missing ones a grey cell saying why."""
+    from recare.report import ModelGrid, grid_html as labelled
+
+    if grid.choice is None:
+        return "<p>No images yet: select an evaluation.</p>"
+    set_name, prompt = json.loads(grid.choice)
+    label = dict((value, text) for text, value in grid.choices).get(grid.choice, prompt)
+    row = {"attack": set_name, "prompt": prompt, "seeds": grid.seeds, "title": label}
+    models = []
+    for r in grid.rows:
+        images = [shown_image(c) if c["state"] == "ready" else placeholder(c["state"]) for c in r["cells"]]
+        notes = ["blurred" if c["blurred"] else ("" if c["state"] == "ready" else c["state"]) for c in r["cells"]]
+        models.append(ModelGrid(r["model"], r["run"], [row], [images], [notes]))
+    return labelled(models, element_id="compare-grid-table")
 
 
 def grid_info(grid: Grid) -> dict:
@@ -190,11 +206,13 @@ def paper_note(task: str | None) -> str:
 
 def paper_view(task: str | None) -> dict:
     """The paper's charts and tables for a paper task (`recare.paper`), drawn by `recare.charts` as ours are."""
-    rows, care = (paper.metrics_rows(task), paper.care_rows(task)) if task in paper.TASKS else ([], [])
+    known = task in paper.TASKS
+    rows, care = (paper.metrics_rows(task), paper.care_rows(task)) if known else ([], [])
     return {
-        "ratio": charts.ratio_radar_figure(rows, height=CHART_HEIGHT, title=f"{paper.TABLE_1} · {task} (quoted)"),
-        "care": charts.care_radar_figure(care, height=CHART_HEIGHT,
-                                         title=f"{paper.care_source(task) if task else ''} (quoted)"),
+        "ratio": charts.ratio_radar_figure(rows, height=CHART_HEIGHT, title=f"{paper.TABLE_1} · {task} (quoted)"
+                                           if known else "Paper: pick a task under the charts"),
+        "care": charts.care_radar_figure(care, height=CHART_HEIGHT, title=f"{paper.care_source(task)} (quoted)"
+                                         if known else "Paper: pick a task under the charts"),
         "table": paper_table_frame(task), "care_table": paper_care_frame(task),
     }
 

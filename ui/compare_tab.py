@@ -53,8 +53,8 @@ from recare.runs import CANCELLED, DONE, QUEUED, RUNNING
 from ui.common import AppContext, md, no_paths, number, ok, owner_key, page_owner, problem, served, submitter
 from recare import paper
 from ui.compare_data import (
-    CHART_GUIDES, CHART_HEIGHT, SET_NAMES, grid_data, grid_info, grid_note, paper_care_frame, paper_care_guide,
-    paper_guide, paper_note, paper_table_frame, paper_view, placeholder, report_file, shown_image,
+    CHART_GUIDES, CHART_HEIGHT, SET_NAMES, grid_data, grid_html, grid_info, grid_note, paper_care_frame,
+    paper_care_guide, paper_guide, paper_note, paper_table_frame, paper_view, report_file, shown_image,
 )
 from ui.figures import (
     MAX_CARE_AXES, TABLE_COLUMNS, care_concepts, care_radar_figure, image_grid, metric_tables, ratio_radar_figure,
@@ -67,7 +67,7 @@ ATTACK_CHOICES = tuple(a for a in ("erased", "cce", "adversarial", "completion",
 TOKEN_ATTACKS = ("adversarial",)  # need the model's own learned tokens: skipped for models without them
 POLL_S = 2.0
 # the RATIO table's columns (TABLE_COLUMNS): room for the model and the run id, the numbers narrow
-RATIO_TABLE_WIDTHS = ["15%", "18%", "6%", "5%", "6%", "6%", "6%", "6%", "5%", "6%", "6%", "7%", "8%"]
+RATIO_TABLE_WIDTHS = ("15%", "18%", "6%", "5%", "6%", "6%", "6%", "6%", "5%", "6%", "6%", "7%", "8%")
 MAX_CUSTOM_PROMPTS, MAX_PROMPT_CHARS = 8, 300
 
 
@@ -94,7 +94,7 @@ def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
         c["status"] = gr.Markdown("No evaluation selected.", elem_id="compare-status")
         c["ratio_table"] = gr.Dataframe(pd.DataFrame(columns=list(TABLE_COLUMNS)), interactive=False, wrap=True,
                                         label="RATIO numbers · measured here (attack runs, mean and worst ASR)",
-                                        column_widths=RATIO_TABLE_WIDTHS, elem_id="compare-ratio-table")
+                                        column_widths=list(RATIO_TABLE_WIDTHS), elem_id="compare-ratio-table")
         c["care_table"] = gr.Dataframe(pd.DataFrame(columns=["model"]), interactive=False, wrap=True,
                                        label="CARE score per concept · measured here", elem_id="compare-care-table")
         c["care_concepts"] = gr.CheckboxGroup([], value=[], label=f"CARE radar axes (up to {MAX_CARE_AXES})",
@@ -162,8 +162,7 @@ def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
             c["grid_export"] = gr.Button("Export grid (PNG)", size="sm", scale=1, elem_id="compare-grid-export")
         c["grid_file"] = gr.File(label="grid.png", interactive=False, visible=False, elem_id="compare-grid-file")
         c["grid_note"] = gr.Markdown("", elem_id="compare-grid-note")
-        c["grid"] = gr.Gallery(label="Images", columns=4, height="auto", object_fit="contain", preview=False,
-                               interactive=False, elem_id="compare-grid")
+        c["grid"] = gr.HTML("", elem_id="compare-grid")
         c["grid_info"] = gr.JSON(visible=False)  # the grid's cells for API clients
     with gr.Accordion("Export: report, metrics", open=False, elem_id="compare-exports"):
         with gr.Row():
@@ -677,8 +676,8 @@ def _runs(ctx: AppContext, ids, owner: str | None) -> list:
 
 
 def _grid(ctx: AppContext, ids, choice, key, view=None, request=None):
-    """(prompt dropdown, gallery, note, grid info, view): the grid of one prompt; the gallery is sent only when
-    its content changed since this page's last update."""
+    """(prompt dropdown, grid, note, grid info, view): the labelled grid of one prompt (HTML, images embedded);
+    it is sent only when its content changed since this page's last update."""
     view = dict(view or {})
     flags = dict(view.get("flags") or {})
     try:
@@ -692,22 +691,8 @@ def _grid(ctx: AppContext, ids, choice, key, view=None, request=None):
     if signature == view.get("grid"):
         return gr.skip(), gr.skip(), gr.skip(), info, view
     view["grid"] = signature
-    items = []
-    with tempfile.TemporaryDirectory(prefix="recare-grid-") as tmp:
-        folder = Path(tmp)
-        for r in grid.rows:
-            for cell in r["cells"]:
-                caption = f"{r['model']} · seed {cell['seed']}"
-                if cell["state"] != "ready":
-                    items.append((served(placeholder(folder, cell["state"])), f"{caption} · {cell['state']}"))
-                elif cell["blurred"]:
-                    hidden = folder / f"{r['run']}-{cell['seed']}.hidden.png"
-                    shown_image(cell).save(hidden)
-                    items.append((served(hidden), f"{caption} · blurred"))
-                else:
-                    items.append((served(cell["path"]), caption))
     dropdown = gr.Dropdown(choices=grid.choices, value=grid.choice)
-    return (dropdown, gr.Gallery(value=items or None, columns=max(1, len(grid.seeds))), grid_note(grid), info, view)
+    return dropdown, grid_html(grid), grid_note(grid), info, view
 
 
 def _export_grid(ctx: AppContext, ids, choice, key, view=None, request=None):

@@ -313,3 +313,12 @@ def _wrap(draw, text: str, width: int, font) -> list[str]:
         else:
             line = candidate
     return lines + ([line] if line else [])
+
+
+__all__ = [
+    "CLUSTER_COLOURS", "FATE_SYMBOLS", "FATE_LABELS", "MAX_TEXT_LABELS", "LOSS_AXIS_DEPTH", "cluster_colour",
+    "careset_figure", "figure_json", "placeholder_json", "loss_figure", "loss_axis_range", "image_grid",
+    # re-exported from recare.charts
+    "MAX_CARE_AXES", "MODEL_COLOURS", "PARTIAL_SUFFIX", "RATIO_COLUMNS", "TABLE_COLUMNS", "care_concepts",
+    "care_radar_figure", "defense_attack", "metric_tables", "radar_numbers", "ratio_radar_figure",
+]
