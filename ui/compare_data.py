@@ -21,7 +21,8 @@ from PIL import Image
 from recare import charts, paper, safety
 from recare.errors import RecareError, RunError
 from recare.eval.config import resolve_config
-from recare.eval.run import CARE, EXTRA, config_from_file, partial_records, prompt_table
+from recare.eval.run import CARE, EXTRA, config_from_file, partial_metrics, partial_records, prompt_table
+from recare.runs import DONE, QUEUED
 
 MAX_GRID_SEEDS = 8  # columns of the image grid
 SET_NAMES = MappingProxyType({"erased": "target prompt", "adversarial": "own adversarial token", CARE: "CARE",
@@ -267,3 +268,74 @@ def headline(rows: list[dict], numbers: list[dict], task: str | None) -> str:
         lines.append(f"| {name.replace('|', '/')} | "
                      f"{'–' if measured is None else f'{measured:.3f}'} | {cell} |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# the evaluations a browser sees, and their metrics (shared by Compare and the reviewer demo)
+
+
+def evaluation_ids(ids) -> list[str]:
+    """The evaluations' run ids (`recare.jobs.requests.run_ids`: texts only, bounded; ConfigError otherwise)."""
+    from recare.jobs.requests import run_ids
+
+    return run_ids(ids, what="evaluations")
+
+
+def evaluation_label(run, default: str = "") -> str:
+    """The model label an evaluation run was started with (config.json "compare"), else `default`."""
+    return (run.config().get("compare") or {}).get("label", default)
+
+
+def evaluation_choices(ctx, owner: str) -> list[tuple[str, str]]:
+    """The "Evaluations shown" entries ("<id> · <label>", id) of every evaluation run `owner` sees, bundled ones last."""
+    choices = []
+    for run in ctx.runs.list(owner=owner, kind="evaluate"):
+        try:
+            choices.append((f"{run.id} · {evaluation_label(run)}", run.id))
+        except RecareError:
+            continue
+    return choices
+
+
+def _metrics(run) -> dict | None:
+    """metrics.json of a finished evaluation run (None while it has none)."""
+    path = run.path / "metrics.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _provisional(run) -> dict | None:
+    """The run's metrics from the images made so far (`partial_metrics`), None before its first image."""
+    try:
+        metrics = partial_metrics(run.path)
+    except RecareError:
+        return None
+    return metrics if metrics["progress"]["images"] else None
+
+
+def collect_evaluations(ctx, ids, owner: str | None) -> tuple[list[dict], list[dict]]:
+    """(per-run states, metrics rows: metrics.json plus "model" and "run"; a run that has not finished gives its
+    provisional metrics with "partial": True and its "progress").
+
+    Args:
+        ctx: the app's context.
+        ids: evaluation run ids.
+        owner: whose runs these must be (`RunStore.get`); None only for ids known to be bundled runs.
+    """
+    states, rows = [], []
+    for run_id in evaluation_ids(ids):
+        run = ctx.runs.get(run_id, owner)
+        status, label = run.status(), evaluation_label(run, run_id)
+        state = status.get("state")
+        metrics = _metrics(run) if state == DONE else None
+        partial = metrics is None and state != QUEUED
+        if partial:
+            metrics = _provisional(run)
+        progress = status.get("progress") or {}
+        states.append({"id": run.id, "model": label, "state": state, "stage": progress.get("stage"),
+                       "step": progress.get("step"), "total": progress.get("total"), "error": status.get("error"),
+                       "partial": (metrics or {}).get("progress") if partial else None})
+        if metrics is not None:
+            rows.append({**metrics, "model": label, "run": run.id, "partial": partial})
+    return states, rows

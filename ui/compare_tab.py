@@ -48,11 +48,11 @@ from recare import models, worldspec
 from recare.errors import ConfigError, ModelLoadError, RecareError, RunError
 from recare.eval import attacks as eval_attacks
 from recare.eval.config import EvaluationConfig
-from recare.eval.run import partial_metrics
 from recare.runs import CANCELLED, DONE, QUEUED, RUNNING
 from ui.common import AppContext, md, no_paths, number, ok, owner_key, page_owner, problem, served, submitter
 from recare import paper
 from ui.compare_data import (
+    collect_evaluations, evaluation_choices, evaluation_ids,
     CHART_GUIDES, CHART_HEIGHT, SET_NAMES, grid_data, grid_html, grid_info, grid_note, paper_care_frame,
     paper_care_guide, paper_guide, paper_note, paper_table_frame, paper_view, report_file, shown_image,
 )
@@ -521,38 +521,15 @@ def _start(ctx: AppContext, values, key, request=None):
             gr.Dropdown(choices=evaluation_choices(ctx, owner), value=ids), gr.Timer(active=True))
 
 
-def _ids(ids) -> list[str]:
-    """The evaluations' run ids (`recare.jobs.requests.run_ids`: texts only, bounded; ConfigError otherwise)."""
-    from recare.jobs.requests import run_ids
-
-    return run_ids(ids, what="evaluations")
-
-
 def _cancel(ctx: AppContext, ids, key, request=None):
     try:
         owner = owner_key(key, request)
-        messages = [ctx.jobs.cancel(run_id, owner=owner) for run_id in _ids(ids)]
+        messages = [ctx.jobs.cancel(run_id, owner=owner) for run_id in evaluation_ids(ids)]
     except RecareError as e:
         return problem(no_paths(ctx, e)), gr.skip()
     if not messages:
         return problem("no evaluation selected."), gr.skip()
     return ok(" ".join(messages)), gr.Timer(active=True)
-
-
-def evaluation_label(run, default: str = "") -> str:
-    """The model label an evaluation run was started with (config.json "compare"), else `default`."""
-    return (run.config().get("compare") or {}).get("label", default)
-
-
-def evaluation_choices(ctx: AppContext, owner: str) -> list[tuple[str, str]]:
-    """The "Evaluations shown" entries ("<id> · <label>", id) of every evaluation run `owner` sees, bundled ones last."""
-    choices = []
-    for run in ctx.runs.list(owner=owner, kind="evaluate"):
-        try:
-            choices.append((f"{run.id} · {evaluation_label(run)}", run.id))
-        except RecareError:
-            continue
-    return choices
 
 
 def _list(ctx: AppContext, ids, key, request=None):
@@ -561,7 +538,7 @@ def _list(ctx: AppContext, ids, key, request=None):
         return gr.skip()
     known = {v for _, v in choices}
     try:
-        shown = [i for i in _ids(ids) if i in known]
+        shown = [i for i in evaluation_ids(ids) if i in known]
     except RecareError as e:
         problem(str(e))
         shown = []
@@ -570,50 +547,6 @@ def _list(ctx: AppContext, ids, key, request=None):
 
 # ---------------------------------------------------------------------------------------------
 # the live view
-
-
-def _metrics(run) -> dict | None:
-    """metrics.json of a finished evaluation run (None while it has none)."""
-    path = run.path / "metrics.json"
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def _provisional(run) -> dict | None:
-    """The run's metrics from the images made so far (`partial_metrics`), None before its first image."""
-    try:
-        metrics = partial_metrics(run.path)
-    except RecareError:
-        return None
-    return metrics if metrics["progress"]["images"] else None
-
-
-def collect_evaluations(ctx: AppContext, ids, owner: str | None) -> tuple[list[dict], list[dict]]:
-    """(per-run states, metrics rows: metrics.json plus "model" and "run"; a run that has not finished gives its
-    provisional metrics with "partial": True and its "progress").
-
-    Args:
-        ctx: the app's context.
-        ids: evaluation run ids.
-        owner: whose runs these must be (`RunStore.get`); None only for ids known to be bundled runs.
-    """
-    states, rows = [], []
-    for run_id in _ids(ids):
-        run = ctx.runs.get(run_id, owner)
-        status, label = run.status(), evaluation_label(run, run_id)
-        state = status.get("state")
-        metrics = _metrics(run) if state == DONE else None
-        partial = metrics is None and state != QUEUED
-        if partial:
-            metrics = _provisional(run)
-        progress = status.get("progress") or {}
-        states.append({"id": run.id, "model": label, "state": state, "stage": progress.get("stage"),
-                       "step": progress.get("step"), "total": progress.get("total"), "error": status.get("error"),
-                       "partial": (metrics or {}).get("progress") if partial else None})
-        if metrics is not None:
-            rows.append({**metrics, "model": label, "run": run.id, "partial": partial})
-    return states, rows
 
 
 def _chosen_concepts(rows: list[dict], picked) -> tuple[list[str], list[str]]:
@@ -672,7 +605,7 @@ def _poll(ctx: AppContext, ids, key, concepts=None, view=None, request=None):
 
 def _runs(ctx: AppContext, ids, owner: str | None) -> list:
     """The selected evaluation runs this owner may read (`RunStore.get` refuses the others)."""
-    return [ctx.runs.get(run_id, owner) for run_id in _ids(ids)]
+    return [ctx.runs.get(run_id, owner) for run_id in evaluation_ids(ids)]
 
 
 def _grid(ctx: AppContext, ids, choice, key, view=None, request=None):
@@ -779,6 +712,6 @@ def _export_report(ctx: AppContext, ids, key, request=None):
         with tempfile.TemporaryDirectory(prefix="recare-report-") as tmp:
             path = report_file(_runs(ctx, ids, owner), Path(tmp))
             return served(path), ok(
-                f"Exported the report of {len(_ids(ids))} evaluation(s): one HTML file, opens offline.")
+                f"Exported the report of {len(evaluation_ids(ids))} evaluation(s): one HTML file, opens offline.")
     except RecareError as e:
         return gr.skip(), problem(str(e))

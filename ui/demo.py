@@ -27,8 +27,7 @@ from recare import demo as demo_bundle
 from recare.errors import ConfigError, RecareError
 from recare import paper
 from ui.common import AppContext, md, no_paths, ok, owner_key, problem, submitter
-from ui.compare_data import CHART_HEIGHT, headline
-from ui.compare_tab import collect_evaluations, evaluation_choices
+from ui.compare_data import CHART_HEIGHT, collect_evaluations, evaluation_choices, headline
 from ui.figures import care_radar_figure, metric_tables, ratio_radar_figure
 
 DRAW_OUTPUTS = ("status", "ratio_plot", "ratio_table", "care_plot", "care_table", "info")
