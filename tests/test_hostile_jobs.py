@@ -11,7 +11,6 @@ The table goes to test-artifacts/hostile-jobs.md. The last tests check the quota
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import resource
@@ -22,7 +21,7 @@ import pytest
 from gradio_client import Client, handle_file
 
 from recare.models import ModelPolicy
-from tests.helpers_hostile import deflated_torch_file, safetensors_with
+from tests.helpers_hostile import deflated_torch_file, launched, safetensors_with
 from tests.test_app_fixtures import installed_mini_world, world_env
 from ui.common import new_browser_key
 
@@ -34,21 +33,6 @@ CASE_S = 20.0          # a refusal comes before any work: well under this even o
 INFO = 4               # train_status's info output
 
 
-@contextlib.contextmanager
-def _public_app(root: Path):
-    import ui
-
-    workspace, runs = root / "ws", root / "runs"
-    demo = ui.create_app(workspace=workspace, device="cpu", runs_dir=runs, policy=ModelPolicy.public(),
-                         demo_dir=REPO / "assets" / "demo")
-    demo.queue(default_concurrency_limit=4)
-    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **ui.launch_kwargs(workspace, runs_dir=runs))
-    try:
-        yield url
-    finally:
-        demo.close()
-
-
 @pytest.fixture(scope="module")
 def public_app(tmp_path_factory):
     if installed_mini_world() is None:
@@ -58,7 +42,7 @@ def public_app(tmp_path_factory):
         for name, value in LIMITS_ENV.items():
             mp.setenv(name, value)  # read by create_app
         root = tmp_path_factory.mktemp("hostile-jobs")
-        with _public_app(root) as url:
+        with launched(root / "ws", root / "runs", ModelPolicy.public(), REPO / "assets" / "demo") as url:
             yield {"url": url, "root": root, "runs": root / "runs"}
 
 

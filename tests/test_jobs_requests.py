@@ -11,7 +11,7 @@ import pytest
 
 from recare import runs as R
 from recare.config import TrainConfig
-from recare.errors import ConfigError, RunError
+from recare.errors import ConfigError, ImageInputError, RunError
 from recare.jobs import JobRunner, JobSpec, run_job
 from recare.jobs.requests import (
     EvaluateRequest, Submitter, TrainRequest, check_model, json_depth, parse_json, recheck, run_ids, submit_requests,
@@ -179,7 +179,7 @@ def test_a_failed_staging_removes_every_run_of_the_batch(tmp_path, runner, monke
     monkeypatch.setattr(runner, "_wake", lambda: None)
     gone = TrainRequest(TrainConfig.for_method("recare", device="cpu", num_images=2),
                         images=(str(tmp_path / "missing.png"), str(tmp_path / "missing2.png")), careset=CARESET)
-    with pytest.raises(ConfigError, match="is gone"):
+    with pytest.raises(ImageInputError, match="is gone"):
         submit_requests(runner, [TrainRequest(_train()), gone], Submitter(owner="alice", client="c-1"))
     assert runner.store.list() == []
 
