@@ -238,3 +238,23 @@ def test_every_job_function_is_named_in_the_registry_and_resolves():
     for target in targets.TARGETS.values():
         assert callable(resolve_target(target))
     assert not targets.known("os:system")
+
+
+def test_the_client_address_is_the_one_the_proxy_saw(monkeypatch):
+    from types import SimpleNamespace
+
+    from recare.jobs.requests import client_hash
+    from ui.common import client_key
+
+    def request(host, forwarded=None):
+        return SimpleNamespace(client=SimpleNamespace(host=host),
+                               headers={"x-forwarded-for": forwarded} if forwarded else {})
+
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.delenv("RECARE_PROXY_HOPS", raising=False)
+    assert client_key(request("10.0.0.9", "1.2.3.4")) == client_hash("10.0.0.9")  # no proxy: the header is the client's
+    monkeypatch.setenv("SPACE_ID", "someone/space")  # one proxy in front: the address it appended last
+    assert client_key(request("10.0.0.9", "6.6.6.6, 5.6.7.8")) == client_hash("5.6.7.8")
+    assert client_key(request("10.0.0.9", "6.6.6.6, 5.6.7.8")) != client_key(request("10.0.0.9", "7.7.7.7, 5.6.7.9"))
+    assert client_key(request("10.0.0.9")) == client_hash("10.0.0.9")
+    assert client_key(None) == "" and client_hash("5.6.7.8").startswith("c-") and "5.6.7.8" not in client_hash("5.6.7.8")
