@@ -200,10 +200,29 @@ def _cases(client: Client, key: str, f: dict[str, Path]) -> list[tuple[str, str,
     ]
 
 
+def _good_checkpoint(client: Client, key: str, tmp_path: Path) -> str:
+    """Upload a checkpoint that fits the mini world's UNet (one of its own tensors); returns its run id."""
+    import torch
+    from safetensors.torch import save_file
+
+    from recare.models import load_pipeline
+
+    unet = load_pipeline("mini-world", device="cpu", dtype="fp32").unet
+    folder = tmp_path / "good"
+    folder.mkdir()
+    save_file({"conv_in.bias": unet.state_dict()["conv_in.bias"].clone() + torch.tensor(0.0)},
+              folder / "trained_params.safetensors")
+    message = client.predict(handle_file(str(folder / "trained_params.safetensors")), "mini-world", ["base"], key,
+                             api_name="/evaluate_add_checkpoint")[0]
+    assert message.startswith("✓ Added"), message
+    return message.split("**")[1]
+
+
 def test_hostile_jobs_suite(public_app, tmp_path):
     """Every case: a clear message naming what was wrong, no server path, quick, nothing left, the app serves on."""
     f = _files(tmp_path)
     client, key = _client(public_app), new_browser_key()
+    saved = _good_checkpoint(client, key, tmp_path)  # saved work the hostile requests must not touch
     before = _run_folders(public_app)
     rows = []
     started_all = time.perf_counter()
@@ -235,6 +254,7 @@ def test_hostile_jobs_suite(public_app, tmp_path):
     assert len(rows) >= 40
     assert not failed, "\n".join(failed)
     assert _run_folders(public_app) == before  # a refusal leaves no run folder behind
+    assert saved in json.dumps(client.predict(["base"], key, api_name="/evaluate_models"))  # nothing lost
 
 
 def test_invented_keys_from_one_address_share_its_limit(public_app):
