@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 
 import pytest
 
@@ -258,3 +259,19 @@ def test_the_client_address_is_the_one_the_proxy_saw(monkeypatch):
     assert client_key(request("10.0.0.9", "6.6.6.6, 5.6.7.8")) != client_key(request("10.0.0.9", "7.7.7.7, 5.6.7.9"))
     assert client_key(request("10.0.0.9")) == client_hash("10.0.0.9")
     assert client_key(None) == "" and client_hash("5.6.7.8").startswith("c-") and "5.6.7.8" not in client_hash("5.6.7.8")
+
+
+def test_the_cli_bounds_its_jobs_like_the_app(tmp_path, capsys):
+    from recare import cli
+
+    out = str(tmp_path / "runs")
+    for argv, expected in ((["train", "--task", "tench", "--iterations", str(10**12), "--out", out],
+                            "RECARE_MAX_STAGE1_ITERATIONS|RECARE_MAX_TRAIN_ITERATIONS"),
+                           (["train", "--task", "tench", "--ti-steps", str(10**9), "--out", out], "RECARE_MAX_TI_STEPS"),
+                           (["evaluate", "--task", "tench", "--seeds", str(10**9), "--out", out],
+                            "RECARE_MAX_EVAL_SEEDS"),
+                           (["evaluate", "--task", "tench", "--clip-count", str(10**9), "--out", out],
+                            "RECARE_MAX_CLIP_CAPTIONS")):
+        assert cli.main(argv) == 2
+        assert re.search(expected, capsys.readouterr().err.strip().splitlines()[-1]), argv
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # refused before any run
