@@ -303,3 +303,16 @@ def test_memory_stays_bounded_through_the_hostile_requests(public_app, tmp_path)
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024
     assert grown_mb < 300, f"peak memory grew by {grown_mb:.0f} MB"
     assert _alive(client)
+
+
+def test_a_job_error_quoting_a_server_path_shows_its_last_part_only(public_app):
+    """A failed job's error (written by the worker) is shown without the server's folders in public mode."""
+    from recare.runs import RunStore
+
+    client, key = _client(public_app), new_browser_key()
+    secret = str(public_app["root"] / "deep" / "inside" / "weights.pt")
+    run = RunStore(public_app["runs"]).create("train", {"train": {}}, owner=key)
+    run.update_status(state="failed", error=f"trained weights not found: {secret} does not exist.")
+    status = client.predict(run.id, key, api_name="/train_status")
+    shown = status[0] + json.dumps(status[INFO])
+    assert "weights.pt does not exist" in shown and str(public_app["root"]) not in shown
