@@ -181,7 +181,7 @@ def run_task_training_job(run, progress: ProgressCallback | None, cancel: Cancel
 
     settings = run.config()
     if isinstance(settings.get("inputs"), dict) and isinstance(settings.get("train"), dict):
-        settings = _stage_inputs(run, settings)
+        settings = stage_inputs(run, settings)
     if settings.get("task") and isinstance(settings.get("train"), dict):
         config = TrainConfig.from_dict(settings["train"])
         if (config.stage2 is not None and config.careset is None) or (config.stage1 is not None and config.images is None):
@@ -199,8 +199,20 @@ def run_task_training_job(run, progress: ProgressCallback | None, cancel: Cancel
 INPUTS_DIR = "inputs"
 
 
-def _stage_inputs(run, settings: dict) -> dict:
-    """Copy the "inputs" section's images and CARE-set into `<run>/inputs/` and point the training settings there."""
+def stage_inputs(run, settings: dict) -> dict:
+    """Copy the "inputs" section's images and CARE-set into `<run>/inputs/` and point the training settings there.
+
+    `recare.jobs.requests.TrainRequest` calls it when the run is submitted (a browser session's files may
+    be gone by the time the job starts); a job whose settings still carry "inputs" (a run queued by an
+    older version) copies them when it starts.
+
+    Args:
+        run: the run.
+        settings: its config.json with an "inputs" section ({"images": files, "careset": official dict}).
+
+    Returns:
+        The settings written back: "inputs" replaced by the copies' paths in "train".
+    """
     import json
     import shutil
 
@@ -217,7 +229,7 @@ def _stage_inputs(run, settings: dict) -> dict:
                     source = Path(source)
                     if not source.is_file():
                         raise ImageInputError(f"the target image {source.name} is gone (its browser session was "
-                                              "closed before the run started); start the run again.")
+                                              "closed); generate or upload the images again and start the run.")
                     shutil.copyfile(source, tmp / f"{i:04d}{source.suffix.lower()}")
         train["images"] = str(images_dir)
     if isinstance(inputs.get("careset"), dict):
@@ -232,4 +244,4 @@ def _stage_inputs(run, settings: dict) -> dict:
 
 
 __all__ = ["careset_from_images", "write_careset_files", "mini_world_task", "task_train_config",
-           "prepare_task_inputs", "run_task_training_job", "TARGET_IMAGES_DIR", "CARESET_DIR"]
+           "prepare_task_inputs", "run_task_training_job", "stage_inputs", "TARGET_IMAGES_DIR", "CARESET_DIR"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
 import zipfile
@@ -86,3 +87,17 @@ def safetensors_with(path: Path, tensors: dict[str, dict], header_pad: int = 0) 
     end = max((t["data_offsets"][1] for t in tensors.values()), default=0)
     path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * end)
     return path
+
+
+@contextlib.contextmanager
+def launched(workspace: Path, runs: Path, policy=None, demo_dir: Path | None = None):
+    """Create and launch the app on a free port (its own workspace and run store); yields its URL."""
+    import ui
+
+    demo = ui.create_app(workspace=workspace, device="cpu", runs_dir=runs, policy=policy, demo_dir=demo_dir)
+    demo.queue(default_concurrency_limit=4)
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **ui.launch_kwargs(workspace, runs_dir=runs))
+    try:
+        yield url
+    finally:
+        demo.close()

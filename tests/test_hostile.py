@@ -28,7 +28,7 @@ from PIL import Image
 
 from recare import cli
 from recare.models import ModelPolicy
-from tests.helpers_hostile import png_bytes, png_claiming, toy_careset, zip_with
+from tests.helpers_hostile import launched, png_bytes, png_claiming, toy_careset, zip_with
 from tests.test_app_fixtures import WORDS, world_env, write_words
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,19 +38,6 @@ FINAL, OFFICIAL, RICH, STATUS = 4, 5, 6, 7  # positions in every CARE-set endpoi
 PUBLIC_REFUSAL = "this public app loads only"
 
 
-@contextlib.contextmanager
-def _launch(workspace: Path, runs: Path, policy: ModelPolicy | None = None):
-    import ui
-
-    demo = ui.create_app(workspace=workspace, device="cpu", runs_dir=runs, policy=policy)
-    demo.queue(default_concurrency_limit=4)
-    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **ui.launch_kwargs(workspace, runs_dir=runs))
-    try:
-        yield url
-    finally:
-        demo.close()
-
-
 @pytest.fixture(scope="module")
 def apps(tmp_path_factory):
     base = tmp_path_factory.getbasetemp().parent / "recare-app-shared"
@@ -58,8 +45,8 @@ def apps(tmp_path_factory):
         for name, value in LIMITS_ENV.items():
             mp.setenv(name, value)  # read by create_app and launch_kwargs
         root = tmp_path_factory.mktemp("hostile")
-        with _launch(root / "ws", root / "runs") as url, \
-                _launch(root / "public-ws", root / "public-runs", ModelPolicy.public()) as public_url:
+        with launched(root / "ws", root / "runs") as url, \
+                launched(root / "public-ws", root / "public-runs", ModelPolicy.public()) as public_url:
             yield {"url": url, "public_url": public_url, "workspace": root / "ws", "root": root}
 
 

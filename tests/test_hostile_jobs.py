@@ -11,7 +11,6 @@ The table goes to test-artifacts/hostile-jobs.md. The last tests check the quota
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import resource
@@ -22,7 +21,7 @@ import pytest
 from gradio_client import Client, handle_file
 
 from recare.models import ModelPolicy
-from tests.helpers_hostile import deflated_torch_file, safetensors_with
+from tests.helpers_hostile import deflated_torch_file, launched, safetensors_with
 from tests.test_app_fixtures import installed_mini_world, world_env
 from ui.common import new_browser_key
 
@@ -34,21 +33,6 @@ CASE_S = 20.0          # a refusal comes before any work: well under this even o
 INFO = 4               # train_status's info output
 
 
-@contextlib.contextmanager
-def _public_app(root: Path):
-    import ui
-
-    workspace, runs = root / "ws", root / "runs"
-    demo = ui.create_app(workspace=workspace, device="cpu", runs_dir=runs, policy=ModelPolicy.public(),
-                         demo_dir=REPO / "assets" / "demo")
-    demo.queue(default_concurrency_limit=4)
-    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **ui.launch_kwargs(workspace, runs_dir=runs))
-    try:
-        yield url
-    finally:
-        demo.close()
-
-
 @pytest.fixture(scope="module")
 def public_app(tmp_path_factory):
     if installed_mini_world() is None:
@@ -58,7 +42,7 @@ def public_app(tmp_path_factory):
         for name, value in LIMITS_ENV.items():
             mp.setenv(name, value)  # read by create_app
         root = tmp_path_factory.mktemp("hostile-jobs")
-        with _public_app(root) as url:
+        with launched(root / "ws", root / "runs", ModelPolicy.public(), REPO / "assets" / "demo") as url:
             yield {"url": url, "root": root, "runs": root / "runs"}
 
 
@@ -216,10 +200,29 @@ def _cases(client: Client, key: str, f: dict[str, Path]) -> list[tuple[str, str,
     ]
 
 
+def _good_checkpoint(client: Client, key: str, tmp_path: Path) -> str:
+    """Upload a checkpoint that fits the mini world's UNet (one of its own tensors); returns its run id."""
+    import torch
+    from safetensors.torch import save_file
+
+    from recare.models import load_pipeline
+
+    unet = load_pipeline("mini-world", device="cpu", dtype="fp32").unet
+    folder = tmp_path / "good"
+    folder.mkdir()
+    save_file({"conv_in.bias": unet.state_dict()["conv_in.bias"].clone() + torch.tensor(0.0)},
+              folder / "trained_params.safetensors")
+    message = client.predict(handle_file(str(folder / "trained_params.safetensors")), "mini-world", ["base"], key,
+                             api_name="/evaluate_add_checkpoint")[0]
+    assert message.startswith("✓ Added"), message
+    return message.split("**")[1]
+
+
 def test_hostile_jobs_suite(public_app, tmp_path):
     """Every case: a clear message naming what was wrong, no server path, quick, nothing left, the app serves on."""
     f = _files(tmp_path)
     client, key = _client(public_app), new_browser_key()
+    saved = _good_checkpoint(client, key, tmp_path)  # saved work the hostile requests must not touch
     before = _run_folders(public_app)
     rows = []
     started_all = time.perf_counter()
@@ -251,6 +254,7 @@ def test_hostile_jobs_suite(public_app, tmp_path):
     assert len(rows) >= 40
     assert not failed, "\n".join(failed)
     assert _run_folders(public_app) == before  # a refusal leaves no run folder behind
+    assert saved in json.dumps(client.predict(["base"], key, api_name="/evaluate_models"))  # nothing lost
 
 
 def test_invented_keys_from_one_address_share_its_limit(public_app):
@@ -299,3 +303,16 @@ def test_memory_stays_bounded_through_the_hostile_requests(public_app, tmp_path)
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024
     assert grown_mb < 300, f"peak memory grew by {grown_mb:.0f} MB"
     assert _alive(client)
+
+
+def test_a_job_error_quoting_a_server_path_shows_its_last_part_only(public_app):
+    """A failed job's error (written by the worker) is shown without the server's folders in public mode."""
+    from recare.runs import RunStore
+
+    client, key = _client(public_app), new_browser_key()
+    secret = str(public_app["root"] / "deep" / "inside" / "weights.pt")
+    run = RunStore(public_app["runs"]).create("train", {"train": {}}, owner=key)
+    run.update_status(state="failed", error=f"trained weights not found: {secret} does not exist.")
+    status = client.predict(run.id, key, api_name="/train_status")
+    shown = status[0] + json.dumps(status[INFO])
+    assert "weights.pt does not exist" in shown and str(public_app["root"]) not in shown

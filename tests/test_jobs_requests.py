@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 
 import pytest
 
 from recare import runs as R
 from recare.config import TrainConfig
-from recare.errors import ConfigError, RunError
+from recare.errors import ConfigError, ImageInputError, RunError
 from recare.jobs import JobRunner, JobSpec, run_job
 from recare.jobs.requests import (
     EvaluateRequest, Submitter, TrainRequest, check_model, json_depth, parse_json, recheck, run_ids, submit_requests,
@@ -179,7 +180,7 @@ def test_a_failed_staging_removes_every_run_of_the_batch(tmp_path, runner, monke
     monkeypatch.setattr(runner, "_wake", lambda: None)
     gone = TrainRequest(TrainConfig.for_method("recare", device="cpu", num_images=2),
                         images=(str(tmp_path / "missing.png"), str(tmp_path / "missing2.png")), careset=CARESET)
-    with pytest.raises(ConfigError, match="is gone"):
+    with pytest.raises(ImageInputError, match="is gone"):
         submit_requests(runner, [TrainRequest(_train()), gone], Submitter(owner="alice", client="c-1"))
     assert runner.store.list() == []
 
@@ -238,3 +239,39 @@ def test_every_job_function_is_named_in_the_registry_and_resolves():
     for target in targets.TARGETS.values():
         assert callable(resolve_target(target))
     assert not targets.known("os:system")
+
+
+def test_the_client_address_is_the_one_the_proxy_saw(monkeypatch):
+    from types import SimpleNamespace
+
+    from recare.jobs.requests import client_hash
+    from ui.common import client_key
+
+    def request(host, forwarded=None):
+        return SimpleNamespace(client=SimpleNamespace(host=host),
+                               headers={"x-forwarded-for": forwarded} if forwarded else {})
+
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.delenv("RECARE_PROXY_HOPS", raising=False)
+    assert client_key(request("10.0.0.9", "1.2.3.4")) == client_hash("10.0.0.9")  # no proxy: the header is the client's
+    monkeypatch.setenv("SPACE_ID", "someone/space")  # one proxy in front: the address it appended last
+    assert client_key(request("10.0.0.9", "6.6.6.6, 5.6.7.8")) == client_hash("5.6.7.8")
+    assert client_key(request("10.0.0.9", "6.6.6.6, 5.6.7.8")) != client_key(request("10.0.0.9", "7.7.7.7, 5.6.7.9"))
+    assert client_key(request("10.0.0.9")) == client_hash("10.0.0.9")
+    assert client_key(None) == "" and client_hash("5.6.7.8").startswith("c-") and "5.6.7.8" not in client_hash("5.6.7.8")
+
+
+def test_the_cli_bounds_its_jobs_like_the_app(tmp_path, capsys):
+    from recare import cli
+
+    out = str(tmp_path / "runs")
+    for argv, expected in ((["train", "--task", "tench", "--iterations", str(10**12), "--out", out],
+                            "RECARE_MAX_STAGE1_ITERATIONS|RECARE_MAX_TRAIN_ITERATIONS"),
+                           (["train", "--task", "tench", "--ti-steps", str(10**9), "--out", out], "RECARE_MAX_TI_STEPS"),
+                           (["evaluate", "--task", "tench", "--seeds", str(10**9), "--out", out],
+                            "RECARE_MAX_EVAL_SEEDS"),
+                           (["evaluate", "--task", "tench", "--clip-count", str(10**9), "--out", out],
+                            "RECARE_MAX_CLIP_CAPTIONS")):
+        assert cli.main(argv) == 2
+        assert re.search(expected, capsys.readouterr().err.strip().splitlines()[-1]), argv
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # refused before any run

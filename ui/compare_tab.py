@@ -563,6 +563,8 @@ def _poll(ctx: AppContext, ids, key, concepts=None, view=None, request=None):
     try:
         owner = owner_key(key, request)
         states, rows = collect_evaluations(ctx, ids, owner)
+        for state in states:  # a job's error may quote a server path: cut it in public mode
+            state["error"] = no_paths(ctx, state["error"]) if state.get("error") else state.get("error")
     except RecareError as e:
         return (md(str(e)), gr.skip(), gr.skip(), gr.skip(), gr.skip(), {"error": str(e)}, gr.Timer(active=False),
                 gr.skip(), view)

@@ -638,7 +638,7 @@ def _poll(ctx: AppContext, run_id, stored_key, request=None):
     elif state == CANCELLED:
         line = f"**{run.id}** · cancelled at {_phase_label(phase)}; press **Resume** to continue from its saved state"
     else:
-        error = status.get("error") or "unknown error"
+        error = no_paths(ctx, status.get("error") or "unknown error")
         line = f"**{run.id}** · ⚠ failed: {md(error)}" + (" (resumable)" if status.get("resumable") else "")
     fraction = 1.0 if state == DONE else done / total
     eta = ""
@@ -660,7 +660,8 @@ def _poll(ctx: AppContext, run_id, stored_key, request=None):
                         f"{_phase_label(str(latest.get('phase')))} · iteration {latest.get('step')}"))
     info = {"id": run.id, "state": state, "phase": phase, "stage": progress.get("stage"), "step": progress.get("step"),
             "steps_done": done, "steps_total": total, "queue_position": position, "loss_points": len(rows),
-            "previews": len([p for p in previews if p.get("phase") != "base"]), "error": status.get("error"),
+            "previews": len([p for p in previews if p.get("phase") != "base"]),
+            "error": no_paths(ctx, status["error"]) if status.get("error") else None,
             "resumable": status.get("resumable"), "result": status.get("result"), "note": status.get("note")}
     info = _json_safe(info)  # a run stored with numbers past 2**53 (before they were bounded) still shows
     active = state in (QUEUED, RUNNING)

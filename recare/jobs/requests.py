@@ -29,11 +29,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Any, ClassVar
 
-from recare.atomic import atomic_write_json, atomic_write_text
 from recare.config import MAX_SEED, TrainConfig
 from recare.errors import ConfigError, ModelLoadError, RecareError, RunError
 from recare.jobs import targets
@@ -41,7 +39,6 @@ from recare.jobs.runner import JobRunner, JobSpec
 from recare.limits import Limits
 from recare.runs import Run, check_run_id
 
-INPUTS_DIR = "inputs"            # <run>/inputs/: the images and CARE-set a request brought
 REQUEST_KEY = "request"          # config.json's section with the policy and limits the run was submitted under
 
 
@@ -378,29 +375,16 @@ class TrainRequest(JobRequest):
         return data
 
     def stage(self, run: Run) -> None:
-        """Copy the images and the CARE-set into `<run>/inputs/` now and point the settings there."""
+        """Copy the images and the CARE-set into `<run>/inputs/` now and point the settings there
+        (`recare.workflows.stage_inputs`)."""
         if not self.images and self.careset is None:
             return
-        folder = run.path / INPUTS_DIR
-        settings = run.config()
-        train = dict(settings["train"])
-        if self.images:
-            images = folder / "images"
-            images.mkdir(parents=True)
-            for i, source in enumerate(self.images):
-                source = Path(source)
-                if not source.is_file():
-                    raise ConfigError(f"the target image {source.name} is gone (its session was closed); "
-                                      "generate or upload the images again.")
-                shutil.copyfile(source, images / f"{i:04d}{source.suffix.lower()}")
-            train["images"] = str(images)
+        from recare.workflows import stage_inputs
+
+        inputs: dict[str, Any] = {"images": list(self.images)}
         if self.careset is not None:
-            careset = folder / "careset.json"
-            atomic_write_text(careset, json.dumps(self.careset, indent=4, ensure_ascii=False) + "\n")
-            train["careset"] = str(careset)
-        settings["train"] = train
-        settings["inputs_copied"] = {"images": len(self.images), "careset": self.careset is not None}
-        atomic_write_json(run.config_path, settings)
+            inputs["careset"] = self.careset
+        stage_inputs(run, {**run.config(), "inputs": inputs})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -530,4 +514,4 @@ def client_hash(address: str | None) -> str:
 
 __all__ = ["Submitter", "TrainRequest", "EvaluateRequest", "DemoRerunRequest", "JobRequest", "submit_requests",
            "recheck", "run_ids", "parse_json", "json_depth", "check_model", "check_train", "check_evaluation",
-           "client_hash", "INPUTS_DIR", "REQUEST_KEY"]
+           "client_hash", "REQUEST_KEY"]
