@@ -5,7 +5,7 @@ A worker is a spawned process or a thread of the job runner (`recare.jobs.runner
 `resolve_target` (the job function named by its import path), `StatusReporter` (progress into
 status.json and metrics.jsonl), `Heartbeat`, `log_error` (tracebacks of bugs into error.log) and
 `run_job`. Before the job function runs, `run_job` checks the run's request again
-(`recare.jobs.requests.recheck`): the model policy and the bounds it was submitted under travel in
+(`recare.jobs.checks.recheck`): the model policy and the bounds it was submitted under travel in
 its config.json, so a run folder edited on disk, or a request that skipped the submit path, is
 refused before any work starts.
 """
@@ -136,12 +136,12 @@ def start_attempt(run: Run, target: str, **extra: Any) -> tuple[int, int]:
 
 
 def call_target(run: Run, target: str, progress, cancel) -> Any:
-    """Check the run's request again (`recare.jobs.requests.recheck`), then call the job function.
+    """Check the run's request again (`recare.jobs.checks.recheck`), then call the job function.
 
     Returns:
         The job's result as plain JSON (a result that is not JSON is a bug: TypeError).
     """
-    from recare.jobs.requests import recheck
+    from recare.jobs.checks import recheck
 
     recheck(run)
     fn = resolve_target(target)
