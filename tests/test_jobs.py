@@ -183,3 +183,12 @@ def test_run_job_in_the_foreground(store):
     assert status["state"] == R.DONE and status["result"]["value"] == expected_value(5)
     assert status["progress"]["step"] == 5 and status["pid"] == os.getpid()
 
+
+
+def test_auto_device_takes_the_slot_of_the_device_it_resolves_to():
+    from recare.jobs.runner import _device_key
+    from recare.models import resolve_device
+
+    resolved = str(resolve_device("auto"))
+    assert _device_key("auto") == _device_key(resolved) == ("cuda:0" if resolved == "cuda" else resolved)
+    assert _device_key(None) == "cpu" and _device_key(" CUDA ") == "cuda:0"

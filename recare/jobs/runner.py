@@ -64,7 +64,12 @@ from recare.runs import CANCELLED, FAILED, FINISHED, QUEUED, RUNNING, Run, RunSt
 SHUTDOWN_NOTE = "the app restarted while this run was working; it continues from its last saved state"
 
 def _device_key(device: str | None) -> str:
+    """The slot a job's device takes ("auto" resolved first, so it cannot slip past the one-GPU-job rule)."""
     device = (device or "cpu").strip().lower()
+    if device == "auto":
+        from recare.models import resolve_device
+
+        device = str(resolve_device("auto"))
     return "cuda:0" if device == "cuda" else device
 
 
