@@ -168,6 +168,7 @@ def _ids(evaluations) -> list[str]:
     return evaluations["value"] if isinstance(evaluations, dict) else evaluations  # a gr.Dropdown update
 
 
+@pytest.mark.e2e
 def test_evaluate_base_polled_to_done_radar_equals_metrics(compare_app):
     client, key = _client(compare_app), new_browser_key()
     message, evaluations, _ = _start(client, key, custom=f"{CUSTOM}\n\n{CUSTOM}\n")  # blank and repeated lines drop
@@ -244,6 +245,7 @@ def test_evaluate_base_polled_to_done_radar_equals_metrics(compare_app):
     assert "not yours" in message
 
 
+@pytest.mark.e2e
 def test_cancelling_twice_says_so_and_keeps_the_run(compare_app):
     client, key = _client(compare_app), new_browser_key()
     assert "no evaluation selected" in client.predict([], key, api_name="/evaluate_cancel")[0]

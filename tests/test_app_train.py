@@ -58,6 +58,7 @@ def _wait(client, run_id, key, until, timeout=240.0) -> dict:
         time.sleep(0.5)
 
 
+@pytest.mark.e2e
 def test_start_poll_cancel_resume_finish_download(train_app):
     client, key = _client(train_app), new_browser_key()
     run_id = _run_id(_start(client, key))

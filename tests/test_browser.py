@@ -26,6 +26,7 @@ SCREENSHOTS = Path(__file__).resolve().parent.parent / "assets" / "screenshots"
 
 pytestmark = [
     pytest.mark.browser,
+    pytest.mark.e2e,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
                                                      "(apt-get install -y chromium; CI installs it)"),
 ]

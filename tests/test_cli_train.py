@@ -57,6 +57,7 @@ def test_train_writes_a_run_folder_and_prints_it_last(inputs, tmp_path, capsys):
     assert json.loads((run / "config.json").read_text())["train"]["stage2"]["iterations"] == 4
 
 
+@pytest.mark.e2e
 def test_cancel_mid_run_then_resume_gives_the_same_weights(inputs, tmp_path, capsys, monkeypatch):
     assert cli.main(_args(inputs, tmp_path / "straight")) == 0
     straight = load_file(_last_line(capsys) / "trained_params.safetensors")
