@@ -53,7 +53,8 @@ TARGET = "recare.eval.run:run_evaluation_job"
 BASE = "base"  # the model list's value for the header's base model
 CHECKPOINT_KIND = "checkpoint"
 CHECKPOINT_NAMES = (models.TRAINED_PARAMS_FILE, models.OFFICIAL_UNET_FILE)
-ATTACK_CHOICES = tuple(a for a in ("erased", "cce", "adversarial", "completion", "noise") if a in eval_attacks.ATTACKS)
+ATTACK_CHOICES = tuple(a for a in ("erased", "cce", "ud", "adversarial", "completion", "noise") if a in eval_attacks.ATTACKS)
+DEFAULT_ATTACK_RUNS = 2   # runs of each learned attack (CCE, UnlearnDiff) a Compare evaluation makes
 TOKEN_ATTACKS = ("adversarial",)  # need the model's own learned tokens: skipped for models without them
 POLL_S = 2.0
 MAX_CUSTOM_PROMPTS, MAX_PROMPT_CHARS = 8, 300
@@ -101,6 +102,10 @@ def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
                 c["seeds"] = gr.Number(4, precision=0, label="Seeds per prompt", elem_id="compare-seeds")
                 c["care_images"] = gr.Number(2, precision=0, label="CARE images per prompt")
                 c["clip_count"] = gr.Number(8, precision=0, label="CLIP captions")
+                c["attack_runs"] = gr.Number(DEFAULT_ATTACK_RUNS, precision=0, label="Runs per learned attack",
+                                             info="CCE and UD (UnlearnDiff) are random: each runs this many times "
+                                                  "with its own seed; the tables show mean, worst and runs",
+                                             elem_id="compare-attack-runs")
             with gr.Row():
                 c["start"] = gr.Button("Evaluate", variant="primary", elem_id="compare-start")
                 c["cancel"] = gr.Button("Cancel", variant="stop", elem_id="compare-cancel")
@@ -154,9 +159,9 @@ def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
     grid_out = [c["grid_prompt"], c["grid"], c["grid_note"], c["grid_info"], c["view"]]
 
     def start(picked, task, target_prompt, care_prompts, attacks, seeds, care_images, clip_count, custom_prompts,
-              model_name, key, request: gr.Request):
+              model_name, attack_runs, key, request: gr.Request):
         return _start(ctx, (picked, task, target_prompt, care_prompts, attacks, seeds, care_images, clip_count,
-                            custom_prompts, model_name), key, request)
+                            custom_prompts, model_name, attack_runs), key, request)
 
     def poll(ids, key, concepts, view, request: gr.Request):
         return _poll(ctx, ids, key, concepts, view, request)
@@ -184,7 +189,7 @@ def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
 
     c["task"].change(_fill_task, [c["task"]], [c["target_prompt"], c["care_prompts"]], api_name=False,
                      show_progress="hidden")
-    c["start"].click(start, [*settings, ctx.model_name, owner], [c["message"], c["evaluations"], c["timer"]],
+    c["start"].click(start, [*settings, ctx.model_name, c["attack_runs"], owner], [c["message"], c["evaluations"], c["timer"]],
                      api_name="evaluate_start", concurrency_limit=4)
     c["timer"].tick(poll, poll_in, poll_out, api_name=False, show_progress="hidden").then(
         grid, grid_in, grid_out, api_name=False, show_progress="hidden")
@@ -358,6 +363,7 @@ class CompareSettings:
         seeds: images per attack and custom prompt; care_images: per CARE prompt; clip_count: CLIP captions.
         custom_prompts: extra prompts, made and judged, never scored.
         model_name: the header's base model.
+        attack_runs: runs of each learned attack (CCE, UnlearnDiff).
     """
 
     picked: tuple[str, ...]
@@ -370,10 +376,11 @@ class CompareSettings:
     clip_count: int
     custom_prompts: tuple[str, ...]
     model_name: str
+    attack_runs: int = DEFAULT_ATTACK_RUNS
 
     @classmethod
     def from_inputs(cls, picked, task, target_prompt, care_prompts, attacks, seeds, care_images, clip_count,
-                    custom_prompts, model_name) -> "CompareSettings":
+                    custom_prompts, model_name, attack_runs=DEFAULT_ATTACK_RUNS) -> "CompareSettings":
         """Check the form's raw values (ConfigError with what to fix)."""
         picked = tuple(p for p in (picked or []) if isinstance(p, str))
         if not picked:
@@ -387,7 +394,8 @@ class CompareSettings:
                    attacks=attacks, seeds=int(number(seeds, "seeds")),
                    care_images=int(number(care_images, "CARE images per prompt")),
                    clip_count=int(number(clip_count, "CLIP captions")), custom_prompts=tuple(_custom_prompts(
-                       custom_prompts)), model_name=base_model)
+                       custom_prompts)), model_name=base_model,
+                   attack_runs=int(number(attack_runs, "runs per learned attack")))
 
     def evaluation(self, model: str, unet: str | None, has_tokens: bool, device: str) -> EvaluationConfig:
         """The EvaluationConfig of one model (ConfigError when none of the attacks applies to it)."""
@@ -398,7 +406,7 @@ class CompareSettings:
         return EvaluationConfig(model=model, unet=unet, task=self.task if model == models.MINI_WORLD else None,
                                 target_prompt=self.target_prompt, care_prompts=self.care_prompts, attacks=attacks,
                                 seeds=self.seeds, care_images_per_prompt=self.care_images, clip_count=self.clip_count,
-                                extra_prompts=list(self.custom_prompts), device=device)
+                                extra_prompts=list(self.custom_prompts), attack_runs=self.attack_runs, device=device)
 
 
 def _has_tokens(weights: Path) -> bool:
