@@ -246,7 +246,7 @@ def test_two_processes_merge_to_the_single_process_records(tiny, first_run, tmp_
 
 def test_mini_world_settings_come_from_recare_json():
     from recare.eval.config import resolve_config
-    from recare.worldspec import mini_world_spec
+    from recare.worldspec import mini_world_spec, mini_world_tasks
 
     spec = mini_world_spec()["evaluation"]
     c = resolve_config(EvaluationConfig(task="van_gogh"))
@@ -255,7 +255,11 @@ def test_mini_world_settings_come_from_recare_json():
     assert c.care_prompts["stars"][0] == "a photo of stars" and c.encoder == "mini-world"
     assert c.clip_range == [spec["clip_range"]["floor"], spec["clip_range"]["ceiling"]]
     assert (c.seeds, c.cce_steps, c.cce_images, c.steps) == (spec["seeds"], spec["cce_steps"], 6, 25)
-    assert c.attacks == ["erased", "cce", "completion", "noise"] and c.reference_images == "world"
+    assert c.attacks == ["erased", "cce", "completion", "noise"] and c.reference_images == "base"
+    assert c.attack_runs == spec["attack_runs"] and (c.ud_timesteps, c.ud_iterations) == (
+        spec["ud"]["timesteps"], spec["ud"]["iterations"])
+    van_gogh = {t["name"]: t for t in mini_world_tasks()}["van_gogh"]
+    assert c.ud_prompts == van_gogh["ud_prompts"] and c.ud_k == 3
     assert resolve_config(c) == c   # resolving twice changes nothing (a resumed run compares them)
     paper = resolve_config(EvaluationConfig(model="CompVis/stable-diffusion-v1-4", target_prompt="A photo of a tench",
                                             target_concept="tench"))
