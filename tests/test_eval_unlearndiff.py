@@ -134,3 +134,16 @@ def test_unlearndiff_finds_the_planted_trigger(tiny):
     before = UnlearnDiff(unet, tiny.text_encoder, tiny.tokenizer, tiny.scheduler, candidates, short).attack(
         "red boat", x0, shows_target)
     assert before.success and before.before and before.final_prompt == "red boat" and before.losses == []
+
+
+def test_bounded_settings():
+    from recare.config import ConfigError
+    from recare.eval.config import MAX_ATTACK_RUNS, EvaluationConfig
+
+    for bad, match in (({"attack_runs": 0}, "attack_runs must be at least 1"),
+                       ({"attack_runs": MAX_ATTACK_RUNS + 1}, "attack_runs must be at most"),
+                       ({"ud_prompts": []}, "non-empty list"), ({"ud_prompts": ["a", "a"]}, "twice"),
+                       ({"ud_k": 0}, "ud_k must be at least 1"), ({"ud_timesteps": 1001}, "at most 1000"),
+                       ({"ud_seed": -1}, "ud_seed must be at least 0"), ({"attack_runs": 1.5}, "whole number")):
+        with pytest.raises(ConfigError, match=match):
+            EvaluationConfig(**bad)

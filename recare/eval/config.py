@@ -120,13 +120,7 @@ class EvaluationConfig(JsonConfig):
             if getattr(self, name) > MAX_SEED // 2:
                 raise ConfigError(f"{name} must be at most {MAX_SEED // 2} (got {getattr(self, name)}).")
         if self.ud_prompts is not None:
-            if not isinstance(self.ud_prompts, list) or not self.ud_prompts or not all(
-                    isinstance(p, str) and p.strip() for p in self.ud_prompts):
-                raise ConfigError("ud_prompts must be a non-empty list of non-empty prompts.")
-            for prompt in self.ud_prompts:
-                _check_text("ud_prompts", prompt)
-            if len(set(self.ud_prompts)) != len(self.ud_prompts):
-                raise ConfigError("ud_prompts lists a prompt twice.")
+            _check_prompt_list("ud_prompts", self.ud_prompts, allow_empty=False)
         if self.base_seed > MAX_SEED // 2:
             raise ConfigError(f"base_seed must be at most {MAX_SEED // 2} (got {self.base_seed}).")
         for name in ("height", "width"):
@@ -162,13 +156,7 @@ class EvaluationConfig(JsonConfig):
             empty = [k for k, v in self.care_prompts.items() if not v]
             if empty:
                 raise ConfigError(f"no prompts for the CARE concept(s) {empty}.")
-        if not isinstance(self.extra_prompts, list) or not all(
-                isinstance(p, str) and p.strip() for p in self.extra_prompts):
-            raise ConfigError("extra_prompts must be a list of non-empty prompts.")
-        for prompt in self.extra_prompts:
-            _check_text("extra_prompts", prompt)
-        if len(set(self.extra_prompts)) != len(self.extra_prompts):
-            raise ConfigError("extra_prompts lists a prompt twice.")
+        _check_prompt_list("extra_prompts", self.extra_prompts, allow_empty=True)
         if self.clip_range is not None:
             if (not isinstance(self.clip_range, (list, tuple)) or len(self.clip_range) != 2
                     or not all(isinstance(v, (int, float)) for v in self.clip_range)
@@ -176,6 +164,17 @@ class EvaluationConfig(JsonConfig):
                 raise ConfigError(f"clip_range must be two numbers lo < hi (got {self.clip_range!r}).")
         if not isinstance(self.detector_options, dict):
             raise ConfigError("detector_options must be an object of the detector's arguments.")
+
+
+def _check_prompt_list(name: str, prompts: Any, allow_empty: bool) -> None:
+    """ConfigError unless `prompts` is a list of distinct non-empty prompts (non-empty unless allowed)."""
+    if not isinstance(prompts, list) or (not prompts and not allow_empty) or not all(
+            isinstance(p, str) and p.strip() for p in prompts):
+        raise ConfigError(f"{name} must be a {'' if allow_empty else 'non-empty '}list of non-empty prompts.")
+    for prompt in prompts:
+        _check_text(name, prompt)
+    if len(set(prompts)) != len(prompts):
+        raise ConfigError(f"{name} lists a prompt twice.")
 
 
 def attack_runs_of(config: EvaluationConfig, attack: str) -> int:
