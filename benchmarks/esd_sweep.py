@@ -93,6 +93,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=64)
     parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--measure", type=Path, action="append", default=[], metavar="RUN",
+                        help="also measure a finished training run folder (e.g. the CLI's `recare train --method esd`)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -119,6 +121,10 @@ def main(argv=None) -> int:
     print(table([], base), flush=True)
     inputs = task_inputs(runs, task, pipe, task_train_config(task, "recare", spec).num_images)
     rows = []
+    for folder in args.measure:
+        folder = folder.expanduser().resolve()
+        rows.append({"label": folder.name[-22:], "run": str(folder), **measure(ev, folder.name, folder, task, encoder, cache)})
+        print(f"\n{time.strftime('%H:%M:%S')} (load {os.getloadavg()[0]:.1f})\n" + table(rows, base), flush=True)
     for iterations, lr in parse_points(args.points):
         fields = {"device": "cpu"}
         if args.train_method:
