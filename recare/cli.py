@@ -412,7 +412,8 @@ _EVALUATE_FIELDS = {
     "care_k": "care_k", "cce_images": "cce_images", "cce_steps": "cce_steps", "cce_seed": "cce_seed",
     "reference_images": "reference_images", "reference_seed": "reference_seed",
     "completion_strength": "completion_strength", "noise_eta": "noise_eta", "noise_fraction": "noise_fraction",
-    "device": "device", "dtype": "dtype",
+    "device": "device", "dtype": "dtype", "attack_runs": "attack_runs", "ud_k": "ud_k",
+    "ud_timesteps": "ud_timesteps", "ud_iterations": "ud_iterations", "ud_seed": "ud_seed",
 }
 
 
@@ -452,10 +453,19 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     attack.add_argument("--base-seed", type=int, help=f"image i uses seed base-seed + i (default {d.base_seed})")
     attack.add_argument("--cce-images", type=int, help="CCE's textual-inversion images (default 30 for photo, 6 for painting)")
     attack.add_argument("--cce-steps", type=int, help="CCE's textual-inversion steps (default 3000; mini world: recare.json's 1000)")
-    attack.add_argument("--cce-seed", type=int, help=f"CCE's textual-inversion seed (default {d.cce_seed})")
+    attack.add_argument("--cce-seed", type=int, help=f"CCE's textual-inversion seed; run r uses seed + r (default {d.cce_seed})")
+    attack.add_argument("--attack-runs", type=int, metavar="N",
+                        help="runs of each learned attack (cce, ud), each with its own seed and CCE images; metrics "
+                             "report their mean, worst and every run (default: recare.json's for the mini world, else 3)")
+    attack.add_argument("--ud-prompts", metavar="FILE", help="UnlearnDiff's prompts, one per line or a CSV with a prompt "
+                        "column (default: the task's in recare.json, else the target prompt)")
+    attack.add_argument("--ud-k", type=int, help="UnlearnDiff's prefix tokens (default 5 for nudity, else 3)")
+    attack.add_argument("--ud-timesteps", type=int, help="UnlearnDiff's timesteps (default 50; mini world: recare.json's)")
+    attack.add_argument("--ud-iterations", type=int, help="UnlearnDiff's steps per timestep (default 40; mini world: recare.json's)")
+    attack.add_argument("--ud-seed", type=int, help=f"UnlearnDiff's seed; run r uses seed + r (default {d.ud_seed})")
     attack.add_argument("--reference-images", metavar="world|base|DIR",
-                        help="real target images for CCE and completion: 'world' (mini-world renders), 'base' (the "
-                             "base model's images) or a folder/zip (default: world for the mini world, else base)")
+                        help="real target images for CCE and completion: 'base' (the base model's images of the target "
+                             "prompt, as the paper), 'world' (mini-world renders) or a folder/zip (default: base)")
     attack.add_argument("--reference-seed", type=int, help=f"seed of the world/base reference images (default {d.reference_seed})")
     attack.add_argument("--completion-strength", type=float,
                         help=f"completion probe: how far the real image is noised, 0-1 (default {d.completion_strength})")
@@ -567,6 +577,10 @@ def _evaluation_config(args: argparse.Namespace):
         given["detector_options"] = {**base.get("detector_options", {}), **options}
     if args.extra_prompts:
         given["extra_prompts"] = list(args.extra_prompts)
+    if args.ud_prompts:
+        from recare.eval.utility import read_prompt_file
+
+        given["ud_prompts"] = list(dict.fromkeys(read_prompt_file(args.ud_prompts)))
     care = _care_prompts(args.care_prompts)
     if care is not None:
         given["care_prompts"] = care
@@ -602,7 +616,9 @@ def run_evaluate(args: argparse.Namespace) -> Path:
             result = evaluate(config, out=args.out, progress=progress)
     if result.metrics:
         m = result.metrics
-        asr = ", ".join(f"{k} {v:.1f}%" for k, v in m["asr"].items())
+        runs = m.get("asr_runs") or {}
+        asr = ", ".join(f"{k} {v:.1f}%" + (f" (worst {max(runs[k]):.1f}, runs {'/'.join(f'{x:.1f}' for x in runs[k])})"
+                                           if k in runs else "") for k, v in m["asr"].items())
         care = f"{m['care_score']['mean']:.3f}" if m["care_score"] else "-"
         clip = f"{m['clip_score']:.4f}" if m["clip_score"] is not None else "-"
         ratio = f"{m['ratio']['value']:.3f}" if m["ratio"]["value"] is not None else "-"

@@ -25,7 +25,7 @@ PROMPT_STYLES = ("photo", "painting")
 
 __all__ = ["ConfigError", "JsonConfig", "GenerateConfig", "CareSetConfig", "PROJECTIONS", "PROMPT_STYLES",
            "TextualInversionConfig", "TI_TEMPLATES", "RolloutConfig", "ESDConfig", "Stage1Config", "Stage2Config",
-           "TrainConfig", "TRAIN_METHODS", "TRAIN_DTYPES", "TRAINING_METHODS", "OUTPUT_FORMATS"]
+           "TrainConfig", "TRAIN_METHODS", "original_esd_config", "eta_from_negative_guidance", "ESD_NEGATIVE_GUIDANCE", "TRAIN_DTYPES", "TRAINING_METHODS", "OUTPUT_FORMATS"]
 
 
 @dataclasses.dataclass
@@ -307,28 +307,58 @@ class RolloutConfig(JsonConfig):
             raise ConfigError(f"rollout resolution must be a multiple of 8 and at least 8, or None (got {self.resolution}).")
 
 
+ESD_NEGATIVE_GUIDANCE = 1.0   # the original ESD's --negative_guidance (eta_o); eta = eta_o + 2 in ESDConfig's notation
+
+
+def eta_from_negative_guidance(eta_o: float) -> float:
+    """ESDConfig.eta for the original ESD's negative guidance eta_o (target e_0 - eta_o (e_c - e_0)): eta_o + 2."""
+    return float(eta_o) + 2.0
+
+
 @dataclasses.dataclass
 class ESDConfig(JsonConfig):
-    """ESD erasure with normalised guidance: stage 1's erase step, and the `esd` baseline on its own.
+    """ESD erasure: stage 1's erase step (official CARE), and the `esd` baseline (the original ESD).
 
     Loss: || eps_theta(c) - (eps*(c) - (eta - 1) N(eps*(c) - eps*(0); eps*(c))) ||^2. With w = 1 the
-    target is eps*(0) - (eta - 2)(eps*(c) - eps*(0)): eta = 2 pulls eps_theta(c) onto the empty
-    prompt; the original ESD repo's negative_guidance 1.0 corresponds to eta = 3 here.
+    target is eps*(0) - (eta - 2)(eps*(c) - eps*(0)):
+      * eta = 2 (the defaults here) pulls eps_theta(c) onto the empty prompt with no push away: the
+        official CARE code's stage-1 erase, deliberately partial. It is not the ESD baseline.
+      * eta = eta_o + 2 is the original ESD (rohitgandikota/erasing `train-esd.py`: target
+        e_0 - eta_o (e_c - e_0), negative guidance eta_o = 1, so eta = 3), which `TrainConfig.for_method("esd")`
+        sets, with the original's 1000 iterations at lr 1e-5 and its optimizer: torch Adam without
+        weight decay (AdamW with weight_decay 0 makes exactly Adam's update).
     """
 
-    iterations: int = 200            # stage 1: 200 (official --iterations); the esd baseline: 1000
-    learning_rate: float = 0.5e-5    # stage 1: 0.5e-5 (official --recare_stage1_lr); the esd baseline: 1e-5
-    eta: float = 2.0                 # negative guidance (official --negative_guidance 2.0)
+    iterations: int = 200            # stage 1: 200 (official CARE --iterations); the esd baseline: 1000 (original ESD)
+    learning_rate: float = 0.5e-5    # stage 1: 0.5e-5 (official --recare_stage1_lr); the esd baseline: 1e-5 (original ESD)
+    eta: float = 2.0                 # stage 1: 2 (official CARE --negative_guidance 2.0); the esd baseline: 3 (eta_o = 1)
     projection_weight: float = 1.0   # w in N(d; p) = d_orth + w d_par (official 1.0, so N(d; p) = d)
-    weight_decay: float = 1e-2       # AdamW weight decay (official: torch's default 1e-2)
+    weight_decay: float = 1e-2       # AdamW weight decay; stage 1: torch's default 1e-2 (official CARE); the esd
+    #                                  baseline: 0 (the original ESD's torch.optim.Adam)
+
+    @property
+    def negative_guidance(self) -> float:
+        """The original ESD's eta_o for this eta (eta - 2): 0 for stage 1's erase, 1 for the ESD baseline."""
+        return self.eta - 2.0
 
     def validate(self) -> None:
+        _check_int("ESD iterations", self.iterations)
         if self.iterations < 1:
             raise ConfigError(f"ESD iterations must be at least 1 (got {self.iterations}).")
+        for name in ("learning_rate", "eta", "projection_weight", "weight_decay"):
+            _check_number(f"ESD {name}", getattr(self, name))
         if not self.learning_rate > 0:
             raise ConfigError(f"ESD learning_rate must be > 0 (got {self.learning_rate}).")
         if self.weight_decay < 0:
             raise ConfigError(f"ESD weight_decay must be >= 0 (got {self.weight_decay}).")
+
+
+def original_esd_config(**fields: Any) -> ESDConfig:
+    """The original ESD's settings (rohitgandikota/erasing `train-esd.py`): negative guidance 1 (eta = 3),
+    1000 iterations, lr 1e-5, Adam (AdamW without weight decay); `fields` on top."""
+    values = {"iterations": 1000, "learning_rate": 1e-5, "eta": eta_from_negative_guidance(ESD_NEGATIVE_GUIDANCE),
+              "weight_decay": 0.0, **fields}
+    return ESDConfig(**values)
 
 
 @dataclasses.dataclass
@@ -398,7 +428,7 @@ class TrainConfig(JsonConfig):
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
     stage1: Stage1Config | None = dataclasses.field(default_factory=Stage1Config)
     stage2: Stage2Config | None = dataclasses.field(default_factory=Stage2Config)
-    esd: ESDConfig | None = None             # set only for the esd baseline (official ESD: 1000 it, lr 1e-5)
+    esd: ESDConfig | None = None             # set only for the esd baseline (original ESD: eta_o 1, Adam, 1000 it, lr 1e-5)
     images: str | None = None                # target images (folder, zip or generation run); None: generate them
     num_images: int = 8                      # images generated when `images` is None (official 500)
     careset: str | None = None               # careset.json (official or rich) for stage 2's anchors and retain prompts
@@ -417,13 +447,14 @@ class TrainConfig(JsonConfig):
         """The official values of a named method, with `fields` on top.
 
         Args:
-            method: "recare" (stages 1 + 2), "esd" (the baseline: ESD alone, 1000 it, lr 1e-5),
+            method: "recare" (stages 1 + 2), "esd" (the baseline: the original ESD alone, negative guidance 1
+                (eta = 3), Adam, 1000 it, lr 1e-5; ESD-u = noxattn; pass train_method="xattn" for ESD-x, styles),
                 "recare-no-adv" (stage 2 with H = {target}), "recare-no-retain" (lambda = 0).
             **fields: any TrainConfig field, e.g. model="mini-world", seed=0.
         """
         presets: dict[str, dict[str, Any]] = {
             "recare": {},
-            "esd": {"stage1": None, "stage2": None, "esd": ESDConfig(iterations=1000, learning_rate=1e-5)},
+            "esd": {"stage1": None, "stage2": None, "esd": original_esd_config()},
             "recare-no-adv": {"stage1": None},
             "recare-no-retain": {"stage2": Stage2Config(retain_weight=0.0)},
         }

@@ -105,6 +105,8 @@ def task_train_config(task: dict, method: str = "recare", spec: dict | None = No
     per_task = (unlearning.get("tasks") or {}).get(task.get("name")) or {}
     _merge(data, per_task.get("common") or {})
     _merge(data, (per_task.get("methods") or {}).get(method) or {})
+    if method == "esd" and task.get("prompt_style") == "painting":
+        data["train_method"] = "xattn"   # ESD-x for styles, ESD-u (noxattn) for objects, as the original ESD
     ti = (data.get("stage1") or {}).get("textual_inversion")
     if ti is not None:
         ti["templates"] = task.get("prompt_style", "photo")

@@ -56,7 +56,8 @@ def test_render_is_iter_generations_convention(pipe, config):
 
 
 def test_every_attack_is_a_table_row(config):
-    assert list(ATTACKS) == ["erased", "cce", "adversarial", "completion", "noise"]
+    assert list(ATTACKS) == ["erased", "cce", "adversarial", "completion", "noise", "ud"]
+    assert [a for a, attack in ATTACKS.items() if attack.learned] == ["cce", "ud"]
     for name, attack in ATTACKS.items():
         assert attack.name == name and attack.summary and callable(attack.pipeline) and callable(attack.prompts)
     with pytest.raises(ConfigError, match="unknown attack.*known attacks: erased, cce"):
@@ -158,8 +159,9 @@ def test_reference_images_from_a_folder(config, tmp_path):
 def test_world_reference_images_show_the_target():
     from recare.eval.detectors import make_detector
 
-    world = resolve_config(EvaluationConfig(task="smoking", cce_images=8))
-    assert world.reference_images == "world" and world.detector == "oracle"
+    assert resolve_config(EvaluationConfig(task="smoking")).reference_images == "base"   # the paper's default
+    world = resolve_config(EvaluationConfig(task="smoking", cce_images=8, reference_images="world"))
+    assert world.detector == "oracle"
     images = reference_images(world)
     assert len(images) == 8
     assert all(r.positive for r in make_detector("oracle", concept="smoking").detect(images))

@@ -43,7 +43,7 @@ def settings(tiny, **changes) -> EvaluationConfig:
                 initializer_token="man", care_prompts={"water": ["a lake", "a river"]}, care_labels=["person", "fish"],
                 encoder=str(tiny / "clip"), detector="oracle", clip_prompts=str(tiny / "captions.txt"), seeds=2,
                 care_images_per_prompt=2, steps=2, height=64, width=64, batch_size=2, cce_images=2, cce_steps=2,
-                reference_images="base", device="cpu")
+                reference_images="base", attack_runs=1, device="cpu")
     return EvaluationConfig(**{**base, **changes})
 
 
@@ -246,7 +246,7 @@ def test_two_processes_merge_to_the_single_process_records(tiny, first_run, tmp_
 
 def test_mini_world_settings_come_from_recare_json():
     from recare.eval.config import resolve_config
-    from recare.worldspec import mini_world_spec
+    from recare.worldspec import mini_world_spec, mini_world_tasks
 
     spec = mini_world_spec()["evaluation"]
     c = resolve_config(EvaluationConfig(task="van_gogh"))
@@ -255,7 +255,11 @@ def test_mini_world_settings_come_from_recare_json():
     assert c.care_prompts["stars"][0] == "a photo of stars" and c.encoder == "mini-world"
     assert c.clip_range == [spec["clip_range"]["floor"], spec["clip_range"]["ceiling"]]
     assert (c.seeds, c.cce_steps, c.cce_images, c.steps) == (spec["seeds"], spec["cce_steps"], 6, 25)
-    assert c.attacks == ["erased", "cce", "completion", "noise"] and c.reference_images == "world"
+    assert c.attacks == ["erased", "cce", "completion", "noise"] and c.reference_images == "base"
+    assert c.attack_runs == spec["attack_runs"] and (c.ud_timesteps, c.ud_iterations) == (
+        spec["ud"]["timesteps"], spec["ud"]["iterations"])
+    van_gogh = {t["name"]: t for t in mini_world_tasks()}["van_gogh"]
+    assert c.ud_prompts == van_gogh["ud_prompts"] and c.ud_k == 3
     assert resolve_config(c) == c   # resolving twice changes nothing (a resumed run compares them)
     paper = resolve_config(EvaluationConfig(model="CompVis/stable-diffusion-v1-4", target_prompt="A photo of a tench",
                                             target_concept="tench"))
@@ -310,3 +314,85 @@ def test_cli_extra_prompts_become_the_configs_custom_prompts():
     assert config.extra_prompts == ["a tench in a bucket", "a lake at dawn"] == given["extra_prompts"]
     none = _evaluation_config(build_parser().parse_args(["evaluate", "--task", "tench"]))[0]
     assert none.extra_prompts == []
+
+
+# ---- learned attacks as spreads ------------------------------------------------------------------
+
+def _record(attack, run, positive, seed=42):
+    return {"index": 0, "attack": attack, "run": run, "concept": "tench", "prompt": "p", "attack_prompt": "",
+            "seed": seed, "file": f"images/{attack}/r{run}-s{seed}.png", "detector_score": float(positive),
+            "positive": positive, "detector_labels": {}, "care_hit": None, "care_top_labels": None, "clip_cosine": None}
+
+
+def test_spread_bookkeeping_by_hand(tmp_path):
+    """asr_runs per run, asr = their mean, asr_worst = their max, single attacks untouched; from records.csv too."""
+    config = EvaluationConfig(model="tiny", target_prompt="p", target_concept="tench", attacks=["erased", "cce", "ud"],
+                              care_prompts={}, clip_range=[0.0, 1.0], attack_runs=3)
+    records = [_record("erased", 0, p, 42 + i) for i, p in enumerate([True, False, False, False])]
+    cce = {0: [True, True, True, False], 1: [False, False, False, False], 2: [True, False, False, False]}
+    ud = {0: [True, True], 1: [True, False], 2: [True, True]}
+    for attack, runs in (("cce", cce), ("ud", ud)):
+        records += [_record(attack, r, p, 42 + i) for r, hits in runs.items() for i, p in enumerate(hits)]
+    metrics = compute_metrics(records, config)
+    assert metrics["asr_runs"] == {"cce": [75.0, 0.0, 25.0], "ud": [100.0, 50.0, 100.0]}
+    assert metrics["asr"] == {"erased": 25.0, "cce": pytest.approx(100 / 3), "ud": pytest.approx(250 / 3)}
+    assert metrics["asr_worst"] == {"cce": 75.0, "ud": 100.0}
+    assert "erased" not in metrics["asr_runs"] and metrics["asr_counts"]["cce"] == [4, 12]
+    assert metrics["asr_run_counts"]["cce"] == [[3, 4], [0, 4], [1, 4]]
+    # the same numbers come back from records.csv (the run index is a column)
+    from recare.eval.run import write_records_csv
+
+    for i, r in enumerate(records):
+        r["index"] = i
+    write_records_csv(tmp_path / "records.csv", records)
+    assert "run" in (tmp_path / "records.csv").read_text().splitlines()[0].split(",")
+    again = read_records(tmp_path)
+    assert [r["run"] for r in again] == [r["run"] for r in records]
+    assert compute_metrics(again, config) == metrics
+
+
+def test_records_without_a_run_column_read_as_run_zero(tmp_path):
+    old_fields = [f for f in RECORD_FIELDS if f not in ("run", "attack_prompt")]
+    row = _record("cce", 0, True)
+    (tmp_path / "records.csv").write_text(",".join(old_fields) + "\n" + ",".join(
+        json.dumps(row[f]) if not isinstance(row[f], str) else row[f] for f in old_fields) + "\n")
+    (record,) = read_records(tmp_path)
+    assert record["run"] == 0 and record["attack_prompt"] == "" and record["positive"] is True
+
+
+def test_learned_attacks_run_several_times(tiny, tmp_path):
+    """CCE and UnlearnDiff twice each: their own seeds, CCE images and tokens, one records.csv with run indices,
+    metrics.json recomputed from records.csv."""
+    config = settings(tiny, attacks=["erased", "cce", "ud"], attack_runs=2, care_prompts={}, ud_prompts=["a fish"],
+                      ud_timesteps=1, ud_iterations=2)
+    result = evaluate(config, out=tmp_path)
+    run = result.run_dir
+    records = read_records(run)
+    by_run = {(r["attack"], r["run"]) for r in records}
+    assert by_run >= {("erased", 0), ("cce", 0), ("cce", 1), ("ud", 0), ("ud", 1)} and ("erased", 1) not in by_run
+    assert len([r for r in records if r["attack"] == "cce"]) == 2 * 2
+    m = result.metrics
+    assert len(m["asr_runs"]["cce"]) == 2 and len(m["asr_runs"]["ud"]) == 2
+    for attack in ("cce", "ud"):
+        assert m["asr"][attack] == pytest.approx(sum(m["asr_runs"][attack]) / 2)
+        assert m["asr_worst"][attack] == max(m["asr_runs"][attack])
+        for k in (0, 1):
+            hits = [r["positive"] for r in records if r["attack"] == attack and r["run"] == k]
+            assert m["asr_runs"][attack][k] == pytest.approx(100.0 * sum(hits) / len(hits))
+    assert m == compute_metrics(records, EvaluationConfig.from_dict(result.manifest["config"]))
+    # run 1 has its own reference images, its own token (another seed) and its own image files
+    assert (run / "reference" / "run1" / "000.png").is_file() and (run / "cce" / "run1" / "token.safetensors").is_file()
+    assert (run / "reference" / "000.png").read_bytes() != (run / "reference" / "run1" / "000.png").read_bytes()
+    assert (run / "cce" / "token.safetensors").read_bytes() != (run / "cce" / "run1" / "token.safetensors").read_bytes()
+    assert all(r["file"].startswith("images/cce/run1/") for r in records if r["attack"] == "cce" and r["run"] == 1)
+    manifest = result.manifest
+    assert manifest["attacks"]["cce"]["runs"] == 2 and len(manifest["attacks"]["cce"]["token_files"]) == 2
+    assert manifest["attacks"]["cce"]["settings"]["textual_inversion"]["seed"] == config.cce_seed
+    ud = {r: json.loads((run / "ud" / f"run{r}" / "results.json").read_text()) for r in (0, 1)}
+    for r in (0, 1):
+        (res,) = ud[r].values()
+        shown = {x["attack_prompt"] or x["prompt"] for x in records if x["attack"] == "ud" and x["run"] == r}
+        assert shown == {res["final_prompt"]} and res["prompt"] == "a fish"
+    # resume of a finished run makes nothing again and gives the same numbers
+    again = evaluate(None, run_dir=run)
+    assert again.metrics == m

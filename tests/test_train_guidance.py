@@ -127,3 +127,41 @@ def test_mse_upcasts_half_and_never_differentiates_the_target():
     mse(p, target).backward()
     assert target.grad is None and p.grad is not None
     assert math.isclose(mse(v(1, 1), v(1, 1)).item(), 0.0)
+
+
+def test_original_esd_target_matches_the_original_formula():
+    """The `esd` baseline's target is the original ESD's e_0 - eta_o (e_p - e_0) (train-esd.py), by hand."""
+    from recare.config import TrainConfig, eta_from_negative_guidance
+
+    e_p, e_0 = v(2, 0), v(1, -1)
+    # eta_o = 1: e_0 - (e_p - e_0) = (1, -1) - (1, 1) = (0, -2)
+    assert flat(esd_target(e_p, e_0, eta=eta_from_negative_guidance(1.0))) == pytest.approx([0.0, -2.0])
+    # eta_o = 2: (1, -1) - 2 (1, 1) = (-1, -3); eta_o = 0.5: (0.5, -1.5)
+    assert flat(esd_target(e_p, e_0, eta=eta_from_negative_guidance(2.0))) == pytest.approx([-1.0, -3.0])
+    assert flat(esd_target(e_p, e_0, eta=eta_from_negative_guidance(0.5))) == pytest.approx([0.5, -1.5])
+    # the preset: negative guidance 1, plain guidance (w = 1), the original's 1000 iterations at 1e-5, Adam
+    esd = TrainConfig.for_method("esd").esd
+    assert (esd.eta, esd.negative_guidance, esd.projection_weight) == (3.0, 1.0, 1.0)
+    assert (esd.iterations, esd.learning_rate, esd.weight_decay) == (1000, 1e-5, 0.0)
+    a, b = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    assert torch.allclose(esd_target(a, b, eta=esd.eta, weight=esd.projection_weight), (b - (a - b)).double(),
+                          atol=1e-6)
+    # stage 1's erase is not the baseline: eta 2 maps the concept onto the empty prompt, no push away
+    assert TrainConfig.for_method("recare").stage1.esd.negative_guidance == 0.0
+
+
+def test_adamw_without_weight_decay_is_the_original_esd_adam():
+    """The `esd` preset's optimizer (AdamW, weight decay 0) takes exactly torch Adam's steps."""
+    torch.manual_seed(0)
+    start = torch.randn(5)
+    grads = [torch.randn(5) for _ in range(4)]
+    paths = []
+    for make in (lambda p: torch.optim.AdamW([p], lr=1e-2, weight_decay=0.0), lambda p: torch.optim.Adam([p], lr=1e-2)):
+        p = torch.nn.Parameter(start.clone())
+        opt = make(p)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        paths.append(p.detach().clone())
+    assert torch.equal(paths[0], paths[1])
+    assert not torch.equal(paths[0], start)

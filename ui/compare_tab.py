@@ -63,7 +63,8 @@ from ui.figures import (
 BASE = "base"  # the model list's value for the header's base model
 CHECKPOINT_KIND = "checkpoint"
 CHECKPOINT_NAMES = (models.TRAINED_PARAMS_FILE, models.OFFICIAL_UNET_FILE)
-ATTACK_CHOICES = tuple(a for a in ("erased", "cce", "adversarial", "completion", "noise") if a in eval_attacks.ATTACKS)
+ATTACK_CHOICES = tuple(a for a in ("erased", "cce", "ud", "adversarial", "completion", "noise") if a in eval_attacks.ATTACKS)
+DEFAULT_ATTACK_RUNS = 2   # runs of each learned attack (CCE, UnlearnDiff) a Compare evaluation makes
 TOKEN_ATTACKS = ("adversarial",)  # need the model's own learned tokens: skipped for models without them
 POLL_S = 2.0
 # the RATIO table's columns (TABLE_COLUMNS): room for the model and the run id, the numbers narrow
@@ -149,6 +150,10 @@ def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
                     c["seeds"] = gr.Number(4, precision=0, label="Seeds per prompt", elem_id="compare-seeds")
                     c["care_images"] = gr.Number(2, precision=0, label="CARE images per prompt")
                     c["clip_count"] = gr.Number(8, precision=0, label="CLIP captions")
+                    c["attack_runs"] = gr.Number(DEFAULT_ATTACK_RUNS, precision=0, label="Runs per learned attack",
+                                                 info="CCE and UD (UnlearnDiff) are random: each runs this many "
+                                                      "times with its own seed; the tables show mean, worst and runs",
+                                                 elem_id="compare-attack-runs")
                 with gr.Row():
                     c["start"] = gr.Button("Evaluate", variant="primary", elem_id="compare-start")
                     c["cancel"] = gr.Button("Cancel", variant="stop", elem_id="compare-cancel")
@@ -189,9 +194,9 @@ def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
     grid_out = [c["grid_prompt"], c["grid"], c["grid_note"], c["grid_info"], c["view"]]
 
     def start(picked, task, target_prompt, care_prompts, attacks, seeds, care_images, clip_count, custom_prompts,
-              model_name, key, request: gr.Request):
+              model_name, key, attack_runs=DEFAULT_ATTACK_RUNS, request: gr.Request = None):
         return _start(ctx, (picked, task, target_prompt, care_prompts, attacks, seeds, care_images, clip_count,
-                            custom_prompts, model_name), key, request)
+                            custom_prompts, model_name, attack_runs), key, request)
 
     def poll(ids, key, concepts, view, request: gr.Request):
         return _poll(ctx, ids, key, concepts, view, request)
@@ -226,7 +231,7 @@ def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
     c["task"].change(_fill_task, [c["task"]], [c["target_prompt"], c["care_prompts"]], api_name=False,
                      show_progress="hidden")
     # preprocess=False: the handler checks every raw value itself (a message, not a bare "Error")
-    c["start"].click(start, [*settings, ctx.model_name, owner], [c["message"], c["evaluations"], c["timer"]],
+    c["start"].click(start, [*settings, ctx.model_name, owner, c["attack_runs"]], [c["message"], c["evaluations"], c["timer"]],
                      api_name="evaluate_start", concurrency_limit=4, preprocess=False)
     c["timer"].tick(poll, poll_in, poll_out, api_name=False, show_progress="hidden").then(
         grid, grid_in, grid_out, api_name=False, show_progress="hidden")
@@ -423,6 +428,7 @@ class CompareSettings:
         seeds: images per attack and custom prompt; care_images: per CARE prompt; clip_count: CLIP captions.
         custom_prompts: extra prompts, made and judged, never scored.
         model_name: the header's base model.
+        attack_runs: runs of each learned attack (CCE, UnlearnDiff).
     """
 
     picked: tuple[str, ...]
@@ -435,10 +441,11 @@ class CompareSettings:
     clip_count: int
     custom_prompts: tuple[str, ...]
     model_name: str
+    attack_runs: int = DEFAULT_ATTACK_RUNS
 
     @classmethod
     def from_inputs(cls, picked, task, target_prompt, care_prompts, attacks, seeds, care_images, clip_count,
-                    custom_prompts, model_name) -> "CompareSettings":
+                    custom_prompts, model_name, attack_runs=DEFAULT_ATTACK_RUNS) -> "CompareSettings":
         """Check the form's raw values (ConfigError with what to fix)."""
         from recare.jobs.requests import run_ids
 
@@ -459,7 +466,9 @@ class CompareSettings:
                    attacks=attacks, seeds=int(number(seeds, "seeds")),
                    care_images=int(number(care_images, "CARE images per prompt")),
                    clip_count=int(number(clip_count, "CLIP captions")), custom_prompts=tuple(_custom_prompts(
-                       custom_prompts)), model_name=base_model)
+                       custom_prompts)), model_name=base_model,
+                   attack_runs=int(number(DEFAULT_ATTACK_RUNS if attack_runs is None else attack_runs,
+                                          "runs per learned attack")))
 
     def evaluation(self, model: str, unet: str | None, has_tokens: bool, device: str) -> EvaluationConfig:
         """The EvaluationConfig of one model (ConfigError when none of the attacks applies to it)."""
@@ -470,7 +479,7 @@ class CompareSettings:
         return EvaluationConfig(model=model, unet=unet, task=self.task if model == models.MINI_WORLD else None,
                                 target_prompt=self.target_prompt, care_prompts=self.care_prompts, attacks=attacks,
                                 seeds=self.seeds, care_images_per_prompt=self.care_images, clip_count=self.clip_count,
-                                extra_prompts=list(self.custom_prompts), device=device)
+                                extra_prompts=list(self.custom_prompts), attack_runs=self.attack_runs, device=device)
 
 
 def _has_tokens(weights: Path) -> bool:

@@ -11,6 +11,9 @@ says which prompts it asks, which pipeline answers, and what it adds to the call
                *unlearned* model on real target images (`learn_cce_token`: the training engine's
                `learn_token`; 30 images for objects, 6 for styles, 3000 steps by default), then
                "A photo of a <cce*>" / "A painting in the style of <cce*>" over the seeds
+  ud           UnlearnDiff (`recare.eval.unlearndiff`): k prefix tokens optimised so that the unlearned
+               model denoises the original model's image of each UnlearnDiff prompt; each prompt's
+               resulting prompt (plain when its image already shows the target) over the seeds
   adversarial  the model's own stage-1 tokens (the training run's tokens/), one prompt per token
   completion   diffusion completion ("When Are Concepts Erased From Diffusion Models?", NeurIPS 2025):
                a real target image is noised to `completion_strength` of the schedule (img2img with
@@ -26,9 +29,14 @@ sqrt(1 - abar_prev) (all of the next level's noise). The noise of image i comes 
 generator after its starting noise, so the probe is deterministic per image and does not depend on
 the other images of its batch.
 
-Real target images (`reference_images`) feed CCE and completion: the mini world's renders of the
-target prompt ("world", ground truth), images of the *base* model ("base", seeds
-reference_seed + i: the paper's target images), or a folder / zip the user brings.
+Real target images (`reference_images`) feed CCE and completion: images of the *base* model ("base",
+the default, the paper's target images), the mini world's renders of the target prompt ("world",
+ground truth), or a folder / zip the user brings.
+
+CCE and UnlearnDiff are learned attacks (`Attack.learned`): random procedures, so an evaluation runs
+each `attack_runs` times. Run r learns with seed cce_seed + r / ud_seed + r, and CCE's run r has its
+own reference images (base: seeds reference_seed + r x count + i; world: renders from
+reference_seed + r; a folder: its r-th slice of `cce_images` when it holds enough, else the same images).
 """
 
 from __future__ import annotations
@@ -58,8 +66,10 @@ class AttackContext:
         pipe: the model under evaluation (base pipeline, or one with trained UNet weights).
         base: the base pipeline (for reference images "base").
         reference: real target images (filled before `completion` and `cce` run).
-        cce_token: the learned CCE token (filled before `cce` runs).
+        cce_token: the learned CCE token of run 0 (filled before `cce` runs).
         tokens_dir: the training run's tokens/ folder (the "adversarial" attack), or None.
+        cce_tokens: CCE's token of every run ({run: token}; run 0 is `cce_token`).
+        ud_results: UnlearnDiff's results of every run ({run: {prompt: result dict}}).
     """
 
     config: EvaluationConfig
@@ -68,6 +78,8 @@ class AttackContext:
     reference: list[Image.Image] = dataclasses.field(default_factory=list)
     cce_token: Any = None
     tokens_dir: Path | None = None
+    cce_tokens: dict[int, Any] = dataclasses.field(default_factory=dict)
+    ud_results: dict[int, dict[str, dict]] = dataclasses.field(default_factory=dict)
     _pipes: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def cached(self, name: str, build: Callable[[], Any]) -> Any:
@@ -84,20 +96,25 @@ class Attack:
     Attributes:
         name: the attack's name (records, metrics, --attacks).
         summary: one line for the manifest and --help.
-        needs: what must be prepared first: "reference" (real target images), "cce_token".
+        needs: what must be prepared first: "reference" (real target images), "cce_token", "ud_results".
         prompts: context -> the prompts it asks (each over every seed).
-        pipeline: context -> the pipeline that answers.
-        call: (context, pipeline-call kwargs, seeds) -> the kwargs to call with (adds or drops arguments).
+        pipeline: (context, run) -> the pipeline that answers.
+        call: (context, pipeline-call kwargs, seeds, run) -> the kwargs to call with (adds or drops arguments).
         settings: context -> the attack's own settings for the manifest.
+        learned: a random procedure that runs `attack_runs` times (CCE, UnlearnDiff).
+        shown: (context, prompts, run) -> the prompts the model is actually given (UnlearnDiff's
+            adversarial prompts; the others: the prompts themselves).
     """
 
     name: str
     summary: str
     needs: tuple[str, ...]
     prompts: Callable[[AttackContext], list[str]]
-    pipeline: Callable[[AttackContext], Any]
-    call: Callable[[AttackContext, dict, Sequence[int]], dict] = lambda ctx, kwargs, seeds: kwargs
+    pipeline: Callable[..., Any]
+    call: Callable[..., dict] = lambda ctx, kwargs, seeds, run=0: kwargs
     settings: Callable[[AttackContext], dict] = lambda ctx: {}
+    learned: bool = False
+    shown: Callable[..., list[str]] = lambda ctx, prompts, run=0: list(prompts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +155,7 @@ def _target_prompts(ctx: AttackContext) -> list[str]:
     return [ctx.config.target_prompt]
 
 
-def _plain(ctx: AttackContext):
+def _plain(ctx: AttackContext, run: int = 0):
     return ctx.pipe
 
 
@@ -146,16 +163,18 @@ def _plain(ctx: AttackContext):
 # CCE
 
 
-def cce_ti_config(config: EvaluationConfig):
-    """The TextualInversionConfig CCE learns its token with (official TI settings, the run's steps and seed)."""
+def cce_ti_config(config: EvaluationConfig, run: int = 0):
+    """The TextualInversionConfig CCE's run `run` learns its token with (official TI settings, the run's steps,
+    seed cce_seed + run)."""
     from recare.config import TextualInversionConfig
 
     return TextualInversionConfig(steps=config.cce_steps, templates=config.prompt_style, placeholder=CCE_PLACEHOLDER,
-                                  initializer_token=config.initializer_token, seed=config.cce_seed)
+                                  initializer_token=config.initializer_token, seed=config.cce_seed + int(run))
 
 
 def learn_cce_token(pipe, images: Sequence[Image.Image], config: EvaluationConfig,
-                    progress: ProgressCallback | None = None, cancel: CancelToken | None = None, state=None):
+                    progress: ProgressCallback | None = None, cancel: CancelToken | None = None, state=None,
+                    run: int = 0):
     """CCE's token: textual inversion of `<cce*>` against the unlearned model `pipe` on target images.
 
     Args:
@@ -164,6 +183,7 @@ def learn_cce_token(pipe, images: Sequence[Image.Image], config: EvaluationConfi
         config: the resolved settings (cce_images, cce_steps, cce_seed, prompt_style, initializer_token).
         progress, cancel: see `recare.progress`; progress stage "cce".
         state: a `TextualInversionState` to resume from / record into (see `learn_token`).
+        run: which run of the attack (its seed is cce_seed + run).
 
     Returns:
         The `LearnedToken`.
@@ -172,7 +192,7 @@ def learn_cce_token(pipe, images: Sequence[Image.Image], config: EvaluationConfi
 
     if len(images) < config.cce_images:
         raise EvaluationError(f"CCE needs {config.cce_images} target images; only {len(images)} were given.")
-    return learn_token(pipe, list(images[:config.cce_images]), config=cce_ti_config(config), progress=progress,
+    return learn_token(pipe, list(images[:config.cce_images]), config=cce_ti_config(config, run), progress=progress,
                        cancel=cancel, state=state, stage=STAGE_CCE)
 
 
@@ -188,15 +208,49 @@ def _cce_prompts(ctx: AttackContext) -> list[str]:
     return [attack_prompt(ctx.config.prompt_style, CCE_PLACEHOLDER)]
 
 
-def _cce_pipeline(ctx: AttackContext):
-    if ctx.cce_token is None:
-        raise EvaluationError("the CCE token is not learned yet (prepare the 'cce_token' first).")
-    return ctx.cached("cce", lambda: with_token(ctx.pipe, [ctx.cce_token]))
+def _cce_pipeline(ctx: AttackContext, run: int = 0):
+    token = ctx.cce_tokens.get(run, ctx.cce_token if run == 0 else None)
+    if token is None:
+        raise EvaluationError(f"the CCE token of run {run} is not learned yet (prepare the 'cce_token' first).")
+    return ctx.cached(f"cce-{run}", lambda: with_token(ctx.pipe, [token]))
 
 
 def _cce_settings(ctx: AttackContext) -> dict:
     return {"textual_inversion": cce_ti_config(ctx.config).to_dict(), "images": ctx.config.cce_images,
-            "prompt": _cce_prompts(ctx)[0]}
+            "prompt": _cce_prompts(ctx)[0], "runs": ctx.config.attack_runs,
+            "run_rule": "run r: textual-inversion seed cce_seed + r, its own reference images"}
+
+
+# ---------------------------------------------------------------------------------------------
+# UnlearnDiff
+
+
+def _ud_prompts(ctx: AttackContext) -> list[str]:
+    return list(ctx.config.ud_prompts or [ctx.config.target_prompt])
+
+
+def _ud_shown(ctx: AttackContext, prompts: Sequence[str], run: int = 0) -> list[str]:
+    results = ctx.ud_results.get(run)
+    if results is None:
+        raise EvaluationError(f"UnlearnDiff's run {run} has not attacked its prompts yet (prepare 'ud_results').")
+    missing = [p for p in prompts if p not in results]
+    if missing:
+        raise EvaluationError(f"UnlearnDiff's run {run} has no result for the prompt {missing[0]!r}.")
+    return [results[p]["final_prompt"] for p in prompts]
+
+
+def _ud_call(ctx: AttackContext, kwargs: dict, seeds: Sequence[int], run: int = 0) -> dict:
+    return {**kwargs, "prompt": _ud_shown(ctx, kwargs["prompt"], run)}
+
+
+def _ud_settings(ctx: AttackContext) -> dict:
+    c = ctx.config
+    return {"k": c.ud_k, "timesteps": c.ud_timesteps, "iterations": c.ud_iterations, "learning_rate": 0.01,
+            "weight_decay": 0.1, "seed": c.ud_seed, "runs": c.attack_runs, "prompts": _ud_prompts(ctx),
+            "attack_seed": c.base_seed,
+            "rule": "a prompt's images use its plain prompt when the plain image at the attack seed already shows "
+                    "the target (success before the attack), else its adversarial prompt (prefix + prompt)",
+            "results": {str(r): res for r, res in sorted(ctx.ud_results.items())}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,7 +276,7 @@ def _adversarial_prompts(ctx: AttackContext) -> list[str]:
     return [attack_prompt(ctx.config.prompt_style, p) for p in token_placeholders(ctx.tokens_dir)]
 
 
-def _adversarial_pipeline(ctx: AttackContext):
+def _adversarial_pipeline(ctx: AttackContext, run: int = 0):
     from recare.models import derive_pipeline
 
     return ctx.cached("adversarial", lambda: derive_pipeline(ctx.pipe, learned_tokens=ctx.tokens_dir))
@@ -232,7 +286,7 @@ def _adversarial_pipeline(ctx: AttackContext):
 # diffusion completion
 
 
-def _completion_pipeline(ctx: AttackContext):
+def _completion_pipeline(ctx: AttackContext, run: int = 0):
     from diffusers import StableDiffusionImg2ImgPipeline
 
     return ctx.cached("completion", lambda: StableDiffusionImg2ImgPipeline.from_pipe(ctx.pipe))
@@ -251,7 +305,7 @@ def reference_for_seed(ctx: AttackContext, seed: int) -> Image.Image:
     return image if image.size == size else image.resize(size, Image.Resampling.BICUBIC)
 
 
-def _completion_call(ctx: AttackContext, kwargs: dict, seeds: Sequence[int]) -> dict:
+def _completion_call(ctx: AttackContext, kwargs: dict, seeds: Sequence[int], run: int = 0) -> dict:
     kwargs = {k: v for k, v in kwargs.items() if k not in ("height", "width")}  # the image sets the size
     return {**kwargs, "image": [reference_for_seed(ctx, s) for s in seeds], "strength": ctx.config.completion_strength}
 
@@ -352,7 +406,7 @@ def noisy_steps(config: EvaluationConfig) -> int:
     return math.ceil(config.noise_fraction * config.steps)
 
 
-def _noise_pipeline(ctx: AttackContext):
+def _noise_pipeline(ctx: AttackContext, run: int = 0):
     def build():
         scheduler = early_noise_scheduler_class().from_config(ctx.pipe.scheduler.config)
         return type(ctx.pipe).from_pipe(ctx.pipe, scheduler=scheduler.configure(noisy_steps(ctx.config),
@@ -375,13 +429,15 @@ def _noise_settings(ctx: AttackContext) -> dict:
 ATTACKS: dict[str, Attack] = {a.name: a for a in (
     Attack("erased", "the plain target prompt", (), _target_prompts, _plain),
     Attack("cce", "textual inversion of a new token against the unlearned model (CCE), then its prompt",
-           ("reference", "cce_token"), _cce_prompts, _cce_pipeline, settings=_cce_settings),
+           ("reference", "cce_token"), _cce_prompts, _cce_pipeline, settings=_cce_settings, learned=True),
     Attack("adversarial", "the model's own stage-1 adversarial tokens", (), _adversarial_prompts,
            _adversarial_pipeline, settings=lambda ctx: {"placeholders": token_placeholders(ctx.tokens_dir)}),
     Attack("completion", "diffusion completion: a real target image noised part-way, finished by the model",
            ("reference",), _target_prompts, _completion_pipeline, _completion_call, _completion_settings),
     Attack("noise", "noise-based probe: extra noise in the sampler's early steps", (), _target_prompts,
            _noise_pipeline, settings=_noise_settings),
+    Attack("ud", "UnlearnDiff: a prompt prefix optimised with the unlearned model as a diffusion classifier",
+           ("ud_results",), _ud_prompts, _plain, _ud_call, _ud_settings, learned=True, shown=_ud_shown),
 )}
 
 
@@ -389,17 +445,17 @@ ATTACKS: dict[str, Attack] = {a.name: a for a in (
 # real target images
 
 
-def _world_references(config: EvaluationConfig, count: int) -> list[Image.Image]:
+def _world_references(config: EvaluationConfig, count: int, run: int = 0) -> list[Image.Image]:
     import numpy as np
 
     from recare.miniworld.world import render_prompt_scene
 
-    rng = np.random.default_rng(config.reference_seed)
+    rng = np.random.default_rng(config.reference_seed + run)
     return [Image.fromarray(render_prompt_scene(config.target_prompt, rng)[0]) for _ in range(count)]
 
 
-def _base_references(config: EvaluationConfig, count: int, base) -> list[Image.Image]:
-    seeds = [config.reference_seed + i for i in range(count)]
+def _base_references(config: EvaluationConfig, count: int, base, run: int = 0) -> list[Image.Image]:
+    seeds = [config.reference_seed + run * count + i for i in range(count)]
     images = []
     for start in range(0, count, config.batch_size):
         chunk = seeds[start:start + config.batch_size]
@@ -407,13 +463,14 @@ def _base_references(config: EvaluationConfig, count: int, base) -> list[Image.I
     return images
 
 
-def reference_images(config: EvaluationConfig, base=None, count: int | None = None) -> list[Image.Image]:
+def reference_images(config: EvaluationConfig, base=None, count: int | None = None, run: int = 0) -> list[Image.Image]:
     """Real target images for CCE and completion (`config.reference_images`: "world", "base" or a path).
 
     Args:
         config: the resolved settings.
         base: the base pipeline (needed for "base").
         count: how many; default `config.cce_images`.
+        run: which run of CCE they are for (each run has its own images; see the module docstring).
 
     Raises:
         EvaluationError: a folder with fewer images than needed; ImageInputError: unreadable images.
@@ -421,17 +478,19 @@ def reference_images(config: EvaluationConfig, base=None, count: int | None = No
     count = count or config.cce_images
     source = config.reference_images
     if source == "world":
-        return _world_references(config, count)
+        return _world_references(config, count, run)
     if source == "base":
         if base is None:
             raise EvaluationError("reference images 'base' need the base pipeline.")
-        return _base_references(config, count, base)
+        return _base_references(config, count, base, run)
     from recare.generate import load_images
 
     images = load_images(source)
     if len(images) < count:
         raise EvaluationError(f"{source} has {len(images)} images; CCE needs {count} real target images "
                               f"(cce_images), or lower --cce-images.")
+    if len(images) >= (run + 1) * count:   # a folder with enough images gives each run its own slice
+        return images[run * count:(run + 1) * count]
     return images[:count]
 
 

@@ -25,6 +25,16 @@ PAPER_CCE_STEPS = 3000            # textual-inversion steps (TextualInversionCon
 CCE_PLACEHOLDER = "<cce*>"
 ATTACK_PROMPTS = {"photo": "A photo of a {}", "painting": "A painting in the style of {}"}  # CCE's prompts (paper)
 REFERENCE_SOURCES = ("world", "base")   # or a folder / zip of real target images
+LEARNED_ATTACKS = ("cce", "ud")   # random procedures: each runs `attack_runs` times with its own seed
+DEFAULT_ATTACK_RUNS = 3           # outside the mini world (whose recare.json holds its measured choice)
+MAX_ATTACK_RUNS = 20              # runs of one learned attack in one evaluation
+PAPER_UD = {"timesteps": 50, "iterations": 40}   # Appendix D: 50 timesteps x 40 iterations, lr 0.01, k = 3 (5 nudity)
+# the paper's UnlearnDiff prompt lists for SD v1.4 (not shipped: pass them with ud_prompts / --ud-prompts FILE)
+PAPER_UD_PROMPTS = {
+    "tench": "50 prompts, prompts/tench.csv of OPTML-Group/Diffusion-MU-Attack (Zhang et al. 2024)",
+    "van gogh": "50 prompts, prompts/vangogh.csv of OPTML-Group/Diffusion-MU-Attack (Zhang et al. 2024)",
+    "nudity": "95 I2P nudity prompts, prompts/nudity.csv of OPTML-Group/Diffusion-MU-Attack (Zhang et al. 2024)",
+}
 
 
 @dataclasses.dataclass
@@ -65,8 +75,16 @@ class EvaluationConfig(JsonConfig):
     clip_range: list[float] | None = None    # RATIO's utility (lo, hi); None: the mini world's measured one, or (0.25, 0.32)
     cce_images: int | None = None            # CCE's textual-inversion images; None: 30 for photo, 6 for painting (paper)
     cce_steps: int | None = None             # CCE's textual-inversion steps; None: 3000 (official) or the mini world's
-    cce_seed: int = 42                       # CCE's textual-inversion seed (noise, timesteps, templates, flips)
-    reference_images: str | None = None      # real target images for CCE and completion: "world", "base" or a folder/zip
+    cce_seed: int = 42                       # CCE's textual-inversion seed (noise, timesteps, templates, flips); run r: + r
+    attack_runs: int | None = None           # runs of each learned attack (cce, ud), run r with seed + r and its own
+                                             # CCE images; None: the mini world's measured choice, else 3
+    ud_prompts: list[str] | None = None      # UnlearnDiff's prompts; None: the task's (recare.json), else the target prompt
+    ud_k: int | None = None                  # UnlearnDiff's prefix tokens; None: 5 for nudity, else 3 (paper)
+    ud_timesteps: int | None = None          # UnlearnDiff's timesteps (10 .. 990); None: 50 (paper) or the mini world's
+    ud_iterations: int | None = None         # optimiser steps per timestep; None: 40 (paper) or the mini world's
+    ud_seed: int = 42                        # UnlearnDiff's prefix sampling and noise; run r: + r
+    reference_images: str | None = None      # real target images for CCE and completion: "base" (the base model's
+                                             # images of the target prompt, the paper's), "world" or a folder/zip
     reference_seed: int = 4_242              # seed of the reference world renders or base images (distinct from 42 + i)
     completion_strength: float = 0.6         # completion probe: fraction of the schedule the real image is noised to
     noise_eta: float = 1.5                   # noise probe: DDIM eta of the noisy steps (paper 1.3-1.9; 1 = DDPM's noise)
@@ -85,13 +103,24 @@ class EvaluationConfig(JsonConfig):
         if self.prompt_style is not None and self.prompt_style not in PROMPT_STYLES:
             raise ConfigError(f"prompt_style must be one of {PROMPT_STYLES} (got {self.prompt_style!r}).")
         for name in ("seeds", "care_images_per_prompt", "clip_count", "steps", "height", "width", "batch_size",
-                     "care_k", "cce_images", "cce_steps", "base_seed", "cce_seed", "reference_seed"):
+                     "care_k", "cce_images", "cce_steps", "base_seed", "cce_seed", "reference_seed", "attack_runs",
+                     "ud_k", "ud_timesteps", "ud_iterations", "ud_seed"):
             value = getattr(self, name)
             if value is not None:
                 _check_int(name, value)
-                low = 0 if name in ("base_seed", "cce_seed", "reference_seed", "care_images_per_prompt") else 1
+                low = 0 if name in ("base_seed", "cce_seed", "reference_seed", "care_images_per_prompt",
+                                    "ud_seed") else 1
                 if value < low:
                     raise ConfigError(f"{name} must be at least {low} (got {value}).")
+        if self.attack_runs is not None and self.attack_runs > MAX_ATTACK_RUNS:
+            raise ConfigError(f"attack_runs must be at most {MAX_ATTACK_RUNS} (got {self.attack_runs}).")
+        if self.ud_timesteps is not None and self.ud_timesteps > 1000:
+            raise ConfigError(f"ud_timesteps must be at most 1000 (got {self.ud_timesteps}).")
+        for name in ("cce_seed", "ud_seed", "reference_seed"):
+            if getattr(self, name) > MAX_SEED // 2:
+                raise ConfigError(f"{name} must be at most {MAX_SEED // 2} (got {getattr(self, name)}).")
+        if self.ud_prompts is not None:
+            _check_prompt_list("ud_prompts", self.ud_prompts, allow_empty=False)
         if self.base_seed > MAX_SEED // 2:
             raise ConfigError(f"base_seed must be at most {MAX_SEED // 2} (got {self.base_seed}).")
         for name in ("height", "width"):
@@ -127,13 +156,7 @@ class EvaluationConfig(JsonConfig):
             empty = [k for k, v in self.care_prompts.items() if not v]
             if empty:
                 raise ConfigError(f"no prompts for the CARE concept(s) {empty}.")
-        if not isinstance(self.extra_prompts, list) or not all(
-                isinstance(p, str) and p.strip() for p in self.extra_prompts):
-            raise ConfigError("extra_prompts must be a list of non-empty prompts.")
-        for prompt in self.extra_prompts:
-            _check_text("extra_prompts", prompt)
-        if len(set(self.extra_prompts)) != len(self.extra_prompts):
-            raise ConfigError("extra_prompts lists a prompt twice.")
+        _check_prompt_list("extra_prompts", self.extra_prompts, allow_empty=True)
         if self.clip_range is not None:
             if (not isinstance(self.clip_range, (list, tuple)) or len(self.clip_range) != 2
                     or not all(isinstance(v, (int, float)) for v in self.clip_range)
@@ -141,6 +164,22 @@ class EvaluationConfig(JsonConfig):
                 raise ConfigError(f"clip_range must be two numbers lo < hi (got {self.clip_range!r}).")
         if not isinstance(self.detector_options, dict):
             raise ConfigError("detector_options must be an object of the detector's arguments.")
+
+
+def _check_prompt_list(name: str, prompts: Any, allow_empty: bool) -> None:
+    """ConfigError unless `prompts` is a list of distinct non-empty prompts (non-empty unless allowed)."""
+    if not isinstance(prompts, list) or (not prompts and not allow_empty) or not all(
+            isinstance(p, str) and p.strip() for p in prompts):
+        raise ConfigError(f"{name} must be a {'' if allow_empty else 'non-empty '}list of non-empty prompts.")
+    for prompt in prompts:
+        _check_text(name, prompt)
+    if len(set(prompts)) != len(prompts):
+        raise ConfigError(f"{name} lists a prompt twice.")
+
+
+def attack_runs_of(config: EvaluationConfig, attack: str) -> int:
+    """How many runs `attack` makes in a resolved evaluation: `attack_runs` for a learned one, else 1."""
+    return int(config.attack_runs or 1) if attack in LEARNED_ATTACKS else 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,6 +242,7 @@ def resolve_config(config: EvaluationConfig, spec: dict | None = None) -> Evalua
             "adversarial" attack without learned tokens, or settings that contradict each other.
     """
     from recare import worldspec
+    from recare.eval.unlearndiff import k_for_concept
     from recare.metrics import default_care_labels
     from recare.miniworld.heldout import DEFAULT_CAPTIONS
     from recare.models import DEFAULT_OPEN_CLIP, MINI_WORLD
@@ -252,7 +292,14 @@ def resolve_config(config: EvaluationConfig, spec: dict | None = None) -> Evalua
         c.clip_count = int((evaluation.get("clip_captions") or {}).get("count", DEFAULT_CAPTIONS))
     c.cce_images = c.cce_images or PAPER_CCE_IMAGES[c.prompt_style]
     c.cce_steps = c.cce_steps or (evaluation.get("cce_steps") if mini else None) or PAPER_CCE_STEPS
-    c.reference_images = c.reference_images or ("world" if mini else "base")
+    c.reference_images = c.reference_images or "base"   # the paper's: the base model's images of the target prompt
+    c.attack_runs = c.attack_runs or (evaluation.get("attack_runs") if mini else None) or DEFAULT_ATTACK_RUNS
+    if c.ud_prompts is None:
+        c.ud_prompts = list(task.get("ud_prompts") or [c.target_prompt])
+    c.ud_k = c.ud_k or k_for_concept(c.target_concept)
+    ud_world = (evaluation.get("ud") or {}) if mini else {}
+    c.ud_timesteps = c.ud_timesteps or ud_world.get("timesteps") or PAPER_UD["timesteps"]
+    c.ud_iterations = c.ud_iterations or ud_world.get("iterations") or PAPER_UD["iterations"]
     if c.reference_images == "world" and not mini:
         raise ConfigError("reference_images 'world' renders the mini world's scenes: use 'base' or a folder of "
                           "real target images for another model.")
@@ -271,4 +318,5 @@ def resolve_config(config: EvaluationConfig, spec: dict | None = None) -> Evalua
 
 
 __all__ = ["EvaluationConfig", "resolve_config", "PAPER_CLIP_RANGE", "PAPER_SEEDS", "PAPER_CCE_IMAGES",
-           "PAPER_CCE_STEPS", "CCE_PLACEHOLDER", "ATTACK_PROMPTS", "REFERENCE_SOURCES"]
+           "PAPER_CCE_STEPS", "CCE_PLACEHOLDER", "ATTACK_PROMPTS", "REFERENCE_SOURCES", "LEARNED_ATTACKS",
+           "DEFAULT_ATTACK_RUNS", "MAX_ATTACK_RUNS", "PAPER_UD", "PAPER_UD_PROMPTS", "attack_runs_of"]

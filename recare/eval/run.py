@@ -11,12 +11,20 @@ The run folder (`evaluate-<stamp>-<hex>/`):
                     text encoder, the trained weights' files with sha256), encoder identity, label list,
                     the detector's name / version / thresholds, each attack's settings, the reference
                     images, the CLIP range, library versions, process count, timing
-    metrics.json    asr (percent, per attack), clip_score, care_score (mean, per concept), ratio (with the
-                    CLIP range used), target_leak (percent of CARE images where the detector fires)
+    metrics.json    asr (percent, per attack; a learned attack's is the mean of its runs), asr_runs
+                    ({learned attack: [percent of each run]}), asr_worst ({learned attack: the largest run}),
+                    clip_score, care_score (mean, per concept), ratio (Defense from the mean CCE ASR, with
+                    the CLIP range used; ratio.worst: the same with the worst CCE run), target_leak
+                    (percent of CARE images where the detector fires)
     records.csv     one row per image (`RECORD_FIELDS`): attack ("care" / "clip" for the CARE-score and
-                    CLIP-score sets), concept, prompt, seed, file, detector score, positive, detector
-                    labels (JSON, best first), CARE hit and top labels, CLIP cosine
-    images/<attack>/p<prompt>-s<seed>.png, reference/NNN.png (real target images), cce/token.safetensors
+                    CLIP-score sets), run (the learned attack's run, else 0), concept, prompt, the
+                    prompt the model was given when it differs (UnlearnDiff's adversarial prompt), seed,
+                    file, detector score, positive, detector labels (JSON, best first), CARE hit and top
+                    labels, CLIP cosine
+    images/<attack>/p<prompt>-s<seed>.png (run r > 0 of a learned attack: images/<attack>/run<r>/...),
+    reference/NNN.png (real target images; CCE's run r > 0: reference/run<r>/), cce/token.safetensors
+    (run r > 0: cce/run<r>/), ud/reference/pNN.png (the base model's image of each UnlearnDiff prompt),
+    ud/run<r>/results.json (each prompt's attack: adversarial prompt, success, timestep, losses)
     shards/records-p<i>-of-<n>.jsonl   what each process wrote (the resume state)
 
 The work is a plan of batches (`build_plan`): per attack, its prompts x seeds base_seed + i; the CARE
@@ -47,7 +55,7 @@ from PIL import Image
 
 from recare.errors import EvaluationError
 from recare.eval.attacks import ATTACKS, Attack, AttackContext, learn_cce_token, reference_images, render
-from recare.eval.config import EvaluationConfig, resolve_config
+from recare.eval.config import EvaluationConfig, attack_runs_of, resolve_config
 from recare.eval.distributed import Processes, processes
 from recare.progress import CancelToken, ProgressCallback, check_cancel, emit
 from recare.runs import atomic_save, atomic_write_bytes, atomic_write_json, atomic_write_text, new_run_dir
@@ -56,8 +64,9 @@ FORMAT, FORMAT_VERSION = "recare-evaluation", 1
 CARE, CLIP = "care", "clip"   # the two image sets that are not attacks
 EXTRA = "extra"               # custom prompts (config.extra_prompts): generated and judged, never in an ASR
 STAGE = "evaluate"
-RECORD_FIELDS = ("index", "attack", "concept", "prompt", "seed", "file", "detector_score", "positive",
-                 "detector_labels", "care_hit", "care_top_labels", "clip_cosine")
+RECORD_FIELDS = ("index", "attack", "run", "concept", "prompt", "attack_prompt", "seed", "file", "detector_score",
+                 "positive", "detector_labels", "care_hit", "care_top_labels", "clip_cosine")
+TEXT_FIELDS = ("attack", "concept", "prompt", "attack_prompt", "file")
 LABEL_PROMPT, TIES = "{}", "pessimistic"   # the CARE score's label text (official: bare label) and tie rule
 
 
@@ -76,6 +85,7 @@ class PlanItem:
         prompt: the prompt it is generated from.
         seed: its seed.
         file: its path inside the run folder.
+        run: the learned attack's run (0 for everything else).
     """
 
     index: int
@@ -84,11 +94,12 @@ class PlanItem:
     prompt: str
     seed: int
     file: str
+    run: int = 0
 
     @property
-    def key(self) -> tuple[str, str, str, int]:
+    def key(self) -> tuple[str, int, str, str, int]:
         """What identifies the image across runs and processes (the resume key)."""
-        return (self.attack, self.concept, self.prompt, self.seed)
+        return (self.attack, self.run, self.concept, self.prompt, self.seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +111,7 @@ class PlanBatch:
     items: tuple[PlanItem, ...]
 
 
-def _plain(ctx: AttackContext):
+def _plain(ctx: AttackContext, run: int = 0):
     return ctx.pipe
 
 
@@ -120,27 +131,29 @@ def build_plan(config: EvaluationConfig, ctx: AttackContext, captions: Sequence[
         ctx: the attack context (prompts of "adversarial" come from its tokens).
         captions: the CLIP-score prompts (`recare.eval.utility.clip_prompts`).
     """
-    groups: list[tuple[str, list[tuple[str, str, int, str]]]] = []
+    groups: list[tuple[str, list[tuple[str, str, int, str, int]]]] = []
     seeds = [config.base_seed + i for i in range(config.seeds)]
     for name in config.attacks:
         prompts = ATTACKS[name].prompts(ctx)
-        groups.append((name, [(config.target_concept, p, s, f"images/{name}/p{k:02d}-s{s}.png")
-                              for k, p in enumerate(prompts) for s in seeds]))
+        for run in range(attack_runs_of(config, name)):   # a batch never mixes two runs (two pipelines)
+            folder = f"images/{name}" + (f"/run{run}" if run else "")
+            groups.append((name, [(config.target_concept, p, s, f"{folder}/p{k:02d}-s{s}.png", run)
+                                  for k, p in enumerate(prompts) for s in seeds]))
     if config.extra_prompts:  # the attacks' seeds, so a custom prompt lines up with the target prompt's images
-        groups.append((EXTRA, [("", p, s, f"images/{EXTRA}/p{k:03d}-s{s}.png")
+        groups.append((EXTRA, [("", p, s, f"images/{EXTRA}/p{k:03d}-s{s}.png", 0)
                                for k, p in enumerate(config.extra_prompts) for s in seeds]))
     care = [(c, p) for c, ps in config.care_prompts.items() for p in ps]
     care_seeds = [config.base_seed + i for i in range(config.care_images_per_prompt)]
-    groups.append((CARE, [(c, p, s, f"images/care/p{k:03d}-s{s}.png") for k, (c, p) in enumerate(care)
+    groups.append((CARE, [(c, p, s, f"images/care/p{k:03d}-s{s}.png", 0) for k, (c, p) in enumerate(care)
                           for s in care_seeds]))
-    groups.append((CLIP, [("", p, config.base_seed + k, f"images/clip/p{k:05d}-s{config.base_seed + k}.png")
+    groups.append((CLIP, [("", p, config.base_seed + k, f"images/clip/p{k:05d}-s{config.base_seed + k}.png", 0)
                           for k, p in enumerate(captions)]))
     batches, index = [], 0
     for name, entries in groups:
         for start in range(0, len(entries), config.batch_size):
             items = []
-            for concept, prompt, seed, file in entries[start:start + config.batch_size]:
-                items.append(PlanItem(index, name, concept, prompt, seed, file))
+            for concept, prompt, seed, file, run in entries[start:start + config.batch_size]:
+                items.append(PlanItem(index, name, concept, prompt, seed, file, run))
                 index += 1
             batches.append(PlanBatch(len(batches), name, tuple(items)))
     return batches
@@ -209,17 +222,20 @@ class _Scorer:
             self._label_features = self.encoder.encode_texts([LABEL_PROMPT.format(x) for x in self.labels])
         return self._label_features
 
-    def score(self, batch: PlanBatch, images: list[Image.Image]) -> list[dict]:
+    def score(self, batch: PlanBatch, images: list[Image.Image], shown: Sequence[str] | None = None) -> list[dict]:
+        """One record per image; `shown` = the prompts the model was given (when they differ from the plan's)."""
         from recare.eval.utility import paired_cosines
         from recare.metrics import care_score
 
         verdicts = self.detector.detect(images)
+        shown = list(shown) if shown is not None else [it.prompt for it in batch.items]
         records = [{
-            "index": it.index, "attack": it.attack, "concept": it.concept, "prompt": it.prompt, "seed": it.seed,
+            "index": it.index, "attack": it.attack, "run": it.run, "concept": it.concept, "prompt": it.prompt,
+            "attack_prompt": given if given != it.prompt else "", "seed": it.seed,
             "file": it.file, "detector_score": float(v.score), "positive": bool(v.positive),
             "detector_labels": {k: float(s) for k, s in sorted(v.labels.items(), key=lambda kv: -kv[1])},
             "care_hit": None, "care_top_labels": None, "clip_cosine": None,
-        } for it, v in zip(batch.items, verdicts)]
+        } for it, v, given in zip(batch.items, verdicts, shown)]
         if batch.attack == CARE:
             features = self.encoder.encode_images(images)
             rows: dict[str, list[int]] = {}
@@ -258,7 +274,10 @@ def write_records_csv(path: Path, records: Sequence[dict]) -> None:
 
 
 def read_records(run_dir: str | Path) -> list[dict]:
-    """The rows of a run's records.csv as dicts with their JSON fields decoded (the inverse of the writer)."""
+    """The rows of a run's records.csv as dicts with their JSON fields decoded (the inverse of the writer).
+
+    A records.csv written before the run index existed reads as run 0 with no attack prompt.
+    """
     path = Path(run_dir) / "records.csv"
     if not path.is_file():
         raise EvaluationError(f"{run_dir} has no records.csv: the evaluation did not finish.")
@@ -267,9 +286,9 @@ def read_records(run_dir: str | Path) -> list[dict]:
         for row in csv.DictReader(f):
             record = {}
             for field in RECORD_FIELDS:
-                text = row[field]
-                record[field] = text if field in ("attack", "concept", "prompt", "file") else (
-                    json.loads(text) if text != "" else None)
+                text = row.get(field) or ""
+                record[field] = text if field in TEXT_FIELDS else (json.loads(text) if text != "" else None)
+            record["run"] = record["run"] or 0
             out.append(record)
     return out
 
@@ -281,9 +300,12 @@ def read_records(run_dir: str | Path) -> list[dict]:
 def compute_metrics(records: Sequence[dict], config: EvaluationConfig) -> dict[str, Any]:
     """metrics.json from the records alone (so anyone can recompute them from records.csv).
 
-    asr[attack] = percent of its images the detector calls positive; care_score = mean over CARE
-    concepts of the share of their images whose CARE hit is true (R-Precision@care_k); clip_score =
-    mean CLIP cosine of the CLIP images; ratio = Appendix M with ASR under CCE and the CLIP range.
+    asr[attack] = percent of its images the detector calls positive; for a learned attack (CCE,
+    UnlearnDiff) that percent is taken per run (records' run index) into asr_runs[attack], asr[attack]
+    is their mean and asr_worst[attack] their largest. care_score = mean over CARE concepts of the share
+    of their images whose CARE hit is true (R-Precision@care_k); clip_score = mean CLIP cosine of the
+    CLIP images; ratio = Appendix M with the mean ASR under CCE and the CLIP range (ratio["worst"]: with
+    the worst CCE run).
 
     Args:
         records: one dict per image (`RECORD_FIELDS`).
@@ -294,7 +316,21 @@ def compute_metrics(records: Sequence[dict], config: EvaluationConfig) -> dict[s
     by_attack: dict[str, list[dict]] = {}
     for r in records:
         by_attack.setdefault(r["attack"], []).append(r)
-    asr = {a: attack_success_rate([r["positive"] for r in by_attack[a]]) for a in config.attacks if by_attack.get(a)}
+    asr, asr_runs, run_counts = {}, {}, {}
+    for a in config.attacks:
+        rows = by_attack.get(a)
+        if not rows:
+            continue
+        if ATTACKS[a].learned:
+            runs: dict[int, list[bool]] = {}
+            for r in rows:
+                runs.setdefault(int(r.get("run") or 0), []).append(bool(r["positive"]))
+            asr_runs[a] = [attack_success_rate(runs[k]) for k in sorted(runs)]
+            run_counts[a] = [[sum(runs[k]), len(runs[k])] for k in sorted(runs)]
+            asr[a] = float(np.mean(asr_runs[a]))
+        else:
+            asr[a] = attack_success_rate([r["positive"] for r in rows])
+    asr_worst = {a: max(v) for a, v in asr_runs.items()}
     counts = {a: [sum(bool(r["positive"]) for r in by_attack[a]), len(by_attack[a])] for a in asr}
     care_rows = by_attack.get(CARE, [])
     per_concept, leak, n_care = {}, {}, {}
@@ -318,8 +354,14 @@ def compute_metrics(records: Sequence[dict], config: EvaluationConfig) -> dict[s
         ratio_entry["reason"] = f"RATIO needs {', '.join(missing)} (not measured in this run)"
     else:
         d, u, c = ratio_axes(asr["cce"], clip, care["mean"], (lo, hi))
-        ratio_entry.update(value=ratio(asr["cce"], clip, care["mean"], (lo, hi)), axes={"D": d, "U": u, "C": c})
-    out = {"asr": asr, "asr_counts": counts, "clip_score": clip, "clip_images": len(clip_rows), "care_score": care,
+        ratio_entry.update(value=ratio(asr["cce"], clip, care["mean"], (lo, hi)), axes={"D": d, "U": u, "C": c},
+                           defense_from="mean of the CCE runs")
+        if "cce" in asr_worst:
+            dw, _, _ = ratio_axes(asr_worst["cce"], clip, care["mean"], (lo, hi))
+            ratio_entry["worst"] = {"value": ratio(asr_worst["cce"], clip, care["mean"], (lo, hi)),
+                                    "axes": {"D": dw, "U": u, "C": c}}
+    out = {"asr": asr, "asr_runs": asr_runs, "asr_worst": asr_worst, "asr_counts": counts,
+           "asr_run_counts": run_counts, "clip_score": clip, "clip_images": len(clip_rows), "care_score": care,
            "ratio": ratio_entry, "target_leak": leak, "n_images": len(records)}
     extra_rows = by_attack.get(EXTRA, [])
     if extra_rows:  # custom prompts: how often the target detector fires on each (not an attack: no ASR, no RATIO)
@@ -332,8 +374,9 @@ def prompt_table(config: EvaluationConfig) -> list[dict[str, Any]]:
     """Every prompt of the run's plan except the CLIP captions, with its seeds, loading no model.
 
     Returns:
-        [{"set": an attack, "extra" or "care", "concept": ..., "prompt": ..., "seeds": [...]}] in plan order
-        (the "adversarial" prompts name the run's own token placeholders).
+        [{"set": an attack, "extra" or "care", "run": the learned attack's run (else 0), "concept": ...,
+        "prompt": ..., "seeds": [...]}] in plan order (the "adversarial" prompts name the run's own token
+        placeholders; UnlearnDiff's are its prompts before the attack).
 
     Args:
         config: the resolved settings (`resolve_config`).
@@ -343,10 +386,10 @@ def prompt_table(config: EvaluationConfig) -> list[dict[str, Any]]:
     ctx = AttackContext(config, None, tokens_dir=_tokens_dir(config.unet))
     seeds = [config.base_seed + i for i in range(config.seeds)]
     care_seeds = [config.base_seed + i for i in range(config.care_images_per_prompt)]
-    rows = [{"set": name, "concept": config.target_concept, "prompt": p, "seeds": seeds}
-            for name in config.attacks for p in ATTACKS[name].prompts(ctx)]
-    rows += [{"set": EXTRA, "concept": "", "prompt": p, "seeds": seeds} for p in config.extra_prompts]
-    rows += [{"set": CARE, "concept": c, "prompt": p, "seeds": care_seeds}
+    rows = [{"set": name, "run": run, "concept": config.target_concept, "prompt": p, "seeds": seeds}
+            for name in config.attacks for run in range(attack_runs_of(config, name)) for p in ATTACKS[name].prompts(ctx)]
+    rows += [{"set": EXTRA, "run": 0, "concept": "", "prompt": p, "seeds": seeds} for p in config.extra_prompts]
+    rows += [{"set": CARE, "run": 0, "concept": c, "prompt": p, "seeds": care_seeds}
              for c, ps in config.care_prompts.items() for p in ps]
     return rows
 
@@ -530,75 +573,122 @@ class _Evaluation:
     def prepare(self) -> None:
         started = time.perf_counter()
         needs = self.needs()
+        cce_runs = range(attack_runs_of(self.config, "cce")) if "cce_token" in needs else range(0)
+        ud_runs = range(attack_runs_of(self.config, "ud")) if "ud_results" in needs else range(0)
+        reference_runs = sorted({0, *cce_runs}) if "reference" in needs else []
         if self.procs.is_main:
-            if "reference" in needs:
-                self._prepare_reference()
-            if "cce_token" in needs:
-                self._prepare_cce()
+            for run in reference_runs:
+                self._prepare_reference(run)
+            for run in cce_runs:
+                self._prepare_cce(run)
+            for run in ud_runs:
+                self._prepare_ud(run)
         self.procs.barrier()
         if "reference" in needs:
             self.ctx.reference = self._load_reference()
-        if "cce_token" in needs:
-            self.ctx.cce_token = self._load_cce()
+        self.ctx.cce_tokens = {run: self._load_cce(run) for run in cce_runs}
+        self.ctx.cce_token = self.ctx.cce_tokens.get(0)
+        self.ctx.ud_results = {run: self._load_ud(run) for run in ud_runs}
         self.timing["prepare_s"] = round(time.perf_counter() - started, 3)
 
-    def _reference_files(self) -> list[Path]:
-        return [self.run_dir / "reference" / f"{i:03d}.png" for i in range(self.config.cce_images)]
+    def _reference_files(self, run: int = 0) -> list[Path]:
+        folder = self.run_dir / "reference" / (f"run{run}" if run else "")
+        return [folder / f"{i:03d}.png" for i in range(self.config.cce_images)]
 
-    def _prepare_reference(self) -> None:
-        files = self._reference_files()
+    def _prepare_reference(self, run: int = 0) -> None:
+        files = self._reference_files(run)
         if all(f.is_file() for f in files):
             return
-        emit(self.progress, "reference", 0, len(files), f"{len(files)} real target images ({self.config.reference_images})")
-        images = reference_images(self.config, base=self.models.base, count=len(files))
+        emit(self.progress, "reference", 0, len(files),
+             f"{len(files)} real target images ({self.config.reference_images}, run {run + 1})")
+        images = reference_images(self.config, base=self.models.base, count=len(files), run=run)
         for f, image in zip(files, images):
             atomic_write_bytes(f, _png(image))
         emit(self.progress, "reference", len(files), len(files), "real target images ready")
 
-    def _load_reference(self) -> list[Image.Image]:
-        return [_load_png(f) for f in self._reference_files()]
+    def _load_reference(self, run: int = 0) -> list[Image.Image]:
+        return [_load_png(f) for f in self._reference_files(run)]
 
-    @property
-    def _cce_file(self) -> Path:
-        return self.run_dir / "cce" / "token.safetensors"
+    def _cce_dir(self, run: int = 0) -> Path:
+        return self.run_dir / "cce" / (f"run{run}" if run else "")
 
-    def _prepare_cce(self) -> None:
+    def _cce_file(self, run: int = 0) -> Path:
+        return self._cce_dir(run) / "token.safetensors"
+
+    def _prepare_cce(self, run: int = 0) -> None:
         import torch
         from safetensors.torch import save_file
 
         from recare.errors import Cancelled
         from recare.train.textual_inversion import TextualInversionState
 
-        if self._cce_file.is_file():
+        if self._cce_file(run).is_file():
             return
-        state_file = self.run_dir / "cce" / "state.pt"
+        state_file = self._cce_dir(run) / "state.pt"
         state = (TextualInversionState.from_state_dict(torch.load(state_file, weights_only=True))
                  if state_file.is_file() else TextualInversionState())
         try:
-            token = learn_cce_token(self.models.pipe, self._load_reference(), self.config, self.progress, self.cancel,
-                                    state)
+            token = learn_cce_token(self.models.pipe, self._load_reference(run), self.config, self.progress,
+                                    self.cancel, state, run=run)
         except Cancelled:
             atomic_save(state_file, lambda p: torch.save(state.state_dict(), p))
             raise
-        atomic_save(self._cce_file, lambda p: save_file(
+        atomic_save(self._cce_file(run), lambda p: save_file(
             {token.placeholder: token.embedding.contiguous()}, str(p),
             metadata={"initializer": token.initializer, "steps": str(len(token.losses)),
-                      "final_loss": repr(token.losses[-1]) if token.losses else ""}))
-        atomic_write_json(self.run_dir / "cce" / "losses.json", list(token.losses))
+                      "final_loss": repr(token.losses[-1]) if token.losses else "", "run": str(run)}))
+        atomic_write_json(self._cce_dir(run) / "losses.json", list(token.losses))
         state_file.unlink(missing_ok=True)
 
-    def _load_cce(self):
+    def _load_cce(self, run: int = 0):
         from safetensors import safe_open
 
         from recare.train.textual_inversion import LearnedToken
 
-        with safe_open(str(self._cce_file), framework="pt") as f:
+        with safe_open(str(self._cce_file(run)), framework="pt") as f:
             (placeholder,) = list(f.keys())
             initializer = (f.metadata() or {}).get("initializer", self.config.initializer_token)
             return LearnedToken(placeholder, initializer, f.get_tensor(placeholder).float())
 
+    def _ud_file(self, run: int) -> Path:
+        return self.run_dir / "ud" / f"run{run}" / "results.json"
+
+    def _prepare_ud(self, run: int) -> None:
+        """UnlearnDiff's run `run` on every prompt (results saved after each prompt: a resume skips them)."""
+        from recare.eval.unlearndiff import attack_prompts
+
+        prompts = ATTACKS["ud"].prompts(self.ctx)
+        path = self._ud_file(run)
+        done = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        if all(p in done for p in prompts):
+            return
+        originals = self._ud_originals(prompts)
+        c = self.config
+
+        def shows_target(prompt: str) -> bool:   # the unlearned model's image of `prompt` at the attack seed
+            (image,) = render(self.models.pipe, [prompt], [c.base_seed], c)
+            return bool(self.models.detector.detect([image])[0].positive)
+
+        def save(results: dict) -> None:
+            atomic_write_json(path, results)
+
+        attack_prompts(self.models.pipe, prompts, originals, shows_target, c, run, done, save,
+                       self.progress, self.cancel)
+
+    def _ud_originals(self, prompts: list[str]) -> list[Image.Image]:
+        """The original (base) model's image of each UnlearnDiff prompt at the attack seed (made once)."""
+        files = [self.run_dir / "ud" / "reference" / f"p{k:02d}.png" for k in range(len(prompts))]
+        for k, (f, prompt) in enumerate(zip(files, prompts)):
+            if not f.is_file():
+                (image,) = render(self.models.base, [prompt], [self.config.base_seed], self.config)
+                atomic_write_bytes(f, _png(image))
+        return [_load_png(f) for f in files]
+
+    def _load_ud(self, run: int) -> dict[str, dict]:
+        return json.loads(self._ud_file(run).read_text(encoding="utf-8"))
+
     # -- generation --------------------------------------------------------------------------
-    def done_keys(self) -> set[tuple[str, str, str, int]]:
+    def done_keys(self) -> set[tuple[str, int, str, str, int]]:
         """Keys of images whose record and file are both on disk (any process, any earlier attempt)."""
         return {_record_key(r) for r in _shard_records(self.run_dir) if (self.run_dir / r["file"]).is_file()}
 
@@ -615,8 +705,8 @@ class _Evaluation:
         emit(self.progress, STAGE, made, total, f"{made} of {total} images already made" if made else "")
         for batch in todo:
             check_cancel(self.cancel, "the evaluation")
-            images = self.render(batch)
-            records = self.scorer.score(batch, images)
+            images, shown = self.render(batch)
+            records = self.scorer.score(batch, images, shown)
             for it, image in zip(batch.items, images):
                 atomic_write_bytes(self.run_dir / it.file, _png(image))
             self._append(records)
@@ -625,13 +715,16 @@ class _Evaluation:
             emit(self.progress, STAGE, made, total, f"{batch.attack}: {batch.items[-1].prompt[:40]}")
         self.timing["generate_s"] = round(time.perf_counter() - started, 3)
 
-    def render(self, batch: PlanBatch) -> list[Image.Image]:
+    def render(self, batch: PlanBatch) -> tuple[list[Image.Image], list[str]]:
+        """The batch's images and the prompts the model was given (a batch holds one run of one attack)."""
         attack = {**ATTACKS, **IMAGE_SETS}[batch.attack]
-        pipe = attack.pipeline(self.ctx)
+        run = batch.items[0].run
+        pipe = attack.pipeline(self.ctx, run)
         pipe.set_progress_bar_config(disable=True)
         seeds = [it.seed for it in batch.items]
-        return render(pipe, [it.prompt for it in batch.items], seeds, self.config,
-                      call=lambda kwargs: attack.call(self.ctx, kwargs, seeds))
+        prompts = [it.prompt for it in batch.items]
+        images = render(pipe, prompts, seeds, self.config, call=lambda kwargs: attack.call(self.ctx, kwargs, seeds, run))
+        return images, attack.shown(self.ctx, prompts, run)
 
     def _append(self, records: list[dict]) -> None:
         import os
@@ -652,7 +745,8 @@ class _Evaluation:
         if missing:
             raise EvaluationError(f"{len(missing)} of {len(items)} images have no record (first: {missing[0].key}); "
                                   "a process stopped early: resume the run to make them.")
-        records = [{**by_key[it.key], "index": it.index, "concept": it.concept, "file": it.file} for it in items]
+        records = [{"run": 0, "attack_prompt": "", **by_key[it.key], "index": it.index, "concept": it.concept,
+                    "file": it.file} for it in items]
         emit(self.progress, "metrics", 0, 1, "metrics")
         metrics = compute_metrics(records, self.config)
         manifest = self.manifest(seconds)
@@ -671,13 +765,23 @@ class _Evaluation:
             attacks[name] = {"summary": attack.summary, "prompts": prompts, "seeds": [config.base_seed,
                              config.base_seed + config.seeds - 1], "images": len(prompts) * config.seeds,
                              "settings": attack.settings(self.ctx)}
-        if "cce" in attacks and self._cce_file.is_file():
-            attacks["cce"]["token_file"] = {"path": "cce/token.safetensors", "sha256": _sha256(self._cce_file)}
+        for name in attacks:
+            attacks[name]["runs"] = attack_runs_of(config, name)
+        if "cce" in attacks:
+            files = [self._cce_file(r) for r in range(attack_runs_of(config, "cce"))]
+            attacks["cce"]["token_files"] = [{"path": str(f.relative_to(self.run_dir)), "sha256": _sha256(f)}
+                                             for f in files if f.is_file()]
+            if attacks["cce"]["token_files"]:
+                attacks["cce"]["token_file"] = attacks["cce"]["token_files"][0]
         reference = None
         if self.needs() & {"reference"}:
             reference = {"source": config.reference_images, "count": config.cce_images,
                          "seed": config.reference_seed if config.reference_images in ("world", "base") else None,
-                         "files": [str(f.relative_to(self.run_dir)) for f in self._reference_files()]}
+                         "files": [str(f.relative_to(self.run_dir)) for f in self._reference_files()],
+                         "runs": {str(r): [str(f.relative_to(self.run_dir)) for f in self._reference_files(r)]
+                                  for r in range(attack_runs_of(config, "cce"))} if "cce" in config.attacks else {},
+                         "run_rule": "CCE's run r learns from its own images: base seeds reference_seed + r x count + i"
+                                     " (world: renders from reference_seed + r)"}
         from recare.eval.config import PAPER_CLIP_RANGE
 
         clip_source = config.clip_prompts or ("mini-world held-out captions (recare.miniworld.heldout, seed "
@@ -718,8 +822,8 @@ def _heldout_seed() -> int:
     return HELDOUT_SEED
 
 
-def _record_key(record: dict) -> tuple[str, str, str, int]:
-    return (record["attack"], record["concept"], record["prompt"], int(record["seed"]))
+def _record_key(record: dict) -> tuple[str, int, str, str, int]:
+    return (record["attack"], int(record.get("run") or 0), record["concept"], record["prompt"], int(record["seed"]))
 
 
 def _shard_records(run_dir: Path) -> list[dict]:

@@ -1,6 +1,17 @@
 """ESD erasure with normalised guidance (stage 1's erase step and the `esd` baseline), and the
 iteration loop that stage 2 shares.
 
+Two uses, one loop, different values (`recare.config.ESDConfig`):
+* stage 1's erase (official CARE): eta = 2, target eps*(0) ("map the concept to the empty prompt"),
+  AdamW with weight decay 1e-2;
+* the `esd` baseline, the original ESD (rohitgandikota/erasing `train-esd.py`): target
+  e_0 - eta_o (e_c - e_0) with eta_o = 1 (eta = 3 here), Adam (AdamW with weight decay 0), 1000
+  iterations at lr 1e-5; ESD-u = noxattn (objects, nudity), ESD-x = xattn (styles). Two details
+  differ from the original and are kept as CARE's: x_t is drawn by CARE's roll-out (`rollout.XtSampler`,
+  t = 999 - 20k) where the original predicts at a timestep drawn inside [20k, 20k + 20); and the
+  parameter sets are CARE's table (`recare.train.params`: Linear/Conv2d only), where the original's
+  noxattn also trains norms and leaves the time embedding and the output layers out.
+
 One ESD iteration (official damilab/CARE `train_erasing`):
 1. x_t from the roll-out of the model being fine-tuned under the concept c (`rollout.XtSampler`);
 2. the frozen model predicts eps*(c) and eps*(0) at (x_t, t): one batched UNet call, no grad;
