@@ -51,7 +51,7 @@ import torch
 from PIL import Image
 
 from recare.errors import EvaluationError
-from recare.eval.config import ATTACK_PROMPTS, CCE_PLACEHOLDER, EvaluationConfig
+from recare.eval.config import ATTACK_NAMES, ATTACK_PROMPTS, CCE_PLACEHOLDER, EvaluationConfig
 from recare.progress import CancelToken, ProgressCallback
 
 STAGE_CCE = "cce"
@@ -439,6 +439,7 @@ ATTACKS: dict[str, Attack] = {a.name: a for a in (
     Attack("ud", "UnlearnDiff: a prompt prefix optimised with the unlearned model as a diffusion classifier",
            ("ud_results",), _ud_prompts, _plain, _ud_call, _ud_settings, learned=True, shown=_ud_shown),
 )}
+assert tuple(ATTACKS) == ATTACK_NAMES, "recare.eval.config.ATTACK_NAMES must list every attack, in order"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ PAPER_SEEDS = 500                 # images per attack prompt (CCE: 500 seeds)
 PAPER_CCE_IMAGES = {"photo": 30, "painting": 6}   # CCE's textual-inversion images: 30 for objects, 6 for styles
 PAPER_CCE_STEPS = 3000            # textual-inversion steps (TextualInversionConfig's official default)
 CCE_PLACEHOLDER = "<cce*>"
+# the attacks `recare.eval.attacks.ATTACKS` implements, by name, in its order (that module checks it)
+ATTACK_NAMES = ("erased", "cce", "adversarial", "completion", "noise", "ud")
 ATTACK_PROMPTS = {"photo": "A photo of a {}", "painting": "A painting in the style of {}"}  # CCE's prompts (paper)
 REFERENCE_SOURCES = ("world", "base")   # or a folder / zip of real target images
 LEARNED_ATTACKS = ("cce", "ud")   # random procedures: each runs `attack_runs` times with its own seed
@@ -139,13 +141,11 @@ class EvaluationConfig(JsonConfig):
             raise ConfigError("noise_eta must be >= 0 and noise_fraction in [0, 1] "
                               f"(got {self.noise_eta}, {self.noise_fraction}).")
         if self.attacks is not None:
-            from recare.eval.attacks import ATTACKS
-
             if not isinstance(self.attacks, list) or not self.attacks:
-                raise ConfigError(f"attacks must be a non-empty list of names from {list(ATTACKS)}.")
-            unknown = [a for a in self.attacks if a not in ATTACKS]
+                raise ConfigError(f"attacks must be a non-empty list of names from {list(ATTACK_NAMES)}.")
+            unknown = [a for a in self.attacks if a not in ATTACK_NAMES]
             if unknown:
-                raise ConfigError(f"unknown attack(s) {unknown}; known attacks: {', '.join(ATTACKS)}.")
+                raise ConfigError(f"unknown attack(s) {unknown}; known attacks: {', '.join(ATTACK_NAMES)}.")
             if len(set(self.attacks)) != len(self.attacks):
                 raise ConfigError(f"attacks lists a name twice: {self.attacks}.")
         if self.care_prompts is not None:
