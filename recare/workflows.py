@@ -25,7 +25,8 @@ CARESET_DIR = "careset"
 
 
 def careset_from_images(images: Sequence, config: CareSetConfig, encoder, vocab, cache_dir: str | Path | None = None,
-                        progress: ProgressCallback | None = None, cancel: CancelToken | None = None):
+                        progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
+                        limits=None, meta: dict | None = None):
     """Algorithm 1 on `images`: encode them and the vocabulary, then build the CARE-set.
 
     Args:
@@ -36,6 +37,8 @@ def careset_from_images(images: Sequence, config: CareSetConfig, encoder, vocab,
         cache_dir: vocabulary-feature cache (default: $RECARE_CACHE or ~/.cache/recare/vocab).
         progress: receives the "vocabulary" and "careset" stages' events.
         cancel: checked between steps.
+        limits: the resource limits (`recare.limits.Limits`; default from the environment).
+        meta: more facts for the CARE-set's meta (where the images came from, ...).
 
     Returns:
         The `recare.careset.CareSet`.
@@ -44,11 +47,13 @@ def careset_from_images(images: Sequence, config: CareSetConfig, encoder, vocab,
     from recare.encoders import vocabulary_features
 
     image_features = encoder.encode_images(images)
-    vocab_features = vocabulary_features(encoder, vocab, cache_dir=cache_dir, progress=progress, cancel=cancel)
+    vocab_features = vocabulary_features(encoder, vocab, cache_dir=cache_dir, progress=progress, cancel=cancel,
+                                         limits=limits)
     target_feature = encoder.encode_texts([config.reference_word])[0]
     return build_care_set(
         image_features, vocab_features, vocab.tokens, target_feature, config, progress=progress, cancel=cancel,
-        meta={"encoder": encoder.identity, "vocabulary": vocab.source, "vocabulary_hash": vocab.hash},
+        meta={"encoder": encoder.identity, "vocabulary": vocab.source, "vocabulary_hash": vocab.hash,
+              "vocabulary_size": len(vocab), **(meta or {})},
     )
 
 

@@ -18,13 +18,14 @@ import gradio as gr
 import pandas as pd
 
 from recare import models
-from recare.careset import CareSet, build_care_set
+from recare.careset import CareSet
+from recare.workflows import careset_from_images
 from recare.careset_io import (
     CareSetFileError, official_dict, read_careset_file, reference_key, rich_dict,
 )
 from recare.config import ConfigError, CareSetConfig
 from recare.errors import CareSetError, RecareError
-from recare.encoders import Vocabulary, clip_bpe_vocabulary, read_word_list, vocabulary_features, word_list_vocabulary
+from recare.encoders import Vocabulary, clip_bpe_vocabulary, read_word_list, word_list_vocabulary
 from recare.limits import Limits
 from recare.atomic import atomic_write_text
 from recare import worldspec
@@ -191,15 +192,10 @@ def _build(ctx, reference_word, prompt_style, encoder_name, vocabulary, word_lis
         return _fail(session, f"Could not load the encoder: {e}")
     try:
         progress(0.05, desc=f"encoding {len(session.images)} images")
-        image_features = encoder.encode_images(load_session_images(session))
-        vocab_features = vocabulary_features(encoder, vocab, progress=gradio_progress(progress, 0.1, 0.6),
-                                             limits=limits)
-        target = encoder.encode_texts([config.reference_word])[0]
-        careset = build_care_set(
-            image_features, vocab_features, vocab.tokens, target, config,
-            progress=gradio_progress(progress, 0.6, 1.0),
-            meta={"encoder": encoder.identity, "vocabulary": vocab.source, "vocabulary_size": len(vocab),
-                  "images": session.source})
+        bars = {"vocabulary": gradio_progress(progress, 0.1, 0.6), "careset": gradio_progress(progress, 0.6, 1.0)}
+        careset = careset_from_images(load_session_images(session), config, encoder, vocab, limits=limits,
+                                      progress=lambda event: bars.get(event.stage, bars["careset"])(event),
+                                      meta={"images": session.source})
     except RecareError as e:  # unreadable session images, too few candidates, ...; anything else is a bug
         return _fail(session, f"Could not build the CARE-set: {e}")
     kept = len(careset.final_tokens())
