@@ -159,7 +159,7 @@ def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
     grid_out = [c["grid_prompt"], c["grid"], c["grid_note"], c["grid_info"], c["view"]]
 
     def start(picked, task, target_prompt, care_prompts, attacks, seeds, care_images, clip_count, custom_prompts,
-              model_name, attack_runs, key, request: gr.Request):
+              model_name, key, attack_runs, request: gr.Request):
         return _start(ctx, (picked, task, target_prompt, care_prompts, attacks, seeds, care_images, clip_count,
                             custom_prompts, model_name, attack_runs), key, request)
 
@@ -189,7 +189,7 @@ def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
 
     c["task"].change(_fill_task, [c["task"]], [c["target_prompt"], c["care_prompts"]], api_name=False,
                      show_progress="hidden")
-    c["start"].click(start, [*settings, ctx.model_name, c["attack_runs"], owner], [c["message"], c["evaluations"], c["timer"]],
+    c["start"].click(start, [*settings, ctx.model_name, owner, c["attack_runs"]], [c["message"], c["evaluations"], c["timer"]],
                      api_name="evaluate_start", concurrency_limit=4)
     c["timer"].tick(poll, poll_in, poll_out, api_name=False, show_progress="hidden").then(
         grid, grid_in, grid_out, api_name=False, show_progress="hidden")
