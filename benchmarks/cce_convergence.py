@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     parser.add_argument("--task", default="tench")
     parser.add_argument("--runs", type=int, default=3, help="attack runs per model (default 3)")
     parser.add_argument("--runs-of", action="append", default=[], metavar="NAME=N", help="runs for one model")
+    parser.add_argument("--first-run", type=int, default=0, help="start at this run index (add runs to a table)")
     parser.add_argument("--steps", default="250,500,1000,1500", help="checkpoints (the largest is the run's length)")
     parser.add_argument("--seeds", type=int, default=32, help="images per checkpoint (default 32)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("RECARE_HOME", "/tmp")) / "cce-convergence")
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
                                                  seeds=args.seeds))
         prompt = "A photo of a <cce*>" if config.prompt_style == "photo" else "A painting in the style of <cce*>"
         rows = []
-        for r in range(runs_of.get(name, args.runs)):
+        for r in range(args.first_run, runs_of.get(name, args.runs)):
             started = time.perf_counter()
             images = reference_images(config, base=base, count=config.cce_images, run=r)
             snapshots: dict[int, torch.Tensor] = {}

@@ -312,3 +312,18 @@ def test_mismatched_checkpoint_is_refused(compare_app, tmp_path):
         assert sorted(p.name for p in compare_app["runs"].iterdir()) == before
     assert (compare_app["runs"] / run_id / "trained_params.safetensors").read_bytes() == saved
     assert run_id in json.dumps(client.predict(["base"], key, api_name="/evaluate_models"))
+
+
+def test_compare_runs_each_learned_attack_the_chosen_number_of_times():
+    from recare.errors import ConfigError
+    from ui.compare_tab import ATTACK_CHOICES, DEFAULT_ATTACK_RUNS, CompareSettings
+
+    assert "ud" in ATTACK_CHOICES and "cce" in ATTACK_CHOICES
+    form = (["base"], "tench", "a photo of a tench", _care_prompts(), ["erased", "cce", "ud"], 2, 1, 4, "", "mini-world")
+    assert CompareSettings.from_inputs(*form).evaluation("mini-world", None, False, "cpu").attack_runs == \
+        DEFAULT_ATTACK_RUNS
+    config = CompareSettings.from_inputs(*form, 3).evaluation("mini-world", None, False, "cpu")
+    assert config.attack_runs == 3 and config.attacks == ["erased", "cce", "ud"]
+    for bad in ("x", 1.5, None):
+        with pytest.raises(ConfigError, match="runs per learned attack"):
+            CompareSettings.from_inputs(*form, bad)
