@@ -136,7 +136,7 @@ def test_labelled_grid_names_every_model_and_embeds_its_images():
 def test_report_is_one_offline_file_with_run_ids_settings_and_quoted_rows(tmp_path):
     from recare.report import build_report
 
-    runs = [DEMO / f"evaluate-demo-smoking-{m}" for m in ("base", "esd", "recare")]
+    runs = [DEMO / f"evaluate-demo-tench-{m}" for m in ("base", "esd", "recare")]
     out = build_report(runs, tmp_path / "out" / "report.html", command="test")
     text = out.read_text(encoding="utf-8")
     import plotly.offline
