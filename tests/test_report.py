@@ -149,8 +149,9 @@ def test_report_is_one_offline_file_with_run_ids_settings_and_quoted_rows(tmp_pa
         saved = json.loads((run / "metrics.json").read_text())
         assert f"{saved['ratio']['value']:.4f}".rstrip("0") in text  # the RATIO table's number
     assert "quoted from the paper" in text and "measured here" in text and "Table 13 (Appendix N.2)" in text
-    assert "11.14" in text and "mannequin" in text  # the nudity rows the smoking task stands for
-    assert "2026-11-25 17:45" in text  # each run's date
+    assert "94.8" in text and "Table 13 (Appendix N.2)" in text  # Table 1's tench rows (ESD's CCE ASR), quoted
+    created = json.loads((DEMO / "index.json").read_text())["created"]
+    assert created[:16].replace("T", " ") in text  # each run's date
 
 
 @needs_demo
@@ -197,9 +198,14 @@ def test_report_draws_the_spread_of_a_metrics_json_with_several_attack_runs(tmp_
     saved["asr"]["cce"] = 89.0625
     saved["asr_worst"] = {"cce": 98.125}
     (run / "metrics.json").write_text(json.dumps(saved))
-    text = build_report([run, DEMO / "evaluate-demo-tench-base"], tmp_path / "r.html").read_text(encoding="utf-8")
+    single = tmp_path / "evaluate-single-draw"  # a metrics.json from before attack runs: no asr_runs
+    shutil.copytree(DEMO / "evaluate-demo-tench-base", single)
+    old = json.loads((single / "metrics.json").read_text())
+    old.pop("asr_runs", None), old.pop("asr_worst", None)
+    (single / "metrics.json").write_text(json.dumps(old))
+    text = build_report([run, single], tmp_path / "r.html").read_text(encoding="utf-8")
     assert "worst of 3 cce runs" in text
     lo, hi = saved["ratio"]["clip_range"]
     worst = metrics.ratio(98.125, saved["clip_score"], saved["care_score"]["mean"], (lo, hi))
     assert f"<td>{round(worst, 4)}</td>" in text and f"<td>{round(98.125, 2)}</td>" in text  # RATIO, ASR worst
-    assert text.count("worst of") == 1  # the bundled base run has one draw: no whisker
+    assert text.count("worst of") == 1  # the run without attack runs has one draw: no whisker

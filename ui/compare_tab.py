@@ -467,8 +467,7 @@ class CompareSettings:
                    care_images=int(number(care_images, "CARE images per prompt")),
                    clip_count=int(number(clip_count, "CLIP captions")), custom_prompts=tuple(_custom_prompts(
                        custom_prompts)), model_name=base_model,
-                   attack_runs=int(number(DEFAULT_ATTACK_RUNS if attack_runs is None else attack_runs,
-                                          "runs per learned attack")))
+                   attack_runs=int(number(attack_runs, "runs per learned attack")))
 
     def evaluation(self, model: str, unet: str | None, has_tokens: bool, device: str) -> EvaluationConfig:
         """The EvaluationConfig of one model (ConfigError when none of the attacks applies to it)."""
