@@ -401,6 +401,9 @@ def test_fresh_start_opens_compare_with_the_shipped_demo_drawn(demo_app_url, tmp
             label = json.loads(config.read_text())["compare"]["label"]
             saved[label] = json.loads((folder / "metrics.json").read_text())
     assert len(saved) == 3, f"the bundle's first task should hold base, ESD and ReCARE: {sorted(saved)}"
+    # one filled triangle per model, plus a dotted worst-run triangle where CCE ran several times
+    spread = [label for label, m in saved.items() if len((m.get("asr_runs") or {}).get("cce", [])) > 1]
+    ratio_traces = len(saved) + len(spread)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport=FIRST_SCREEN, accept_downloads=True)
@@ -410,7 +413,7 @@ def test_fresh_start_opens_compare_with_the_shipped_demo_drawn(demo_app_url, tmp
         expect(page.get_by_role("tab", name="4 · Compare")).to_have_attribute("aria-selected", "true",
                                                                             timeout=30_000)
         page.wait_for_function("() => { const h = document.querySelector('#compare-ratio .js-plotly-plot');"
-                               " return h && h.data && h.data.length === 3; }", timeout=60_000)
+                               f" return h && h.data && h.data.length === {ratio_traces}; }}", timeout=60_000)
         page.wait_for_function("() => { const h = document.querySelector('#paper-ratio .js-plotly-plot');"
                                " return h && h.data && h.data.length === 4; }", timeout=60_000)
         assert page.evaluate("window.scrollY") == 0
@@ -437,7 +440,15 @@ def test_fresh_start_opens_compare_with_the_shipped_demo_drawn(demo_app_url, tmp
 
         # measured here: the bundled metrics.json through recare.metrics
         traces = _plot_traces(page, "compare-ratio")
+        worst = [t for t in traces if t["meta"].get("worst")]
+        traces = [t for t in traces if not t["meta"].get("worst")]
         assert sorted(t["meta"]["model"] for t in traces) == sorted(saved)
+        assert sorted(t["meta"]["model"] for t in worst) == sorted(spread)
+        for trace in worst:  # the worst CCE run's triangle: asr_worst through the same formula
+            m = saved[trace["meta"]["model"]]
+            d, u, c = metrics.ratio_axes(m["asr_worst"]["cce"], m["clip_score"], m["care_score"]["mean"],
+                                         tuple(m["ratio"]["clip_range"]))
+            assert trace["r"] == pytest.approx([d, u, c, d])
         for trace in traces:
             m = saved[trace["meta"]["model"]]
             lo, hi = m["ratio"]["clip_range"]
