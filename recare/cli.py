@@ -97,7 +97,8 @@ def run_generate(args: argparse.Namespace) -> Path:
     from recare.generate import check_generate_limits, generate_images, save_generation
     from recare.models import MINI_WORLD, load_pipeline
     from recare.progress import TqdmProgress
-    from recare.runs import atomic_write_json, new_run_dir
+    from recare.atomic import atomic_write_json
+    from recare.runs import new_run_dir
 
     base = worldspec.generate_defaults() if args.model == MINI_WORLD else GenerateConfig()
     config = GenerateConfig.from_dict({**base.to_dict(), **_overrides(args, _GENERATE_FIELDS)})
@@ -204,7 +205,8 @@ def run_careset(args: argparse.Namespace) -> Path:
     from recare.generate import images_summary, load_images
     from recare.models import MINI_WORLD, load_encoder
     from recare.progress import TqdmProgress
-    from recare.runs import atomic_write_json, new_run_dir
+    from recare.atomic import atomic_write_json
+    from recare.runs import new_run_dir
     from recare.workflows import careset_from_images, write_careset_files
 
     _check_folder_arg("--out", args.out)
@@ -362,7 +364,8 @@ def _resume_run(args: argparse.Namespace):
 def run_train(args: argparse.Namespace) -> Path:
     from recare.models import MINI_WORLD, load_pipeline
     from recare.progress import TqdmProgress
-    from recare.runs import RunStore, atomic_write_json
+    from recare.atomic import atomic_write_json
+    from recare.runs import RunStore
     from recare.train.recipe import job_config
     from recare.workflows import mini_world_task, prepare_task_inputs
 
@@ -374,7 +377,7 @@ def run_train(args: argparse.Namespace) -> Path:
     if task is not None and args.model != MINI_WORLD:
         raise ConfigError(f"--task names a mini-world task; it needs --model {MINI_WORLD} (got {args.model!r}).")
     config = _train_config(args, task)
-    from recare.jobs.requests import Submitter, check_train
+    from recare.jobs.checks import Submitter, check_train
 
     check_train(config, Submitter(), [])  # the bounds of the app's requests (RECARE_MAX_*; any local model)
     if config.stage2 is not None and not config.careset and task is None:
@@ -597,7 +600,7 @@ def run_evaluate(args: argparse.Namespace) -> Path:
     config, given = _evaluation_config(args)
     _check_folder_arg("--out", args.out)
     if args.resume is None:
-        from recare.jobs.requests import Submitter, check_evaluation
+        from recare.jobs.checks import Submitter, check_evaluation
 
         check_evaluation(config.to_dict(), Submitter(), [], resolve=False)  # the app's bounds (RECARE_MAX_*)
     else:

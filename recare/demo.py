@@ -240,7 +240,8 @@ def _pack_one(task: str, model: str, source: Path, folder: Path, out_text: str, 
     """Write one trimmed run folder into `folder`; return its index entry."""
     from recare import __version__
     from recare.eval.run import config_from_file, read_records
-    from recare.runs import DONE, atomic_write_bytes, atomic_write_json, now_iso
+    from recare.atomic import atomic_write_bytes, atomic_write_json
+    from recare.runs import DONE, now_iso
 
     source = Path(source).expanduser().resolve()
     if not source.is_dir():
@@ -340,7 +341,8 @@ def pack_demo(evaluations: Mapping[str, Mapping[str, str | Path]], out: str | Pa
             run, a run given under the wrong task or model, or a bundle over `max_bytes`.
     """
     from recare import __version__
-    from recare.runs import atomic_write_dir, atomic_write_json, now_iso
+    from recare.atomic import atomic_write_dir, atomic_write_json
+    from recare.runs import now_iso
 
     if not evaluations or not any(evaluations.values()):
         raise ConfigError("nothing to pack: give at least one evaluation run (--eval TASK:MODEL=RUN).")
@@ -533,7 +535,8 @@ def run_demo_rerun_job(run, progress: ProgressCallback | None, cancel: CancelTok
     """
     from recare.eval.config import EvaluationConfig
     from recare.eval.run import evaluate
-    from recare.runs import Run, atomic_write_json
+    from recare.atomic import atomic_write_json
+    from recare.runs import Run
     from recare.workflows import run_task_training_job
 
     settings = run.config()

@@ -28,7 +28,7 @@ from recare.errors import ConfigError
 from recare.limits import Limits, human_bytes
 from recare.progress import CancelToken, ProgressCallback, check_cancel, emit
 from recare.atomic import atomic_write_bytes, atomic_write_json
-from recare.hashing import folder_fingerprint, text_hash  # noqa: F401  (folder_fingerprint re-exported)
+from recare.hashing import text_hash
 
 
 class Encoder:

@@ -357,7 +357,7 @@ def build_report(paths: Sequence[str | Path], out: str | Path, command: str | No
         out: the HTML file to write (its folder is created).
         command: how the report was made (shown in its header).
     """
-    from recare.runs import atomic_write_bytes
+    from recare.atomic import atomic_write_bytes
 
     target = Path(out).expanduser()
     if target.is_dir():

@@ -31,9 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from recare.atomic import (  # noqa: F401  (re-exported for older imports)
-    atomic_save, atomic_write_bytes, atomic_write_dir, atomic_write_json, atomic_write_text, restore_interrupted_swap,
-)
+from recare.atomic import atomic_write_dir, atomic_write_json, restore_interrupted_swap
 from recare.errors import RunError
 from recare.limits import Limits, human_bytes
 from recare.progress import CancelToken, ProgressEvent

@@ -114,12 +114,12 @@ def test_malformed_rich_files_are_clear_errors(tmp_path):
 def test_failed_write_leaves_previous_file_intact(tmp_path, monkeypatch):
     path = write_careset_json(built(), tmp_path / "careset.json")
     before = path.read_text()
-    import recare.runs as runs  # careset_io writes through recare.runs' atomic helpers
+    import recare.atomic as atomic  # careset_io writes through recare.atomic's helpers
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(runs.os, "replace", boom)
+    monkeypatch.setattr(atomic.os, "replace", boom)
     with pytest.raises(OSError):
         write_careset_json(built().with_edits(custom_tokens=["zzz"]), path)
     assert path.read_text() == before

@@ -122,7 +122,8 @@ def test_careset_run_folder(generate_run, tiny_world, tmp_path):
 def test_run_dirs_never_collide_and_writes_are_atomic(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from recare.runs import atomic_write_json, atomic_write_text, new_run_dir
+    from recare.atomic import atomic_write_json, atomic_write_text
+    from recare.runs import new_run_dir
 
     with ThreadPoolExecutor(8) as pool:
         dirs = list(pool.map(lambda _: new_run_dir(tmp_path, "careset"), range(40)))

@@ -14,9 +14,8 @@ from recare import runs as R
 from recare.config import TrainConfig
 from recare.errors import ConfigError, ImageInputError, RunError
 from recare.jobs import JobRunner, JobSpec, run_job
-from recare.jobs.requests import (
-    EvaluateRequest, Submitter, TrainRequest, check_model, json_depth, parse_json, recheck, run_ids, submit_requests,
-)
+from recare.jobs.checks import Submitter, check_model, json_depth, parse_json, recheck, run_ids
+from recare.jobs.requests import EvaluateRequest, TrainRequest, submit_requests
 from recare.limits import Limits
 from recare.models import ModelPolicy
 from tests.jobs_fixture import expected_value
@@ -244,7 +243,7 @@ def test_every_job_function_is_named_in_the_registry_and_resolves():
 def test_the_client_address_is_the_one_the_proxy_saw(monkeypatch):
     from types import SimpleNamespace
 
-    from recare.jobs.requests import client_hash
+    from recare.jobs.checks import client_hash
     from ui.common import client_key
 
     def request(host, forwarded=None):

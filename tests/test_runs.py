@@ -1,4 +1,4 @@
-"""recare.runs: atomic file/folder writes, and the run store (owners, status, liveness, state, cancel)."""
+"""recare.atomic (atomic file/folder writes) and recare.runs (the run store: owners, status, liveness, state, cancel)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from recare import atomic as A
 from recare import runs as R
 from recare.errors import RunError
 from recare.progress import ProgressEvent
@@ -27,7 +28,7 @@ def test_atomic_save_writes_through_a_temp_file_with_the_real_suffix(tmp_path):
         seen.append(tmp)
         tmp.write_text("new")
 
-    out = R.atomic_save(tmp_path / "sub" / "model.safetensors", write)
+    out = A.atomic_save(tmp_path / "sub" / "model.safetensors", write)
     assert out.read_text() == "new"
     assert seen[0].parent == out.parent and seen[0] != out and seen[0].name.endswith(".safetensors")
     assert _leftovers(out.parent) == []
@@ -45,11 +46,11 @@ def test_a_failing_writer_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        R.atomic_save(path, half_then_crash)
+        A.atomic_save(path, half_then_crash)
     assert path.read_text() == "old"
     assert _leftovers(tmp_path) == []
     with pytest.raises(ZeroDivisionError):
-        R.atomic_write_json(tmp_path / "new.json", {"x": 1 / 0})
+        A.atomic_write_json(tmp_path / "new.json", {"x": 1 / 0})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.pt"]
 
 
@@ -57,7 +58,7 @@ def test_atomic_write_dir_replaces_an_existing_folder(tmp_path):
     target = tmp_path / "unet"
     target.mkdir()
     (target / "stale.bin").write_text("old weights")
-    with R.atomic_write_dir(target) as tmp:
+    with A.atomic_write_dir(target) as tmp:
         assert tmp.parent == tmp_path and tmp != target and not any(tmp.iterdir())
         (tmp / "config.json").write_text("{}")
         (tmp / "sub").mkdir()
@@ -72,12 +73,12 @@ def test_atomic_write_dir_failure_keeps_the_old_folder(tmp_path):
     target.mkdir()
     (target / "model.bin").write_text("old")
     with pytest.raises(RuntimeError, match="save failed"):
-        with R.atomic_write_dir(target) as tmp:
+        with A.atomic_write_dir(target) as tmp:
             (tmp / "model.bin").write_text("partial")
             raise RuntimeError("save failed")
     assert [p.name for p in target.iterdir()] == ["model.bin"] and (target / "model.bin").read_text() == "old"
     assert _leftovers(tmp_path) == []
-    with R.atomic_write_dir(tmp_path / "fresh") as tmp:  # no previous folder
+    with A.atomic_write_dir(tmp_path / "fresh") as tmp:  # no previous folder
         (tmp / "a").write_text("a")
     assert (tmp_path / "fresh" / "a").read_text() == "a"
 

@@ -91,7 +91,7 @@ def client_key(request: gr.Request | None = None) -> str:
     """
     import os
 
-    from recare.jobs.requests import client_hash
+    from recare.jobs.checks import client_hash
 
     if request is None:
         return ""
@@ -108,9 +108,9 @@ def client_key(request: gr.Request | None = None) -> str:
 
 
 def submitter(ctx: "AppContext", owner: str, request: gr.Request | None = None):
-    """The `recare.jobs.requests.Submitter` of a handler: this app's model policy and limits, the owner
+    """The `recare.jobs.checks.Submitter` of a handler: this app's model policy and limits, the owner
     key and the client's address."""
-    from recare.jobs.requests import Submitter
+    from recare.jobs.checks import Submitter
 
     return Submitter.of(ctx.models.policy, ctx.limits, owner=owner, client=client_key(request))
 

@@ -275,8 +275,8 @@ def headline(rows: list[dict], numbers: list[dict], task: str | None) -> str:
 
 
 def evaluation_ids(ids) -> list[str]:
-    """The evaluations' run ids (`recare.jobs.requests.run_ids`: texts only, bounded; ConfigError otherwise)."""
-    from recare.jobs.requests import run_ids
+    """The evaluations' run ids (`recare.jobs.checks.run_ids`: texts only, bounded; ConfigError otherwise)."""
+    from recare.jobs.checks import run_ids
 
     return run_ids(ids, what="evaluations")
 

@@ -345,7 +345,7 @@ def _add_checkpoint(ctx: AppContext, payload, model_name, picked, key, request=N
     The file is inspected where it was uploaded (`recare.weights_check`: its header against the base UNet,
     before anything is inflated) and loaded; only then is a run made for it.
     """
-    from recare.jobs.requests import check_model
+    from recare.jobs.checks import check_model
 
     run = None
     try:
@@ -394,7 +394,7 @@ def _uploaded(payload) -> Path:
 
 
 def _care_prompts(text) -> dict[str, list[str]]:
-    from recare.jobs.requests import parse_json
+    from recare.jobs.checks import parse_json
 
     value = parse_json(text or "{}", "the CARE prompts")  # depth checked before Python's parser recurses
     if not isinstance(value, dict) or not value:
@@ -447,7 +447,7 @@ class CompareSettings:
     def from_inputs(cls, picked, task, target_prompt, care_prompts, attacks, seeds, care_images, clip_count,
                     custom_prompts, model_name, attack_runs=DEFAULT_ATTACK_RUNS) -> "CompareSettings":
         """Check the form's raw values (ConfigError with what to fix)."""
-        from recare.jobs.requests import run_ids
+        from recare.jobs.checks import run_ids
 
         picked = tuple(run_ids(picked, what="models"))
         if not picked:

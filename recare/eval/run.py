@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import io
 import json
 import platform
@@ -58,7 +57,9 @@ from recare.eval.attacks import ATTACKS, Attack, AttackContext, learn_cce_token,
 from recare.eval.config import EvaluationConfig, attack_runs_of, resolve_config
 from recare.eval.distributed import Processes, processes
 from recare.progress import CancelToken, ProgressCallback, check_cancel, emit
-from recare.runs import atomic_save, atomic_write_bytes, atomic_write_json, atomic_write_text, new_run_dir
+from recare.atomic import atomic_save, atomic_write_bytes, atomic_write_json, atomic_write_text
+from recare.hashing import file_sha256
+from recare.runs import new_run_dir
 
 FORMAT, FORMAT_VERSION = "recare-evaluation", 1
 CARE, CLIP = "care", "clip"   # the two image sets that are not attacks
@@ -489,21 +490,13 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _json_safe(value):
     return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
 
 
 def model_description(config: EvaluationConfig, models: Models) -> dict[str, Any]:
     """Base and evaluated model: names, fingerprints, trained-weight files (size, sha256), scheduler, dtype."""
-    from recare.encoders import folder_fingerprint
+    from recare.hashing import folder_fingerprint
     from recare.train.export import model_fingerprint
 
     pipe = models.pipe
@@ -519,7 +512,7 @@ def model_description(config: EvaluationConfig, models: Models) -> dict[str, Any
     }
     if models.trained is not None:
         entry["trained"] = {"given": config.unet, "path": str(models.trained.path), "format": models.trained.format,
-                            "files": [{"name": f.name, "bytes": f.stat().st_size, "sha256": _sha256(f)}
+                            "files": [{"name": f.name, "bytes": f.stat().st_size, "sha256": file_sha256(f)}
                                       for f in models.trained.files]}
     return entry
 
@@ -769,7 +762,7 @@ class _Evaluation:
             attacks[name]["runs"] = attack_runs_of(config, name)
         if "cce" in attacks:
             files = [self._cce_file(r) for r in range(attack_runs_of(config, "cce"))]
-            attacks["cce"]["token_files"] = [{"path": str(f.relative_to(self.run_dir)), "sha256": _sha256(f)}
+            attacks["cce"]["token_files"] = [{"path": str(f.relative_to(self.run_dir)), "sha256": file_sha256(f)}
                                              for f in files if f.is_file()]
             if attacks["cce"]["token_files"]:
                 attacks["cce"]["token_file"] = attacks["cce"]["token_files"][0]

@@ -161,7 +161,7 @@ def parse_json(text: Any, what: str, limits: Limits | None = None) -> Any:
 # checks shared by the requests (and by the worker's re-check)
 
 
-def _bound(limits: Limits, field: str, value: Any, what: str) -> None:
+def check_bound(limits: Limits, field: str, value: Any, what: str) -> None:
     if isinstance(value, int) and not isinstance(value, bool) and value > getattr(limits, field):
         raise ConfigError(limits.exceeded(field, f"{what} is {value:,}"))
 
@@ -227,13 +227,13 @@ def check_train(config: TrainConfig, submitter: Submitter, roots: list[str | Pat
     _seed(config.seed)
     for section, what in ((config.stage2, "stage-2 iterations"), (config.esd, "ESD iterations")):
         if section is not None:
-            _bound(limits, "train_iterations", section.iterations, what)
+            check_bound(limits, "train_iterations", section.iterations, what)
     if config.stage1 is not None:
-        _bound(limits, "stage1_iterations", config.stage1.esd.iterations, "stage-1 erase iterations per round")
-        _bound(limits, "ti_steps", config.stage1.textual_inversion.steps, "textual-inversion steps per round")
-        _bound(limits, "stage1_rounds", config.stage1.n_iterations, "the number of stage-1 rounds")
+        check_bound(limits, "stage1_iterations", config.stage1.esd.iterations, "stage-1 erase iterations per round")
+        check_bound(limits, "ti_steps", config.stage1.textual_inversion.steps, "textual-inversion steps per round")
+        check_bound(limits, "stage1_rounds", config.stage1.n_iterations, "the number of stage-1 rounds")
         _seed(config.stage1.textual_inversion.seed, "the textual-inversion seed")
-    _bound(limits, "images", config.num_images, "the number of target images")
+    check_bound(limits, "images", config.num_images, "the number of target images")
 
 
 def check_evaluation(data: dict, submitter: Submitter, roots: list[str | Path], resolve: bool = True) -> None:
@@ -260,13 +260,13 @@ def check_evaluation(data: dict, submitter: Submitter, roots: list[str | Path], 
         _server_path(config.reference_images, "the reference images", submitter, roots)
     if submitter.public and any(_looks_like_path(v) for v in config.detector_options.values()):
         raise ConfigError("a detector option names a file on the server, which this public app does not read.")
-    _bound(limits, "eval_seeds", config.seeds, "seeds per prompt")
-    _bound(limits, "care_images", config.care_images_per_prompt, "CARE images per prompt")
-    _bound(limits, "clip_captions", config.clip_count, "the number of CLIP captions")
-    _bound(limits, "ti_steps", config.cce_steps, "CCE's textual-inversion steps")
-    _bound(limits, "images", config.cce_images, "CCE's images")
-    _bound(limits, "attack_runs", getattr(config, "attack_runs", None), "attack runs")
-    _bound(limits, "steps", config.steps, "denoising steps")
+    check_bound(limits, "eval_seeds", config.seeds, "seeds per prompt")
+    check_bound(limits, "care_images", config.care_images_per_prompt, "CARE images per prompt")
+    check_bound(limits, "clip_captions", config.clip_count, "the number of CLIP captions")
+    check_bound(limits, "ti_steps", config.cce_steps, "CCE's textual-inversion steps")
+    check_bound(limits, "images", config.cce_images, "CCE's images")
+    check_bound(limits, "attack_runs", getattr(config, "attack_runs", None), "attack runs")
+    check_bound(limits, "steps", config.steps, "denoising steps")
     for name in ("height", "width"):
         value = getattr(config, name)
         if isinstance(value, int) and value * value > limits.generate_pixels:

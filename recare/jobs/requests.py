@@ -21,8 +21,8 @@ session's files may be gone when the job starts). The policy and the limits trav
 config.json ("request"), and the worker checks the stored settings again before the job starts
 (`recheck`), so a run folder that was changed on disk is refused too.
 
-Helpers for raw values from a form or an API client: `run_ids` (a list of run ids, bounded) and
-`parse_json` (JSON text with its nesting depth checked before it is parsed).
+The checks themselves, and the helpers for raw values from a form or an API client (`run_ids`,
+`parse_json`), are in `recare.jobs.checks`.
 """
 
 from __future__ import annotations
@@ -33,9 +33,8 @@ from typing import Any, ClassVar
 from recare.config import TrainConfig
 from recare.errors import ConfigError
 from recare.jobs import targets
-from recare.jobs.checks import (  # re-exported: the app and the CLI import them from here
-    REQUEST_KEY, REQUEST_KINDS, Submitter, _bound, check_evaluation, check_model, check_train, client_hash,
-    json_depth, parse_json, recheck, run_ids,
+from recare.jobs.checks import (
+    REQUEST_KEY, REQUEST_KINDS, Submitter, check_bound, check_evaluation, check_train,
 )
 from recare.jobs.runner import JobRunner, JobSpec
 from recare.runs import Run
@@ -100,7 +99,7 @@ class TrainRequest(JobRequest):
 
             mini_world_task(self.task)
         if self.preview is not None:
-            _bound(submitter.limits, "steps", self.preview.get("steps"), "preview steps")
+            check_bound(submitter.limits, "steps", self.preview.get("steps"), "preview steps")
 
     def settings(self) -> dict:
         data: dict[str, Any] = {"command": self.command, "train": self.config.to_dict()}
@@ -216,6 +215,4 @@ def submit_requests(runner: JobRunner, requests: list[JobRequest], submitter: Su
     return runner.submit_many(specs, owner=submitter.owner, client=submitter.client)
 
 
-__all__ = ["Submitter", "TrainRequest", "EvaluateRequest", "DemoRerunRequest", "JobRequest", "submit_requests",
-           "recheck", "run_ids", "parse_json", "json_depth", "check_model", "check_train", "check_evaluation",
-           "client_hash", "REQUEST_KEY"]
+__all__ = ["TrainRequest", "EvaluateRequest", "DemoRerunRequest", "JobRequest", "submit_requests"]

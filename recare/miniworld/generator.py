@@ -52,7 +52,7 @@ from .generator_models import (
 from .clip import load_as_float32
 from .tokenizer import CONTEXT_LENGTH, build_clip_tokenizer, write_vocab_files
 from ..errors import TrainingError
-from ..runs import atomic_save, atomic_write_dir, atomic_write_text
+from ..atomic import atomic_save, atomic_write_dir, atomic_write_text
 
 PIPELINE_DIRNAME = "pipeline"
 TRAINING_RECORD = "recare_training.json"

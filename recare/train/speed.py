@@ -19,7 +19,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterable
 
-from recare.runs import atomic_write_json, now_iso
+from recare.atomic import atomic_write_json
+from recare.runs import now_iso
 
 SPEED_FILE = ".train-speed.json"
 KINDS = ("erase", "stage2", "textual_inversion")
