@@ -127,7 +127,7 @@ def call_pipeline(pipe):
     """
     from diffusers import DiffusionPipeline
 
-    from recare.models import derive_pipeline
+    from recare.models.pipelines import derive_pipeline
 
     if not isinstance(pipe, DiffusionPipeline) or getattr(pipe, "scheduler", None) is None:
         return pipe

@@ -142,7 +142,7 @@ def prepare_task_inputs(folder: str | Path, task: dict, pipe, num_images: int, s
     """
     from recare.encoders import word_list_vocabulary
     from recare.generate import generated_images
-    from recare.models import load_encoder
+    from recare.models.encoders import load_encoder
 
     spec = worldspec.mini_world_spec() if spec is None else spec
     folder = Path(folder)
@@ -182,7 +182,8 @@ def run_task_training_job(run, progress: ProgressCallback | None, cancel: Cancel
         progress: the job runner's reporter.
         cancel: the run's cancel token.
     """
-    from recare.models import MINI_WORLD, load_pipeline
+    from recare.models.pipelines import load_pipeline
+    from recare.models.policy import MINI_WORLD
     from recare.atomic import atomic_write_json
     from recare.train.recipe import job_config, run_training_job
 

@@ -279,7 +279,9 @@ def test_public_policy_keeps_mini_world_hub_ids_and_allowed_folders(tmp_path, mo
         models.load_pipeline("someone/some-model", device="cpu", policy=policy)
     # a relative hub-id-shaped name is never a path on a public app, even where such a folder exists
     monkeypatch.chdir(tmp_path)
-    assert models._pipeline_source("models/tiny", policy) == ("models/tiny", False)
+    from recare.models.pipelines import _pipeline_source
+
+    assert _pipeline_source("models/tiny", policy) == ("models/tiny", False)
 
 
 def test_model_cache_applies_the_policy_before_any_loader(tmp_path):

@@ -139,7 +139,7 @@ def test_hub_id_unreachable_hub_fails_within_probe_timeout(monkeypatch):
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", f"http://{host}:{port}")
-    monkeypatch.setattr(models, "HUB_PROBE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(models.hub, "HUB_PROBE_TIMEOUT_S", 1.0)  # read by hub_reachable at call time
     try:
         start = time.perf_counter()
         assert models.hub_reachable(timeout=1.0) is False

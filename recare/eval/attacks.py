@@ -263,7 +263,7 @@ def token_placeholders(folder: Path | None) -> list[str]:
         return []
     from safetensors import safe_open
 
-    from recare.models import find_token_files
+    from recare.models.weights import find_token_files
 
     names = []
     for f in find_token_files(folder):
@@ -277,7 +277,7 @@ def _adversarial_prompts(ctx: AttackContext) -> list[str]:
 
 
 def _adversarial_pipeline(ctx: AttackContext, run: int = 0):
-    from recare.models import derive_pipeline
+    from recare.models.pipelines import derive_pipeline
 
     return ctx.cached("adversarial", lambda: derive_pipeline(ctx.pipe, learned_tokens=ctx.tokens_dir))
 

@@ -57,7 +57,7 @@ class Submitter:
 
     def policy(self):
         """The `recare.models.ModelPolicy` of this submitter."""
-        from recare.models import LOCAL_USE, ModelPolicy
+        from recare.models.policy import LOCAL_USE, ModelPolicy
 
         return ModelPolicy.public(self.allowed_dirs, self.limits) if self.public else LOCAL_USE
 
@@ -195,7 +195,7 @@ def check_model(name: Any, submitter: Submitter, what: str = "model") -> str:
     Nothing on disk is looked at in public mode outside the allowed folders, so the message never
     tells whether a server path exists.
     """
-    from recare.models import MINI_WORLD, is_hub_id
+    from recare.models.policy import MINI_WORLD, is_hub_id
 
     policy = submitter.policy()
     try:

@@ -67,7 +67,7 @@ def _device_key(device: str | None) -> str:
     """The slot a job's device takes ("auto" resolved first, so it cannot slip past the one-GPU-job rule)."""
     device = (device or "cpu").strip().lower()
     if device == "auto":
-        from recare.models import resolve_device
+        from recare.models.device import resolve_device
 
         device = str(resolve_device("auto"))
     return "cuda:0" if device == "cuda" else device

@@ -152,7 +152,7 @@ def load_mini_clip(path: str | os.PathLike | None = None, device="cpu") -> MiniC
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
     if path is None:
-        from recare.models import mini_world_dir
+        from recare.models.policy import mini_world_dir
 
         path = mini_world_dir() / "clip"
     path = Path(path)

@@ -90,7 +90,7 @@ def measure_clip_range(encoder: Encoder, n: int = RANGE_RENDERS, seed: int = HEL
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m recare.miniworld.heldout [--n 512]`: print the measured range as JSON."""
-    from recare.models import load_encoder
+    from recare.models.encoders import load_encoder
     from recare.runtime import set_process_defaults
 
     set_process_defaults()

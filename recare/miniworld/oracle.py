@@ -184,7 +184,7 @@ def load_oracle(path: str | os.PathLike | None = None, device: str | torch.devic
     from safetensors.torch import load_file
 
     if path is None:
-        from recare.models import mini_world_dir
+        from recare.models.policy import mini_world_dir
 
         path = mini_world_dir() / "oracle"
     path = Path(path)

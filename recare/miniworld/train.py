@@ -101,7 +101,7 @@ def read_recare_json(path: str | os.PathLike | None = None) -> dict:
     """Read a mini world's ``recare.json`` (default: the one ``recare.models`` loads, so
     ``$RECARE_MINI_WORLD`` is honoured the same way); unlike ``recare.worldspec``, a missing or
     broken file is an error here, since the recipe and the benchmark cannot go on without it."""
-    from recare.models import mini_world_dir
+    from recare.models.policy import mini_world_dir
 
     path = Path(path) if path is not None else mini_world_dir() / "recare.json"
     if not path.is_file():

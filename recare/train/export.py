@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from recare.models import OFFICIAL_UNET_FILE, TOKENS_DIR, TRAINED_PARAMS_FILE  # the names the reader looks for
+from recare.models.weights import OFFICIAL_UNET_FILE, TOKENS_DIR, TRAINED_PARAMS_FILE  # the names the reader looks for
 from recare.atomic import atomic_save, atomic_write_dir
 from recare.hashing import model_fingerprint  # re-exported: training writes it beside the weights
 from recare.train.textual_inversion import LearnedToken
