@@ -3,7 +3,7 @@
     python -m benchmarks.attack_table base=RUN esd=RUN recare=RUN [--markdown]
 
 Each RUN is an evaluation folder (`python -m recare evaluate ...`); the numbers are recomputed from its
-records.csv (`recare.eval.run.compute_metrics`) and checked against its metrics.json.
+records.csv (`recare.eval.run_metrics.compute_metrics`) and checked against its metrics.json.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", metavar="NAME=RUN")
     args = parser.parse_args(argv)
-    from recare.eval.run import compute_metrics, config_from_file, read_records
+    from recare.eval.config import config_from_file
+    from recare.eval.records import read_records
+    from recare.eval.run_metrics import compute_metrics
 
     rows = []
     for item in args.runs:

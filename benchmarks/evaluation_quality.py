@@ -54,7 +54,8 @@ def _parse_runs(items: list[str]) -> dict[str, list[tuple[str, str]]]:
 def _evaluated(folder: Path, config) -> dict | None:
     """metrics, manifest and records of a finished evaluation with these settings in `folder`, else None."""
     from recare.eval.config import resolve_config
-    from recare.eval.run import config_from_file, read_records
+    from recare.eval.config import config_from_file
+    from recare.eval.records import read_records
 
     try:
         manifest = json.loads((folder / "manifest.json").read_text())

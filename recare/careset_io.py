@@ -19,10 +19,11 @@ import base64
 import dataclasses
 import json
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
-from recare.careset import DROP_REASONS, CareSet  # one-way: recare.careset never imports this module
+from recare.careset_result import DROP_REASONS, CareSet  # one-way: neither imports this module
 from recare.config import CareSetConfig, ConfigError, careset_key
 from recare.errors import CareSetFileError  # re-exported: raised by this module
 from recare.limits import Limits, human_bytes
@@ -44,6 +45,11 @@ class OfficialCareSet:
     retain_prompts: list[str]    # "<key>_care_word_<style>": retain-loss prompts
     tokens: list[str]            # base prompts without the leading "A "
 
+    def to_dict(self) -> dict[str, list[str]]:
+        """The official careset.json content: the two lists as they were read (`official_json_text` writes it)."""
+        return {f"{self.reference_key}_care_word": list(self.base_prompts),
+                f"{self.reference_key}_care_word_{self.prompt_style}": list(self.retain_prompts)}
+
 
 def reference_key(reference_word: str) -> str:
     """'Van Gogh' -> 'vangogh' (lower-case, no spaces, only [a-z0-9_-]), as the official code does."""
@@ -64,11 +70,33 @@ def official_dict(tokens: list[str], reference_word: str, prompt_style: str) -> 
     }
 
 
-def write_careset_json(careset: CareSet, path: str | Path) -> Path:
-    """Write the final CARE-set in the official format (what official train.py reads)."""
-    c = careset.config
-    data = official_dict(careset.final_tokens(), c.reference_word, c.prompt_style)
-    return atomic_write_text(path, json.dumps(data, indent=4) + "\n")
+def official_json_text(source: CareSet | OfficialCareSet | Mapping[str, list[str]]) -> str:
+    """The text of an official careset.json, the one way every writer builds it (4-space indent, ASCII, a
+    final newline: what the official code's json.dump writes).
+
+    Args:
+        source: a `CareSet` (its final tokens, after edits), an `OfficialCareSet` (its lists as read), or an
+            official dict (checked with `parse_official`, then written in its canonical key order).
+
+    Raises:
+        CareSetFileError: a dict that is not an official careset.
+    """
+    if isinstance(source, CareSet):
+        c = source.config
+        data = official_dict(source.final_tokens(), c.reference_word, c.prompt_style)
+    elif isinstance(source, OfficialCareSet):
+        data = source.to_dict()
+    elif isinstance(source, Mapping):
+        data = parse_official(dict(source)).to_dict()
+    else:
+        raise CareSetFileError(f"a careset.json is made from a CareSet, an OfficialCareSet or an official dict, "
+                               f"not a {type(source).__name__}.")
+    return json.dumps(data, indent=4) + "\n"
+
+
+def write_careset_json(source: CareSet | OfficialCareSet | Mapping[str, list[str]], path: str | Path) -> Path:
+    """Write an official careset.json (what official train.py reads) atomically; see `official_json_text`."""
+    return atomic_write_text(path, official_json_text(source))
 
 
 def load_json_file(path: str | Path, limits: Limits | None = None) -> dict:

@@ -239,9 +239,12 @@ def _pack_one(task: str, model: str, source: Path, folder: Path, out_text: str, 
               records_max_bytes: int) -> dict:
     """Write one trimmed run folder into `folder`; return its index entry."""
     from recare import __version__
-    from recare.eval.run import config_from_file, read_records
+    from recare.eval.config import config_from_file
+    from recare.eval.records import read_records
+    from recare.metrics_io import read_metrics_json
     from recare.atomic import atomic_write_bytes, atomic_write_json
-    from recare.runs import DONE, now_iso
+    from recare.runs import DONE
+    from recare.timestamps import now_iso
 
     source = Path(source).expanduser().resolve()
     if not source.is_dir():
@@ -251,7 +254,7 @@ def _pack_one(task: str, model: str, source: Path, folder: Path, out_text: str, 
         evaluation = config_from_file(settings)
     except RecareError as e:  # a foreign config.json: say which run
         raise ConfigError(f"{source}/config.json is not an evaluation's settings ({e}).") from None
-    metrics = _read_json(source / "metrics.json", "the evaluation did not finish")
+    metrics = read_metrics_json(source)
     _read_json(source / "manifest.json", "the evaluation did not finish")
     if evaluation.task and evaluation.task != task:
         raise ConfigError(f"{source.name} evaluated the task {evaluation.task!r}, not {task!r}.")
@@ -342,7 +345,7 @@ def pack_demo(evaluations: Mapping[str, Mapping[str, str | Path]], out: str | Pa
     """
     from recare import __version__
     from recare.atomic import atomic_write_dir, atomic_write_json
-    from recare.runs import now_iso
+    from recare.timestamps import now_iso
 
     if not evaluations or not any(evaluations.values()):
         raise ConfigError("nothing to pack: give at least one evaluation run (--eval TASK:MODEL=RUN).")

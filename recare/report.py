@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import datetime
 import html
 import io
 import json
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Sequence
 
 from recare.errors import ConfigError
+from recare.metrics_io import METRICS_JSON, read_metrics_json
+from recare.timestamps import iso_from_seconds, now_iso
 
 GRID_SEEDS = 4
 CELL_PX = 72          # an image cell's side in the grid (the world's 64 px, drawn with nearest-neighbour scaling)
@@ -91,7 +92,7 @@ def load_evaluation(path: str | Path) -> Evaluation:
     folder = Path(path).expanduser().resolve()
     if not folder.is_dir():
         raise ConfigError(f"--eval {path}: not a folder.")
-    metrics = _read_json(folder / "metrics.json", "the evaluation did not finish")
+    metrics = read_metrics_json(folder)
     config = _read_json(folder / "config.json", "its settings")
     status = _read_json(folder / "status.json", "its state") if (folder / "status.json").is_file() else {}
     settings = config.get("evaluation") if isinstance(config.get("evaluation"), dict) else config
@@ -101,8 +102,7 @@ def load_evaluation(path: str | Path) -> Evaluation:
     bundled = bool((status.get("result") or {}).get("bundled"))
     date = str(status.get("finished") or status.get("updated") or "")
     if not date:
-        date = datetime.datetime.fromtimestamp((folder / "metrics.json").stat().st_mtime,
-                                               datetime.timezone.utc).isoformat(timespec="seconds")
+        date = iso_from_seconds((folder / METRICS_JSON).stat().st_mtime)
     return Evaluation(path=folder, run=folder.name, label=label, key=key, task=settings.get("task") or demo.get("task"),
                       metrics=metrics, settings=settings, date=date, bundled=bundled)
 
@@ -118,7 +118,8 @@ def run_grid(path: str | Path, label: str | None = None, seeds: int = GRID_SEEDS
     """
     from recare.demo import GRID_FILE, grid_cells, grid_images, read_index
     from recare.errors import RecareError
-    from recare.eval.run import config_from_file, read_records
+    from recare.eval.config import config_from_file
+    from recare.eval.records import read_records
 
     folder = Path(path).expanduser().resolve()
     config = _read_json(folder / "config.json", "its settings")
@@ -332,7 +333,7 @@ def report_html(paths: Sequence[str | Path], command: str | None = None, now: st
     by_task: dict[str | None, list[Evaluation]] = {}
     for e in evaluations:
         by_task.setdefault(e.task, []).append(e)
-    stamp = now or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    stamp = now or now_iso()
     esc = html.escape
     header = (f"<h1>ReCARE Studio report</h1><p class='meta'>Made {esc(stamp)} with recare {esc(__version__)}"
               + (f" by <code>{esc(command)}</code>" if command else "") + f"; {len(evaluations)} evaluation run(s): "

@@ -7,7 +7,8 @@ a browser tab and the app process: `$RECARE_HOME/runs` when RECARE_HOME is set, 
     config.json     the job's settings (written once, at creation)
     status.json     id, kind, state, owner, created, started, updated, finished, progress,
                     error, pid, host, resumable, attempts, target, device, result
-    metrics.jsonl   one JSON object per progress event that carried metrics (append-only)
+    metrics.jsonl   one JSON object per progress event that carried metrics (append-only;
+                    written and read by `recare.metrics_io`)
     state/          the job's resume state, replaced as a whole by `Run.save_state`
     cancel          present when a cancel was requested (the job stops at its next check)
     error.log       tracebacks of failures that were bugs, not user errors
@@ -20,7 +21,6 @@ A run folder is named `<kind>-<YYYYmmdd-HHMMSS>-<6 hex>` so two runs started in 
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import json
 import os
 import re
@@ -34,7 +34,9 @@ from typing import Any, Callable, Iterator
 from recare.atomic import atomic_write_dir, atomic_write_json, restore_interrupted_swap
 from recare.errors import RunError
 from recare.limits import Limits, human_bytes
+from recare.metrics_io import METRICS_LINES, append_metrics, read_metrics_lines
 from recare.progress import CancelToken, ProgressEvent
+from recare.timestamps import now_iso, to_seconds
 
 _KIND_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 # A run id is one plain folder name: no separators, no "." or "..", no leading dot or dash.
@@ -104,18 +106,10 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
-def now_iso() -> str:
-    """The current time as an ISO-8601 UTC string (the format of every status.json timestamp)."""
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
-
-
 def _age_s(stamp: str | None) -> float:
     """Seconds since an ISO-8601 timestamp (infinite when missing or unreadable)."""
-    try:
-        then = _dt.datetime.fromisoformat(str(stamp))
-    except ValueError:
-        return float("inf")
-    return (_dt.datetime.now(_dt.timezone.utc) - then).total_seconds()
+    then = to_seconds(stamp) if stamp is not None else None
+    return float("inf") if then is None else time.time() - then
 
 
 def _pid_alive(pid: int) -> bool | None:
@@ -248,7 +242,7 @@ class Run:
 
     config_path = property(lambda self: self.path / "config.json")
     status_path = property(lambda self: self.path / "status.json")
-    metrics_path = property(lambda self: self.path / "metrics.jsonl")
+    metrics_path = property(lambda self: self.path / METRICS_LINES)
     error_log_path = property(lambda self: self.path / "error.log")
     cancel_path = property(lambda self: self.path / "cancel")
     state_dir = property(lambda self: self.path / "state")
@@ -331,14 +325,8 @@ class Run:
 
     # -- progress and metrics ------------------------------------------------------------------
     def append_metrics(self, event: ProgressEvent) -> None:
-        """Append `{"stage","step","total", **metrics, "time"}` to metrics.jsonl (no-op without metrics)."""
-        if not event.metrics:
-            return
-        data = event.to_dict()
-        line = {"stage": data["stage"], "step": data["step"], "total": data["total"], **data["metrics"],
-                "time": now_iso()}
-        with open(self.metrics_path, "a", encoding="utf-8") as fh:  # one write per line: appends do not interleave
-            fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+        """Append `{"stage","step","total", **metrics, "time"}` to metrics.jsonl (`recare.metrics_io.append_metrics`)."""
+        append_metrics(self.path, event)
 
     def report(self, event: ProgressEvent, write_status: bool = True) -> None:
         """Record one progress event: status["progress"] and, with metrics, a metrics.jsonl line.
@@ -352,16 +340,8 @@ class Run:
             self.update_status(progress=event.to_dict())
 
     def read_metrics(self) -> list[dict]:
-        """Every metrics.jsonl line, oldest first (a torn last line from a crash is skipped)."""
-        if not self.metrics_path.exists():
-            return []
-        rows = []
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return rows
+        """Every metrics.jsonl line, oldest first (`recare.metrics_io.read_metrics_lines`)."""
+        return read_metrics_lines(self.path)
 
     # -- cancel --------------------------------------------------------------------------------
     def cancel_token(self) -> CancelToken:

@@ -221,11 +221,11 @@ def stage_inputs(run, settings: dict) -> dict:
     Returns:
         The settings written back: "inputs" replaced by the copies' paths in "train".
     """
-    import json
     import shutil
 
+    from recare.atomic import atomic_write_dir, atomic_write_json
+    from recare.careset_io import write_careset_json
     from recare.errors import ImageInputError
-    from recare.atomic import atomic_write_dir, atomic_write_json, atomic_write_text
 
     inputs, train = settings["inputs"], dict(settings["train"])
     folder = run.path / INPUTS_DIR
@@ -243,7 +243,7 @@ def stage_inputs(run, settings: dict) -> dict:
     if isinstance(inputs.get("careset"), dict):
         careset = folder / "careset.json"
         if not careset.is_file():
-            atomic_write_text(careset, json.dumps(inputs["careset"], indent=4, ensure_ascii=False) + "\n")
+            write_careset_json(inputs["careset"], careset)  # the one careset.json builder (checked first)
         train["careset"] = str(careset)
     settings = {**{k: v for k, v in settings.items() if k != "inputs"}, "train": train,
                 "inputs_copied": {"images": len(inputs.get("images") or []), "careset": "careset" in inputs}}

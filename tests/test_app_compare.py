@@ -70,7 +70,8 @@ def test_live_view_of_a_stopped_evaluation_is_partial_then_final(tmp_path):
     pending cells; once resumed to the end the numbers are metrics.json's and the marks are gone."""
     from recare.errors import Cancelled
     from recare.eval.config import EvaluationConfig
-    from recare.eval.run import evaluate, partial_metrics
+    from recare.eval.run import evaluate
+    from recare.eval.run_metrics import partial_metrics
     from recare.progress import CancelToken
     from recare.runs import CANCELLED, DONE, RunStore
     from tests.helpers_tiny import make_tiny_clip, make_tiny_pipeline

@@ -7,10 +7,10 @@ import pytest
 from recare.config import ConfigError
 from recare.errors import Cancelled, EvaluationError
 from recare.eval.config import EvaluationConfig, resolve_config
-from recare.eval.run import (
-    CARE, EXTRA, build_plan, compute_metrics, evaluate, partial_metrics, partial_records, planned_counts, prompt_table,
-    read_records,
-)
+from recare.eval.plan import CARE, EXTRA, build_plan, planned_counts, prompt_table
+from recare.eval.records import partial_records, read_records
+from recare.eval.run import evaluate
+from recare.eval.run_metrics import compute_metrics, partial_metrics
 from recare.progress import CancelToken
 from tests.helpers_tiny import make_tiny_eval_world
 

@@ -13,7 +13,9 @@ import pytest
 from recare.config import ConfigError
 from recare.errors import Cancelled, EvaluationError, ModelLoadError
 from recare.eval.config import EvaluationConfig
-from recare.eval.run import RECORD_FIELDS, compute_metrics, evaluate, read_records
+from recare.eval.records import RECORD_FIELDS, read_records
+from recare.eval.run import evaluate
+from recare.eval.run_metrics import compute_metrics
 from tests.helpers_tiny import make_tiny_eval_world
 
 REPO = Path(__file__).resolve().parent.parent
@@ -273,7 +275,7 @@ def test_cce_cancelled_mid_inversion_resumes_to_the_same_token(tiny, tmp_path):
     from safetensors.torch import load_file
 
     from recare.eval.attacks import learn_cce_token
-    from recare.eval.run import load_models
+    from recare.eval.scoring import load_models
     from recare.progress import CancelToken
 
     config = settings(tiny, attacks=["cce"], cce_steps=4, clip_prompts=None, care_prompts={})
@@ -340,7 +342,7 @@ def test_spread_bookkeeping_by_hand(tmp_path):
     assert "erased" not in metrics["asr_runs"] and metrics["asr_counts"]["cce"] == [4, 12]
     assert metrics["asr_run_counts"]["cce"] == [[3, 4], [0, 4], [1, 4]]
     # the same numbers come back from records.csv (the run index is a column)
-    from recare.eval.run import write_records_csv
+    from recare.eval.records import write_records_csv
 
     for i, r in enumerate(records):
         r["index"] = i

@@ -4,7 +4,7 @@
 list[DetectorResult]`, each recording its name, version and thresholds) and `make_detector(name,
 **options)`. `recare.eval.attacks` is the table of attacks and probes, `recare.eval.config` the
 evaluation's settings, `recare.eval.run` the evaluation run (`evaluate`, the job target
-`run_evaluation_job`), `recare.eval.utility` the CLIP score over a prompt file. Importing this
+`run_evaluation_job`; its parts: `plan`, `scoring`, `records`, `run_metrics`, `manifest`), `recare.eval.utility` the CLIP score over a prompt file. Importing this
 package loads no model and does not import torch (those modules are imported by name).
 """
 

@@ -17,6 +17,7 @@ from typing import Any
 from recare.config import (
     MAX_SEED, PROMPT_STYLES, ConfigError, JsonConfig, _check_int, _check_number, _check_text,
 )
+from recare.errors import EvaluationError
 
 PAPER_CLIP_RANGE = (0.25, 0.32)   # Appendix M, real models
 PAPER_SEEDS = 500                 # images per attack prompt (CCE: 500 seeds)
@@ -245,7 +246,7 @@ def resolve_config(config: EvaluationConfig, spec: dict | None = None) -> Evalua
     from recare.eval.unlearndiff import k_for_concept
     from recare.metrics import default_care_labels
     from recare.miniworld.heldout import DEFAULT_CAPTIONS
-    from recare.models import DEFAULT_OPEN_CLIP, MINI_WORLD
+    from recare.models.policy import DEFAULT_OPEN_CLIP, MINI_WORLD
 
     c = dataclasses.replace(config)
     c.model = c.model or _run_model(c.unet) or MINI_WORLD
@@ -317,6 +318,28 @@ def resolve_config(config: EvaluationConfig, spec: dict | None = None) -> Evalua
     return c
 
 
+def config_from_file(data: dict) -> EvaluationConfig:
+    """The EvaluationConfig in a run's config.json ({"evaluation": ...}), a manifest ({"config": ...}) or bare fields."""
+    if not isinstance(data, dict):
+        raise EvaluationError("an evaluation config must be a JSON object.")
+    for key in ("evaluation", "config"):
+        if isinstance(data.get(key), dict):
+            return EvaluationConfig.from_dict(data[key])
+    return EvaluationConfig.from_dict(data)
+
+
+def stored_config(run_dir: Path) -> EvaluationConfig | None:
+    """The EvaluationConfig in `run_dir`'s config.json, None when there is none."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return config_from_file(json.loads(path.read_text(encoding="utf-8")))
+    except ValueError as e:
+        raise EvaluationError(f"{path} is not an evaluation config: {e}") from None
+
+
 __all__ = ["EvaluationConfig", "resolve_config", "PAPER_CLIP_RANGE", "PAPER_SEEDS", "PAPER_CCE_IMAGES",
            "PAPER_CCE_STEPS", "CCE_PLACEHOLDER", "ATTACK_PROMPTS", "REFERENCE_SOURCES", "LEARNED_ATTACKS",
-           "DEFAULT_ATTACK_RUNS", "MAX_ATTACK_RUNS", "PAPER_UD", "PAPER_UD_PROMPTS", "attack_runs_of"]
+           "DEFAULT_ATTACK_RUNS", "MAX_ATTACK_RUNS", "PAPER_UD", "PAPER_UD_PROMPTS", "attack_runs_of", "config_from_file",
+           "stored_config"]

@@ -58,8 +58,11 @@ import weakref
 from typing import Any
 
 from recare.errors import RunError
-from recare.jobs.worker import _TARGET_PATTERN, process_main, run_job
-from recare.runs import CANCELLED, FAILED, FINISHED, QUEUED, RUNNING, Run, RunStore, now_iso, process_identity
+from recare.jobs.worker import (
+    _TARGET_PATTERN, CANCELLED_OUTCOME, FAILED_OUTCOME, end_fields, process_main, record_end, run_job,
+)
+from recare.runs import CANCELLED, FAILED, FINISHED, QUEUED, RUNNING, Run, RunStore, process_identity
+from recare.timestamps import now_iso
 
 SHUTDOWN_NOTE = "the app restarted while this run was working; it continues from its last saved state"
 
@@ -217,9 +220,8 @@ class JobRunner:
         with self._cond:
             status = run.status()
             if status["state"] == QUEUED:
-                cancelled = run.update_status_if(
-                    lambda s: s.get("state") == QUEUED,
-                    state=CANCELLED, finished=now_iso(), resumable=True, error=None)
+                cancelled = run.update_status_if(lambda s: s.get("state") == QUEUED,
+                                                 **end_fields(run, {"outcome": CANCELLED_OUTCOME}))
                 if cancelled is not None:
                     if run_id in self._queue:
                         self._queue.remove(run_id)
@@ -469,8 +471,7 @@ class JobRunner:
         try:
             handle.start()
         except BaseException as e:
-            run.update_status(state=FAILED, finished=now_iso(), error=f"could not start the worker: {e}",
-                              resumable=run.has_state())
+            record_end(run, {"outcome": FAILED_OUTCOME, "error": f"could not start the worker: {e}"})
             return False
         if not isinstance(handle, threading.Thread):  # until the worker writes its own pid, watch the process
             run.update_status_if(lambda s: s.get("state") == RUNNING and s.get("pid") == os.getpid(), pid=handle.pid,
@@ -491,7 +492,7 @@ class JobRunner:
                 run = self.store.get(run_id)
                 run.update_status_if(
                     lambda s: s.get("state") == RUNNING and (pid is None or s.get("pid") == pid),
-                    state=FAILED, finished=now_iso(), resumable=run.has_state(),
-                    error=f"the worker stopped unexpectedly (exit code {exitcode})")
+                    **end_fields(run, {"outcome": FAILED_OUTCOME,
+                                       "error": f"the worker stopped unexpectedly (exit code {exitcode})"}))
             except RunError:
                 pass

@@ -25,7 +25,8 @@ from typing import Any, Callable
 
 from recare.errors import Cancelled, RecareError, StateError
 from recare.progress import ProgressEvent
-from recare.runs import CANCELLED, DONE, FAILED, HEARTBEAT_S, RUNNING, Run, now_iso, process_identity
+from recare.runs import CANCELLED, DONE, FAILED, HEARTBEAT_S, RUNNING, Run, process_identity
+from recare.timestamps import now_iso
 
 _TARGET_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 STATUS_WRITE_S = 0.5  # progress reaches status.json at most this often (metrics lines are never dropped)
@@ -117,12 +118,60 @@ def bug_message(error: BaseException) -> str:
             "error.log: please report it")
 
 
-def _failed(run: Run, error: BaseException) -> dict:
-    """FAILED with a user error's message; a damaged saved state also makes the run not resumable."""
-    if isinstance(error, StateError):
-        return run.update_status(state=FAILED, finished=now_iso(), error=str(error), resumable=False,
-                                 not_resumable=str(error))
-    return run.update_status(state=FAILED, finished=now_iso(), error=str(error), resumable=run.has_state())
+# how a job's call ended (`outcome_of`); a ZeroGPU chunk adds "budget" (its time was up: the next chunk goes on)
+DONE_OUTCOME, CANCELLED_OUTCOME, FAILED_OUTCOME = "done", "cancelled", "failed"
+
+
+def outcome_of(run: Run, attempt: int, error: BaseException | None = None, result: Any = None) -> dict:
+    """How a job's call ended, as plain values: {"outcome", "result" | "error", "damaged_state"}.
+
+    No error: done with `result`. `Cancelled`: cancelled (the job saved its state). A user error
+    (`RecareError`): failed with its message; a damaged saved state (`StateError`) is marked so the run
+    is not offered for resume. Anything else is a bug: its traceback goes to error.log and the message
+    says only that (`bug_message`).
+
+    Args:
+        run: the run (for error.log).
+        attempt: the attempt number (error.log's header).
+        error: what the job raised, or None.
+        result: the job's result (JSON) when it returned.
+    """
+    if error is None:
+        return {"outcome": DONE_OUTCOME, "result": result}
+    if isinstance(error, Cancelled):
+        return {"outcome": CANCELLED_OUTCOME}
+    if isinstance(error, RecareError):
+        return {"outcome": FAILED_OUTCOME, "error": str(error), "damaged_state": isinstance(error, StateError)}
+    log_error(run, attempt)
+    return {"outcome": FAILED_OUTCOME, "error": bug_message(error)}
+
+
+def end_fields(run: Run, outcome: dict) -> dict:
+    """The status.json fields of a run's end state, the one rule every runner uses.
+
+    DONE: the result, not resumable. CANCELLED: no error, resumable (from its saved state, or from the
+    start). FAILED: the message, resumable when the run saved a state that is not damaged
+    (`damaged_state`: not resumable, and `not_resumable` says why).
+
+    Args:
+        run: the run (whether it has a saved state).
+        outcome: {"outcome": "done" | "cancelled" | "failed", "result", "error", "damaged_state"}.
+    """
+    kind = outcome.get("outcome")
+    if kind == DONE_OUTCOME:
+        return {"state": DONE, "finished": now_iso(), "result": outcome.get("result"), "resumable": False}
+    if kind == CANCELLED_OUTCOME:
+        return {"state": CANCELLED, "finished": now_iso(), "error": None, "resumable": True}
+    if kind != FAILED_OUTCOME:
+        raise ValueError(f"unknown job outcome {kind!r}")
+    damaged = bool(outcome.get("damaged_state"))
+    return {"state": FAILED, "finished": now_iso(), "error": outcome.get("error"),
+            "resumable": not damaged and run.has_state(), "not_resumable": outcome.get("error") if damaged else None}
+
+
+def record_end(run: Run, outcome: dict) -> dict:
+    """Write the run's end state (`end_fields`) into status.json; returns the new status."""
+    return run.update_status(**end_fields(run, outcome))
 
 
 def start_attempt(run: Run, target: str, **extra: Any) -> tuple[int, int]:
@@ -166,20 +215,11 @@ def run_job(run: Run, target: str, listener: Callable[[ProgressEvent], None] | N
     reporter = StatusReporter(run, listener)
     with Heartbeat(run, pid):
         try:
-            result = call_target(run, target, reporter, run.cancel_token())
-        except Cancelled:  # not an error: the run can be resumed from its state
-            reporter.flush()
-            return run.update_status(state=CANCELLED, finished=now_iso(), error=None, resumable=True)
-        except RecareError as e:
-            reporter.flush()
-            return _failed(run, e)
-        except BaseException as e:  # a bug (or an interrupt): keep the traceback for the maintainer
-            log_error(run, attempt)
-            reporter.flush()
-            return run.update_status(state=FAILED, finished=now_iso(), error=bug_message(e),
-                                     resumable=run.has_state())
+            outcome = outcome_of(run, attempt, result=call_target(run, target, reporter, run.cancel_token()))
+        except BaseException as e:  # cancelled, a user error, or a bug (or an interrupt): see outcome_of
+            outcome = outcome_of(run, attempt, e)
         reporter.flush()
-        return run.update_status(state=DONE, finished=now_iso(), result=result, resumable=False)
+        return record_end(run, outcome)
 
 
 def process_main(run_path: str, target: str) -> None:

@@ -42,14 +42,17 @@ import dataclasses
 import importlib
 import os
 import time
-from typing import Any, Callable
+from typing import Callable
 
-from recare.errors import Cancelled, ConfigError, RecareError, StateError
+from recare.errors import Cancelled, ConfigError
 from recare.progress import CancelToken, ProgressEvent
-from recare.runs import CANCELLED, DONE, FAILED, Run, now_iso
+from recare.runs import Run
 
 # the worker pieces every job shares (status writes, heartbeat, error.log, the request re-check)
-from recare.jobs.worker import Heartbeat, StatusReporter, bug_message, call_target, log_error, start_attempt
+from recare.jobs.worker import (
+    CANCELLED_OUTCOME, DONE_OUTCOME, FAILED_OUTCOME, Heartbeat, StatusReporter, call_target, log_error, outcome_of,
+    record_end, start_attempt,
+)
 
 ENV_OVERRIDE = "RECARE_ZEROGPU"             # "1": treat this as a ZeroGPU Space, "0": never
 ENV_DURATION = "RECARE_ZEROGPU_DURATION"    # seconds asked for per spaces.GPU call
@@ -197,18 +200,14 @@ def run_chunk(run_path: str, target: str, budget_s: float | None, max_events: in
         token.count_event()
         reporter(event)
 
-    outcome: dict[str, Any] = {"events": keys}
     try:
-        outcome.update(outcome="done", result=call_target(run, target, progress, token))
-    except Cancelled:  # the job saved its state; whose stop was it?
-        outcome["outcome"] = "budget" if token.budget_spent and not token.user_cancelled() else "cancelled"
-    except RecareError as e:
-        outcome.update(outcome="failed", error=str(e), damaged_state=isinstance(e, StateError))
-    except BaseException as e:  # a bug: keep the traceback for the maintainer
-        log_error(run, attempt)
-        outcome.update(outcome="failed", error=bug_message(e))
+        outcome = outcome_of(run, attempt, result=call_target(run, target, progress, token))
+    except BaseException as e:  # cancelled, a user error or a bug: the one rule of `outcome_of`
+        outcome = outcome_of(run, attempt, e)
+        if isinstance(e, Cancelled) and token.budget_spent and not token.user_cancelled():
+            outcome["outcome"] = "budget"  # the chunk's own stop: the next chunk resumes from the saved state
     reporter.flush()
-    return outcome
+    return {**outcome, "events": keys}
 
 
 class ChunkedGpuRunner:
@@ -249,7 +248,7 @@ class ChunkedGpuRunner:
         with Heartbeat(run, pid):
             while True:
                 if run.cancel_token().is_set():  # cancelled between two chunks
-                    return run.update_status(state=CANCELLED, finished=now_iso(), error=None, resumable=True)
+                    return record_end(run, {"outcome": CANCELLED_OUTCOME})
                 chunk += 1
                 run.update_status(gpu_chunks=chunk)
                 try:
@@ -257,30 +256,21 @@ class ChunkedGpuRunner:
                                              self.policy.max_events, attempt)
                 except BaseException as e:  # the GPU call itself failed: quota, ZeroGPU's time limit, ...
                     log_error(run, attempt)
-                    return run.update_status(
-                        state=FAILED, finished=now_iso(), resumable=run.has_state(),
-                        error=f"the GPU call of chunk {chunk} stopped ({type(e).__name__}: {e}); resume the run "
-                              "to continue from its last saved state")
-                kind = outcome.get("outcome")
-                if kind == "done":
-                    return run.update_status(state=DONE, finished=now_iso(), result=outcome.get("result"),
-                                             resumable=False)
-                if kind == "cancelled":
-                    return run.update_status(state=CANCELLED, finished=now_iso(), error=None, resumable=True)
-                if kind == "failed":
-                    damaged = bool(outcome.get("damaged_state"))
-                    return run.update_status(state=FAILED, finished=now_iso(), error=outcome.get("error"),
-                                             resumable=not damaged and run.has_state(),
-                                             not_resumable=outcome.get("error") if damaged else None)
+                    return record_end(run, {
+                        "outcome": FAILED_OUTCOME,
+                        "error": f"the GPU call of chunk {chunk} stopped ({type(e).__name__}: {e}); resume the run "
+                                 "to continue from its last saved state"})
+                if outcome.get("outcome") in (DONE_OUTCOME, CANCELLED_OUTCOME, FAILED_OUTCOME):
+                    return record_end(run, outcome)
                 new = {tuple(key) for key in outcome.get("events", ())} - seen
                 seen |= new
                 idle = 0 if new else idle + 1
                 if idle >= MAX_IDLE_CHUNKS:
-                    return run.update_status(
-                        state=FAILED, finished=now_iso(), resumable=run.has_state(),
-                        error=f"{idle} GPU chunks in a row of {self.policy.duration_s} s made no progress (the "
-                              f"model loading or a step that cannot be resumed takes longer than the chunk's "
-                              f"{self.policy.chunk_budget_s:.0f} s); set {ENV_DURATION} higher and resume the run")
+                    return record_end(run, {
+                        "outcome": FAILED_OUTCOME,
+                        "error": f"{idle} GPU chunks in a row of {self.policy.duration_s} s made no progress (the "
+                                 f"model loading or a step that cannot be resumed takes longer than the chunk's "
+                                 f"{self.policy.chunk_budget_s:.0f} s); set {ENV_DURATION} higher and resume the run"})
 
 
 def zerogpu_runner(environ: dict[str, str] | None = None) -> ChunkedGpuRunner | None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from recare.config import ConfigError, GenerateConfig, JsonConfig, _check_int, _check_text
+from recare.timestamps import now_iso
 
 PREVIEW_DIR = "previews"
 INDEX_FILE = "previews.jsonl"
@@ -141,7 +142,7 @@ class PreviewWriter:
         grid.save(buffer, format="PNG")
         path = atomic_write_bytes(self.folder / name, buffer.getvalue())
         entry = {**line, "file": name, "prompts": list(self.config.prompts), "seeds": list(self.config.seeds),
-                 "hidden": hidden, "seconds": round(time.perf_counter() - started, 3), "time": time.time()}
+                 "hidden": hidden, "seconds": round(time.perf_counter() - started, 3), "time": now_iso()}
         with open(self.folder / INDEX_FILE, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(entry) + "\n")
         return Path(path)

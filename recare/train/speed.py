@@ -15,27 +15,17 @@ from __future__ import annotations
 
 import json
 import statistics
-from datetime import datetime
 from pathlib import Path
 from typing import Iterable
 
 from recare.atomic import atomic_write_json
-from recare.runs import now_iso
+from recare.timestamps import now_iso, to_seconds
 
 SPEED_FILE = ".train-speed.json"
 KINDS = ("erase", "stage2", "textual_inversion")
 _STAGE_KIND = {"stage1.erase": "erase", "esd": "erase", "stage2": "stage2", "stage1.textual_inversion": "textual_inversion"}
 MAX_RUNS = 12           # newest runs read per measurement
 MAX_STEP_S = 3600.0     # a step longer than this is a paused or suspended machine, not speed
-
-
-def _timestamp(value) -> float | None:
-    if isinstance(value, (int, float)):
-        return float(value)
-    try:
-        return datetime.fromisoformat(str(value)).timestamp()
-    except (TypeError, ValueError):
-        return None
 
 
 def step_seconds(rows: Iterable[dict]) -> dict[str, list[float]]:
@@ -55,7 +45,7 @@ def step_seconds(rows: Iterable[dict]) -> dict[str, list[float]]:
             seconds = row.get("seconds")
             if not isinstance(seconds, (int, float)) and previous is not None \
                     and previous.get("stage") == row.get("stage") and row.get("step") == (previous.get("step") or 0) + 1:
-                now, then = _timestamp(row.get("time")), _timestamp(previous.get("time"))
+                now, then = to_seconds(row.get("time")), to_seconds(previous.get("time"))
                 seconds = now - then if now is not None and then is not None else None
             if isinstance(seconds, (int, float)) and 0 < seconds < MAX_STEP_S:
                 out[kind].append(float(seconds))
