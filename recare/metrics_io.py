@@ -55,6 +55,28 @@ def append_metrics(folder: str | Path, event: ProgressEvent) -> bool:
     return True
 
 
+def read_json_lines(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON objects of a .jsonl file, oldest first; [] when there is no file.
+
+    A torn last line (a crash mid-write) and lines that are not JSON objects are skipped.
+
+    Args:
+        path: the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for text in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 def read_metrics_lines(folder: str | Path) -> list[dict[str, Any]]:
     """Every metrics.jsonl line of `folder`, oldest first; [] when there is none.
 
@@ -64,21 +86,11 @@ def read_metrics_lines(folder: str | Path) -> list[dict[str, Any]]:
     Args:
         folder: the run folder.
     """
-    path = Path(folder) / METRICS_LINES
-    if not path.is_file():
-        return []
-    rows = []
-    for text in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(row, dict):
-            continue
+    rows = read_json_lines(Path(folder) / METRICS_LINES)
+    for row in rows:
         stamp = row.get("time")
         if isinstance(stamp, (int, float)) and not isinstance(stamp, bool):
             row["time"] = iso_from_seconds(stamp)
-        rows.append(row)
     return rows
 
 
@@ -119,5 +131,5 @@ def read_metrics_json(folder: str | Path, missing_ok: bool = False) -> dict[str,
     return data
 
 
-__all__ = ["METRICS_LINES", "METRICS_JSON", "metrics_line", "append_metrics", "read_metrics_lines",
+__all__ = ["METRICS_LINES", "METRICS_JSON", "metrics_line", "append_metrics", "read_json_lines", "read_metrics_lines",
            "write_metrics_json", "read_metrics_json"]

@@ -19,12 +19,13 @@ file appearing (`CancelToken(path=run / "cancel")`). A long call checks it betwe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from recare.errors import Cancelled
 
@@ -160,3 +161,24 @@ class TqdmProgress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def listening(progress: "bool | ProgressCallback | None", unit: str = "it") -> Iterator[ProgressCallback | None]:
+    """The callback for a `progress` argument that may also be an on/off switch (the offline build code's
+    `progress=True`: tqdm bars on stderr).
+
+    True gives a `TqdmProgress` (closed when the block ends), False or None gives None (events are
+    dropped by `emit`), and a callback is used as it is.
+
+    Args:
+        progress: a callback, or True / False.
+        unit: the bars' unit when they are drawn here.
+    """
+    if callable(progress):
+        yield progress
+    elif progress:
+        with TqdmProgress(unit=unit) as bars:
+            yield bars
+    else:
+        yield None

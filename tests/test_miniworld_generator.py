@@ -61,9 +61,17 @@ def test_smoke_text_encoder_accepts_new_tokens(smoke_folder):
 
 
 def test_smoke_recipe_is_deterministic_for_a_seed(tmp_path, smoke_folder):
+    """Also: the recipe reports through the library's progress protocol, and listening changes no weight."""
     from safetensors.torch import load_file
 
-    again = train_generator(tmp_path, seed=0, smoke=True, progress=False)
+    events = []
+    again = train_generator(tmp_path, seed=0, smoke=True, progress=events.append)
+    stages = list(dict.fromkeys(e.stage for e in events))
+    assert stages == ["autoencoder", "encode latents", "unet + text encoder", "decoder refinement",
+                      "decoder detail refinement"]
+    unet_steps = [e for e in events if e.stage == "unet + text encoder"]
+    assert [e.step for e in unet_steps] == list(range(1, unet_steps[0].total + 1))
+    assert all(e.metrics["loss"] > 0 for e in unet_steps)
     for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
                  "vae/diffusion_pytorch_model.safetensors"):
         a, b = load_file(smoke_folder / part), load_file(again / part)

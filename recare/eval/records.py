@@ -13,6 +13,7 @@ from typing import Sequence
 
 from recare.atomic import atomic_write_text
 from recare.errors import EvaluationError
+from recare.metrics_io import read_json_lines
 
 RECORD_FIELDS = ("index", "attack", "run", "concept", "prompt", "attack_prompt", "seed", "file", "detector_score",
                  "positive", "detector_labels", "care_hit", "care_top_labels", "clip_cosine")
@@ -63,14 +64,7 @@ def record_key(record: dict) -> tuple[str, int, str, str, int]:
 
 def shard_records(run_dir: Path) -> list[dict]:
     """Every record line of every shard file (a torn last line from a crash is skipped)."""
-    out = []
-    for shard in sorted((run_dir / "shards").glob("*.jsonl")):
-        for line in shard.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-    return out
+    return [record for shard in sorted((run_dir / "shards").glob("*.jsonl")) for record in read_json_lines(shard)]
 
 
 def append_records(shard: Path, records: Sequence[dict]) -> None:

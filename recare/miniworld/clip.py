@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from recare.progress import ProgressCallback
 from recare.errors import RecareError
 from recare.miniworld import world as W
 from recare.miniworld.oracle import augment
@@ -219,7 +220,7 @@ def _pair_loss(model, tokenizer, img, labels, rng):
 
 
 def train_clip(out_dir: str | os.PathLike | None, config: MiniClipConfig | None = None, smoke: bool = False,
-               progress: bool = True, n_eval: int = 100) -> tuple[MiniClip, dict]:
+               progress: bool | ProgressCallback = True, n_eval: int = 100) -> tuple[MiniClip, dict]:
     """Train the mini CLIP from scratch on renders + captions (CPU, deterministic for ``config.seed``).
 
     Args:
@@ -227,13 +228,15 @@ def train_clip(out_dir: str | os.PathLike | None, config: MiniClipConfig | None 
             ``training_config.json``); None = do not save.
         config: recipe; default :class:`MiniClipConfig`.
         smoke: a few steps at a tiny size (for CI; not a usable model).
-        progress: tqdm bars.
+        progress: the library's progress callback (`recare.progress`); True: tqdm bars, False: none.
         n_eval: held-out renders per concept for the zero-shot report.
 
     Returns:
         ``(mini_clip, metrics)`` with the zero-shot accuracy per concept and the training time.
     """
-    from tqdm.auto import tqdm
+    import contextlib
+
+    from recare.progress import emit, listening
 
     config = config or MiniClipConfig()
     if smoke:
@@ -245,7 +248,12 @@ def train_clip(out_dir: str | os.PathLike | None, config: MiniClipConfig | None 
     model = build_model(config)
     g = torch.Generator().manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    scenes = [W.sample_scene(rng) for _ in tqdm(range(config.n_scenes), desc="render", disable=not progress)]
+    bars = contextlib.ExitStack()
+    listener = bars.enter_context(listening(progress))   # the library's progress protocol (True: tqdm bars)
+    scenes = []
+    for k in range(config.n_scenes):
+        scenes.append(W.sample_scene(rng))
+        emit(listener, "render", k + 1, config.n_scenes)
     images = torch.from_numpy(np.stack([W.render(s) for s in scenes])).permute(0, 3, 1, 2).contiguous()
     mean = (images.float() / 255).mean((0, 2, 3)).tolist()
     std = (images.float() / 255).std((0, 2, 3)).tolist()
@@ -256,7 +264,7 @@ def train_clip(out_dir: str | os.PathLike | None, config: MiniClipConfig | None 
     opt = torch.optim.AdamW(list(model.parameters()) + [bias], lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
     steps_per_epoch = config.n_scenes // config.batch_size
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.1)
-    bar = tqdm(total=config.epochs * steps_per_epoch, desc="mini clip", disable=not progress)
+    total, step = config.epochs * steps_per_epoch, 0
     model.train()
     for _ in range(config.epochs):
         captions = _captions_for_epoch(scenes, rng, config.p_single_word)
@@ -279,9 +287,9 @@ def train_clip(out_dir: str | os.PathLike | None, config: MiniClipConfig | None 
             loss.backward()
             opt.step()
             sched.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
+            step += 1
+            emit(listener, "mini clip", step, total, loss=loss.item())
+    bars.close()
     model.eval()
     clip = MiniClip(model, tokenizer, mean, std)
     report = zero_shot_report(clip, n=n_eval, seed=config.seed * 1000 + 777)

@@ -43,7 +43,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import world
 from .generator_models import (
@@ -53,6 +52,7 @@ from .clip import load_as_float32
 from .tokenizer import CONTEXT_LENGTH, build_clip_tokenizer, write_vocab_files
 from ..errors import TrainingError
 from ..atomic import atomic_save, atomic_write_dir, atomic_write_text
+from ..progress import ProgressCallback, TqdmProgress, emit, listening
 
 PIPELINE_DIRNAME = "pipeline"
 TRAINING_RECORD = "recare_training.json"
@@ -126,18 +126,24 @@ def _random_flipped_batch(images: np.ndarray, batch: int, generator: torch.Gener
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
-def _step(loss: torch.Tensor, opt, sched, params: list, losses: list[float], bar) -> None:
-    """One clipped optimiser step; records the loss and shows its running mean on the bar."""
+def _callback(progress: bool | ProgressCallback | None) -> ProgressCallback | None:
+    """The library's progress callback for a loop: a callback as it is, True: tqdm bars, False/None: none."""
+    return progress if callable(progress) else (TqdmProgress() if progress else None)
+
+
+def _step(loss: torch.Tensor, opt, sched, params: list, losses: list[float], progress: ProgressCallback | None,
+          stage: str, total: int) -> None:
+    """One clipped optimiser step; records the loss and reports the step with its running mean."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     sched.step()
     losses.append(float(loss.detach()))
-    bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    emit(progress, stage, len(losses), total, loss=float(np.mean(losses[-50:])))
 
 
-def train_vae(vae, images: np.ndarray, recipe: GeneratorRecipe, generator: torch.Generator, progress: bool = True) -> list[float]:
+def train_vae(vae, images: np.ndarray, recipe: GeneratorRecipe, generator: torch.Generator, progress: bool | ProgressCallback | None = True) -> list[float]:
     """Train ``vae`` on uint8 renders; returns the loss curve (one value per step).
 
     Args:
@@ -145,7 +151,7 @@ def train_vae(vae, images: np.ndarray, recipe: GeneratorRecipe, generator: torch
         images: uint8 (n, 64, 64, 3) renders.
         recipe: sizes and knobs (``vae_steps``, ``vae_batch``, ``vae_lr``, ``vae_kl_weight``).
         generator: torch CPU generator (batches, flips, posterior samples).
-        progress: show a tqdm bar.
+        progress: the library's progress callback (`recare.progress`; True: tqdm bars, False: none).
     """
     vae.train()
     params = list(vae.parameters())
@@ -153,15 +159,15 @@ def train_vae(vae, images: np.ndarray, recipe: GeneratorRecipe, generator: torch
     warmup = max(1, recipe.vae_steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, recipe.vae_steps, warmup))
     losses = []
-    bar = tqdm(range(recipe.vae_steps), desc="autoencoder", disable=not progress)
-    for _ in bar:
+    progress = _callback(progress)
+    for _ in range(recipe.vae_steps):
         x = _random_flipped_batch(images, recipe.vae_batch, generator)
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         recon = vae.decode(z).sample
         # reconstruction: per-pixel L1 + MSE; KL: per-image sum (SD's convention), weighted small
         loss = (recon - x).abs().mean() + (recon - x).pow(2).mean() + recipe.vae_kl_weight * posterior.kl().mean()
-        _step(loss, opt, sched, params, losses, bar)
+        _step(loss, opt, sched, params, losses, progress, "autoencoder", recipe.vae_steps)
     vae.eval()
     return losses
 
@@ -181,7 +187,7 @@ def _edge_l1(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None = Non
     return (wx * dx.abs()).mean() / wx.mean() + (wy * dy.abs()).mean() / wy.mean()
 
 
-def refine_decoder(vae, images: np.ndarray, recipe: GeneratorRecipe, generator: torch.Generator, progress: bool = True) -> list[float]:
+def refine_decoder(vae, images: np.ndarray, recipe: GeneratorRecipe, generator: torch.Generator, progress: bool | ProgressCallback | None = True) -> list[float]:
     """Fine-tune only the decoder (encoder frozen, so the latent space the UNet learns is unchanged).
 
     As Stable Diffusion's ft-EMA/ft-MSE decoders: sharper images at no cost to the diffusion model.
@@ -192,7 +198,7 @@ def refine_decoder(vae, images: np.ndarray, recipe: GeneratorRecipe, generator: 
         images: uint8 (n, 64, 64, 3) renders.
         recipe: ``decoder_steps``, ``vae_batch``, ``decoder_lr``, ``edge_weight``.
         generator: torch CPU generator.
-        progress: show a tqdm bar.
+        progress: the library's progress callback (`recare.progress`; True: tqdm bars, False: none).
     """
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     opt = torch.optim.AdamW(params, lr=recipe.decoder_lr, weight_decay=0.0)
@@ -201,27 +207,30 @@ def refine_decoder(vae, images: np.ndarray, recipe: GeneratorRecipe, generator: 
     vae.eval()
     vae.decoder.train()
     losses = []
-    bar = tqdm(range(recipe.decoder_steps), desc="decoder refinement", disable=not progress)
-    for _ in bar:
+    progress = _callback(progress)
+    for _ in range(recipe.decoder_steps):
         x = _random_flipped_batch(images, recipe.vae_batch, generator)
         with torch.no_grad():
             posterior = vae.encode(x).latent_dist
             z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         recon = vae.decode(z).sample
         loss = (recon - x).abs().mean() + (recon - x).pow(2).mean() + recipe.edge_weight * _edge_l1(recon, x)
-        _step(loss, opt, sched, params, losses, bar)
+        _step(loss, opt, sched, params, losses, progress, "decoder refinement", recipe.decoder_steps)
     vae.eval()
     return losses
 
 
 @torch.no_grad()
-def encode_latents(vae, images: np.ndarray, batch_size: int = 256, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_latents(vae, images: np.ndarray, batch_size: int = 256, progress: bool | ProgressCallback | None = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and std (unscaled) of every render: two float32 (n, 4, 8, 8) tensors."""
     means, stds = [], []
-    for start in tqdm(range(0, len(images), batch_size), desc="encode latents", disable=not progress):
+    progress = _callback(progress)
+    starts = range(0, len(images), batch_size)
+    for k, start in enumerate(starts):
         dist = vae.encode(_to_unit_range(images[start : start + batch_size])).latent_dist
         means.append(dist.mean)
         stds.append(dist.std)
+        emit(progress, "encode latents", k + 1, len(starts))
     return torch.cat(means), torch.cat(stds)
 
 
@@ -231,7 +240,7 @@ def encode_latents(vae, images: np.ndarray, batch_size: int = 256, progress: boo
 def train_unet_and_text(
     unet, text_encoder, latents_mean: torch.Tensor, latents_std: torch.Tensor, input_ids: torch.Tensor,
     concept_targets: torch.Tensor, empty_ids: torch.Tensor, recipe: GeneratorRecipe, generator: torch.Generator,
-    progress: bool = True,
+    progress: bool | ProgressCallback | None = True,
 ) -> list[float]:
     """Joint epsilon-prediction training of ``unet`` and ``text_encoder``; EMA weights are copied in at the end.
 
@@ -241,7 +250,7 @@ def train_unet_and_text(
         input_ids: (n, 77) caption ids; concept_targets: (n, C) auxiliary multi-hot targets.
         empty_ids: (77,) ids of the empty prompt (the unconditional caption).
         recipe: sizes and knobs; generator: torch CPU generator.
-        progress: show a tqdm bar.
+        progress: the library's progress callback (`recare.progress`; True: tqdm bars, False: none).
 
     Returns:
         The diffusion-loss curve (one value per step).
@@ -269,8 +278,8 @@ def train_unet_and_text(
     order = torch.randperm(n, generator=generator)
     cursor = 0
     losses = []
-    bar = tqdm(range(recipe.unet_steps), desc="unet + text encoder", disable=not progress)
-    for step in bar:
+    progress = _callback(progress)
+    for step in range(recipe.unet_steps):
         if cursor + recipe.unet_batch > n:  # next epoch
             order, cursor = torch.randperm(n, generator=generator), 0
         idx = order[cursor : cursor + recipe.unet_batch]
@@ -304,7 +313,7 @@ def train_unet_and_text(
         sched.step()
         _ema_update(ema, params, min(recipe.ema_decay, (1 + step) / (10 + step)))
         losses.append(float(per_sample.detach().mean()))
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        emit(progress, "unet + text encoder", step + 1, recipe.unet_steps, loss=float(np.mean(losses[-50:])))
     with torch.no_grad():
         for p, e in zip(params, ema):
             p.copy_(e)
@@ -409,7 +418,7 @@ def _round_to_saved_precision(model, recipe: GeneratorRecipe) -> None:
                 p.copy_(p.half().float())
 
 
-def detail_refinement_stage(vae, recipe: GeneratorRecipe, seed: int = 0, progress: bool = True) -> dict:
+def detail_refinement_stage(vae, recipe: GeneratorRecipe, seed: int = 0, progress: bool | ProgressCallback | None = True) -> dict:
     """Step 7 in memory: fine-tune ``vae``'s decoder with the smoking pixels weighted up.
 
     Measured before this stage existed: an encode/decode of smoking renders kept the cigarette
@@ -423,7 +432,7 @@ def detail_refinement_stage(vae, recipe: GeneratorRecipe, seed: int = 0, progres
         vae: an ``AutoencoderKL`` in float32 (its decoder and post_quant_conv are trained in place).
         recipe: ``detail_*``, ``vae_batch``, ``edge_weight``.
         seed: seed of the renders (``data_seed + seed + 5``) and of the batches.
-        progress: show a tqdm bar.
+        progress: the library's progress callback (`recare.progress`; True: tqdm bars, False: none).
 
     Returns:
         The record of the stage (recipe part, timings, final loss).
@@ -444,8 +453,8 @@ def detail_refinement_stage(vae, recipe: GeneratorRecipe, seed: int = 0, progres
     t0 = time.perf_counter()
     vae.eval()
     vae.decoder.train()
-    bar = tqdm(range(recipe.detail_steps), desc="decoder detail refinement", disable=not progress)
-    for _ in bar:
+    progress = _callback(progress)
+    for _ in range(recipe.detail_steps):
         batch = _random_flipped_batch(stacked, recipe.vae_batch, generator)
         x, mask = batch[:, :3], (batch[:, 3:] > 0).float()
         weight = 1.0 + recipe.detail_mask_weight * F.max_pool2d(mask, 3, 1, 1)  # dilated by 1 px
@@ -456,7 +465,7 @@ def detail_refinement_stage(vae, recipe: GeneratorRecipe, seed: int = 0, progres
         mean_w = weight.mean()
         loss = (((recon - x).abs() + (recon - x).pow(2)) * weight).mean() / mean_w
         loss = loss + recipe.edge_weight * _edge_l1(recon, x, weight)
-        _step(loss, opt, sched, params, losses, bar)
+        _step(loss, opt, sched, params, losses, progress, "decoder detail refinement", recipe.detail_steps)
     vae.eval()
     vae.requires_grad_(True)
     return {"seed": seed, "recipe": {k: v for k, v in recipe.to_dict().items() if k.startswith("detail_")},
@@ -465,14 +474,15 @@ def detail_refinement_stage(vae, recipe: GeneratorRecipe, seed: int = 0, progres
 
 
 def refine_decoder_details(folder: str | os.PathLike, seed: int = 0, recipe: GeneratorRecipe | None = None,
-                           progress: bool = True) -> dict:
+                           progress: bool | ProgressCallback | None = True) -> dict:
     """Step 7 on a saved pipeline folder (``--details-only``): :func:`detail_refinement_stage`
     on its ``vae/``, which is then replaced; the UNet and the text encoder are not touched. It
     starts from the weights as saved, as the full recipe does.
 
     Args:
         folder: a pipeline folder written by :func:`save_pipeline`.
-        seed: the stage's seed; recipe: ``detail_*``, ``num_threads``, ``save_fp16``; progress: tqdm bars.
+        seed: the stage's seed; recipe: ``detail_*``, ``num_threads``, ``save_fp16``; progress: a
+            `recare.progress` callback (True: tqdm bars).
 
     Returns:
         What was recorded in the folder's ``recare_training.json`` under ``"detail_refinement"``.
@@ -481,7 +491,7 @@ def refine_decoder_details(folder: str | os.PathLike, seed: int = 0, recipe: Gen
 
     recipe = recipe or GeneratorRecipe()
     folder = Path(folder)
-    with _torch_threads(recipe.num_threads):
+    with _torch_threads(recipe.num_threads), listening(progress) as progress:
         vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).float().eval()
         detail = detail_refinement_stage(vae, recipe, seed, progress)
         _save_pretrained_over(vae, folder / "vae", fp16=recipe.save_fp16)
@@ -508,7 +518,7 @@ def _stage1_cache_file(cache_dir, recipe: GeneratorRecipe, seed: int) -> Path | 
     return Path(cache_dir) / f"generator-stage1-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
 
 
-def _autoencoder_stage(recipe: GeneratorRecipe, seed: int, progress: bool, cache_file: Path | None, timings: dict):
+def _autoencoder_stage(recipe: GeneratorRecipe, seed: int, progress: ProgressCallback | None, cache_file: Path | None, timings: dict):
     """Steps 1-3: renders -> autoencoder -> cached latent posteriors (read from ``cache_file`` when
     it exists, written to it otherwise). Returns ``(vae, captions, mean, std, vae_loss, images)``;
     ``images`` is None when the cache was read."""
@@ -536,7 +546,7 @@ def _autoencoder_stage(recipe: GeneratorRecipe, seed: int, progress: bool, cache
     return vae, captions, mean, std, vae_loss, images
 
 
-def _unet_stage(recipe: GeneratorRecipe, seed: int, progress: bool, captions, mean, std, timings: dict):
+def _unet_stage(recipe: GeneratorRecipe, seed: int, progress: ProgressCallback | None, captions, mean, std, timings: dict):
     """Step 4: the UNet and the text encoder on the cached latents. Returns ``(unet, text_encoder,
     scaling_factor, final_loss)``; the scaling factor is SD's 1 / std of the sampled latents."""
     t0 = time.perf_counter()
@@ -555,7 +565,7 @@ def _unet_stage(recipe: GeneratorRecipe, seed: int, progress: bool, captions, me
     return unet, text_encoder, scaling, float(np.mean(losses[-50:]))
 
 
-def _sharpen_decoder_stage(vae, recipe: GeneratorRecipe, seed: int, progress: bool, timings: dict, images=None):
+def _sharpen_decoder_stage(vae, recipe: GeneratorRecipe, seed: int, progress: ProgressCallback | None, timings: dict, images=None):
     """Step 5 (needs only the trained autoencoder, not the UNet) on ``images``, the training
     renders, rendered again when None. Returns its final loss, or None when the recipe skips it."""
     t0 = time.perf_counter()
@@ -568,7 +578,7 @@ def _sharpen_decoder_stage(vae, recipe: GeneratorRecipe, seed: int, progress: bo
     return vae_loss
 
 
-def _detail_stage(vae, recipe: GeneratorRecipe, seed: int, progress: bool) -> dict | None:
+def _detail_stage(vae, recipe: GeneratorRecipe, seed: int, progress: ProgressCallback | None) -> dict | None:
     """Steps 6-7: round the decoder to the saved precision (step 7 starts from the weights as a
     saved folder holds them), then the detail refinement. Returns its record, or None when skipped."""
     if recipe.detail_steps <= 0:
@@ -610,7 +620,7 @@ def _prepare(out_dir, smoke: bool, recipe: GeneratorRecipe | None):
 
 
 def train_generator(
-    out_dir: str | os.PathLike, seed: int = 0, smoke: bool = False, progress: bool = True,
+    out_dir: str | os.PathLike, seed: int = 0, smoke: bool = False, progress: bool | ProgressCallback | None = True,
     recipe: GeneratorRecipe | None = None, cache_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Train the mini-world text-to-image model on CPU, in this process, and save it as ``out_dir/pipeline``.
@@ -620,7 +630,7 @@ def train_generator(
         seed: seed of everything (renders use ``recipe.data_seed + seed``); same seed and thread
             count give the same weights, and the same as the two-process recipe (:func:`train_generator_part`).
         smoke: tiny sizes and a few steps (seconds), for tests.
-        progress: show tqdm bars.
+        progress: the library's progress callback (`recare.progress`; True: tqdm bars, False: none).
         recipe: override the sizes/knobs (default: ``GeneratorRecipe()`` or ``GeneratorRecipe.smoke()``).
         cache_dir: optional folder keeping the trained autoencoder and the encoded latents, keyed by
             the seed and the data/autoencoder part of the recipe, so that re-running with other UNet
@@ -634,7 +644,7 @@ def train_generator(
     """
     recipe, out_dir = _prepare(out_dir, smoke, recipe)
     timings: dict[str, float] = {}
-    with _torch_threads(recipe.num_threads):
+    with _torch_threads(recipe.num_threads), listening(progress) as progress:
         vae, captions, mean, std, vae_loss, images = _autoencoder_stage(
             recipe, seed, progress, _stage1_cache_file(cache_dir, recipe, seed), timings)
         unet, text_encoder, scaling, unet_loss = _unet_stage(recipe, seed, progress, captions, mean, std, timings)
@@ -668,7 +678,7 @@ def _wait_for(path: Path, alive, what: str, poll_s: float = 2.0) -> None:
 
 
 def train_generator_part(out_dir: str | os.PathLike, part: str, seed: int = 0, smoke: bool = False,
-                         progress: bool = True, recipe: GeneratorRecipe | None = None, alive=lambda: True) -> Path:
+                         progress: bool | ProgressCallback | None = True, recipe: GeneratorRecipe | None = None, alive=lambda: True) -> Path:
     """One half of the two-process recipe, written to ``out_dir/.generator-parts/``.
 
     ``part="unet"``: steps 1-4 (the autoencoder is shared through the stage-1 file as soon as it
@@ -682,7 +692,7 @@ def train_generator_part(out_dir: str | os.PathLike, part: str, seed: int = 0, s
     folder = parts_dir(out_dir)
     stage1 = _stage1_cache_file(folder, recipe, seed)
     timings: dict[str, float] = {}
-    with _torch_threads(recipe.num_threads):
+    with _torch_threads(recipe.num_threads), listening(progress) as progress:
         if part == "unet":
             _, captions, mean, std, vae_loss, _ = _autoencoder_stage(recipe, seed, progress, stage1, timings)
             unet, text_encoder, scaling, unet_loss = _unet_stage(recipe, seed, progress, captions, mean, std, timings)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recare.progress import ProgressCallback
 from recare.errors import RecareError
 from recare.miniworld import world as W
 from recare.atomic import atomic_save, atomic_write_json
@@ -215,20 +216,22 @@ def evaluate(oracle: Oracle, n: int = 2000, seed: int = 12345, images=None, labe
 
 
 def train_oracle(out_dir: str | os.PathLike | None, config: OracleConfig | None = None, smoke: bool = False,
-                 progress: bool = True, n_eval: int = 2000) -> tuple[Oracle, dict]:
+                 progress: bool | ProgressCallback = True, n_eval: int = 2000) -> tuple[Oracle, dict]:
     """Train the oracle from scratch on rendered ground truth (CPU, deterministic for ``config.seed``).
 
     Args:
         out_dir: where to save (``model.safetensors`` + ``config.json``); None = do not save.
         config: recipe; default :class:`OracleConfig`.
         smoke: a few steps at a tiny size (for CI; the result is not a usable oracle).
-        progress: show tqdm bars.
+        progress: the library's progress callback (`recare.progress`); True: tqdm bars, False: none.
         n_eval: held-out renders for the reported accuracy.
 
     Returns:
         ``(oracle, metrics)``; metrics has per-concept held-out accuracy and the training time.
     """
-    from tqdm.auto import tqdm
+    import contextlib
+
+    from recare.progress import emit, listening
 
     config = config or OracleConfig()
     if smoke:
@@ -244,7 +247,9 @@ def train_oracle(out_dir: str | os.PathLike | None, config: OracleConfig | None 
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = config.n_train // config.batch_size
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.15)
-    bar = tqdm(total=config.epochs * steps_per_epoch, desc="oracle", disable=not progress)
+    bars = contextlib.ExitStack()
+    listener = bars.enter_context(listening(progress))   # the library's progress protocol (True: tqdm bars)
+    total, step = config.epochs * steps_per_epoch, 0
     net.train()
     for _ in range(config.epochs):
         order = torch.randperm(config.n_train, generator=g)
@@ -256,9 +261,9 @@ def train_oracle(out_dir: str | os.PathLike | None, config: OracleConfig | None 
             loss.backward()
             opt.step()
             sched.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    bar.close()
+            step += 1
+            emit(listener, "oracle", step, total, loss=loss.item())
+    bars.close()
     oracle = Oracle(net, config)
     acc = evaluate(oracle, n=n_eval, seed=config.seed * 1000 + 999)
     metrics = {"heldout_accuracy": acc, "min_accuracy": min(acc.values()), "n_eval": n_eval,

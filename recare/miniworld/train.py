@@ -17,6 +17,7 @@ import os
 import time
 from pathlib import Path
 
+from recare.progress import ProgressCallback
 from recare.errors import ModelLoadError
 from recare.miniworld import world as W
 from recare.atomic import atomic_write_text
@@ -122,7 +123,7 @@ def collect_record(out_dir: str | os.PathLike) -> dict:
     return record
 
 
-def train_all(out_dir: str | os.PathLike, seed: int = 0, smoke: bool = False, progress: bool = True,
+def train_all(out_dir: str | os.PathLike, seed: int = 0, smoke: bool = False, progress: bool | ProgressCallback = True,
               skip: tuple[str, ...] = (), parallel: bool = True) -> dict:
     """Retrain the mini world from scratch into ``out_dir`` and write ``recare.json``.
 
@@ -130,7 +131,7 @@ def train_all(out_dir: str | os.PathLike, seed: int = 0, smoke: bool = False, pr
         out_dir: the mini-world folder to (over)write.
         seed: the seed of every stage.
         smoke: tiny sizes, a few steps (CI).
-        progress: tqdm bars.
+        progress: the library's progress callback (`recare.progress`); True: tqdm bars, False: none.
         skip: stages to leave out ("oracle", "clip", "generator").
         parallel: two processes, one thread each: the generator's autoencoder and UNet train in a
             second process (log: ``out_dir/generator.log``) while this one trains the oracle, the

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from recare.config import ConfigError, GenerateConfig, JsonConfig, _check_int, _check_text
+from recare.metrics_io import read_json_lines
 from recare.timestamps import now_iso
 
 PREVIEW_DIR = "previews"
@@ -170,18 +171,8 @@ class PreviewWriter:
 
 def read_previews(run_dir: str | Path) -> list[dict]:
     """The preview lines of a run, oldest first (a torn last line from a crash is skipped)."""
-    path = Path(run_dir) / PREVIEW_DIR / INDEX_FILE
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("file"), str) and "/" not in row["file"]:
-            rows.append(row)
-    return rows
+    return [row for row in read_json_lines(Path(run_dir) / PREVIEW_DIR / INDEX_FILE)
+            if isinstance(row.get("file"), str) and "/" not in row["file"]]
 
 
 __all__ = ["PreviewConfig", "PreviewWriter", "read_previews", "preview_file_name", "PREVIEW_DIR", "BASE_FILE"]
