@@ -53,29 +53,29 @@ def build_manifest(evaluation, seconds: float) -> dict[str, Any]:
             captions, processes, timing and the files it prepared.
         seconds: the run's wall time so far.
     """
-    self = evaluation
-    config = self.config
+    ev = evaluation
+    config = ev.config
     attacks = {}
     for name in config.attacks:
         attack = ATTACKS[name]
-        prompts = attack.prompts(self.ctx)
+        prompts = attack.prompts(ev.ctx)
         attacks[name] = {"summary": attack.summary, "prompts": prompts, "seeds": [config.base_seed,
                          config.base_seed + config.seeds - 1], "images": len(prompts) * config.seeds,
-                         "settings": attack.settings(self.ctx)}
+                         "settings": attack.settings(ev.ctx)}
     for name in attacks:
         attacks[name]["runs"] = attack_runs_of(config, name)
     if "cce" in attacks:
-        files = [self._cce_file(r) for r in range(attack_runs_of(config, "cce"))]
-        attacks["cce"]["token_files"] = [{"path": str(f.relative_to(self.run_dir)), "sha256": file_sha256(f)}
+        files = [ev.cce_file(r) for r in range(attack_runs_of(config, "cce"))]
+        attacks["cce"]["token_files"] = [{"path": str(f.relative_to(ev.run_dir)), "sha256": file_sha256(f)}
                                          for f in files if f.is_file()]
         if attacks["cce"]["token_files"]:
             attacks["cce"]["token_file"] = attacks["cce"]["token_files"][0]
     reference = None
-    if self.needs() & {"reference"}:
+    if ev.needs() & {"reference"}:
         reference = {"source": config.reference_images, "count": config.cce_images,
                      "seed": config.reference_seed if config.reference_images in ("world", "base") else None,
-                     "files": [str(f.relative_to(self.run_dir)) for f in self._reference_files()],
-                     "runs": {str(r): [str(f.relative_to(self.run_dir)) for f in self._reference_files(r)]
+                     "files": [str(f.relative_to(ev.run_dir)) for f in ev.reference_files()],
+                     "runs": {str(r): [str(f.relative_to(ev.run_dir)) for f in ev.reference_files(r)]
                               for r in range(attack_runs_of(config, "cce"))} if "cce" in config.attacks else {},
                      "run_rule": "CCE's run r learns from its own images: base seeds reference_seed + r x count + i"
                                  " (world: renders from reference_seed + r)"}
@@ -87,21 +87,21 @@ def build_manifest(evaluation, seconds: float) -> dict[str, Any]:
                        "width": config.width, "batch_size": config.batch_size, "base_seed": config.base_seed,
                        "seed_rule": "image i of a prompt uses torch.Generator('cpu').manual_seed(base_seed + i)",
                        "negative_prompt": None},
-        "model": model_description(config, self.models),
-        "encoder": {"name": config.encoder, "identity": self.models.encoder.identity},
+        "model": model_description(config, ev.models),
+        "encoder": {"name": config.encoder, "identity": ev.models.encoder.identity},
         "care": {"labels": label_list(config), "label_prompt": LABEL_PROMPT, "k": config.care_k, "ties": TIES,
                  "prompts": config.care_prompts, "images_per_prompt": config.care_images_per_prompt},
-        "detector": json_safe(self.models.detector.describe()),
+        "detector": json_safe(ev.models.detector.describe()),
         "attacks": attacks,
         "reference_images": reference,
-        "clip": {"prompts": clip_source, "count": len(self.captions), "range": list(config.clip_range),
+        "clip": {"prompts": clip_source, "count": len(ev.captions), "range": list(config.clip_range),
                  "range_source": ("paper (Appendix M)" if tuple(config.clip_range) == PAPER_CLIP_RANGE
                                   else "recare.json evaluation.clip_range / user")},
-        "plan": {"images": sum(len(b.items) for b in self.plan), "batches": len(self.plan)},
-        "processes": self.procs.count,
+        "plan": {"images": sum(len(b.items) for b in ev.plan), "batches": len(ev.plan)},
+        "processes": ev.procs.count,
         "torch_threads": _torch_threads(),
         "versions": library_versions(),
-        "timing": {**self.timing, "total_s": round(seconds, 3), "images_generated_by_main": self.generated},
+        "timing": {**ev.timing, "total_s": round(seconds, 3), "images_generated_by_main": ev.generated},
     }
 
 

@@ -135,12 +135,12 @@ class _Evaluation:
         self.ctx.ud_results = {run: self._load_ud(run) for run in ud_runs}
         self.timing["prepare_s"] = round(time.perf_counter() - started, 3)
 
-    def _reference_files(self, run: int = 0) -> list[Path]:
+    def reference_files(self, run: int = 0) -> list[Path]:
         folder = self.run_dir / "reference" / (f"run{run}" if run else "")
         return [folder / f"{i:03d}.png" for i in range(self.config.cce_images)]
 
     def _prepare_reference(self, run: int = 0) -> None:
-        files = self._reference_files(run)
+        files = self.reference_files(run)
         if all(f.is_file() for f in files):
             return
         emit(self.progress, "reference", 0, len(files),
@@ -151,12 +151,12 @@ class _Evaluation:
         emit(self.progress, "reference", len(files), len(files), "real target images ready")
 
     def _load_reference(self, run: int = 0) -> list[Image.Image]:
-        return [_load_png(f) for f in self._reference_files(run)]
+        return [_load_png(f) for f in self.reference_files(run)]
 
     def _cce_dir(self, run: int = 0) -> Path:
         return self.run_dir / "cce" / (f"run{run}" if run else "")
 
-    def _cce_file(self, run: int = 0) -> Path:
+    def cce_file(self, run: int = 0) -> Path:
         return self._cce_dir(run) / "token.safetensors"
 
     def _prepare_cce(self, run: int = 0) -> None:
@@ -166,7 +166,7 @@ class _Evaluation:
         from recare.errors import Cancelled
         from recare.train.textual_inversion import TextualInversionState
 
-        if self._cce_file(run).is_file():
+        if self.cce_file(run).is_file():
             return
         state_file = self._cce_dir(run) / "state.pt"
         state = (TextualInversionState.from_state_dict(torch.load(state_file, weights_only=True))
@@ -177,7 +177,7 @@ class _Evaluation:
         except Cancelled:
             atomic_save(state_file, lambda p: torch.save(state.state_dict(), p))
             raise
-        atomic_save(self._cce_file(run), lambda p: save_file(
+        atomic_save(self.cce_file(run), lambda p: save_file(
             {token.placeholder: token.embedding.contiguous()}, str(p),
             metadata={"initializer": token.initializer, "steps": str(len(token.losses)),
                       "final_loss": repr(token.losses[-1]) if token.losses else "", "run": str(run)}))
@@ -189,7 +189,7 @@ class _Evaluation:
 
         from recare.train.textual_inversion import LearnedToken
 
-        with safe_open(str(self._cce_file(run)), framework="pt") as f:
+        with safe_open(str(self.cce_file(run)), framework="pt") as f:
             (placeholder,) = list(f.keys())
             initializer = (f.metadata() or {}).get("initializer", self.config.initializer_token)
             return LearnedToken(placeholder, initializer, f.get_tensor(placeholder).float())
