@@ -10,7 +10,7 @@ from recare.eval.config import EvaluationConfig
 from recare.eval.detection_cache import DetectionCache
 from recare.eval.run import RECORD_FIELDS, write_records_csv
 from recare.runs import RunStore
-from ui.compare_data import grid_data, grid_info
+from ui.compare_data import grid_data, grid_info, grid_note
 
 CCE_PROMPT = "A photo of a <cce*>"
 
@@ -50,6 +50,7 @@ def test_each_attack_run_has_its_own_row(tmp_path):
     info = grid_info(grid)
     assert [r["model"] for r in info["rows"]] == ["m · attack run 1", "m · attack run 2"]
     assert [r["attack_run"] for r in info["rows"]] == [0, 1]
+    assert grid_note(grid).startswith("Rows: 1 model(s), 2 attack runs · columns: seeds 42, 43")
     assert [[c["file"] for c in r["cells"]] for r in info["rows"]] == [
         ["images/cce/r0-42.png", "images/cce/r0-43.png"], ["images/cce/r1-42.png", "images/cce/r1-43.png"]]
     assert [[c["blurred"] for c in r["cells"]] for r in info["rows"]] == [[False, False], [True, False]]

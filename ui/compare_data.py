@@ -156,7 +156,9 @@ def grid_note(grid: Grid) -> str:
     if grid.choice is None:
         return "No images yet: select an evaluation."
     blurred = sum(c["blurred"] for r in grid.rows for c in r["cells"])
-    note = f"Rows: {len(grid.rows)} model(s) · columns: seeds {', '.join(str(s) for s in grid.seeds)}"
+    models = len({r["run"] for r in grid.rows})
+    note = f"Rows: {models} model(s)" + (f", {len(grid.rows)} attack runs" if len(grid.rows) > models else "")
+    note += f" · columns: seeds {', '.join(str(s) for s in grid.seeds)}"
     if grid.unchecked:
         note += " · the nudity detector is unavailable, so every image is blurred"
     elif blurred:
