@@ -4,6 +4,7 @@
     write_careset_files      a CareSet -> careset.rich.json + careset.json in a folder
     mini_world_task          a mini-world task by name ("tench", "van_gogh", "smoking")
     task_train_config        a TrainConfig for a mini-world task with the world's recommended settings
+    training_config          the TrainConfig a user asks for (preset, task, fields, step overrides): CLI and app
     prepare_task_inputs      target images and the CARE-set of a mini-world task, made once into a folder
 
 Nothing here does math of its own: each function only chains library calls in the order the data
@@ -116,6 +117,42 @@ def task_train_config(task: dict, method: str = "recare", spec: dict | None = No
     if ti is not None:
         ti["templates"] = task.get("prompt_style", "photo")
     _merge(data, fields)
+    return TrainConfig.from_dict(data)
+
+
+def training_config(task: dict | None, method: str = "recare", *, iterations: int | None = None,
+                    stage1_iterations: int | None = None, ti_steps: int | None = None, lr: float | None = None,
+                    rollout_batch: int | None = None, **fields: Any) -> TrainConfig:
+    """The TrainConfig a user asks for, the same from the command line (`python -m recare train`) and the
+    app's Train workspace: the method's preset (with a mini-world task's recommended settings,
+    `task_train_config`), then `fields`, then the step overrides. An override left None keeps the preset's.
+
+    Args:
+        task: a mini-world task (`mini_world_task`), or None for the method's official preset.
+        method: "recare", "esd", "recare-no-adv" or "recare-no-retain".
+        iterations: erase iterations of the final stage (stage 2, or the ESD baseline), and of every stage-1
+            round unless `stage1_iterations` is given (--iterations).
+        stage1_iterations: erase iterations of every stage-1 round (--stage1-iterations).
+        ti_steps: textual-inversion steps per stage-1 round (--ti-steps).
+        lr: the final stage's learning rate (--lr).
+        rollout_batch: iterations rolled out at once (--rollout-batch).
+        **fields: TrainConfig fields (model, device, seed, target_prompt, ...).
+    """
+    config = task_train_config(task, method, **fields) if task else TrainConfig.for_method(method, **fields)
+    data = config.to_dict()
+    final = data.get("stage2") or data.get("esd")
+    stage1 = data.get("stage1")
+    if iterations is not None:
+        final["iterations"] = iterations
+    stage1_iterations = iterations if stage1_iterations is None else stage1_iterations
+    if stage1 is not None and stage1_iterations is not None:
+        stage1["esd"]["iterations"] = stage1_iterations
+    if stage1 is not None and ti_steps is not None:
+        stage1["textual_inversion"]["steps"] = ti_steps
+    if lr is not None:
+        final["learning_rate"] = lr
+    if rollout_batch is not None:
+        data["rollout"]["batch"] = rollout_batch
     return TrainConfig.from_dict(data)
 
 
@@ -251,5 +288,5 @@ def stage_inputs(run, settings: dict) -> dict:
     return settings
 
 
-__all__ = ["careset_from_images", "write_careset_files", "mini_world_task", "task_train_config",
+__all__ = ["careset_from_images", "write_careset_files", "mini_world_task", "task_train_config", "training_config",
            "prepare_task_inputs", "run_task_training_job", "stage_inputs", "TARGET_IMAGES_DIR", "CARESET_DIR"]

@@ -317,7 +317,7 @@ def test_mismatched_checkpoint_is_refused(compare_app, tmp_path):
 
 def test_compare_runs_each_learned_attack_the_chosen_number_of_times():
     from recare.errors import ConfigError
-    from ui.compare_tab import ATTACK_CHOICES, DEFAULT_ATTACK_RUNS, CompareSettings
+    from ui.compare_settings import ATTACK_CHOICES, DEFAULT_ATTACK_RUNS, CompareSettings
 
     assert "ud" in ATTACK_CHOICES and "cce" in ATTACK_CHOICES
     form = (["base"], "tench", "a photo of a tench", _care_prompts(), ["erased", "cce", "ud"], 2, 1, 4, "", "mini-world")

@@ -308,7 +308,8 @@ def torch_equal(a, b) -> bool:
 
 
 def test_cli_extra_prompts_become_the_configs_custom_prompts():
-    from recare.cli import _evaluation_config, build_parser
+    from recare.cli import build_parser
+    from recare.cli_evaluate import _evaluation_config
 
     args = build_parser().parse_args(["evaluate", "--task", "tench", "--extra-prompt", "a tench in a bucket",
                                       "--extra-prompt", "a lake at dawn"])

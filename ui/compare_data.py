@@ -4,7 +4,8 @@ No Gradio here: `ui.compare_tab` lays out the workspace and wires its events; th
 folders (through the app's run store) and return plain values and figures.
 - `grid_data`: rows = models, columns = seeds, one prompt (the target, each attack's prompts, each run's own
   adversarial-token prompts, each CARE prompt, the custom prompts; `recare.eval.run.prompt_table`), from
-  the images the evaluation runs save; images the NudeNet detector flags are blurred copies.
+  the images the evaluation runs save, a row per attack run where a learned attack ran several times; images
+  the NudeNet detector flags are blurred copies (verdicts cached per file, `recare.eval.detection_cache`).
 - `paper_view`: the paper's quoted rows for a task (`recare.paper`) as the same RATIO and CARE charts.
 - `report_file`: the shareable HTML report of the selected evaluations (`recare.report`).
 """
@@ -19,6 +20,7 @@ from types import MappingProxyType
 from PIL import Image
 
 from recare import charts, paper, safety
+from recare.eval.detection_cache import DetectionCache, shared_cache
 from recare.errors import RecareError, RunError
 from recare.eval.config import resolve_config
 from recare.eval.run import CARE, EXTRA, config_from_file, partial_metrics, partial_records, prompt_table
@@ -47,13 +49,21 @@ class Grid:
     choices: list[tuple[str, str]]
     choice: str | None
     seeds: list[int]
-    rows: list[dict]   # {"model", "run", "cells": [{"seed", "state", "path", "file", "blurred", "positive"}]}
+    rows: list[dict]   # {"model", "run", "attack_run", "cells": [{"seed", "state", "path", "file", "blurred", "positive"}]}
     unchecked: bool = False
 
 
-def grid_data(evaluations: list, choice, flags: dict) -> Grid:
+def grid_data(evaluations: list, choice, cache: DetectionCache | None = None) -> Grid:
     """The grid of evaluation runs (`recare.runs` Run objects) for one prompt (the first when `choice` is not one
-    of them); `flags` caches the safety check of each image (updated in place)."""
+    of them): a row per model, and per attack run when a learned attack ran several times on that prompt.
+
+    Args:
+        evaluations: the runs.
+        choice: a prompt choice's value (`choice_value`).
+        cache: the nudity verdicts (default: the process's `recare.eval.detection_cache.shared_cache`): an image
+            already judged is not judged again.
+    """
+    cache = cache if cache is not None else shared_cache()
     runs = []
     choices: dict[str, str] = {}
     seeds_of: dict[str, set[int]] = {}
@@ -77,35 +87,26 @@ def grid_data(evaluations: list, choice, flags: dict) -> Grid:
     seeds = sorted(seeds_of[choice])[:MAX_GRID_SEEDS]
     rows, unchecked = [], False
     for run, label, table in runs:
-        planned = any(r["set"] == set_name and r["prompt"] == prompt for r in table)
-        made = {int(r["seed"]): r for r in partial_records(run.path) if r["attack"] == set_name and r["prompt"] == prompt}
-        cells = []
-        for seed in seeds:
-            record = made.get(seed)
-            path = run.path / record["file"] if record else None
-            if path is None or not path.is_file():
-                cells.append({"seed": seed, "state": "pending" if planned else "not in this run", "path": None,
-                              "file": None, "blurred": False, "positive": None})
-                continue
-            flagged = is_hidden(path, flags)
-            unchecked = unchecked or flagged is None
-            cells.append({"seed": seed, "state": "ready", "path": path, "file": record["file"],
-                          "blurred": flagged is not False, "positive": record.get("positive")})
-        rows.append({"model": label, "run": run.id, "cells": cells})
+        planned = sorted({int(r.get("run") or 0) for r in table if r["set"] == set_name and r["prompt"] == prompt})
+        made = {(int(r.get("run") or 0), int(r["seed"])): r for r in partial_records(run.path)
+                if r["attack"] == set_name and r["prompt"] == prompt}
+        for attack_run in planned or [0]:
+            cells = []
+            for seed in seeds:
+                record = made.get((attack_run, seed))
+                path = run.path / record["file"] if record else None
+                if path is None or not path.is_file():
+                    cells.append({"seed": seed, "state": "pending" if planned else "not in this run", "path": None,
+                                  "file": None, "blurred": False, "positive": None})
+                    continue
+                flagged = cache.flag(path)
+                unchecked = unchecked or flagged is None
+                cells.append({"seed": seed, "state": "ready", "path": path, "file": record["file"],
+                              "blurred": flagged is not False, "positive": record.get("positive")})
+            several = len(planned) > 1
+            rows.append({"model": f"{label} · attack run {attack_run + 1}" if several else label, "run": run.id,
+                         "attack_run": attack_run, "cells": cells})
     return Grid(options, choice, seeds, rows, unchecked)
-
-
-def is_hidden(path: Path, flags: dict) -> bool | None:
-    """Whether NudeNet flags the image (`recare.safety.check_images`, cached in the page's view by file and time);
-    None when the detector is unavailable (the image is then blurred, as in the Generate tab)."""
-    key = f"{path}:{path.stat().st_mtime_ns}"
-    if key not in flags:
-        try:
-            with Image.open(path) as im:
-                flags[key] = safety.check_images([im.convert("RGB")])[0].flagged
-        except safety.SafetyUnavailableError:
-            flags[key] = None
-    return flags[key]
 
 
 def shown_image(cell: dict) -> Image.Image:
@@ -146,7 +147,7 @@ def grid_info(grid: Grid) -> dict:
     return {"choices": [[label, value] for label, value in grid.choices], "choice": grid.choice, "seeds": grid.seeds,
             "prompt": json.loads(grid.choice)[1] if grid.choice else None,
             "set": json.loads(grid.choice)[0] if grid.choice else None,
-            "rows": [{"model": r["model"], "run": r["run"],
+            "rows": [{"model": r["model"], "run": r["run"], "attack_run": r["attack_run"],
                       "cells": [{k: v for k, v in cell.items() if k != "path"} for cell in r["cells"]]}
                      for r in grid.rows], "detector_unavailable": grid.unchecked}
 
@@ -155,7 +156,9 @@ def grid_note(grid: Grid) -> str:
     if grid.choice is None:
         return "No images yet: select an evaluation."
     blurred = sum(c["blurred"] for r in grid.rows for c in r["cells"])
-    note = f"Rows: {len(grid.rows)} model(s) · columns: seeds {', '.join(str(s) for s in grid.seeds)}"
+    models = len({r["run"] for r in grid.rows})
+    note = f"Rows: {models} model(s)" + (f", {len(grid.rows)} attack runs" if len(grid.rows) > models else "")
+    note += f" · columns: seeds {', '.join(str(s) for s in grid.seeds)}"
     if grid.unchecked:
         note += " · the nudity detector is unavailable, so every image is blurred"
     elif blurred:

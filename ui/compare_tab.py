@@ -16,13 +16,16 @@ chart *measured here*, each beside the paper's own numbers for the same task *qu
 Table 13; "Paper task" picks nudity, van gogh or tench, a mini-world task its own); under them the numbers of
 every chart in tables; then, in sections (collapsed under the reviewer demo, which adds its labelled grid above
 the charts, `ui.demo`): the evaluation settings, the prompt grid, and the exports (the HTML report of
-`recare.report`, metrics JSON / CSV, the grid PNG), whose download boxes appear once they hold a file.
+`recare.report`, metrics JSON / CSV of `recare.eval.export`, the grid PNG), whose download boxes appear once
+they hold a file. What the page shows as data lives beside it: the models and settings in `ui.compare_settings`,
+the grid, the paper view and the evaluations' metrics in `ui.compare_data`.
 
 The image grid shows one prompt (the target prompt, a run's own adversarial-token prompts, each CARE
 prompt, the custom prompts; `recare.eval.run.prompt_table`) for every model on the same seeds: rows =
-models, columns = seeds, from the images the evaluation runs save (images/<set>/...). Images the NudeNet
-detector flags (`recare.safety.check_images`, as the Generate tab) are shown as `recare.safety.blur`
-copies; when the detector is unavailable every image is. The grid exports as one PNG.
+models (a row per attack run where a learned attack ran several times), columns = seeds, from the images the
+evaluation runs save (images/<set>/...). Images the NudeNet detector flags (judged once per file,
+`recare.eval.detection_cache`) are shown as `recare.safety.blur` copies; when the detector is unavailable
+every image is. The grid exports as one PNG.
 
 Models: the base (the header's model), this browser's finished training runs, and uploaded trained
 checkpoints (trained_params.safetensors or ReCARE-Diffusers-UNet.pt), each copied into a run folder of
@@ -32,9 +35,6 @@ Every event is a named API endpoint (`evaluate_*`).
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import io
 import json
 import shutil
 import tempfile
@@ -45,31 +45,27 @@ import gradio as gr
 import pandas as pd
 
 from recare import models, worldspec
-from recare.errors import ConfigError, ModelLoadError, RecareError, RunError
-from recare.eval import attacks as eval_attacks
-from recare.eval.config import EvaluationConfig
+from recare.errors import ConfigError, RecareError, RunError
+from recare.eval.export import write_metrics_export
 from recare.runs import CANCELLED, DONE, QUEUED, RUNNING
-from ui.common import AppContext, md, no_paths, number, ok, owner_key, page_owner, problem, served, submitter
+from ui.common import AppContext, md, no_paths, ok, owner_key, page_owner, problem, served, submitter
 from recare import paper
 from ui.compare_data import (
     collect_evaluations, evaluation_choices, evaluation_ids,
     CHART_GUIDES, CHART_HEIGHT, SET_NAMES, grid_data, grid_html, grid_info, grid_note, paper_care_frame,
     paper_care_guide, paper_guide, paper_note, paper_table_frame, paper_view, report_file, shown_image,
 )
+from ui.compare_settings import (
+    ATTACK_CHOICES, BASE, CHECKPOINT_KIND, CHECKPOINT_NAMES, DEFAULT_ATTACK_RUNS, CompareSettings, evaluation_requests,
+    model_options, task_prompts,
+)
 from ui.figures import (
     MAX_CARE_AXES, TABLE_COLUMNS, care_concepts, care_radar_figure, image_grid, metric_tables, ratio_radar_figure,
 )
 
-BASE = "base"  # the model list's value for the header's base model
-CHECKPOINT_KIND = "checkpoint"
-CHECKPOINT_NAMES = (models.TRAINED_PARAMS_FILE, models.OFFICIAL_UNET_FILE)
-ATTACK_CHOICES = tuple(a for a in ("erased", "cce", "ud", "adversarial", "completion", "noise") if a in eval_attacks.ATTACKS)
-DEFAULT_ATTACK_RUNS = 2   # runs of each learned attack (CCE, UnlearnDiff) a Compare evaluation makes
-TOKEN_ATTACKS = ("adversarial",)  # need the model's own learned tokens: skipped for models without them
 POLL_S = 2.0
 # the RATIO table's columns (TABLE_COLUMNS): room for the model and the run id, the numbers narrow
 RATIO_TABLE_WIDTHS = ("15%", "18%", "6%", "5%", "6%", "6%", "6%", "6%", "5%", "6%", "6%", "7%", "8%")
-MAX_CUSTOM_PROMPTS, MAX_PROMPT_CHARS = 8, 300
 
 
 def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
@@ -79,7 +75,7 @@ def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
         ctx: the shell's context (model picker, run store, job runner, owner key).
     """
     tasks = [t.get("name") for t in worldspec.mini_world_tasks() if t.get("name")]
-    first = _task_prompts(tasks[0]) if tasks else ("", "{}")
+    first = task_prompts(tasks[0]) if tasks else ("", "{}")
     c: dict[str, Any] = {}
     demo = ctx.runs is not None and bool(ctx.runs.bundled)  # a reviewer demo fills the charts from the start
     paper_first = paper.paper_task(tasks[0]) if tasks else None
@@ -279,45 +275,12 @@ def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
 # models
 
 
-def _task_prompts(task) -> tuple[str, str]:
-    """(target prompt, CARE prompts as JSON) of a mini-world task."""
-    from recare.workflows import mini_world_task
-
-    t = mini_world_task(task)
-    return t.get("target_prompt", ""), json.dumps(t.get("care_prompts") or {}, indent=1)
-
-
 def _fill_task(task):
     try:
-        return _task_prompts(task)
+        return task_prompts(task)
     except RecareError as e:
         problem(str(e))
         return gr.skip(), gr.skip()
-
-
-def _model_options(ctx: AppContext, owner: str) -> list[tuple[str, str]]:
-    """(label, value) of every model the owner can compare: the base, finished training runs, checkpoints."""
-    options = [("base model (header)", BASE)]
-    for kind in ("train", CHECKPOINT_KIND):
-        for run in ctx.runs.list(owner=owner, kind=kind):
-            if run.bundled:
-                continue
-            try:
-                if run.status().get("state") != DONE:
-                    continue
-                options.append((_model_label(run), run.id))
-            except RecareError:
-                continue
-    return options
-
-
-def _model_label(run) -> str:
-    config = run.config()
-    if "checkpoint" in config:
-        return f"uploaded {config['checkpoint'].get('file')} ({run.id})"
-    train = config.get("train") or {}
-    concept = train.get("reference_word", "")
-    return f"{run.id} ({train.get('method', '')}{', ' + concept if concept else ''})"
 
 
 def _listing(key, request, make):
@@ -332,7 +295,7 @@ def _listing(key, request, make):
 
 
 def _models_choices(ctx: AppContext, picked, key, request=None):
-    options = _listing(key, request, lambda owner: _model_options(ctx, owner))
+    options = _listing(key, request, lambda owner: model_options(ctx, owner))
     if options is None:
         return gr.skip()
     values = {v for _, v in options}
@@ -371,7 +334,7 @@ def _add_checkpoint(ctx: AppContext, payload, model_name, picked, key, request=N
             shutil.rmtree(run.path, ignore_errors=True)
         return problem(f"Checkpoint not stored: the server could not write it ({type(e).__name__}); try again."), \
             gr.skip()
-    options = _model_options(ctx, owner)
+    options = model_options(ctx, owner)
     return (ok(f"Added {md(source.name)} as **{run.id}** (fits {md(model_name)})."),
             gr.CheckboxGroup(choices=options, value=list(dict.fromkeys([*(picked or []), run.id]))))
 
@@ -393,102 +356,6 @@ def _uploaded(payload) -> Path:
 # start, cancel, list
 
 
-def _care_prompts(text) -> dict[str, list[str]]:
-    from recare.jobs.checks import parse_json
-
-    value = parse_json(text or "{}", "the CARE prompts")  # depth checked before Python's parser recurses
-    if not isinstance(value, dict) or not value:
-        raise ConfigError('the CARE prompts must map each CARE concept to a list of prompts: {"person": ["..."]}.')
-    return value
-
-
-def _custom_prompts(text) -> list[str]:
-    """The custom prompts box: one prompt per line, blank lines and repeats dropped."""
-    if text is not None and not isinstance(text, str):
-        raise ConfigError("the custom prompts must be text, one prompt per line.")
-    prompts = list(dict.fromkeys(line.strip() for line in (text or "").splitlines() if line.strip()))
-    if len(prompts) > MAX_CUSTOM_PROMPTS:
-        raise ConfigError(f"at most {MAX_CUSTOM_PROMPTS} custom prompts (got {len(prompts)}).")
-    long = [p for p in prompts if len(p) > MAX_PROMPT_CHARS]
-    if long:
-        raise ConfigError(f"a custom prompt is longer than {MAX_PROMPT_CHARS} characters: {long[0][:40]!r}...")
-    return prompts
-
-
-@dataclasses.dataclass(frozen=True)
-class CompareSettings:
-    """What Evaluate runs: the same prompts, attacks and seeds for every picked model.
-
-    Attributes:
-        picked: the model list's values (BASE, training run ids, checkpoint run ids).
-        task: the mini-world task (None for another base model).
-        target_prompt: the erased attack's prompt (None: the task's).
-        care_prompts: CARE concept -> prompts.
-        attacks: attack names; TOKEN_ATTACKS are dropped for a model without learned tokens.
-        seeds: images per attack and custom prompt; care_images: per CARE prompt; clip_count: CLIP captions.
-        custom_prompts: extra prompts, made and judged, never scored.
-        model_name: the header's base model.
-        attack_runs: runs of each learned attack (CCE, UnlearnDiff).
-    """
-
-    picked: tuple[str, ...]
-    task: str | None
-    target_prompt: str | None
-    care_prompts: dict
-    attacks: tuple[str, ...]
-    seeds: int
-    care_images: int
-    clip_count: int
-    custom_prompts: tuple[str, ...]
-    model_name: str
-    attack_runs: int = DEFAULT_ATTACK_RUNS
-
-    @classmethod
-    def from_inputs(cls, picked, task, target_prompt, care_prompts, attacks, seeds, care_images, clip_count,
-                    custom_prompts, model_name, attack_runs=DEFAULT_ATTACK_RUNS) -> "CompareSettings":
-        """Check the form's raw values (ConfigError with what to fix)."""
-        from recare.jobs.checks import run_ids
-
-        picked = tuple(run_ids(picked, what="models"))
-        if not picked:
-            raise ConfigError("pick at least one model.")
-        if attacks is not None and not isinstance(attacks, (list, tuple)):
-            raise ConfigError(f"the attacks must be a list of names from {', '.join(ATTACK_CHOICES)}.")
-        attacks = tuple(dict.fromkeys(a for a in (attacks or []) if isinstance(a, str)))
-        if not attacks:
-            raise ConfigError(f"pick at least one attack ({', '.join(ATTACK_CHOICES)}).")
-        for name, value in (("the target prompt", target_prompt), ("the task", task), ("the model", model_name)):
-            if value is not None and not isinstance(value, str):
-                raise ConfigError(f"{name} must be text, not {type(value).__name__}.")
-        base_model = str(model_name or models.MINI_WORLD)
-        return cls(picked=picked, task=task if base_model == models.MINI_WORLD and task else None,
-                   target_prompt=(target_prompt or "").strip() or None, care_prompts=_care_prompts(care_prompts),
-                   attacks=attacks, seeds=int(number(seeds, "seeds")),
-                   care_images=int(number(care_images, "CARE images per prompt")),
-                   clip_count=int(number(clip_count, "CLIP captions")), custom_prompts=tuple(_custom_prompts(
-                       custom_prompts)), model_name=base_model,
-                   attack_runs=int(number(attack_runs, "runs per learned attack")))
-
-    def evaluation(self, model: str, unet: str | None, has_tokens: bool, device: str) -> EvaluationConfig:
-        """The EvaluationConfig of one model (ConfigError when none of the attacks applies to it)."""
-        attacks = [a for a in self.attacks if has_tokens or a not in TOKEN_ATTACKS]
-        if not attacks:
-            raise ConfigError(f"{', '.join(TOKEN_ATTACKS)} needs a training run's learned tokens; pick another attack "
-                              "too for the base model and uploaded checkpoints.")
-        return EvaluationConfig(model=model, unet=unet, task=self.task if model == models.MINI_WORLD else None,
-                                target_prompt=self.target_prompt, care_prompts=self.care_prompts, attacks=attacks,
-                                seeds=self.seeds, care_images_per_prompt=self.care_images, clip_count=self.clip_count,
-                                extra_prompts=list(self.custom_prompts), attack_runs=self.attack_runs, device=device)
-
-
-def _has_tokens(weights: Path) -> bool:
-    try:
-        models.find_token_files(weights)
-    except ModelLoadError:
-        return False
-    return True
-
-
 def _start(ctx: AppContext, values, key, request=None):
     """One evaluation job per picked model, submitted as one batch (all or none). Returns (message, evaluations
     dropdown, timer).
@@ -496,30 +363,12 @@ def _start(ctx: AppContext, values, key, request=None):
     Args:
         values: the form's raw values in `CompareSettings.from_inputs`'s order.
     """
-    from recare.jobs.requests import EvaluateRequest, submit_requests
+    from recare.jobs.requests import submit_requests
 
     try:
         owner = owner_key(key, request)
-        settings = CompareSettings.from_inputs(*values)
-        device = str(ctx.models.device)
-        jobs = []
-        for value in settings.picked:  # every model is checked before any job exists
-            if value == BASE:
-                config = settings.evaluation(settings.model_name, None, False, device)
-                label = f"base ({settings.model_name})"
-            else:
-                run = ctx.runs.get(value, owner)
-                if run.bundled or run.kind not in ("train", CHECKPOINT_KIND):
-                    raise RunError(f"run {run.id} is not a model: pick the base, a training run or a checkpoint.")
-                if run.status().get("state") != DONE:
-                    raise RunError(f"run {run.id} has not finished.")
-                stored = run.config()
-                weights = run.path / stored["checkpoint"]["file"] if "checkpoint" in stored else run.path
-                model = (stored.get("checkpoint") or stored.get("train") or {}).get("model") or settings.model_name
-                config = settings.evaluation(model, str(weights), _has_tokens(weights), device)
-                label = _model_label(run)
-            jobs.append(EvaluateRequest(config.to_dict(), compare={"label": label, "model": value}))
-        runs = submit_requests(ctx.jobs, jobs, submitter(ctx, owner, request), device=device)
+        jobs = evaluation_requests(ctx, CompareSettings.from_inputs(*values), owner)  # all checked before any job
+        runs = submit_requests(ctx.jobs, jobs, submitter(ctx, owner, request), device=str(ctx.models.device))
     except RecareError as e:
         return problem(f"Not started: {no_paths(ctx, e)}"), gr.skip(), gr.skip()
     ids = [r.id for r in runs]
@@ -622,12 +471,11 @@ def _grid(ctx: AppContext, ids, choice, key, view=None, request=None):
     """(prompt dropdown, grid, note, grid info, view): the labelled grid of one prompt (HTML, images embedded);
     it is sent only when its content changed since this page's last update."""
     view = dict(view or {})
-    flags = dict(view.get("flags") or {})
+    view.pop("flags", None)  # verdicts are cached in the library now (recare.eval.detection_cache)
     try:
-        grid = grid_data(_runs(ctx, ids, owner_key(key, request)), choice, flags)
+        grid = grid_data(_runs(ctx, ids, owner_key(key, request)), choice)
     except RecareError as e:
         return gr.skip(), gr.skip(), problem(str(e)), {"error": str(e)}, view
-    view["flags"] = flags
     info = grid_info(grid)
     signature = json.dumps([info["choices"], info["choice"], [[c["state"], c["file"], c["blurred"]]
                                                               for r in info["rows"] for c in r["cells"]]])
@@ -640,9 +488,8 @@ def _grid(ctx: AppContext, ids, choice, key, view=None, request=None):
 
 def _export_grid(ctx: AppContext, ids, choice, key, view=None, request=None):
     """(grid.png, message): the grid as one picture, labels drawn on it, flagged images blurred."""
-    flags = dict((view or {}).get("flags") or {})
     try:
-        grid = grid_data(_runs(ctx, ids, owner_key(key, request)), choice, flags)
+        grid = grid_data(_runs(ctx, ids, owner_key(key, request)), choice)
         if not any(c["state"] == "ready" for r in grid.rows for c in r["cells"]):
             raise RunError("no image in the grid yet: select an evaluation that has made some.")
     except RecareError as e:
@@ -657,7 +504,7 @@ def _export_grid(ctx: AppContext, ids, choice, key, view=None, request=None):
 
 
 def _export(ctx: AppContext, ids, key, request=None):
-    """metrics.json (every finished model's metrics and radar numbers) and metrics.csv (one row per model)."""
+    """metrics.json and metrics.csv (`recare.eval.export`: one row per model, worst runs too) of the finished ones."""
     try:
         owner = owner_key(key, request)
         rows = [r for r in collect_evaluations(ctx, ids, owner)[1] if not r.get("partial")]  # final numbers only
@@ -665,28 +512,9 @@ def _export(ctx: AppContext, ids, key, request=None):
             raise RunError("no finished evaluation selected: nothing to export yet.")
     except RecareError as e:
         return gr.skip(), gr.skip(), problem(str(e))
-    numbers = metric_tables(rows)[2]
     with tempfile.TemporaryDirectory(prefix="recare-compare-") as tmp:
-        folder = Path(tmp)
-        (folder / "metrics.json").write_text(json.dumps({"models": rows, "ratio_radar": numbers}, indent=1),
-                                             encoding="utf-8")
-        attacks = list(dict.fromkeys(a for r in rows for a in (r.get("asr") or {})))
-        concepts = care_concepts(rows)
-        by_run = {n["run"]: n for n in numbers}
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["model", "run", *[f"asr_{a}" for a in attacks], "clip_score", "care_score",
-                         *[f"care_{c}" for c in concepts], "defense_attack", "defense", "utility", "care", "ratio"])
-        for r in rows:
-            n = by_run.get(r["run"]) or {}
-            per = (r.get("care_score") or {}).get("per_concept") or {}
-            writer.writerow([r["model"], r["run"], *[(r.get("asr") or {}).get(a, "") for a in attacks],
-                             r.get("clip_score", ""), (r.get("care_score") or {}).get("mean", ""),
-                             *[per.get(c, "") for c in concepts],
-                             *[n.get(k, "") for k in ("attack", "D", "U", "C", "ratio")]])
-        (folder / "metrics.csv").write_text(buffer.getvalue(), encoding="utf-8")
-        return (served(folder / "metrics.json"), served(folder / "metrics.csv"),
-                ok(f"Exported the metrics of {len(rows)} model(s)."))
+        json_path, csv_path = write_metrics_export(rows, tmp)
+        return served(json_path), served(csv_path), ok(f"Exported the metrics of {len(rows)} model(s).")
 
 
 # ---------------------------------------------------------------------------------------------

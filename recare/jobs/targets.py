@@ -14,7 +14,7 @@ from __future__ import annotations
 from types import MappingProxyType
 
 TRAIN = "recare.workflows:run_task_training_job"    # a training run (inputs copied in, a task's made first)
-TRAIN_RECIPE = "recare.train.recipe:run_training_job"  # the CLI's training run (its inputs prepared by the CLI)
+TRAIN_RECIPE = "recare.train.recipe:run_training_job"  # runs the CLI made before it used TRAIN (still resumable)
 EVALUATE = "recare.eval.run:run_evaluation_job"     # one model's evaluation
 DEMO_RERUN = "recare.demo:run_demo_rerun_job"       # the reviewer demo's re-run: training, then its evaluation
 

@@ -1,0 +1,64 @@
+"""One training-config override path (`recare.workflows.training_config`): the CLI's options and the Train
+workspace's boxes for the same choices give the same TrainConfig."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from recare import cli, models
+from recare.config import TrainConfig
+from recare.workflows import mini_world_task, training_config
+
+PROMPT, WORD, INIT = "a photo of a tench", "tench", "fish"
+
+
+def _cli_config(task, method, *options):
+    args = cli.build_parser().parse_args(["train", "--method", method, *(["--task", task] if task else []), *options])
+    return cli._train_config(args, mini_world_task(task) if task else None)
+
+
+def _app_config(task, method, iterations, lr, stage1_iterations, ti_steps, train_method, seed, num_images):
+    from ui.train_tab import NO_TASK, _train_config
+
+    ctx = SimpleNamespace(models=SimpleNamespace(policy=models.LOCAL_USE, device="cpu"))
+    return _train_config(ctx, task or NO_TASK, method, PROMPT, WORD, INIT, iterations, lr, stage1_iterations, ti_steps,
+                         train_method, seed, num_images, models.MINI_WORLD)
+
+
+@pytest.mark.parametrize("task, method", [("tench", "recare"), ("tench", "esd"), (None, "recare-no-adv"),
+                                          (None, "esd")])
+def test_the_cli_and_the_app_give_the_same_config_for_the_same_choices(task, method):
+    """The app's boxes always hold every number; the CLI is given the same ones (and the app's device and
+    save interval, which the app sets itself)."""
+    app = _app_config(task, method, 30, 2e-4, 20, 10, "xattn", 3, 8)
+    given = _cli_config(task, method, "--iterations", "30", "--lr", "2e-4", "--stage1-iterations", "20",
+                        "--ti-steps", "10", "--train-method", "xattn", "--seed", "3", "--num-images", "8",
+                        "--target-prompt", PROMPT, "--reference-word", WORD, "--initializer-token", INIT,
+                        "--device", "cpu", "--save-every", str(app.save_every))
+    assert given.to_dict() == app.to_dict()
+    final = app.stage2 or app.esd
+    assert final.iterations == 30 and final.learning_rate == 2e-4 and app.seed == 3 and app.num_images == 8
+    if app.stage1 is not None:
+        assert app.stage1.esd.iterations == 20 and app.stage1.textual_inversion.steps == 10
+
+
+def test_step_overrides_by_hand():
+    """--iterations sets the final stage and every stage-1 round unless --stage1-iterations is given; --lr the
+    final stage only; a task's recommended settings stay where nothing overrides them."""
+    preset = TrainConfig.for_method("recare")
+    both = training_config(None, "recare", iterations=7, lr=0.5)
+    assert both.stage2.iterations == 7 and both.stage1.esd.iterations == 7 and both.stage2.learning_rate == 0.5
+    assert both.stage1.esd.learning_rate == preset.stage1.esd.learning_rate
+    assert both.stage1.textual_inversion.steps == preset.stage1.textual_inversion.steps
+    split = training_config(None, "recare", iterations=7, stage1_iterations=3, ti_steps=4, rollout_batch=2)
+    assert (split.stage2.iterations, split.stage1.esd.iterations, split.stage1.textual_inversion.steps,
+            split.rollout.batch) == (7, 3, 4, 2)
+    esd = training_config(None, "esd", iterations=9, stage1_iterations=3, ti_steps=4, lr=1e-3)
+    assert esd.stage1 is None and esd.stage2 is None and (esd.esd.iterations, esd.esd.learning_rate) == (9, 1e-3)
+    from recare.workflows import task_train_config
+
+    task = mini_world_task("tench")
+    assert training_config(task, "recare").to_dict() == task_train_config(task, "recare").to_dict()
+    assert training_config(None, "recare").to_dict() == preset.to_dict()
