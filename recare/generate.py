@@ -19,7 +19,9 @@ import dataclasses
 import io
 import lzma
 import re
+import threading
 import time
+import weakref
 import zipfile
 import zlib
 from pathlib import Path
@@ -119,8 +121,9 @@ def call_pipeline(pipe):
     A diffusers pipeline call sets its scheduler's timesteps (and its own guidance scale) for that
     call, so two calls on one cached pipeline from two threads (two app visitors) would change each
     other's steps mid-way. The copy shares every model (nothing is duplicated) and costs a few
-    milliseconds (`recare.models.derive_pipeline`). Anything that is not a diffusers pipeline (a test's
-    stand-in) is returned as it is.
+    milliseconds (`recare.models.derive_pipeline`). The tokenizer is shared too, and is not safe to
+    use from two threads at once, so the copy's prompt encoding takes turns with every other call on
+    that tokenizer. Anything that is not a diffusers pipeline (a test's stand-in) is returned as it is.
 
     Args:
         pipe: the shared pipeline.
@@ -132,7 +135,34 @@ def call_pipeline(pipe):
     if not isinstance(pipe, DiffusionPipeline) or getattr(pipe, "scheduler", None) is None:
         return pipe
 
-    return derive_pipeline(pipe)
+    call = derive_pipeline(pipe)
+    if getattr(call, "tokenizer", None) is not None and hasattr(call, "encode_prompt"):
+        call.encode_prompt = _serialised(call.encode_prompt, _tokenizer_lock(call.tokenizer))
+    return call
+
+
+# transformers 5 tokenizers keep their padding and truncation settings on one shared backend object,
+# and encode_prompt tokenizes twice with different padding ("max_length", then "longest"): two
+# threads on one tokenizer can swap those settings mid-call and get 9-token embeddings instead of
+# 77, or silently different images (tests/test_generate_concurrent.py). A copy of a 49k-word
+# tokenizer costs ~0.7 s, so calls on one tokenizer take turns at prompt encoding instead.
+_TOKENIZER_LOCKS: "weakref.WeakKeyDictionary[object, threading.Lock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _tokenizer_lock(tokenizer) -> threading.Lock:
+    with _LOCKS_GUARD:
+        lock = _TOKENIZER_LOCKS.get(tokenizer)
+        if lock is None:
+            lock = _TOKENIZER_LOCKS[tokenizer] = threading.Lock()
+        return lock
+
+
+def _serialised(function, lock: threading.Lock):
+    def call(*args, **kwargs):
+        with lock:
+            return function(*args, **kwargs)
+    return call
 
 
 def iter_generation(

@@ -10,9 +10,10 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import torch
 
 from recare.config import GenerateConfig
-from recare.generate import generate_images
+from recare.generate import call_pipeline, generate_images
 from tests.helpers_tiny import build_tiny_pipeline
 
 A = GenerateConfig(prompt="a photo of a cat", num_images=2, base_seed=3, steps=3, guidance=7.5, batch_size=1)
@@ -44,3 +45,31 @@ def test_two_generations_at_once_match_each_alone():
         for name in ("a", "b"):
             assert np.abs(got[name] - alone[name]).max() == 0, name
     assert pipe.scheduler.num_inference_steps == steps_before  # the shared pipeline's scheduler was never used
+
+
+def test_prompt_encoding_from_many_threads_matches_alone():
+    """The tokenizer's shared padding state: 40 pairs of concurrent encodings, each equal to its own alone."""
+    pipe = build_tiny_pipeline(0)
+    prompts = ("a photo of a cat", "a painting of a dog")
+
+    def encode(p, prompt):
+        with torch.no_grad():
+            return p.encode_prompt(prompt, "cpu", 1, True, None)[0]
+
+    alone = {prompt: encode(pipe, prompt) for prompt in prompts}
+    for _ in range(40):
+        got: dict[str, torch.Tensor] = {}
+        start = threading.Barrier(2)
+
+        def run(prompt):
+            call = call_pipeline(pipe)
+            start.wait()
+            got[prompt] = encode(call, prompt)
+
+        threads = [threading.Thread(target=run, args=(prompt,)) for prompt in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for prompt in prompts:
+            assert got[prompt].shape == alone[prompt].shape and torch.equal(got[prompt], alone[prompt]), prompt
