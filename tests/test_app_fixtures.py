@@ -69,7 +69,13 @@ def launched_app(workspace: Path):
     runs = runs_dir_of(workspace)
     demo = ui.create_app(workspace=workspace, device="cpu", runs_dir=runs)
     demo.queue(default_concurrency_limit=4)
-    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **ui.launch_kwargs(workspace, runs_dir=runs))
+    try:
+        _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **ui.launch_kwargs(workspace, runs_dir=runs))
+    except ValueError as e:  # Gradio's reachability check (a 3-s HEAD) timed out on a loaded machine: once more
+        if "localhost is not accessible" not in str(e):
+            raise
+        demo.close()
+        _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **ui.launch_kwargs(workspace, runs_dir=runs))
     try:
         yield demo, url
     finally:
