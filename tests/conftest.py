@@ -68,3 +68,16 @@ def make_runner(store):
     yield make
     for runner in made:
         runner.shutdown(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def app_url(tmp_path_factory):
+    """The one launched app of the test session (mini or tiny world, local use, its own workspace and run
+    store): {"url", "workspace", "runs", "demo", "world", "real_world"}. Shared by the app modules
+    (test_app_client, test_app_safety, test_app_train, test_app_compare, test_browser): every test uses a
+    fresh browser key or gradio client, so nothing it asserts depends on another module's runs or sessions.
+    The apps with other settings (public policy, hostile limits, a demo bundle) are launched by their modules."""
+    from tests.test_app_fixtures import app_for_module
+
+    with app_for_module(tmp_path_factory) as app:
+        yield app

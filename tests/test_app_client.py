@@ -11,7 +11,7 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from tests.test_app_fixtures import app_url, session_dirs, write_words  # noqa: F401  (fixture)
+from tests.test_app_fixtures import session_dirs, write_words
 
 # Output positions of every CARE-set endpoint (the session State is not sent to clients).
 PLOT, TABLE, CLUSTERS, SUMMARY, FINAL, OFFICIAL, RICH, STATUS = range(8)

@@ -20,7 +20,7 @@ import pytest
 from gradio_client import Client, handle_file
 
 from recare import metrics
-from tests.test_app_fixtures import app_for_module, mini_world_client
+from tests.test_app_fixtures import mini_world_client
 from ui.common import new_browser_key
 from ui.figures import care_radar_figure, radar_numbers, ratio_radar_figure
 
@@ -135,11 +135,10 @@ def test_live_view_of_a_stopped_evaluation_is_partial_then_final(tmp_path):
     assert list(out[RATIO_TABLE]["numbers"]) == ["final"]
 
 
-@pytest.fixture(scope="module")
-def compare_app(tmp_path_factory):
-    """A launched app with a run store of its own (module-scoped fixtures start before the per-test env)."""
-    with app_for_module(tmp_path_factory) as app:
-        yield app
+@pytest.fixture
+def compare_app(app_url):
+    """The session's launched app (tests/conftest.py); each test drives it with fresh browser keys."""
+    return app_url
 
 
 def _client(app) -> Client:

@@ -69,7 +69,13 @@ def launched_app(workspace: Path):
     runs = runs_dir_of(workspace)
     demo = ui.create_app(workspace=workspace, device="cpu", runs_dir=runs)
     demo.queue(default_concurrency_limit=4)
-    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **ui.launch_kwargs(workspace, runs_dir=runs))
+    try:
+        _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **ui.launch_kwargs(workspace, runs_dir=runs))
+    except ValueError as e:  # Gradio's reachability check (a 3-s HEAD) timed out on a loaded machine: once more
+        if "localhost is not accessible" not in str(e):
+            raise
+        demo.close()
+        _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **ui.launch_kwargs(workspace, runs_dir=runs))
     try:
         yield demo, url
     finally:
@@ -87,7 +93,7 @@ def session_dirs(workspace: Path) -> list[Path]:
 
 @contextlib.contextmanager
 def app_for_module(tmp_path_factory):
-    """A launched app on the (mini or tiny) world with its own workspace and run store: yields
+    """A launched app (the session's one is tests/conftest.py's `app_url`) on the (mini or tiny) world with its own workspace and run store: yields
     {"url", "workspace", "runs", "demo", "world", "real_world"}."""
     base = tmp_path_factory.getbasetemp().parent / "recare-app-shared"
     with world_env(base) as (folder, is_real):
@@ -104,13 +110,6 @@ def mini_world_client(app: dict, workspace_name: str):
     if not app["real_world"]:
         pytest.skip(f"the {workspace_name} tests use the mini world's tasks (checkpoints/mini-world)")
     return Client(app["url"], verbose=False, download_files=str(app["workspace"].parent / "downloads"))
-
-
-@pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
-    """URL of a launched app on the (mini or tiny) world, with its workspace folder."""
-    with app_for_module(tmp_path_factory) as app:
-        yield app
 
 
 def env_cache_dir() -> str:

@@ -7,7 +7,6 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 from recare import safety
-from tests.test_app_fixtures import app_url  # noqa: F401  (fixture)
 
 
 def _images(tmp_path):

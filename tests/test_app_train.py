@@ -14,17 +14,16 @@ from pathlib import Path
 import pytest
 from gradio_client import Client, handle_file
 
-from tests.test_app_fixtures import app_for_module, mini_world_client
+from tests.test_app_fixtures import mini_world_client
 from ui.common import new_browser_key
 
 STATUS, PROGRESS, LOSS, PREVIEWS, INFO = range(5)
 
 
-@pytest.fixture(scope="module")
-def train_app(tmp_path_factory):
-    """A launched app with a run store of its own (module-scoped fixtures start before the per-test env)."""
-    with app_for_module(tmp_path_factory) as app:
-        yield app
+@pytest.fixture
+def train_app(app_url):
+    """The session's launched app (tests/conftest.py); each test drives it with fresh browser keys."""
+    return app_url
 
 
 def _client(app) -> Client:

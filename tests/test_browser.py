@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_app_fixtures import app_url, write_words  # noqa: F401  (fixture)
+from tests.test_app_fixtures import write_words
 from tests.test_app_train import train_app  # noqa: F401  (fixture: an app with its own run store)
 
 CHROMIUM = Path("/usr/bin/chromium")

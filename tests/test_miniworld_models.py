@@ -76,21 +76,6 @@ def test_bundled_recare_json_describes_the_three_tasks():
     assert spec["careset"]["top_n"] <= len(spec["vocabulary"]["words"])
 
 
-def test_smoke_recipe_trains_oracle_and_clip_and_writes_recare_json(tmp_path):
-    from recare.miniworld.clip import load_mini_clip
-    from recare.miniworld.oracle import load_oracle
-    from recare.miniworld.train import main
-
-    main(["--out", str(tmp_path / "mw"), "--smoke", "--skip", "generator"])
-    oracle = load_oracle(tmp_path / "mw" / "oracle")
-    assert oracle.predict(W.sample_dataset(4, seed=0)[0]).shape == (4, len(W.CONCEPTS))
-    clip = load_mini_clip(tmp_path / "mw" / "clip")
-    feats = clip.encode_texts(["tench", "a photo of a lake"])
-    assert feats.shape[0] == 2 and np.all(np.isfinite(feats))
-    spec = json.loads((tmp_path / "mw" / "recare.json").read_text())
-    assert spec["training"]["smoke"] is True and "oracle" in spec["training"]["seconds"]
-
-
 def test_training_is_deterministic_for_a_seed(tmp_path):
     from recare.miniworld.oracle import OracleConfig, train_oracle
 
@@ -100,16 +85,31 @@ def test_training_is_deterministic_for_a_seed(tmp_path):
     assert np.array_equal(a.predict(images), b.predict(images))
 
 
-def test_smoke_recipe_runs_every_stage(tmp_path):
-    """The whole recipe at tiny sizes (CI keeps it working): the generator in a second process."""
-    from recare.miniworld.train import train_all
+def test_smoke_recipe_runs_every_stage(tmp_path, capsys):
+    """The whole recipe through its CLI at tiny sizes (CI keeps it working): the generator in a second
+    process; the oracle and the mini CLIP it writes load and run."""
+    from recare.miniworld.clip import load_mini_clip
+    from recare.miniworld.oracle import load_oracle
+    from recare.miniworld.train import main
 
-    record = train_all(tmp_path / "mw", smoke=True, progress=False)
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "none"), "--smoke", "--skip", "generator,gpu"])
+    assert "unknown stage(s) in --skip: ['gpu']" in capsys.readouterr().err
+    main(["--out", str(tmp_path / "mw"), "--smoke"])
+    out = capsys.readouterr().out
+    assert "the UNet part trains in process" in out
+    record = json.loads(out[out.index("{"):])  # printed last
     assert {"oracle", "clip", "generator", "total"} <= set(record["seconds"])
     assert json.loads((tmp_path / "mw" / "pipeline" / "recare_training.json").read_text())["smoke"] is True
     assert "detail_refinement" in record["stages"]["generator"]
     spec = json.loads((tmp_path / "mw" / "recare.json").read_text())
+    assert spec["training"]["smoke"] is True and "oracle" in spec["training"]["seconds"]
     assert spec["training"]["stages"]["generator"]["seed"] == 0 and set(spec["tasks"]) == {"tench", "van_gogh", "smoking"}
+    oracle = load_oracle(tmp_path / "mw" / "oracle")
+    assert oracle.predict(W.sample_dataset(4, seed=0)[0]).shape == (4, len(W.CONCEPTS))
+    clip = load_mini_clip(tmp_path / "mw" / "clip")
+    feats = clip.encode_texts(["tench", "a photo of a lake"])
+    assert feats.shape[0] == 2 and np.all(np.isfinite(feats))
 
 
 @pytest.mark.slow

@@ -65,8 +65,23 @@ def test_forced_scenes_and_contradictions():
         W.sample_scene(rng, include=("tench",), exclude=("tench",))
 
 
+def _captions_and_labels(n: int, seed: int) -> tuple[list[str], np.ndarray]:
+    """W.sample_dataset(n, seed)'s captions and labels without rendering its images (W.render takes the
+    scene only and draws nothing from the generator, so the scenes are the same)."""
+    rng = np.random.default_rng(seed)
+    caps, labs = [], []
+    for _ in range(n):
+        scene = W.sample_scene(rng)
+        caps.append(W.caption(scene, rng))
+        labs.append(W.labels(scene))
+    return caps, np.array(labs)
+
+
 def test_co_occurrence_statistics_as_designed():
-    _, caps, lab = W.sample_dataset(4000, seed=11)
+    _, small_caps, small_lab = W.sample_dataset(40, seed=11)
+    caps, lab = _captions_and_labels(40, seed=11)
+    assert caps == small_caps and np.array_equal(lab, small_lab)  # the same examples as sample_dataset's
+    caps, lab = _captions_and_labels(4000, seed=11)
     col = {c: lab[:, i] for c, i in W.CONCEPT_INDEX.items()}
 
     def p(a, given):
