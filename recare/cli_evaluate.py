@@ -167,7 +167,7 @@ def _absolute_if_local(value: str | None) -> str | None:
 
 def _evaluation_config(args: argparse.Namespace):
     from recare.eval.config import EvaluationConfig
-    from recare.eval.run import config_from_file
+    from recare.eval.config import config_from_file
 
     base: dict[str, Any] = {}
     if args.config:

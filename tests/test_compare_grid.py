@@ -8,7 +8,7 @@ from PIL import Image
 
 from recare.eval.config import EvaluationConfig
 from recare.eval.detection_cache import DetectionCache
-from recare.eval.run import RECORD_FIELDS, write_records_csv
+from recare.eval.records import RECORD_FIELDS, write_records_csv
 from recare.runs import RunStore
 from ui.compare_data import grid_data, grid_info, grid_note
 

@@ -21,7 +21,7 @@ from recare import models
 from recare.careset import CareSet
 from recare.workflows import careset_from_images
 from recare.careset_io import (
-    CareSetFileError, official_dict, read_careset_file, reference_key, rich_dict,
+    CareSetFileError, official_json_text, read_careset_file, reference_key, rich_dict,
 )
 from recare.config import ConfigError, CareSetConfig
 from recare.errors import CareSetError, RecareError
@@ -473,17 +473,13 @@ def _render(session: Session, careset: CareSet | None, official, status: str) ->
         tokens = official.tokens if official is not None else []
         files = []
         if official is not None:
-            o = official
-            files.append((session.careset_path, json.dumps(
-                {f"{o.reference_key}_care_word": o.base_prompts,
-                 f"{o.reference_key}_care_word_{o.prompt_style}": o.retain_prompts}, indent=2) + "\n"))
+            files.append((session.careset_path, official_json_text(official)))
         return [session, placeholder_json("Build a CARE-set to see its candidates here."),
                 pd.DataFrame(columns=list(TABLE_COLUMNS)), gr.update(choices=[], value=[]),
                 pd.DataFrame(columns=list(SUMMARY_COLUMNS)), gr.update(value="\n".join(tokens), label=_final_label(len(tokens))),
                 None, None, status], files
     final = careset.final_tokens()
-    c = careset.config
-    files = [(session.careset_path, json.dumps(official_dict(final, c.reference_word, c.prompt_style), indent=4) + "\n"),
+    files = [(session.careset_path, official_json_text(careset)),
              (session.rich_careset_path, json.dumps(rich_dict(careset), indent=1) + "\n")]
     summary = careset.cluster_summary()
     reasons = careset.reasons

@@ -3,7 +3,7 @@
 No Gradio here: `ui.compare_tab` lays out the workspace and wires its events; these functions read the run
 folders (through the app's run store) and return plain values and figures.
 - `grid_data`: rows = models, columns = seeds, one prompt (the target, each attack's prompts, each run's own
-  adversarial-token prompts, each CARE prompt, the custom prompts; `recare.eval.run.prompt_table`), from
+  adversarial-token prompts, each CARE prompt, the custom prompts; `recare.eval.plan.prompt_table`), from
   the images the evaluation runs save, a row per attack run where a learned attack ran several times; images
   the NudeNet detector flags are blurred copies (verdicts cached per file, `recare.eval.detection_cache`).
 - `paper_view`: the paper's quoted rows for a task (`recare.paper`) as the same RATIO and CARE charts.
@@ -23,7 +23,11 @@ from recare import charts, paper, safety
 from recare.eval.detection_cache import DetectionCache, shared_cache
 from recare.errors import RecareError, RunError
 from recare.eval.config import resolve_config
-from recare.eval.run import CARE, EXTRA, config_from_file, partial_metrics, partial_records, prompt_table
+from recare.eval.config import config_from_file
+from recare.eval.plan import CARE, EXTRA, prompt_table
+from recare.eval.records import partial_records
+from recare.eval.run_metrics import partial_metrics
+from recare.metrics_io import read_metrics_json
 from recare.runs import DONE, QUEUED
 
 MAX_GRID_SEEDS = 8  # columns of the image grid
@@ -302,10 +306,7 @@ def evaluation_choices(ctx, owner: str) -> list[tuple[str, str]]:
 
 def _metrics(run) -> dict | None:
     """metrics.json of a finished evaluation run (None while it has none)."""
-    path = run.path / "metrics.json"
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_metrics_json(run.path, missing_ok=True)
 
 
 def _provisional(run) -> dict | None:

@@ -3,7 +3,7 @@
 Nothing here evaluates: Start submits one `recare.jobs.requests.EvaluateRequest` per picked model (kind
 "evaluate"; checked, bounded and quota-counted as one batch) to the app's JobRunner with the browser's owner key, and a gr.Timer polls the run
 folders while any is queued or running. The charts are live: while a job runs, its provisional metrics
-(`recare.eval.run.partial_metrics`: the same metrics over the images made so far) are drawn dashed with
+(`recare.eval.run_metrics.partial_metrics`: the same metrics over the images made so far) are drawn dashed with
 "(partial)" in the legend and the tables; when it finishes, its metrics.json replaces them:
 - the RATIO radar (Appendix M): Defense, Utility, CARE, one filled triangle per model, RATIO in the legend;
 - the CARE chart (Appendix N.2): one axis per chosen CARE concept (up to 10), one trace per model (bars
@@ -21,7 +21,7 @@ they hold a file. What the page shows as data lives beside it: the models and se
 the grid, the paper view and the evaluations' metrics in `ui.compare_data`.
 
 The image grid shows one prompt (the target prompt, a run's own adversarial-token prompts, each CARE
-prompt, the custom prompts; `recare.eval.run.prompt_table`) for every model on the same seeds: rows =
+prompt, the custom prompts; `recare.eval.plan.prompt_table`) for every model on the same seeds: rows =
 models (a row per attack run where a learned attack ran several times), columns = seeds, from the images the
 evaluation runs save (images/<set>/...). Images the NudeNet detector flags (judged once per file,
 `recare.eval.detection_cache`) are shown as `recare.safety.blur` copies; when the detector is unavailable

@@ -63,9 +63,9 @@ from recare.eval.config import (
 )
 from recare.eval.distributed import Processes, processes
 from recare.eval.manifest import build_manifest
-from recare.eval.plan import CARE, EXTRA, IMAGE_SETS, PlanBatch, build_plan, prompt_table
-from recare.eval.records import append_records, partial_records, record_key, shard_records, write_records_csv
-from recare.eval.run_metrics import compute_metrics, partial_metrics
+from recare.eval.plan import IMAGE_SETS, PlanBatch, build_plan
+from recare.eval.records import append_records, record_key, shard_records, write_records_csv
+from recare.eval.run_metrics import compute_metrics
 from recare.eval.scoring import Models, Scorer, build_detector, load_models
 from recare.metrics_io import write_metrics_json
 from recare.progress import CancelToken, ProgressCallback, check_cancel, emit
@@ -363,7 +363,4 @@ def run_evaluation_job(run, progress: ProgressCallback | None = None, cancel: Ca
     return {"metrics": result.metrics, "images": len(result.records)}
 
 
-__all__ = ["EvaluationResult", "evaluate", "run_evaluation_job",
-           # kept at their old path for callers outside the library (ui/compare_data.py, recare/cli.py) until
-           # they import from where these live: recare.eval.plan, .records, .run_metrics, .config
-           "CARE", "EXTRA", "prompt_table", "partial_records", "partial_metrics", "config_from_file"]
+__all__ = ["EvaluationResult", "evaluate", "run_evaluation_job"]
