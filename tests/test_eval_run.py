@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from recare.config import ConfigError
 from recare.errors import Cancelled, EvaluationError, ModelLoadError
 from recare.eval.config import EvaluationConfig
+from recare.eval.distributed import Processes
 from recare.eval.records import RECORD_FIELDS, read_records
 from recare.eval.run import evaluate
 from recare.eval.run_metrics import compute_metrics
@@ -228,6 +230,70 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _ThreadGroup:
+    """Two evaluation "processes" as two threads: a barrier and a broadcast box instead of gloo."""
+
+    def __init__(self, count: int):
+        self.barrier = threading.Barrier(count, timeout=600)
+        self.box: list = [None]
+
+
+@dataclasses.dataclass
+class _ThreadProcesses(Processes):
+    group: _ThreadGroup | None = None
+
+    def barrier(self) -> None:
+        self.group.barrier.wait()
+
+    def broadcast(self, value):
+        if self.is_main:
+            self.group.box[0] = value
+        self.group.barrier.wait()
+        got = self.group.box[0]
+        self.group.barrier.wait()   # nobody overwrites the box before everyone has read it
+        return got
+
+
+def test_two_shards_in_threads_merge_to_the_single_process_records(tiny, first_run, tmp_path, monkeypatch):
+    """The fast twin of the launched 2-process test below (marked slow): the same engine with its
+    batches split round robin, one shard each, a barrier and the main's merge, in two threads."""
+    import recare.eval.run as engine
+
+    group, local = _ThreadGroup(2), threading.local()
+    monkeypatch.setattr(engine, "processes", lambda device="auto": local.procs)
+    # loading takes turns: diffusers' empty-weights loading switches a process-wide default device
+    loading, load_models = threading.Lock(), engine.load_models
+
+    def load_in_turn(*args, **kwargs):
+        with loading:
+            return load_models(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "load_models", load_in_turn)
+    results, errors = {}, []
+
+    def process(index: int):
+        local.procs = _ThreadProcesses(index=index, count=2, device="cpu", group=group)
+        try:
+            results[index] = evaluate(settings(tiny), out=tmp_path / "runs")
+        except BaseException as e:  # noqa: BLE001  (reported below; a stuck barrier would hide it)
+            errors.append(e)
+            group.barrier.abort()
+
+    threads = [threading.Thread(target=process, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    run_dir = results[0].run_dir
+    assert results[1].run_dir == run_dir and results[1].metrics == {}
+    assert sorted(p.name for p in (run_dir / "shards").iterdir()) == ["records-p0-of-2.jsonl", "records-p1-of-2.jsonl"]
+    assert json.loads((run_dir / "manifest.json").read_text())["processes"] == 2
+    assert (run_dir / "records.csv").read_bytes() == (first_run.run_dir / "records.csv").read_bytes()
+    assert json.loads((run_dir / "metrics.json").read_text()) == first_run.metrics
+
+
+@pytest.mark.slow
 def test_two_processes_merge_to_the_single_process_records(tiny, first_run, tmp_path):
     config = tmp_path / "settings.json"
     config.write_text(json.dumps({"evaluation": settings(tiny).to_dict()}))
