@@ -21,7 +21,7 @@ LONG_MODULES_ALLOWED = ("recare/miniworld/",)
 # shrink (then lower or drop the entry), never grow. Splitting them is open work (README, Status).
 OVER_THE_LIMIT = {
     "recare/models.py": 975, "recare/eval/run.py": 960, "recare/cli.py": 800, "ui/compare_tab.py": 730,
-    "recare/train/recipe.py": 720, "recare/careset.py": 690, "ui/train_tab.py": 680, "recare/eval/detectors.py": 625,
+    "recare/careset.py": 690, "recare/eval/detectors.py": 625,
 }
 
 
