@@ -198,7 +198,7 @@ def test_train_start_watch_cancel_resume_finish(train_app, tmp_path):
     with sync_playwright() as p:
         browser, page, errors = _open_page(p)
         page.goto(train_app["url"])
-        _open_train_with(page, iterations=12, s1_iterations=4, ti_steps=3, preview_every=2)
+        _open_train_with(page, iterations=12, s1_iterations=4, ti_steps=3, preview_every=2, num_images=4)
         expect(page.locator("#train-estimate")).to_contain_text("12 stage-2 it")
         page.click("#train-start")
         expect(page.locator("#train-message")).to_contain_text("Started", timeout=30_000)

@@ -105,7 +105,8 @@ def create_train_tab(ctx: AppContext) -> dict[str, Any]:
                     c["seed"] = gr.Number(start["seed"], precision=0, label="Seed", info=f"official {off['seed']}")
                 with gr.Row():
                     c["num_images"] = gr.Number(start["num_images"], precision=0, label="Images made for a task",
-                                                info=f"when the session has none (official 500; default {off['num_images']})")
+                                                info=f"when the session has none (official 500; default {off['num_images']})",
+                                                elem_id="train-num-images")
                     c["preview_every"] = gr.Number(start["preview_every"], precision=0, label="Preview every N iterations",
                                                    info="0: no previews", elem_id="train-preview-every")
             c["estimate"] = gr.Markdown("", elem_id="train-estimate")
