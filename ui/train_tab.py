@@ -39,7 +39,7 @@ from ui.cluster_plot import cluster_plot
 from ui.common import AppContext, client_key, md, no_paths, number, ok, owner_key, problem, served, submitter
 from ui.figures import placeholder_json
 from ui.session import Session
-from ui.train_view import RUN_COLUMNS, checked_run_id, duration, phase_label, poll, runs_view
+from ui.train_view import RUN_COLUMNS, checked_run_id, duration, phase_label, poll_run, runs_view
 
 NO_TASK = "session"  # the task dropdown's "use this session's images and CARE-set"
 METHODS = (("ReCARE (stage 1 + 2)", "recare"), ("ESD (baseline)", "esd"),
@@ -160,7 +160,7 @@ def create_train_tab(ctx: AppContext) -> dict[str, Any]:
         return _estimate(ctx, *args)
 
     def poll(run_id, key, request: gr.Request):
-        return poll(ctx, run_id, key, request)
+        return poll_run(ctx, run_id, key, request)
 
     def cancel(run_id, key, request: gr.Request):
         return _cancel(ctx, run_id, key, request)
@@ -501,7 +501,7 @@ def _reopen(ctx: AppContext, stored_key, request=None):
     ids = [v for _, v in choices]
     active = next((r for r in ids if ctx.runs.get(r, owner).status().get("state") in (QUEUED, RUNNING)), None)
     selected = active or (ids[0] if ids else None)
-    view = list(poll(ctx, selected, stored_key, request)) if selected else [gr.skip()] * 7
+    view = list(poll_run(ctx, selected, stored_key, request)) if selected else [gr.skip()] * 7
     view[5], view[6] = table, view[6] if selected else gr.Timer(active=False)
     return [gr.Dropdown(choices=choices, value=selected), *view]
 

@@ -112,7 +112,7 @@ def json_safe(value):
     return value
 
 
-def poll(ctx: AppContext, run_id, stored_key, request=None):
+def poll_run(ctx: AppContext, run_id, stored_key, request=None):
     """(status, progress bar, loss plot, previews, info, runs table, timer) of the selected run."""
     try:
         owner = owner_key(stored_key, request)
