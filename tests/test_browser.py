@@ -180,7 +180,7 @@ def _open_train_with(page, **numbers) -> None:
     from playwright.sync_api import expect
 
     page.get_by_role("tab", name="3 · Train").click()
-    expect(page.locator("#train-estimate")).to_contain_text("Plan:")
+    expect(page.locator("#train-estimate")).to_contain_text("Plan:", timeout=60_000)
     for name, value in numbers.items():
         page.fill(f"#train-{name.replace('_', '-')} input[type=number]", str(value))
         page.keyboard.press("Tab")
@@ -207,9 +207,9 @@ def test_train_start_watch_cancel_resume_finish(train_app, tmp_path):
         # the loss plot gains points and a preview appears beside the base model's grid
         page.wait_for_function("() => { const h = document.querySelector('#train-loss .recare-plot');"
                                " return h && h.data && h.data.reduce((n, t) => n + ((t.x || []).length), 0) >= 2; }",
-                               timeout=180_000)
+                               timeout=600_000)   # the task's images, CARE-set and model load come first
         first = _loss_points(page)
-        expect(page.locator("#train-previews img")).to_have_count(2, timeout=180_000)
+        expect(page.locator("#train-previews img")).to_have_count(2, timeout=300_000)
         page.wait_for_function(f"() => document.querySelector('#train-loss .recare-plot').data"
                                f".reduce((n, t) => n + ((t.x || []).length), 0) > {first}", timeout=120_000)
         expect(page.locator("#train-run input")).not_to_have_value(re.compile("queued|running|done"))  # no stale state
