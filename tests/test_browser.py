@@ -227,7 +227,7 @@ def test_train_start_watch_cancel_resume_finish(train_app, tmp_path):
         expect(page.locator("#train-status")).to_contain_text("cancelled", timeout=120_000)
         page.click("#train-resume")
         expect(page.locator("#train-message")).to_contain_text("Resumed", timeout=30_000)
-        expect(page.locator("#train-status")).to_contain_text("done", timeout=240_000)
+        expect(page.locator("#train-status")).to_contain_text("done", timeout=600_000)
         expect(page.locator("#train-progress")).to_contain_text("100%")
         expect(page.locator("#train-runs")).to_contain_text("done")
         # the finished run's two rounds, as recorded in its metrics.jsonl
