@@ -86,12 +86,14 @@ def seed_stage2(folder: Path, config, donor: Path) -> bool:
 
     from recare.train import recipe
     from recare.train.export import read_learned_token
+    from recare.train.state import token_dict
 
     donor_cfg = json.loads((donor / "config.json").read_text())["train"]
     mine = config.to_dict()
     if {k: v for k, v in donor_cfg.items() if k != "stage2"} != {k: v for k, v in mine.items() if k != "stage2"}:
         return False
-    names = json.loads((donor / "result.json").read_text())["tokens"]
+    donor_result = json.loads((donor / "result.json").read_text())
+    names = donor_result["tokens"]
     files = sorted((donor / "tokens").glob("*.safetensors"))
     tokens = [read_learned_token(f) for f in files]
     if [t.placeholder for t in tokens] != names:
@@ -99,8 +101,10 @@ def seed_stage2(folder: Path, config, donor: Path) -> bool:
     state = folder / recipe.STATE_DIR
     state.mkdir(parents=True, exist_ok=True)
     torch.save({"format": recipe.STATE_FORMAT, "version": recipe.STATE_VERSION, "config": mine,
-                "phase": recipe.STAGE2, "round": 0, "tokens": [recipe._token_dict(t) for t in tokens], "ti": None,
-                "summary": {"phases": {}, "seconds": 0.0, "stage1_from": donor.name}}, state / "state.pt")
+                "phase": recipe.STAGE2, "round": 0, "tokens": [token_dict(t) for t in tokens], "ti": None,
+                "summary": {"phases": {}, "seconds": 0.0, "stage1_from": donor.name,
+                            **({"stage1_probe": donor_result["stage1_probe"]} if "stage1_probe" in donor_result else {})}},
+               state / "state.pt")
     return True
 
 

@@ -185,6 +185,7 @@ class CareSetConfig(JsonConfig):
 
 MAX_SEED = 2**63 - 1            # torch.Generator.manual_seed takes a signed 64-bit seed
 MAX_SKLEARN_SEED = 2**32 - 1    # numpy's RandomState (sklearn, UMAP) takes 0 .. 2**32 - 1
+MAX_PROBE_SEEDS = 256           # stage 1's token probe: images per model and round
 
 
 def careset_key(reference_word: str) -> str:
@@ -373,8 +374,13 @@ class Stage1Config(JsonConfig):
     n_iterations: int = 2            # rounds, one adversarial token each (official --n_iterations 2)
     esd: ESDConfig = dataclasses.field(default_factory=ESDConfig)
     textual_inversion: TextualInversionConfig = dataclasses.field(default_factory=TextualInversionConfig)
+    probe_seeds: int = 16            # not official: images per model with which each round's token is judged on
+    #                                  the original and the erased model (recare.train.stage1_probe); 0 = off
 
     def validate(self) -> None:
+        _check_int("stage 1 probe_seeds", self.probe_seeds)
+        if not 0 <= self.probe_seeds <= MAX_PROBE_SEEDS:
+            raise ConfigError(f"stage 1 probe_seeds must be between 0 and {MAX_PROBE_SEEDS} (got {self.probe_seeds}).")
         if self.n_iterations < 1:
             raise ConfigError(f"stage 1 n_iterations must be at least 1 (got {self.n_iterations}); "
                               "train without adversarial tokens with method 'recare-no-adv' instead.")

@@ -180,7 +180,7 @@ def _open_train_with(page, **numbers) -> None:
     from playwright.sync_api import expect
 
     page.get_by_role("tab", name="3 · Train").click()
-    expect(page.locator("#train-estimate")).to_contain_text("Plan:")
+    expect(page.locator("#train-estimate")).to_contain_text("Plan:", timeout=60_000)
     for name, value in numbers.items():
         page.fill(f"#train-{name.replace('_', '-')} input[type=number]", str(value))
         page.keyboard.press("Tab")
@@ -198,20 +198,25 @@ def test_train_start_watch_cancel_resume_finish(train_app, tmp_path):
     with sync_playwright() as p:
         browser, page, errors = _open_page(p)
         page.goto(train_app["url"])
-        _open_train_with(page, iterations=12, s1_iterations=4, ti_steps=3, preview_every=2)
+        _open_train_with(page, iterations=12, s1_iterations=4, ti_steps=3, preview_every=2, num_images=4)
         expect(page.locator("#train-estimate")).to_contain_text("12 stage-2 it")
         page.click("#train-start")
         expect(page.locator("#train-message")).to_contain_text("Started", timeout=30_000)
+        run_id = page.locator("#train-message").inner_text().split("Started")[1].split()[0].strip("*:.,")
         expect(page.locator("#train-status")).to_contain_text("running", timeout=120_000)
         # the loss plot gains points and a preview appears beside the base model's grid
         page.wait_for_function("() => { const h = document.querySelector('#train-loss .recare-plot');"
                                " return h && h.data && h.data.reduce((n, t) => n + ((t.x || []).length), 0) >= 2; }",
-                               timeout=180_000)
+                               timeout=600_000)   # the task's images, CARE-set and model load come first
         first = _loss_points(page)
-        expect(page.locator("#train-previews img")).to_have_count(2, timeout=180_000)
+        expect(page.locator("#train-previews img")).to_have_count(2, timeout=300_000)
         page.wait_for_function(f"() => document.querySelector('#train-loss .recare-plot').data"
                                f".reduce((n, t) => n + ((t.x || []).length), 0) > {first}", timeout=120_000)
         expect(page.locator("#train-run input")).not_to_have_value(re.compile("queued|running|done"))  # no stale state
+        # stage 1 as a search: round 1's token strength on the original and the erased model, while it runs
+        expect(page.locator("#train-probe")).to_contain_text("round 1", timeout=300_000)
+        cells = page.locator("#train-probe tr").nth(1).locator("td").all_inner_texts()
+        assert cells[:2] == ["round 1", "<v1*>"] and all(re.fullmatch(r"\d+%", c) for c in cells[2:4]), cells
         page.evaluate("window.scrollTo(0, 0)")
         page.screenshot(path=str(shots / "train.png"), full_page=True,
                         clip={"x": 0, "y": 0, "width": 1440, "height": 1300})  # the previews' both rows
@@ -222,9 +227,16 @@ def test_train_start_watch_cancel_resume_finish(train_app, tmp_path):
         expect(page.locator("#train-status")).to_contain_text("cancelled", timeout=120_000)
         page.click("#train-resume")
         expect(page.locator("#train-message")).to_contain_text("Resumed", timeout=30_000)
-        expect(page.locator("#train-status")).to_contain_text("done", timeout=240_000)
+        expect(page.locator("#train-status")).to_contain_text("done", timeout=600_000)
         expect(page.locator("#train-progress")).to_contain_text("100%")
         expect(page.locator("#train-runs")).to_contain_text("done")
+        # the finished run's two rounds, as recorded in its metrics.jsonl
+        expect(page.locator("#train-probe tr")).to_have_count(3)
+        shown = [page.locator("#train-probe tr").nth(r).locator("td").all_inner_texts()[2:4] for r in (1, 2)]
+        rows = [json.loads(line) for line in next(Path(train_app["runs"]).rglob(f"{run_id}/metrics.jsonl"))
+                .read_text().splitlines()]
+        recorded = [[f"{100 * r[k]:.0f}%" for k in ("original", "erased")] for r in rows if r["stage"] == "stage1.probe"]
+        assert shown == recorded, (shown, recorded)
         assert not errors, f"page errors: {errors}"
         browser.close()
 

@@ -20,7 +20,6 @@ LONG_MODULES_ALLOWED = ("recare/miniworld/",)
 # Modules still over the limit, each at most as long as it was when this ratchet was set: they may
 # shrink (then lower or drop the entry), never grow. Splitting them is open work (README, Status).
 OVER_THE_LIMIT = {
-    "recare/train/recipe.py": 720, "ui/train_tab.py": 680,
 }
 
 

@@ -21,7 +21,6 @@ state/; the page polls the run as for any job.
 
 from __future__ import annotations
 
-import html
 import shutil
 import time
 from pathlib import Path
@@ -34,20 +33,19 @@ from recare import models, worldspec
 from recare.config import TRAIN_METHODS, TrainConfig
 from recare.errors import ConfigError, RecareError, RunError
 from recare.limits import human_bytes
-from recare.runs import CANCELLED, DONE, QUEUED, RUNNING
+from recare.runs import DONE, QUEUED, RUNNING
 from recare.train import speed as train_speed
-from recare.train.preview import BASE_FILE, PREVIEW_DIR, read_previews
 from ui.cluster_plot import cluster_plot
 from ui.common import AppContext, client_key, md, no_paths, number, ok, owner_key, problem, served, submitter
-from ui.figures import figure_json, loss_figure, placeholder_json
+from ui.figures import placeholder_json
 from ui.session import Session
+from ui.train_view import RUN_COLUMNS, checked_run_id, duration, phase_label, poll_run, runs_view
 
 NO_TASK = "session"  # the task dropdown's "use this session's images and CARE-set"
 METHODS = (("ReCARE (stage 1 + 2)", "recare"), ("ESD (baseline)", "esd"),
            ("ReCARE without adversarial tokens", "recare-no-adv"), ("ReCARE without retain loss (λ = 0)", "recare-no-retain"))
 DOWNLOADS = (("trained parameters (.safetensors)", "trained_params"), ("diffusers UNet folder (.zip)", "unet_folder"),
              ("official ReCARE-Diffusers-UNet.pt", "official_pt"))
-RUN_COLUMNS = ("run", "state", "method", "concept", "iterations", "size", "created")
 POLL_S = 1.5
 PREVIEW_SEEDS = (0, 1)
 
@@ -107,7 +105,8 @@ def create_train_tab(ctx: AppContext) -> dict[str, Any]:
                     c["seed"] = gr.Number(start["seed"], precision=0, label="Seed", info=f"official {off['seed']}")
                 with gr.Row():
                     c["num_images"] = gr.Number(start["num_images"], precision=0, label="Images made for a task",
-                                                info=f"when the session has none (official 500; default {off['num_images']})")
+                                                info=f"when the session has none (official 500; default {off['num_images']})",
+                                                elem_id="train-num-images")
                     c["preview_every"] = gr.Number(start["preview_every"], precision=0, label="Preview every N iterations",
                                                    info="0: no previews", elem_id="train-preview-every")
             c["estimate"] = gr.Markdown("", elem_id="train-estimate")
@@ -161,7 +160,7 @@ def create_train_tab(ctx: AppContext) -> dict[str, Any]:
         return _estimate(ctx, *args)
 
     def poll(run_id, key, request: gr.Request):
-        return _poll(ctx, run_id, key, request)
+        return poll_run(ctx, run_id, key, request)
 
     def cancel(run_id, key, request: gr.Request):
         return _cancel(ctx, run_id, key, request)
@@ -287,13 +286,13 @@ def _estimate(ctx: AppContext, task, method, target_prompt, reference_word, init
     except RecareError as e:
         return f"Estimate: not yet ({md(e)})"
     plan = train_speed.training_plan(config)
-    steps = " + ".join(f"{n} {_phase_label(p, short=True)}" for p, n in plan)
+    steps = " + ".join(f"{n} {phase_label(p, short=True)}" for p, n in plan)
     speed = train_speed.measured_speed(ctx.runs, config.model, config.device)
     seconds = train_speed.estimate_seconds(config, speed)
     if seconds is None:
         return (f"**Plan:** {steps}.  \nEstimate on **{md(config.device)}**: not measured yet for {md(config.model)} "
                 "here; the first run measures it (the live ETA shows meanwhile).")
-    return (f"**Plan:** {steps}.  \nEstimate on **{md(config.device)}**: about **{_duration(seconds)}** of training "
+    return (f"**Plan:** {steps}.  \nEstimate on **{md(config.device)}**: about **{duration(seconds)}** of training "
             f"({md(speed['source'])}; model loading, image making and previews not counted).")
 
 
@@ -311,7 +310,7 @@ def _session_inputs(session: Session | None, careset_file, config: TrainConfig, 
     Raises a RecareError when the method needs something the session does not have and no task makes it.
     """
     from recare.careset_io import read_careset_json
-    from recare.train.recipe import _careset_dict
+    from recare.train.outputs import careset_dict
 
     has_task = bool(task and task != NO_TASK)
     inputs: dict[str, Any] = {}
@@ -324,7 +323,7 @@ def _session_inputs(session: Session | None, careset_file, config: TrainConfig, 
             if not careset.tokens:
                 raise ConfigError("the CARE-set is empty: keep at least one CARE token (CARE-set workspace), "
                                   "or upload a careset.json that has some.")
-            inputs["careset"] = _careset_dict(careset)
+            inputs["careset"] = careset_dict(careset)
         elif not has_task:
             raise ConfigError("no CARE-set: build one in the CARE-set workspace, upload a careset.json, or pick a "
                               "mini-world task (its CARE-set is made in the job).")
@@ -399,14 +398,14 @@ def _start(ctx: AppContext, task, method, target_prompt, reference_word, initial
         return problem(f"Not started: {no_paths(ctx, e)}"), gr.skip(), gr.skip(), gr.skip()
     position = ctx.jobs.queue_position(run.id)
     wait = f" Waiting: position {position} in the queue." if position and position > 1 else ""
-    choices, table = _runs_view(ctx, owner)
+    choices, table = runs_view(ctx, owner)
     return (ok(f"Started **{run.id}**.{wait}"), gr.Dropdown(choices=choices, value=run.id), table,
             gr.Timer(active=True))
 
 
 def _cancel(ctx: AppContext, run_id, stored_key, request=None):
     try:
-        message = ctx.jobs.cancel(_run_id(run_id), owner=_key(ctx, stored_key, request))
+        message = ctx.jobs.cancel(checked_run_id(run_id), owner=_key(ctx, stored_key, request))
     except RecareError as e:
         return problem(no_paths(ctx, e)), gr.skip()
     if message.startswith("Nothing to cancel") or message.startswith("Cancel of"):
@@ -416,7 +415,7 @@ def _cancel(ctx: AppContext, run_id, stored_key, request=None):
 
 def _resume(ctx: AppContext, run_id, stored_key, request=None):
     try:
-        run = ctx.jobs.resume(_run_id(run_id), owner=_key(ctx, stored_key, request), client=client_key(request))
+        run = ctx.jobs.resume(checked_run_id(run_id), owner=_key(ctx, stored_key, request), client=client_key(request))
     except RecareError as e:
         return problem(no_paths(ctx, e)), gr.skip()
     return ok(f"Resumed **{run.id}** from its saved state."), gr.Timer(active=True)
@@ -428,7 +427,7 @@ def _list(ctx: AppContext, run_id, stored_key, request=None):
     except RecareError as e:
         problem(str(e))
         return gr.skip(), gr.skip()
-    choices, table = _runs_view(ctx, owner)
+    choices, table = runs_view(ctx, owner)
     ids = [v for _, v in choices]
     return gr.Dropdown(choices=choices, value=run_id if run_id in ids else (ids[0] if ids else None)), table
 
@@ -436,18 +435,18 @@ def _list(ctx: AppContext, run_id, stored_key, request=None):
 def _delete(ctx: AppContext, run_id, stored_key, request=None):
     try:
         owner = _key(ctx, stored_key, request)
-        run_id = _run_id(run_id)
+        run_id = checked_run_id(run_id)
         ctx.runs.delete(run_id, owner)
     except RecareError as e:
         return problem(str(e)), gr.skip(), gr.skip()
-    choices, table = _runs_view(ctx, owner)
+    choices, table = runs_view(ctx, owner)
     return ok(f"Deleted {run_id}."), gr.Dropdown(choices=choices, value=choices[0][1] if choices else None), table
 
 
 def _download(ctx: AppContext, run_id, fmt, stored_key, request=None):
     """The selected run's weights in the format asked for, exported from the trained parameters when missing."""
     try:
-        run = ctx.runs.get(_run_id(run_id), _key(ctx, stored_key, request))
+        run = ctx.runs.get(checked_run_id(run_id), _key(ctx, stored_key, request))
         if run.bundled or run.kind != "train":
             raise RunError(f"run {run.id} is not one of your training runs; only those have weights to download.")
         if run.status().get("state") != DONE:
@@ -492,180 +491,17 @@ def _export(run, fmt) -> Path:
     return archive
 
 
-def _run_id(run_id) -> str:
-    if run_id is not None and not isinstance(run_id, str):
-        raise RunError(f"the run must be a run id (text), not {type(run_id).__name__} {str(run_id)[:40]!r}.")
-    if not run_id or not run_id.strip():
-        raise RunError("no run selected: start one or pick one in the Run list.")
-    return run_id.strip()
-
-
-# ---------------------------------------------------------------------------------------------
-# the live view
-
-
-def _runs_view(ctx: AppContext, owner: str):
-    """(dropdown choices, table) of `owner`'s training runs, newest first."""
-    choices, rows = [], []
-    for run in ctx.runs.list(owner=owner, kind="train"):
-        if run.bundled:
-            continue
-        try:
-            status, settings = run.status(), run.config()
-        except RecareError:
-            continue
-        train = settings.get("train") or {}
-        try:
-            plan = train_speed.training_plan(TrainConfig.from_dict(train))
-        except (RecareError, TypeError):
-            plan = []
-        concept = train.get("reference_word", "")
-        # no state in the label: a choice list is not refreshed by every poll, so a state there goes stale
-        choices.append((f"{run.id} · {train.get('method', '')} · {concept}", run.id))
-        rows.append([run.id, status.get("state"), train.get("method", ""),
-                     f"{concept} ({settings['task']})" if settings.get("task") else concept,
-                     " + ".join(f"{n} {_phase_label(p, short=True)}" for p, n in plan),
-                     human_bytes(run.size_bytes()), str(status.get("created") or "")[:19].replace("T", " ")])
-    return choices, pd.DataFrame(rows, columns=list(RUN_COLUMNS))
-
-
 def _reopen(ctx: AppContext, stored_key, request=None):
     """On page load: list the browser's runs and select the active one (else the newest)."""
     try:
         owner = _key(ctx, stored_key, request)
     except RecareError:
         return [gr.skip()] * 8
-    choices, table = _runs_view(ctx, owner)
+    choices, table = runs_view(ctx, owner)
     ids = [v for _, v in choices]
     active = next((r for r in ids if ctx.runs.get(r, owner).status().get("state") in (QUEUED, RUNNING)), None)
     selected = active or (ids[0] if ids else None)
-    view = list(_poll(ctx, selected, stored_key, request)) if selected else [gr.skip()] * 7
+    view = list(poll_run(ctx, selected, stored_key, request)) if selected else [gr.skip()] * 7
     view[5], view[6] = table, view[6] if selected else gr.Timer(active=False)
     return [gr.Dropdown(choices=choices, value=selected), *view]
 
-
-def _phase_label(phase: str, short: bool = False) -> str:
-    """"stage1.erase[2]" -> "stage 1 round 2: erase"; short: "erase it (round 2)"."""
-    import re
-
-    m = re.fullmatch(r"stage1\.(erase|textual_inversion)\[(\d+)\]", phase)
-    if m:
-        what = "erase" if m.group(1) == "erase" else "textual inversion"
-        return (f"{'erase it' if what == 'erase' else 'TI steps'} (round {m.group(2)})" if short
-                else f"stage 1 round {m.group(2)}: {what}")
-    if phase == "stage2":
-        return "stage-2 it" if short else "stage 2 (ReCARE)"
-    if phase == "esd":
-        return "ESD it" if short else "ESD"
-    return phase
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    if seconds < 90:
-        return f"{seconds} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-def _current_phase(rows: list[dict], plan: list[tuple[str, int]], status: dict) -> tuple[str, int]:
-    """(phase, steps done in the whole plan) from the metrics rows: each loop's rows end at its last step."""
-    done, index = 0, 0
-    stage_of = [p.split("[")[0] for p, _ in plan]
-    for row in rows:
-        while index < len(plan) and row.get("stage") != stage_of[index]:
-            done += plan[index][1]
-            index += 1
-        if index >= len(plan):
-            break
-        if row.get("step") == plan[index][1]:
-            done += plan[index][1]
-            index += 1
-    progress = status.get("progress") or {}
-    current = plan[index][0] if index < len(plan) else (plan[-1][0] if plan else "")
-    step = int(progress.get("step") or 0) if progress.get("stage") == current.split("[")[0] else 0
-    return current, min(done + step, sum(n for _, n in plan))
-
-
-def _json_safe(value):
-    """`value` with whole numbers beyond what JSON readers keep exactly (2**53) written as text."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**53:
-        return str(value)
-    return value
-
-
-def _poll(ctx: AppContext, run_id, stored_key, request=None):
-    """(status, progress bar, loss plot, previews, info, runs table, timer) of the selected run."""
-    try:
-        owner = _key(ctx, stored_key, request)
-        run = ctx.runs.get(_run_id(run_id), owner)
-        status, settings = run.status(), run.config()
-    except RecareError as e:
-        text = no_paths(ctx, e)
-        return md(text), "", gr.skip(), gr.skip(), {"error": text}, gr.skip(), gr.Timer(active=False)
-    state = status.get("state")
-    rows = run.read_metrics()
-    try:
-        config = TrainConfig.from_dict(settings.get("train") or {})
-        plan = train_speed.training_plan(config)
-    except RecareError:
-        config, plan = None, []
-    phase, done = _current_phase(rows, plan, status)
-    total = sum(n for _, n in plan) or 1
-    progress = status.get("progress") or {}
-    position = ctx.jobs.queue_position(run.id)
-    if state == QUEUED:
-        line = f"**{run.id}** · queued" + (f" · position **{position}** in the queue" if position else "")
-        if status.get("note"):
-            line += f" · {md(status['note'])}"
-    elif state == RUNNING:
-        stage = progress.get("stage")
-        if stage in (None, "generate", "vocabulary", "careset"):
-            what = {"generate": "making the task's target images", "vocabulary": "encoding the vocabulary",
-                    "careset": "building the CARE-set"}.get(stage, "loading the model")
-            line = f"**{run.id}** · running · {what}"
-        else:
-            line = (f"**{run.id}** · running · **{_phase_label(phase)}** · step {progress.get('step', 0)} of "
-                    f"{progress.get('total', '?')}")
-    elif state == DONE:
-        seconds = (status.get("result") or {}).get("seconds")
-        line = f"**{run.id}** · ✓ done" + (f" in {_duration(seconds)}" if isinstance(seconds, (int, float)) else "")
-    elif state == CANCELLED:
-        line = f"**{run.id}** · cancelled at {_phase_label(phase)}; press **Resume** to continue from its saved state"
-    else:
-        error = no_paths(ctx, status.get("error") or "unknown error")
-        line = f"**{run.id}** · ⚠ failed: {md(error)}" + (" (resumable)" if status.get("resumable") else "")
-    fraction = 1.0 if state == DONE else done / total
-    eta = ""
-    if state == RUNNING and rows:
-        timed = [r.get("seconds") for r in rows[-20:] if isinstance(r.get("seconds"), (int, float))]
-        if timed and done < total:
-            eta = f" · about {_duration((total - done) * sum(timed) / len(timed))} left"
-    bar = (f'<div style="display:flex;gap:10px;align-items:center"><progress value="{fraction:.4f}" max="1" '
-           f'style="flex:1;height:14px"></progress><span>{100 * fraction:.0f}% · {done} / {total} steps'
-           f'{html.escape(eta)}</span></div>')
-    previews = read_previews(run.path)
-    gallery = []
-    base = run.path / PREVIEW_DIR / BASE_FILE
-    latest = next((p for p in reversed(previews) if p.get("phase") != "base"), None)
-    if base.is_file():
-        gallery.append((served(base), "base model"))
-    if latest and (run.path / PREVIEW_DIR / latest["file"]).is_file():
-        gallery.append((served(run.path / PREVIEW_DIR / latest["file"]),
-                        f"{_phase_label(str(latest.get('phase')))} · iteration {latest.get('step')}"))
-    info = {"id": run.id, "state": state, "phase": phase, "stage": progress.get("stage"), "step": progress.get("step"),
-            "steps_done": done, "steps_total": total, "queue_position": position, "loss_points": len(rows),
-            "previews": len([p for p in previews if p.get("phase") != "base"]),
-            "error": no_paths(ctx, status["error"]) if status.get("error") else None,
-            "resumable": status.get("resumable"), "result": status.get("result"), "note": status.get("note")}
-    info = _json_safe(info)  # a run stored with numbers past 2**53 (before they were bounded) still shows
-    active = state in (QUEUED, RUNNING)
-    figure = figure_json(loss_figure(rows, title=f"{run.id} · {config.method if config else ''}")) if rows \
-        else placeholder_json("The loss curve appears here once training starts.")
-    table = gr.skip() if active else _runs_view(ctx, owner)[1]  # a run that ended changes the list
-    return line, bar, figure, gallery, info, table, gr.Timer(active=active)

@@ -31,7 +31,8 @@ cancelled. A resumed run reaches the same weights as an uninterrupted one (bit f
 
 Outputs in `out_dir`: config.json (every setting, the base model's fingerprint, library versions),
 careset.json (the CARE-set used), tokens/<name>.safetensors, metrics.jsonl (one line per
-iteration), trained_params.safetensors (and unet/, ReCARE-Diffusers-UNet.pt on request), result.json.
+iteration, and per stage-1 round one "stage1.probe" line: its token's strength on the original and the
+erased model, also in result.json's "stage1_probe"), trained_params.safetensors (and unet/, ReCARE-Diffusers-UNet.pt on request), result.json.
 """
 
 from __future__ import annotations
@@ -39,8 +40,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -49,21 +48,19 @@ from typing import Any, Callable, Sequence
 import torch
 
 from recare.config import TrainConfig
-from recare.errors import Cancelled, ConfigError, StateError, TrainingError
+from recare.errors import Cancelled, ConfigError, TrainingError
 from recare.progress import CancelToken, ProgressCallback, ProgressEvent
-from recare.atomic import atomic_write_dir, atomic_write_json, atomic_write_text
+from recare.atomic import atomic_write_json
 from recare.train.esd import ErasureTrainer, ESDTrainer
+from recare.train.outputs import write_config, write_outputs
 from recare.train.params import trainable_parameter_names
 from recare.train.rollout import XtSampler, autocast_factory, encode_prompts
 from recare.train.stage2 import Stage2Trainer
+from recare.train.state import (STATE_DIR, STATE_FORMAT, STATE_VERSION, StateFolder, load_tensors, token_dict,
+                                token_of, trained_tensors)
 
-STATE_FORMAT = "recare-train-state"
-STATE_VERSION = 1
-STATE_DIR = "state"
 RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.jsonl"
-CARESET_FILE = "careset.json"
-CONFIG_FILE = "config.json"
 TARGET_IMAGES_DIR = "target_images"
 
 STAGE1_ERASE, STAGE1_TI, STAGE2, ESD = "stage1.erase", "stage1.textual_inversion", "stage2", "esd"
@@ -133,111 +130,6 @@ def amp_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
 
 
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries a run's result depends on."""
-    import diffusers
-    import transformers
-
-    import recare
-
-    return {"recare": recare.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version()}
-
-
-def _trained_tensors(unet: torch.nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:
-    params = dict(unet.named_parameters())
-    return {n: params[n].detach().to("cpu", copy=True) for n in names}
-
-
-def _load_tensors(unet: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    params = dict(unet.named_parameters())
-    with torch.no_grad():
-        for name, value in tensors.items():
-            params[name].copy_(value)
-
-
-def _token_dict(token) -> dict:
-    return {"placeholder": token.placeholder, "initializer": token.initializer,
-            "embedding": token.embedding.detach().cpu().clone(), "losses": list(token.losses)}
-
-
-def _token_of(data: dict):
-    from recare.train.textual_inversion import LearnedToken
-
-    return LearnedToken(data["placeholder"], data["initializer"], data["embedding"], tuple(data["losses"]))
-
-
-def _careset_dict(careset) -> dict[str, list[str]]:
-    """The official careset.json content of an `OfficialCareSet`."""
-    key = careset.reference_key
-    return {f"{key}_care_word": list(careset.base_prompts),
-            f"{key}_care_word_{careset.prompt_style}": list(careset.retain_prompts)}
-
-
-# ---------------------------------------------------------------------------------------------
-# the resumable state folder
-
-
-class StateFolder:
-    """`<out_dir>/state/`: one small `state.pt` plus big tensor files, replaced as a whole on every save.
-
-    Args:
-        path: the state folder.
-        save_dir: writes a whole folder atomically: `save_dir(write)` calls `write(tmp)` and swaps tmp in
-            (default `recare.atomic.atomic_write_dir`; a job passes `Run.save_state`).
-    """
-
-    def __init__(self, path: Path, save_dir: Callable[[Callable[[Path], None]], Any] | None = None):
-        self.path = Path(path)
-        self._save_dir = save_dir or self._atomic_save
-
-    def _atomic_save(self, write: Callable[[Path], None]) -> Path:
-        with atomic_write_dir(self.path) as tmp:
-            write(tmp)
-        return self.path
-
-    def save(self, small: dict, fresh: dict[str, Callable[[], Any]], fixed: dict[str, Callable[[], Any]]) -> None:
-        """Write a new state.
-
-        Args:
-            small: state.pt's content.
-            fresh: file name -> producer of content that changes between saves (always written).
-            fixed: file name -> producer of content that never changes once written: hard-linked (or
-                copied) from the current state folder when it is there, else written.
-        """
-        def write(tmp: Path) -> None:
-            for name, produce in fixed.items():
-                previous = self.path / name
-                if previous.is_file():
-                    try:
-                        os.link(previous, tmp / name)
-                    except OSError:  # no hard links on this file system
-                        shutil.copy2(previous, tmp / name)
-                else:
-                    torch.save(produce(), tmp / name)
-            for name, produce in fresh.items():
-                torch.save(produce(), tmp / name)
-            torch.save(small, tmp / "state.pt")  # last: a folder with state.pt is complete
-
-        self._save_dir(write)
-
-    def exists(self) -> bool:
-        return (self.path / "state.pt").is_file()
-
-    def load(self, name: str = "state.pt") -> Any:
-        """One file of the state, read with `weights_only=True`: tensors and plain values, no code runs.
-
-        Raises:
-            StateError: the file is damaged (a truncated save) or holds something else than a state
-                (a pickle placed there); the run cannot be resumed from it.
-        """
-        try:
-            return torch.load(self.path / name, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated archives, foreign pickles and missing files raise many types here
-            raise StateError(f"the run's saved state is damaged or was not written by a training run ({name}: "
-                             f"{type(e).__name__}), so it cannot be resumed; start a new run") from e
-
-
 # ---------------------------------------------------------------------------------------------
 # the recipe
 
@@ -246,7 +138,7 @@ class _Recipe:
     """One training run; `run()` goes through the phases, skipping those a resumed state has done."""
 
     def __init__(self, config: TrainConfig, pipe, images, careset, out_dir: Path, progress, cancel,
-                 state: StateFolder, resume: bool, write_metrics: bool, preview=None):
+                 state: StateFolder, resume: bool, write_metrics: bool, preview=None, probe=None):
         self.config, self.pipe, self.careset = config, pipe, careset
         self.images = list(images) if images is not None else None
         self.out_dir = out_dir
@@ -268,6 +160,7 @@ class _Recipe:
         self._position: dict | None = None   # where a resumed run stands
         self._preview = preview               # optional: called after erase iterations (recare.train.preview)
         self._student: torch.nn.Module | None = None  # the UNet the current erase loop trains
+        self._probe = probe                   # optional: each stage-1 token's strength (recare.train.stage1_probe)
 
     # ---- progress and metrics -------------------------------------------------------------------
 
@@ -341,7 +234,7 @@ class _Recipe:
 
     def small_state(self, phase: str, round_index: int, tokens: Sequence, ti_state: dict | None = None) -> dict:
         return {"format": STATE_FORMAT, "version": STATE_VERSION, "config": self.config.to_dict(),
-                "phase": phase, "round": round_index, "tokens": [_token_dict(t) for t in tokens],
+                "phase": phase, "round": round_index, "tokens": [token_dict(t) for t in tokens],
                 "ti": ti_state, "summary": {**copy.deepcopy(self.summary), "seconds": self.elapsed()}}
 
     def load_position(self) -> None:
@@ -402,7 +295,7 @@ class _Recipe:
         if len(self.images or []) < s1.n_iterations:
             raise TrainingError(f"stage 1 has {s1.n_iterations} rounds but {len(self.images or [])} target images: "
                                 "give at least one image per round.")
-        tokens = [_token_of(t) for t in position["tokens"]] if position else []
+        tokens = [token_of(t) for t in position["tokens"]] if position else []
         first = position["round"] if position else 0
         student = self.fresh_student()
         erased: dict[int, dict[str, torch.Tensor]] = {}   # round -> trained tensors after its erasure
@@ -410,16 +303,18 @@ class _Recipe:
             resumed = position is not None and r == first
             if resumed and r > 0:      # the UNet as the previous round left it
                 erased[r - 1] = self.state.load(f"erased-{r - 1}.pt")
-                _load_tensors(student, erased[r - 1])
+                load_tensors(student, erased[r - 1])
             if resumed and position["phase"] == STAGE1_TI:
                 erased[r] = self.state.load(f"erased-{r}.pt")
-                _load_tensors(student, erased[r])
+                load_tensors(student, erased[r])
             else:
                 self.erase_round(student, r, tokens, erased, resume=resumed)
-                erased[r] = _trained_tensors(student, self.trained_names)
+                erased[r] = trained_tensors(student, self.trained_names)
             erased.pop(r - 1, None)
             ti_state = position.get("ti") if resumed and position["phase"] == STAGE1_TI else None
             tokens.append(self.inversion_round(student, r, tokens, erased[r], ti_state))
+            if self._probe is not None:
+                self.probe_round(student, r, tokens[-1])
             if r + 1 < s1.n_iterations:   # round r + 1 starts from this round's erased UNet
                 self.state.save(self.small_state(STAGE1_ERASE, r + 1, tokens), {},
                                 {f"erased-{r}.pt": lambda t=erased[r]: t})
@@ -475,6 +370,24 @@ class _Recipe:
             checkpoint()
             raise
 
+    def probe_round(self, student, r: int, token) -> None:
+        """How strongly round r's token draws the target on the original and on the erased `student`: one
+        metrics line (stage "stage1.probe", step r + 1) and an entry of the result's "stage1_probe"."""
+        from recare.train.stage1_probe import PROBE_STAGE, JudgeUnavailable
+
+        self.begin(f"{PROBE_STAGE}[{r + 1}]")
+        try:
+            with self.autocast():
+                strength = self._probe(r, token, student)
+        except JudgeUnavailable as e:      # a measurement only: the training goes on, the result says why
+            self._probe, self.summary["stage1_probe_skipped"] = None, str(e)
+            self.progress(ProgressEvent(PROBE_STAGE, r + 1, self.config.stage1.n_iterations, str(e)))
+            return
+        done = [p for p in self.summary.get("stage1_probe", []) if p.get("round") != r + 1]
+        self.summary["stage1_probe"] = [*done, strength.to_dict()]
+        self.progress(ProgressEvent(PROBE_STAGE, r + 1, self.config.stage1.n_iterations, strength.sentence(),
+                                    strength.metrics()))
+
     def stage2(self, tokens: Sequence, resume: bool) -> torch.nn.Module:
         """ReCARE on a fresh copy of the base UNet, H = {reference word} + the tokens."""
         anchors, retain = list(self.careset.base_prompts), list(self.careset.retain_prompts)
@@ -510,7 +423,7 @@ class _Recipe:
         tokens: list = []
         if self.config.stage1 is not None:
             if phase == STAGE2:
-                tokens = [_token_of(t) for t in position["tokens"]]
+                tokens = [token_of(t) for t in position["tokens"]]
             else:
                 tokens = self.stage1(position if phase in (STAGE1_ERASE, STAGE1_TI) else None)
                 self.state.save(self.small_state(STAGE2, 0, tokens), {}, {})  # stage 1 is done
@@ -531,65 +444,6 @@ class _Recipe:
 # outputs
 
 
-def write_config(config: TrainConfig, pipe, out_dir: Path, careset=None, images=None,
-                 extra: dict | None = None) -> dict:
-    """config.json: every setting, the base model's fingerprint, library versions (plus `extra`, kept as given).
-
-    Args:
-        config: the run's settings.
-        pipe: the base pipeline (its UNet is fingerprinted).
-        out_dir: the run folder.
-        careset: the CARE-set used (also written to careset.json in the official format).
-        images: the target images (their count is recorded).
-        extra: keys already in the folder's config.json to keep (a job's submitted settings).
-    """
-    from recare.train.export import model_fingerprint
-
-    data = {**(extra or {}), "train": config.to_dict(), "base_model": {
-        "name": config.model, "unet_fingerprint": model_fingerprint(pipe.unet),
-        "text_encoder_fingerprint": model_fingerprint(pipe.text_encoder)},
-        "versions": library_versions(), "target_images": len(images) if images is not None else None}
-    atomic_write_json(out_dir / CONFIG_FILE, data)
-    if careset is not None:
-        atomic_write_text(out_dir / CARESET_FILE, json.dumps(_careset_dict(careset), indent=4) + "\n")
-    return data
-
-
-def write_outputs(config: TrainConfig, base: torch.nn.Module, unet: torch.nn.Module, tokens: Sequence,
-                  out_dir: Path) -> dict[str, str]:
-    """Write the learned tokens and the UNet in the formats `config.outputs` asks for (recare.train.export).
-
-    Args:
-        config: the run's settings (outputs, train_method, method).
-        base: the base UNet (fingerprint; what "changed" is measured against).
-        unet: the trained UNet.
-        tokens: the learned tokens.
-        out_dir: the run folder.
-
-    Returns:
-        {output name: path relative to out_dir}.
-    """
-    from recare.models import OFFICIAL_UNET_FILE, TRAINED_PARAMS_FILE
-    from recare.train import export
-
-    files: dict[str, str] = {}
-    base_fingerprint = export.model_fingerprint(base)
-    if tokens:
-        for path in export.save_learned_tokens(list(tokens), out_dir, {"base_fingerprint": base_fingerprint}):
-            files[f"tokens/{path.stem}"] = str(path.relative_to(out_dir))
-    saved = copy.deepcopy(unet).to(base.dtype) if unet.dtype != base.dtype else unet  # the base model's dtype
-    writers = {
-        "trained_params": lambda: export.save_trained_params(
-            saved, base.state_dict(), out_dir / TRAINED_PARAMS_FILE, config.train_method, base_fingerprint,
-            {"method": config.method, "reference_word": config.reference_word}),
-        "unet_folder": lambda: export.save_unet_folder(saved, out_dir / export.UNET_FOLDER),
-        "official_pt": lambda: export.save_official_pt(saved, out_dir / OFFICIAL_UNET_FILE),
-    }
-    for name in config.outputs:
-        files[name] = str(Path(writers[name]()).relative_to(out_dir))
-    return files
-
-
 # ---------------------------------------------------------------------------------------------
 # entry points
 
@@ -598,7 +452,7 @@ def train(config: TrainConfig, pipe, images: Sequence | None, careset, out_dir: 
           progress: ProgressCallback | None = None, cancel: CancelToken | None = None, *, resume: bool = True,
           save_state: Callable[[Callable[[Path], None]], Any] | None = None, write_metrics: bool = True,
           config_extra: dict | None = None,
-          preview: Callable[[str, int, int, torch.nn.Module], Any] | None = None) -> TrainResult:
+          preview: Callable[[str, int, int, torch.nn.Module], Any] | None = None, probe: Any = "auto") -> TrainResult:
     """Train one unlearned UNet (and its adversarial tokens) into `out_dir`.
 
     Args:
@@ -619,6 +473,9 @@ def train(config: TrainConfig, pipe, images: Sequence | None, careset, out_dir: 
         preview: optional, called as `preview(phase, step, total, student_unet)` after every erase
             iteration (stage-1 erase, stage 2, ESD), e.g. a `recare.train.preview.PreviewWriter`.
             It must not change the UNet; the training result does not depend on it.
+        probe: measures each stage-1 token after its round (`recare.train.stage1_probe.Stage1Probe`); "auto"
+            builds the one `config.stage1.probe_seeds` asks for (the evaluation's target detector), None
+            skips it. The training result does not depend on it.
 
     Returns:
         A `TrainResult`.
@@ -641,7 +498,12 @@ def train(config: TrainConfig, pipe, images: Sequence | None, careset, out_dir: 
         single_token_id(pipe.tokenizer, config.initializer_token)
     write_config(config, pipe, out_dir, careset, images, config_extra)
     state = StateFolder(out_dir / STATE_DIR, save_state)
-    recipe = _Recipe(config, pipe, images, careset, out_dir, progress, cancel, state, resume, write_metrics, preview)
+    if probe == "auto":
+        from recare.train.stage1_probe import build_probe
+
+        probe = build_probe(config, pipe)
+    recipe = _Recipe(config, pipe, images, careset, out_dir, progress, cancel, state, resume, write_metrics, preview,
+                     probe)
     # on CUDA, torch's deterministic kernels: a resumed run equals an uninterrupted one bit for bit (the
     # attention backward passes are not deterministic otherwise; about 10% slower per iteration on an H200)
     from recare.train.determinism import deterministic

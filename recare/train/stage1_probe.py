@@ -1,0 +1,196 @@
+"""Stage 1 as a search: how strongly each round's learned token draws the target.
+
+After round r's textual inversion, "a photo of <vr*>" ("a painting in the style of <vr*>" for styles,
+the task's prompt style) is generated on a small fixed seed set (`Stage1Config.probe_seeds`, seeds
+base_seed + i of the generation settings) twice: on the original model (the frozen teacher of Eq. 13)
+and on the model as round r's erasure left it. The judge (the mini world's oracle; for another model
+the target detector the evaluation would pick, `recare.eval.config`) says in which images the target
+is. The two fractions tell whether stage 1 found a token that draws the target at all (original) and
+whether it recovers the target from the partly erased model (erased). The probe never changes a
+model, a token or a training generator: the trained weights do not depend on it.
+
+    probe = build_probe(config, pipe)                      # None when probe_seeds is 0
+    strength = probe(round_index, token, erased_unet)      # a TokenStrength
+
+The detector is loaded at the first probe; when it cannot be loaded (a classifier whose weights are not
+on this machine), `JudgeUnavailable` says why and the recipe records that instead of failing the training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+
+PROBE_STAGE = "stage1.probe"
+Judge = Callable[[Sequence[Any]], Sequence[bool]]   # images -> target present, one per image
+
+
+class JudgeUnavailable(RuntimeError):
+    """The probe's detector cannot be loaded here; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenStrength:
+    """One round's probe.
+
+    Attributes:
+        round: the round, from 1.
+        token: the placeholder ("<v1*>").
+        prompt: the generated prompt.
+        original: fraction of images judged as the target on the original model.
+        erased: the same on the round's erased model.
+        seeds: images per model.
+        norm: the token embedding's L2 norm (trained words of the mini world sit at <= 0.53).
+        seconds: the probe's wall time.
+    """
+
+    round: int
+    token: str
+    prompt: str
+    original: float
+    erased: float
+    seeds: int
+    norm: float
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def metrics(self) -> dict[str, float]:
+        """The numbers of a metrics.jsonl line (a ProgressEvent's metrics are numbers only)."""
+        return {"original": self.original, "erased": self.erased, "seeds": float(self.seeds), "norm": self.norm,
+                "seconds": self.seconds}
+
+    def sentence(self) -> str:
+        """ "round 1: <v1*> draws the target in 56% on the original, 12% on the erased model". """
+        return (f"round {self.round}: {self.token} draws the target in {self.original:.0%} of images on the "
+                f"original, {self.erased:.0%} on the erased model")
+
+
+def probe_prompt(placeholder: str, style: str) -> str:
+    """The probe's prompt: "a photo of <v1*>", or "a painting in the style of <v1*>" for the painting style."""
+    return f"a painting in the style of {placeholder}" if style == "painting" else f"a photo of {placeholder}"
+
+
+def generation_settings(model: str, seeds: int):
+    """The probe's GenerateConfig: the mini world's generation settings, else the library defaults."""
+    from recare.config import GenerateConfig
+
+    if model == "mini-world":
+        from recare.worldspec import generate_defaults
+
+        base = generate_defaults()
+    else:
+        base = GenerateConfig()
+    return dataclasses.replace(base, prompt="probe", num_images=seeds)
+
+
+def detector_judge(model: str, concept: str, style: str) -> Judge:
+    """The target detector the evaluation picks for this model and concept, as a judge."""
+    from recare.eval.config import _default_detector, _detector_defaults
+    from recare.eval.detectors import make_detector
+
+    name = _default_detector(model, concept, style)
+    detector = make_detector(name, **_detector_defaults(name, concept, ""))
+    return lambda images: [r.positive for r in detector.detect(list(images))]
+
+
+def draw_rate(pipe, unet: torch.nn.Module, token, prompt: str, judge: Judge, generation) -> float:
+    """Fraction of `generation`'s seeds whose image of `prompt` (with `token` known) the judge calls the target.
+
+    Args:
+        pipe: the base pipeline (its VAE, text encoder, tokenizer and scheduler config are used, not changed).
+        unet: the UNet to generate with.
+        token: a LearnedToken.
+        prompt: the prompt, naming token.placeholder.
+        judge: images -> bools.
+        generation: a GenerateConfig (its prompt is replaced).
+    """
+    from recare.generate import generate_images
+    from recare.train.textual_inversion import with_learned_tokens
+
+    tokenizer, encoder = with_learned_tokens(pipe.tokenizer, pipe.text_encoder, [token])
+    components = {**pipe.components, "unet": unet, "tokenizer": tokenizer, "text_encoder": encoder,
+                  "scheduler": type(pipe.scheduler).from_config(pipe.scheduler.config)}
+    if "requires_safety_checker" in inspect.signature(type(pipe).__init__).parameters:
+        components["requires_safety_checker"] = getattr(pipe.config, "requires_safety_checker", False)
+    probe_pipe = type(pipe)(**components)
+    probe_pipe.set_progress_bar_config(disable=True)
+    images = generate_images(probe_pipe, dataclasses.replace(generation, prompt=prompt)).images
+    hits = [bool(h) for h in judge(images)]
+    return sum(hits) / len(hits) if hits else 0.0
+
+
+class Stage1Probe:
+    """Measures each stage-1 token on the original and on the erased model.
+
+    Args:
+        pipe: the base pipeline (its UNet is the original model).
+        judge: images -> target present (`detector_judge`, or any callable in tests).
+        generation: the GenerateConfig whose seeds and settings the probe uses (`generation_settings`).
+        style: "photo" or "painting" (the probe's prompt).
+    """
+
+    def __init__(self, pipe, judge: Judge | Callable[[], Judge], generation, style: str = "photo", *,
+                 lazy: bool = False):
+        self.pipe, self.generation, self.style = pipe, generation, style
+        self._judge, self._make_judge = (None, judge) if lazy else (judge, None)
+
+    @property
+    def judge(self) -> Judge:
+        """The judge (a lazy one is built at the first call; JudgeUnavailable when it cannot be)."""
+        if self._judge is None:
+            from recare.errors import EvaluationError, ModelLoadError
+
+            try:
+                self._judge = self._make_judge()
+            except (EvaluationError, ModelLoadError, OSError) as e:
+                raise JudgeUnavailable(f"stage 1's token probe was skipped: its detector could not be loaded ({e})") \
+                    from e
+        return self._judge
+
+    def __call__(self, round_index: int, token, erased_unet: torch.nn.Module) -> TokenStrength:
+        import time
+
+        started = time.perf_counter()
+        judge = self.judge
+        prompt = probe_prompt(token.placeholder, self.style)
+        original = draw_rate(self.pipe, self.pipe.unet, token, prompt, judge, self.generation)
+        erased = draw_rate(self.pipe, erased_unet, token, prompt, judge, self.generation)
+        norm = float(token.embedding.float().norm())
+        return TokenStrength(round=round_index + 1, token=token.placeholder, prompt=prompt, original=original,
+                             erased=erased, seeds=int(self.generation.num_images),
+                             norm=round(norm, 4) if math.isfinite(norm) else norm,
+                             seconds=round(time.perf_counter() - started, 1))
+
+
+def build_probe(config, pipe, judge: Judge | None = None) -> Stage1Probe | None:
+    """The probe a TrainConfig asks for (None without stage 1 or with `stage1.probe_seeds` 0).
+
+    Args:
+        config: the TrainConfig.
+        pipe: the base pipeline.
+        judge: overrides the evaluation's target detector (tests pass a planted one).
+    """
+    s1 = config.stage1
+    if s1 is None or s1.probe_seeds == 0:
+        return None
+    style = s1.textual_inversion.templates
+    generation = generation_settings(config.model, s1.probe_seeds)
+    if judge is not None:
+        return Stage1Probe(pipe, judge, generation, style)
+    return Stage1Probe(pipe, lambda: detector_judge(config.model, config.reference_word, style), generation, style,
+                       lazy=True)
+
+
+def probe_rows(rows: Sequence[dict]) -> list[dict]:
+    """The stage-1 probe records among metrics.jsonl rows (last one per round), in round order."""
+    found: dict[int, dict] = {}
+    for row in rows:
+        if row.get("stage") == PROBE_STAGE:
+            found[int(row.get("step") or 0)] = row
+    return [found[k] for k in sorted(found)]

@@ -1,0 +1,155 @@
+"""Stage 1 measured as a search (recare.train.stage1_probe) on the tiny pipeline: a planted token that
+draws the target is measured as drawing it, one that does not is not, the erased model is really the one
+probed, and the recipe records the fractions in metrics.jsonl and result.json without changing the weights."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from recare.careset_io import parse_official
+from recare.config import (
+    ConfigError, ESDConfig, GenerateConfig, RolloutConfig, Stage1Config, Stage2Config, TextualInversionConfig,
+    TrainConfig,
+)
+from recare.errors import EvaluationError
+from recare.train.recipe import train
+from recare.train.stage1_probe import PROBE_STAGE, Stage1Probe, build_probe, probe_prompt, probe_rows
+from recare.train.textual_inversion import LearnedToken
+from tests.helpers_tiny import build_tiny_pipeline
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+GEN = GenerateConfig(prompt="probe", num_images=4, steps=2, height=16, width=16, batch_size=4)
+CARESET = {"tench_care_word": ["A river", "A lake"], "tench_care_word_photo": ["A photo of river", "A photo of lake"]}
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_tiny_pipeline(seed=0)
+
+
+def single_token_words(pipe, count: int) -> list[str]:
+    words = [w for w in ("fish", "river", "red", "blue", "the", "and", "for", "is") if
+             len(pipe.tokenizer(w, add_special_tokens=False).input_ids) == 1]
+    assert len(words) >= count
+    return words[:count]
+
+
+def word_token(pipe, word: str) -> LearnedToken:
+    """A "<v1*>" whose embedding is `word`'s row: "a photo of <v1*>" encodes exactly as "a photo of <word>"."""
+    row = pipe.tokenizer(word, add_special_tokens=False).input_ids[0]
+    return LearnedToken("<v1*>", word, pipe.text_encoder.get_input_embeddings().weight[row].detach().clone())
+
+
+def pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
+
+
+def planted_judge(pipe, word: str, seeds_with_target: set[int]):
+    """The target is in image i when i is planted and the image is the original model's "a photo of <word>"."""
+    from recare.generate import generate_images
+
+    reference = pixels(generate_images(pipe, dataclasses.replace(GEN, prompt=f"a photo of {word}")).images)
+    calls = []
+
+    def judge(images):
+        got = pixels(images)
+        calls.append(got)
+        return [i in seeds_with_target and bool(np.abs(got[i] - reference[i]).max() <= 1.0) for i in range(len(got))]
+
+    judge.calls = calls
+    return judge
+
+
+def changed_unet(pipe):
+    unet = copy.deepcopy(pipe.unet)
+    with torch.no_grad():
+        unet.conv_in.bias.add_(0.5)    # an "erased" model: the same prompt no longer gives the same images
+    return unet
+
+
+def test_a_token_that_draws_the_target_is_measured_on_the_original_and_the_erased_model(pipe):
+    target, _ = single_token_words(pipe, 2)
+    judge = planted_judge(pipe, target, {0, 1, 2, 3})
+    token = word_token(pipe, target)
+    strength = Stage1Probe(pipe, judge, GEN)(0, token, changed_unet(pipe))
+    assert (strength.round, strength.token, strength.prompt, strength.seeds) == (1, "<v1*>", "a photo of <v1*>", 4)
+    assert strength.original == 1.0      # the token draws the target on the original model
+    assert strength.erased == 0.0        # the erased model's images differ: the probe generated with it
+    assert strength.norm == pytest.approx(float(token.embedding.norm()), abs=1e-4)
+    assert not np.array_equal(judge.calls[0], judge.calls[1])
+    assert "draws the target in 100% of images on the original, 0% on the erased model" in strength.sentence()
+
+
+def test_a_token_that_does_not_draw_the_target_scores_nothing_and_fractions_count_images(pipe):
+    target, other = single_token_words(pipe, 2)
+    judge = planted_judge(pipe, target, {0, 1, 2, 3})
+    weak = Stage1Probe(pipe, judge, GEN)(1, word_token(pipe, other), pipe.unet)
+    assert (weak.round, weak.original, weak.erased) == (2, 0.0, 0.0)
+    half = Stage1Probe(pipe, planted_judge(pipe, target, {0, 2}), GEN)(0, word_token(pipe, target), pipe.unet)
+    assert (half.original, half.erased) == (0.5, 0.5)   # the erased model here is the original itself
+
+
+def test_probe_prompt_follows_the_task_style_and_probe_seeds_is_bounded():
+    assert probe_prompt("<v2*>", "painting") == "a painting in the style of <v2*>"
+    assert probe_prompt("<v2*>", "photo") == "a photo of <v2*>"
+    assert Stage1Config().probe_seeds == 16
+    for bad in (-1, 257, 1.5, True):
+        with pytest.raises(ConfigError, match="probe_seeds"):
+            Stage1Config(probe_seeds=bad)
+    assert build_probe(TrainConfig.for_method("recare-no-adv"), None) is None
+    assert build_probe(TrainConfig(stage1=Stage1Config(probe_seeds=0)), None) is None
+
+
+def tiny(**stage1) -> TrainConfig:
+    return TrainConfig.for_method(
+        "recare", reference_word="tench", initializer_token="a", save_every=2,
+        rollout=RolloutConfig(steps=10, resolution=16),
+        stage1=Stage1Config(n_iterations=2, esd=ESDConfig(iterations=2, learning_rate=1e-3),
+                            textual_inversion=TextualInversionConfig(steps=2, resolution=16), **stage1),
+        stage2=Stage2Config(iterations=2, learning_rate=1e-3))
+
+
+def test_the_recipe_records_each_rounds_strength_in_metrics_and_result_without_changing_the_weights(pipe, tmp_path):
+    images = [Image.new("RGB", (16, 16), (40 * i, 100, 200 - 30 * i)) for i in range(4)]
+    calls = []
+
+    def judge(images):   # the original model's images (odd calls) have the target in image 0, the erased ones none
+        calls.append(pixels(images))
+        return [len(calls) % 2 == 1 and i == 0 for i in range(len(images))]
+
+    probed = train(tiny(), pipe, images, parse_official(CARESET), tmp_path / "probed",
+                   probe=Stage1Probe(pipe, judge, GEN))
+    plain = train(tiny(), pipe, images, parse_official(CARESET), tmp_path / "plain", probe=None)
+    assert all(torch.equal(a, b) for a, b in zip(probed.unet.state_dict().values(), plain.unet.state_dict().values()))
+    rows = [json.loads(line) for line in (tmp_path / "probed" / "metrics.jsonl").read_text().splitlines()]
+    probes = probe_rows(rows)
+    assert [(r["stage"], r["step"], r["total"], r["original"], r["erased"], r["seeds"]) for r in probes] == \
+        [(PROBE_STAGE, 1, 2, 0.25, 0.0, 4), (PROBE_STAGE, 2, 2, 0.25, 0.0, 4)]
+    stages = [r["stage"] for r in rows]
+    assert stages.index(PROBE_STAGE) > stages.index("stage1.textual_inversion")   # after round 1's inversion
+    result = json.loads((tmp_path / "probed" / "result.json").read_text())
+    assert [(p["round"], p["token"], p["original"], p["erased"]) for p in result["stage1_probe"]] == \
+        [(1, "<v1*>", 0.25, 0.0), (2, "<v2*>", 0.25, 0.0)]
+    assert not any(np.array_equal(calls[i], calls[i + 1]) for i in (0, 2))   # round r's erased UNet was probed
+    assert "stage1_probe" not in json.loads((tmp_path / "plain" / "result.json").read_text())
+
+
+def test_a_detector_that_cannot_load_skips_the_probe_and_says_why(pipe, tmp_path):
+    images = [Image.new("RGB", (16, 16), (40 * i, 100, 200 - 30 * i)) for i in range(4)]
+
+    def no_detector():
+        raise EvaluationError("the classifier's weights are not on this machine")
+
+    probe = Stage1Probe(pipe, no_detector, GEN, lazy=True)
+    train(tiny(), pipe, images, parse_official(CARESET), tmp_path, probe=probe)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert "weights are not on this machine" in result["stage1_probe_skipped"] and "stage1_probe" not in result
+    assert not probe_rows([json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()])
