@@ -21,8 +21,7 @@ state/; the page polls the run as for any job.
 
 from __future__ import annotations
 
-import shutil
-import time
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -244,9 +243,9 @@ def _train_config(ctx: AppContext, task, method, target_prompt, reference_word, 
                   stage1_iterations, ti_steps, train_method, seed, num_images, model_name) -> TrainConfig:
     """The TrainConfig the boxes ask for: the method's preset (+ the task's world settings), then the boxes.
 
-    Same override rules as `python -m recare train` (--iterations, --ti-steps, --lr).
+    The one override path of `python -m recare train` (`recare.workflows.training_config`).
     """
-    from recare.workflows import mini_world_task, task_train_config
+    from recare.workflows import mini_world_task, training_config
 
     if method not in dict((v, k) for k, v in METHODS):
         raise ConfigError(f"unknown method {str(method)[:40]!r}: use one of {[v for _, v in METHODS]}.")
@@ -260,22 +259,14 @@ def _train_config(ctx: AppContext, task, method, target_prompt, reference_word, 
         if not isinstance(value, str) or not value.strip():
             raise ConfigError(f"{name.replace('_', ' ')} is empty.")
         fields[name] = value.strip()
-    if task and task != NO_TASK:
-        if model_name != models.MINI_WORLD:
-            raise ConfigError(f"a mini-world task needs the model {models.MINI_WORLD!r} (the header picks "
-                              f"{model_name!r}); choose “this session's images and CARE-set” for other models.")
-        config = task_train_config(mini_world_task(task), method, **fields)
-    else:
-        config = TrainConfig.for_method(method, **fields)
-    data = config.to_dict()
-    final = data.get("stage2") or data.get("esd")
-    final["iterations"] = number(iterations, "iterations")
-    final["learning_rate"] = number(lr, "the learning rate", float)
-    if data.get("stage1"):
-        data["stage1"]["esd"]["iterations"] = number(stage1_iterations, "stage-1 erase iterations")
-        data["stage1"]["textual_inversion"]["steps"] = number(ti_steps, "textual-inversion steps")
-    data["save_every"] = max(1, min(data.get("save_every") or 50, 10))  # a cancel loses little; saves are cheap here
-    return TrainConfig.from_dict(data)
+    if task and task != NO_TASK and model_name != models.MINI_WORLD:
+        raise ConfigError(f"a mini-world task needs the model {models.MINI_WORLD!r} (the header picks "
+                          f"{model_name!r}); choose “this session's images and CARE-set” for other models.")
+    config = training_config(mini_world_task(task) if task and task != NO_TASK else None, method,
+                             iterations=number(iterations, "iterations"), lr=number(lr, "the learning rate", float),
+                             stage1_iterations=number(stage1_iterations, "stage-1 erase iterations"),
+                             ti_steps=number(ti_steps, "textual-inversion steps"), **fields)
+    return dataclasses.replace(config, save_every=max(1, min(config.save_every or 50, 10)))  # a cancel loses little
 
 
 def _estimate(ctx: AppContext, task, method, target_prompt, reference_word, initializer_token, careset_file,
@@ -310,7 +301,6 @@ def _session_inputs(session: Session | None, careset_file, config: TrainConfig, 
     Raises a RecareError when the method needs something the session does not have and no task makes it.
     """
     from recare.careset_io import read_careset_json
-    from recare.train.outputs import careset_dict
 
     has_task = bool(task and task != NO_TASK)
     inputs: dict[str, Any] = {}
@@ -323,7 +313,7 @@ def _session_inputs(session: Session | None, careset_file, config: TrainConfig, 
             if not careset.tokens:
                 raise ConfigError("the CARE-set is empty: keep at least one CARE token (CARE-set workspace), "
                                   "or upload a careset.json that has some.")
-            inputs["careset"] = careset_dict(careset)
+            inputs["careset"] = careset.to_dict()
         elif not has_task:
             raise ConfigError("no CARE-set: build one in the CARE-set workspace, upload a careset.json, or pick a "
                               "mini-world task (its CARE-set is made in the job).")
@@ -458,37 +448,12 @@ def _download(ctx: AppContext, run_id, fmt, stored_key, request=None):
 
 
 def _export(run, fmt) -> Path:
-    """The file to hand out: trained_params.safetensors, a zip of unet/, or ReCARE-Diffusers-UNet.pt.
-
-    The UNet formats are written through `recare.train.export` from the base model plus the run's
-    trained parameters when training did not write them (once; later downloads reuse them).
-    """
-    from recare.models import OFFICIAL_UNET_FILE, TRAINED_PARAMS_FILE
-    from recare.train import export
+    """The file to hand out (`recare.train.downloads.weights_file`: a full UNet is exported once, then served)."""
+    from recare.train.downloads import weights_file
 
     if fmt not in dict((v, k) for k, v in DOWNLOADS):
         raise ConfigError(f"unknown download format {str(fmt)[:40]!r}: use one of {[v for _, v in DOWNLOADS]}.")
-    params = run.path / TRAINED_PARAMS_FILE
-    if fmt == "trained_params":
-        if not params.is_file():
-            raise RunError(f"run {run.id} has no {TRAINED_PARAMS_FILE}.")
-        return params
-    official, folder = run.path / OFFICIAL_UNET_FILE, run.path / export.UNET_FOLDER
-    if (fmt == "official_pt" and not official.is_file()) or (fmt == "unet_folder" and not folder.is_dir()):
-        config = run.config().get("train") or {}
-        pipe = models.load_pipeline(config.get("model", models.MINI_WORLD), device="cpu", dtype="fp32", trained=run.path)
-        if fmt == "official_pt":
-            export.save_official_pt(pipe.unet, official)
-        else:
-            export.save_unet_folder(pipe.unet, folder)
-    if fmt == "official_pt":
-        return official
-    archive = run.path / "unet.zip"
-    if not archive.is_file():
-        tmp = run.path / f".unet-{time.time_ns()}"
-        shutil.make_archive(str(tmp), "zip", root_dir=run.path, base_dir=export.UNET_FOLDER)
-        Path(f"{tmp}.zip").replace(archive)
-    return archive
+    return weights_file(run.path, fmt)
 
 
 def _reopen(ctx: AppContext, stored_key, request=None):

@@ -4,36 +4,18 @@ learned tokens and the trained UNet in the formats `TrainConfig.outputs` asks fo
 from __future__ import annotations
 
 import copy
-import json
-import platform
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from recare.atomic import atomic_write_json, atomic_write_text
+from recare.atomic import atomic_write_json
+from recare.careset_io import write_careset_json
 from recare.config import TrainConfig
+from recare.versions import library_versions
 
 CARESET_FILE = "careset.json"
 CONFIG_FILE = "config.json"
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries a run's result depends on."""
-    import diffusers
-    import transformers
-
-    import recare
-
-    return {"recare": recare.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version()}
-
-
-def careset_dict(careset) -> dict[str, list[str]]:
-    """The official careset.json content of an `OfficialCareSet`."""
-    key = careset.reference_key
-    return {f"{key}_care_word": list(careset.base_prompts),
-            f"{key}_care_word_{careset.prompt_style}": list(careset.retain_prompts)}
 
 
 def write_config(config: TrainConfig, pipe, out_dir: Path, careset=None, images=None,
@@ -56,7 +38,7 @@ def write_config(config: TrainConfig, pipe, out_dir: Path, careset=None, images=
         "versions": library_versions(), "target_images": len(images) if images is not None else None}
     atomic_write_json(out_dir / CONFIG_FILE, data)
     if careset is not None:
-        atomic_write_text(out_dir / CARESET_FILE, json.dumps(careset_dict(careset), indent=4) + "\n")
+        write_careset_json(careset, out_dir / CARESET_FILE)
     return data
 
 

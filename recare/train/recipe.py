@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import shutil
 import time
 from pathlib import Path
@@ -51,6 +50,7 @@ from recare.config import TrainConfig
 from recare.errors import Cancelled, ConfigError, TrainingError
 from recare.progress import CancelToken, ProgressCallback, ProgressEvent
 from recare.atomic import atomic_write_json
+from recare.metrics_io import METRICS_LINES, append_metrics
 from recare.train.esd import ErasureTrainer, ESDTrainer
 from recare.train.outputs import write_config, write_outputs
 from recare.train.params import trainable_parameter_names
@@ -60,7 +60,7 @@ from recare.train.state import (STATE_DIR, STATE_FORMAT, STATE_VERSION, StateFol
                                 token_of, trained_tensors)
 
 RESULT_FILE = "result.json"
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = METRICS_LINES
 TARGET_IMAGES_DIR = "target_images"
 
 STAGE1_ERASE, STAGE1_TI, STAGE2, ESD = "stage1.erase", "stage1.textual_inversion", "stage2", "esd"
@@ -182,10 +182,7 @@ class _Recipe:
             phase.setdefault("first_loss", event.metrics.get("loss"))
             phase["last_loss"] = event.metrics.get("loss")
             if self._write_metrics:
-                line = {"stage": event.stage, "step": event.step, "total": event.total, **event.to_dict()["metrics"],
-                        "time": time.time()}
-                with open(self.out_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(line) + "\n")
+                append_metrics(self.out_dir, event)
         if self._user_progress is not None:
             self._user_progress(event)
         if (self._preview is not None and event.metrics and self._student is not None
