@@ -13,6 +13,12 @@ prints, for the current world and for the world with each `--set NAME=VALUE` app
   (the scene rendered with and without it) against the change its CARE concept makes, and the share of the
   image each touches. A target whose own signal is a few pixels beside a large CARE-concept signal is hard to
   tell apart from it in a 64 x 64 image.
+
+With `--directions N`, the bundled generator too: for each task, the cosine between the target prompt's
+guidance direction d(p) = eps(x_t, p) - eps(x_t, "") and each CARE prompt's, over N noised latents of the
+target prompt's world renders (t = 200, 400, 600, 800). Stage 2's erase target pushes away from the target
+along d(target) and towards the anchor along d(CARE) while the retain loss holds eps(CARE prompt): when the
+two directions are nearly parallel the model cannot move one without the other.
 """
 
 from __future__ import annotations
@@ -80,6 +86,46 @@ def measure(scenes: int, pixels: int, seed: int) -> dict:
     return out
 
 
+def directions(latents: int, seed: int) -> dict:
+    """{task: (mean cosine of d(target prompt) with d(CARE prompt) over prompts and latents, per-prompt means)}."""
+    import torch
+
+    from recare import worldspec
+    from recare.models import load_pipeline
+
+    pipe = load_pipeline("mini-world", device="cpu", dtype="fp32")
+    spec = worldspec.mini_world_spec()
+
+    def embed(prompt: str):
+        ids = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return pipe.text_encoder(ids)[0]
+
+    out = {}
+    gen = torch.Generator().manual_seed(seed)
+    with torch.inference_mode():
+        for name, task in spec["tasks"].items():
+            rng = np.random.default_rng(seed)
+            images = np.stack([world.render_prompt_scene(task["target_prompt"], rng)[0] for _ in range(latents)])
+            x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+            z0 = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+            prompts = [p for ps in task["care_prompts"].values() for p in ps]
+            cond = {p: embed(p) for p in ["", task["target_prompt"], *prompts]}
+            cos = {p: [] for p in prompts}
+            for t in (200, 400, 600, 800):
+                noise = torch.randn(z0.shape, generator=gen)
+                zt = pipe.scheduler.add_noise(z0, noise, torch.tensor([t]))
+                eps = {p: pipe.unet(zt, t, encoder_hidden_states=c.expand(len(zt), -1, -1)).sample
+                       for p, c in cond.items()}
+                d_target = (eps[task["target_prompt"]] - eps[""]).flatten(1).double()
+                for p in prompts:
+                    d_care = (eps[p] - eps[""]).flatten(1).double()
+                    cos[p] += torch.nn.functional.cosine_similarity(d_target, d_care, dim=1).tolist()
+            per = {p: float(np.mean(v)) for p, v in cos.items()}
+            out[name] = (float(np.mean(list(per.values()))), per)
+    return out
+
+
 def print_rows(name: str, result: dict) -> None:
     for target, r in result.items():
         print(f"| {name} | {target} / {r['care']} | {r['target']} | {r['target_without_care']} | "
@@ -96,7 +142,16 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a world constant changed for a proposed world (JSON value; repeat)")
+    parser.add_argument("--directions", type=int, default=0, metavar="N",
+                        help="also measure the generator's guidance directions on N latents per timestep (default 0: "
+                             "skip)")
     args = parser.parse_args(argv)
+    if args.directions:
+        print("| task | cos(d(target), d(CARE prompt)), mean | per CARE prompt |")
+        print("|---|---|---|")
+        for name, (mean, per) in directions(args.directions, args.seed).items():
+            print(f"| {name} | {mean:.3f} | " + "; ".join(f"{p}: {c:.3f}" for p, c in per.items()) + " |")
+        print()
     print("| world | target / CARE concept | target scenes | target without CARE | CARE without target | "
           "P(CARE given target) | P(target given CARE) | target's pixel signal (area) | CARE's pixel signal (area) |")
     print("|---" * 9 + "|")
