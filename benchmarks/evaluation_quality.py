@@ -18,6 +18,11 @@ measured CLIP range for RATIO). Printed:
 
 Evaluations are run folders under --out; an evaluation whose folder is already complete there is
 read back instead of rerun (delete it to measure again).
+
+    python -m benchmarks.evaluation_quality --validity TASK:NAME=EVAL_DIR [--validity ...]
+
+prints only the CARE-score validity over finished evaluation folders (`python -m recare evaluate ...`),
+evaluating nothing.
 """
 
 from __future__ import annotations
@@ -94,6 +99,27 @@ def evaluate_model(task: str, name: str, unet: str | None, out: Path, overrides:
             "seconds": time.perf_counter() - started, "cached": False}
 
 
+def read_evaluation(folder: Path) -> dict:
+    """A finished evaluation folder read back: metrics, manifest and records."""
+    from recare.eval.run import read_records
+
+    return {"metrics": json.loads((folder / "metrics.json").read_text()),
+            "manifest": json.loads((folder / "manifest.json").read_text()), "records": read_records(folder),
+            "seconds": None, "cached": True}
+
+
+def print_validity(results: list[tuple[str, str, dict]]) -> None:
+    """The CARE-score validity tables (per concept, then per prompt) with their Pearson r."""
+    for by_prompt in (False, True):
+        pairs = care_validity(results, by_prompt)
+        r = pearson([p[2] for p in pairs], [p[3] for p in pairs])
+        what = "CARE prompt" if by_prompt else "CARE concept"
+        print(f"\nCARE-score validity per (model, {what}): Pearson r = "
+              f"{_fmt(r) if r is not None else 'undefined (no variance across the pairs)'} over {len(pairs)} pairs\n")
+        print_table(["model", what, "CARE score (mini CLIP)", "oracle detection", "images"],
+                    [[a, b, _fmt(s), _fmt(o), str(n)] for a, b, s, o, n in pairs])
+
+
 def care_validity(rows: list[tuple[str, str, dict]], by_prompt: bool = False) -> list[tuple[str, str, float, float, int]]:
     """(task, model, concept-or-prompt, CARE score, oracle detection rate, images) per pair.
 
@@ -145,7 +171,13 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=None, help="images per attack prompt (default: recare.json's)")
     parser.add_argument("--quick", action="store_true", help="8 seeds, 100 CCE steps, 2 CARE images per prompt, "
                                                              "16 captions (a sanity run, not the numbers)")
+    parser.add_argument("--validity", action="append", default=[], metavar="TASK:NAME=EVAL_DIR",
+                        help="only the CARE-score validity over these finished evaluation folders (repeat)")
     args = parser.parse_args(argv)
+    if args.validity:
+        print_validity([(task, name, read_evaluation(Path(folder)))
+                        for task, pairs in _parse_runs(args.validity).items() for name, folder in pairs])
+        return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     runs = _parse_runs(args.run)
@@ -177,14 +209,7 @@ def main(argv=None) -> int:
     print_table(["task", "model", "ASR erased", "ASR CCE", "ASR own tokens", "ASR completion", "ASR noise", "CLIP",
                  "CARE", "RATIO", "seconds"], table)
 
-    for by_prompt in (False, True):
-        pairs = care_validity(results, by_prompt)
-        r = pearson([p[2] for p in pairs], [p[3] for p in pairs])
-        what = "CARE prompt" if by_prompt else "CARE concept"
-        print(f"\nCARE-score validity per (model, {what}): Pearson r = "
-              f"{_fmt(r) if r is not None else 'undefined (no variance across the pairs)'} over {len(pairs)} pairs\n")
-        print_table(["model", what, "CARE score (mini CLIP)", "oracle detection", "images"],
-                    [[a, b, _fmt(s), _fmt(o), str(n)] for a, b, s, o, n in pairs])
+    print_validity(results)
     print(f"\nwall time {time.perf_counter() - started:.0f} s")
     return 0
 
