@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     from safetensors import safe_open
 
     from recare.eval.attacks import attack_prompt, render, with_token
-    from recare.eval.run import config_from_file
+    from recare.eval.config import config_from_file
     from recare.miniworld.oracle import load_oracle
     from recare.models import load_pipeline
     from recare.train.textual_inversion import LearnedToken

@@ -101,7 +101,7 @@ def evaluate_model(task: str, name: str, unet: str | None, out: Path, overrides:
 
 def read_evaluation(folder: Path) -> dict:
     """A finished evaluation folder read back: metrics, manifest and records."""
-    from recare.eval.run import read_records
+    from recare.eval.records import read_records
 
     return {"metrics": json.loads((folder / "metrics.json").read_text()),
             "manifest": json.loads((folder / "manifest.json").read_text()), "records": read_records(folder),
