@@ -277,8 +277,10 @@ def tiny_training(tmp_path) -> dict:
         "recare", reference_word="tench", initializer_token="a", save_every=2, device="cpu", model=str(model),
         careset=str(tmp_path / "careset.json"), images=str(tmp_path / "images"),
         rollout=RolloutConfig(steps=10, resolution=16),
+        # probe_seeds=0: the chunks here are counted in progress events, and a stage-1 probe adds one per round
+        # (tests/test_train_stage1_probe.py tests the probe)
         stage1=Stage1Config(n_iterations=2, esd=ESDConfig(iterations=3, learning_rate=1e-3),
-                            textual_inversion=TextualInversionConfig(steps=3, resolution=16)),
+                            textual_inversion=TextualInversionConfig(steps=3, resolution=16), probe_seeds=0),
         stage2=Stage2Config(iterations=3, learning_rate=1e-3))
     return {"train": config.to_dict()}
 
