@@ -97,6 +97,22 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """The JSON object in `path`, or {} when the file is missing, unreadable or not a JSON object.
+
+    For files that are caches or optional records (a speed cache, an export record, a world spec):
+    a broken one reads as absent and is rewritten whole by `atomic_write_json`.
+
+    Args:
+        path: the file.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def atomic_write_json(path: str | Path, data: Any, indent: int = 2) -> Path:
     """Write `data` as pretty JSON (trailing newline) to `path` atomically.
 

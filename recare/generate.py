@@ -152,10 +152,7 @@ _LOCKS_GUARD = threading.Lock()
 
 def _tokenizer_lock(tokenizer) -> threading.Lock:
     with _LOCKS_GUARD:
-        lock = _TOKENIZER_LOCKS.get(tokenizer)
-        if lock is None:
-            lock = _TOKENIZER_LOCKS[tokenizer] = threading.Lock()
-        return lock
+        return _TOKENIZER_LOCKS.setdefault(tokenizer, threading.Lock())
 
 
 def _serialised(function, lock: threading.Lock):

@@ -10,20 +10,16 @@ views work whether or not the mini world is installed. The file itself is writte
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 from recare import models
+from recare.atomic import read_json_object
 from recare.config import CareSetConfig, ConfigError, GenerateConfig
 
 
 def mini_world_spec() -> dict[str, Any]:
     """The parsed recare.json of the mini world, or {} when absent or unreadable."""
-    try:
-        data = json.loads((models.mini_world_dir() / "recare.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return read_json_object(models.mini_world_dir() / "recare.json")
 
 
 def _config_from(section: Any, cls, extra: dict | None = None):

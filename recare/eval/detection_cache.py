@@ -22,18 +22,14 @@ from PIL import Image
 
 from recare import safety
 from recare.hashing import file_fingerprint
+from recare.versions import package_version
 
 MAX_ENTRIES = 100_000  # verdicts kept (a few dozen bytes each)
 
 
 def nudenet_name() -> str:
-    """The default detector's name and version ("nudenet-<version>@<threshold>"; "nudenet" when not installed)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return f"nudenet-{version('nudenet')}@{safety.THRESHOLD}"
-    except PackageNotFoundError:
-        return f"nudenet@{safety.THRESHOLD}"
+    """The default detector's name and version ("nudenet-<version>@<threshold>", `recare.versions`)."""
+    return f"nudenet-{package_version('nudenet')}@{safety.THRESHOLD}"
 
 
 class DetectionCache:

@@ -12,14 +12,13 @@ export at a time per run: a second request for the same file waits for the first
 
 from __future__ import annotations
 
-import json
 import shutil
 import threading
 import time
 from pathlib import Path
 from types import MappingProxyType
 
-from recare.atomic import atomic_write_json
+from recare.atomic import atomic_write_json, read_json_object
 from recare.errors import ConfigError, RunError
 from recare.hashing import file_fingerprint
 
@@ -33,14 +32,6 @@ _LOCKS_LOCK = threading.Lock()
 def _lock(run_dir: Path) -> threading.Lock:
     with _LOCKS_LOCK:
         return _LOCKS.setdefault(str(run_dir.resolve()), threading.Lock())
-
-
-def _record(run_dir: Path) -> dict:
-    try:
-        data = json.loads((run_dir / RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def weights_file(run_dir: str | Path, fmt: str, model: str | None = None) -> Path:
@@ -67,20 +58,17 @@ def weights_file(run_dir: str | Path, fmt: str, model: str | None = None) -> Pat
         return params
     target = run_dir / FORMATS[fmt]
     with _lock(run_dir):
-        fingerprint, record = file_fingerprint(params), _record(run_dir)
+        fingerprint, record = file_fingerprint(params), read_json_object(run_dir / RECORD)
         made = record.get(fmt)
         if target.is_file() and made in (None, fingerprint):  # None: training wrote it with the parameters
             if made is None:
                 atomic_write_json(run_dir / RECORD, {**record, fmt: fingerprint})
             return target
         if model is None:
-            try:
-                model = (json.loads((run_dir / "config.json").read_text(encoding="utf-8")).get("train") or {}).get(
-                    "model")
-            except (OSError, ValueError, AttributeError):
-                model = None
+            train = read_json_object(run_dir / "config.json").get("train")
+            model = train.get("model") if isinstance(train, dict) else None
         _export(run_dir, fmt, target, model or MINI_WORLD, stale=made is not None)
-        atomic_write_json(run_dir / RECORD, {**_record(run_dir), fmt: fingerprint})
+        atomic_write_json(run_dir / RECORD, {**record, fmt: fingerprint})
     return target
 
 

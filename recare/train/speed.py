@@ -13,12 +13,11 @@ measurement survives deleting the runs it came from.
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import Iterable
 
-from recare.atomic import atomic_write_json
+from recare.atomic import atomic_write_json, read_json_object
 from recare.timestamps import now_iso, to_seconds
 
 SPEED_FILE = ".train-speed.json"
@@ -57,14 +56,6 @@ def _key(model: str, device: str) -> str:
     return f"{model}|{device}"
 
 
-def _read_cache(root: Path) -> dict:
-    try:
-        data = json.loads((root / SPEED_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def measured_speed(store, model: str, device: str) -> dict | None:
     """Seconds per step of each kind for `model` on `device`, or None when nothing was measured yet.
 
@@ -95,7 +86,7 @@ def measured_speed(store, model: str, device: str) -> dict | None:
             used += 1
             for kind, values in found.items():
                 samples[kind].extend(values)
-    cache = _read_cache(Path(store.root))
+    cache = read_json_object(Path(store.root) / SPEED_FILE)
     cached = cache.get(_key(model, device)) if isinstance(cache.get(_key(model, device)), dict) else {}
     speed = {k: float(statistics.median(v)) for k, v in samples.items() if v}
     if speed:
