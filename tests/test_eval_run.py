@@ -261,14 +261,7 @@ def test_two_shards_in_threads_merge_to_the_single_process_records(tiny, first_r
 
     group, local = _ThreadGroup(2), threading.local()
     monkeypatch.setattr(engine, "processes", lambda device="auto": local.procs)
-    # loading takes turns: diffusers' empty-weights loading switches a process-wide default device
-    loading, load_models = threading.Lock(), engine.load_models
-
-    def load_in_turn(*args, **kwargs):
-        with loading:
-            return load_models(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "load_models", load_in_turn)
+    # no lock here: the library's own (recare.models.construction) makes concurrent loads safe
     results, errors = {}, []
 
     def process(index: int):

@@ -160,7 +160,10 @@ def load_mini_clip(path: str | os.PathLike | None = None, device="cpu") -> MiniC
     if not (path / "config.json").is_file():
         raise MiniClipError(f"no mini CLIP at {path} (needs a transformers CLIPModel folder); "
                             "train one with `python -m recare.miniworld.train --out DIR`.")
-    model = CLIPModel.from_pretrained(str(path), torch_dtype=torch.float32)
+    from recare.models.construction import building_modules
+
+    with building_modules():
+        model = CLIPModel.from_pretrained(str(path), torch_dtype=torch.float32)
     proc = CLIPImageProcessor.from_pretrained(str(path))
     return MiniClip(model, CLIPTokenizer.from_pretrained(str(path)), proc.image_mean, proc.image_std, device)
 

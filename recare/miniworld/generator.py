@@ -51,6 +51,7 @@ from .generator_models import (
 from .clip import load_as_float32
 from .tokenizer import CONTEXT_LENGTH, build_clip_tokenizer, write_vocab_files
 from ..errors import TrainingError
+from ..models.construction import building_modules
 from ..atomic import atomic_save, atomic_write_dir, atomic_write_text
 from ..progress import ProgressCallback, TqdmProgress, emit, listening
 
@@ -492,7 +493,8 @@ def refine_decoder_details(folder: str | os.PathLike, seed: int = 0, recipe: Gen
     recipe = recipe or GeneratorRecipe()
     folder = Path(folder)
     with _torch_threads(recipe.num_threads), listening(progress) as progress:
-        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).float().eval()
+        with building_modules():
+            vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).float().eval()
         detail = detail_refinement_stage(vae, recipe, seed, progress)
         _save_pretrained_over(vae, folder / "vae", fp16=recipe.save_fp16)
     record_file = folder / TRAINING_RECORD

@@ -196,7 +196,10 @@ def load_oracle(path: str | os.PathLike | None = None, device: str | torch.devic
     raw.pop("metrics", None)
     config = OracleConfig(**{k: v for k, v in raw.items() if k in OracleConfig.__dataclass_fields__})
     config.widths = tuple(config.widths)
-    net = OracleNet(len(config.concepts), config.widths)
+    from recare.models.construction import building_modules
+
+    with building_modules():  # a diffusers load in another thread would leave this net on meta
+        net = OracleNet(len(config.concepts), config.widths)
     net.load_state_dict(load_file(str(path / "model.safetensors")))
     return Oracle(net, config, device)
 

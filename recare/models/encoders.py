@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from recare.errors import ModelLoadError
+from recare.models.construction import building_modules
 from recare.models.device import check_device_available, resolve_device
 from recare.models.hub import dtype_kwarg, first_line, hub_reachable, offline_message
 from recare.models.policy import DEFAULT_OPEN_CLIP, LOCAL_USE, MINI_WORLD, ModelPolicy, is_dir_or_file, mini_world_part
@@ -69,9 +70,10 @@ def _load_hf_clip(folder: Path, device: torch.device, identity_name: str) -> Enc
             f"model.save_pretrained(...) plus its tokenizer and image processor."
         )
     try:
-        model = CLIPModel.from_pretrained(
-            folder, local_files_only=True, **{dtype_kwarg("transformers", "4.56"): torch.float32}
-        )
+        with building_modules():
+            model = CLIPModel.from_pretrained(
+                folder, local_files_only=True, **{dtype_kwarg("transformers", "4.56"): torch.float32}
+            )
         tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
         processor = CLIPImageProcessor.from_pretrained(folder, local_files_only=True)
     except Exception as e:
@@ -99,13 +101,14 @@ def _load_open_clip(spec: str, device: torch.device) -> Encoder:
     weights = _open_clip_weights(cfg, f"open_clip:{arch}/{tag}")
     preprocess_keys = ("mean", "std", "interpolation", "resize_mode", "fill_color")
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            arch,
-            pretrained=weights,                             # a local file: open_clip never touches the network
-            force_quick_gelu=bool(cfg.get("quick_gelu", False)),  # OpenAI weights were trained with QuickGELU
-            force_preprocess_cfg={k: cfg[k] for k in preprocess_keys if k in cfg},
-            device=device,
-        )
+        with building_modules():
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                arch,
+                pretrained=weights,                             # a local file: open_clip never touches the network
+                force_quick_gelu=bool(cfg.get("quick_gelu", False)),  # OpenAI weights were trained with QuickGELU
+                force_preprocess_cfg={k: cfg[k] for k in preprocess_keys if k in cfg},
+                device=device,
+            )
     except Exception as e:
         raise ModelLoadError(f"could not build open_clip {arch} from {weights}: {first_line(e)}") from e
     tokenizer = _open_clip_tokenizer(arch)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from recare.errors import ModelLoadError
+from recare.models.construction import building_modules
 from recare.models.device import check_device_available, resolve_device, resolve_dtype
 from recare.models.hub import dtype_kwarg, first_line, hub_reachable, offline_message
 from recare.models.policy import (
@@ -60,11 +61,13 @@ def load_pipeline(
         kwargs["variant"] = variant
     if local:
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(source, local_files_only=True, **kwargs)
+            with building_modules():
+                pipe = StableDiffusionPipeline.from_pretrained(source, local_files_only=True, **kwargs)
         except Exception as e:  # a broken folder: missing component, bad config, truncated weights
             raise ModelLoadError(f"could not load the diffusers pipeline in {source}: {first_line(e)}") from e
     else:
-        pipe = _load_hub_pipeline(StableDiffusionPipeline, source, kwargs)
+        with building_modules():
+            pipe = _load_hub_pipeline(StableDiffusionPipeline, source, kwargs)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.safety_checker = None
     pipe = pipe.to(device)
@@ -153,5 +156,6 @@ def derive_pipeline(base, trained: str | Path | TrainedWeights | None = None,
     if getattr(base, "_progress_bar_config", None) is not None:
         pipe.set_progress_bar_config(**base._progress_bar_config)
     if learned_tokens is not None:
-        load_learned_tokens(pipe, learned_tokens)
+        with building_modules():  # adds embedding rows: a new nn.Embedding
+            load_learned_tokens(pipe, learned_tokens)
     return pipe

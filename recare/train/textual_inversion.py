@@ -44,6 +44,7 @@ from PIL import Image
 
 from recare.config import TextualInversionConfig
 from recare.errors import ConfigError, TrainingError
+from recare.models.construction import building_modules
 from recare.progress import CancelToken, ProgressCallback, check_cancel, emit
 
 # The official templates (diffusers' textual-inversion example, copied into damilab/CARE utils/dataset.py).
@@ -265,8 +266,9 @@ def with_learned_tokens(tokenizer, text_encoder, tokens: Iterable[LearnedToken] 
             raise ConfigError(f"the tokenizer already has {placeholder!r}.")
     encoder = share_weights_copy(text_encoder)
     rows = torch.stack([e.reshape(-1) for _, e in pairs]).to(base.weight.device, base.weight.dtype)
-    grown = torch.nn.Embedding(base.num_embeddings + len(pairs), base.embedding_dim,
-                               device=base.weight.device, dtype=base.weight.dtype)
+    with building_modules():  # a diffusers load in another thread would leave it on meta
+        grown = torch.nn.Embedding(base.num_embeddings + len(pairs), base.embedding_dim,
+                                   device=base.weight.device, dtype=base.weight.dtype)
     with torch.no_grad():
         grown.weight.copy_(torch.cat([base.weight.detach(), rows]))
     grown.weight.requires_grad_(base.weight.requires_grad)
