@@ -376,11 +376,21 @@ class Stage1Config(JsonConfig):
     textual_inversion: TextualInversionConfig = dataclasses.field(default_factory=TextualInversionConfig)
     probe_seeds: int = 16            # not official: images per model with which each round's token is judged on
     #                                  the original and the erased model (recare.train.stage1_probe); 0 = off
+    min_token_strength: float = 0.0  # not official: a round's token joins stage 2's H only when the probe finds it
+    #                                  drawing the target in at least this fraction of images on the original model;
+    #                                  0 = every token (official). Needs probe_seeds > 0.
 
     def validate(self) -> None:
         _check_int("stage 1 probe_seeds", self.probe_seeds)
         if not 0 <= self.probe_seeds <= MAX_PROBE_SEEDS:
             raise ConfigError(f"stage 1 probe_seeds must be between 0 and {MAX_PROBE_SEEDS} (got {self.probe_seeds}).")
+        if not (isinstance(self.min_token_strength, (int, float)) and not isinstance(self.min_token_strength, bool)
+                and 0.0 <= self.min_token_strength <= 1.0):
+            raise ConfigError(f"stage 1 min_token_strength must be a fraction between 0 and 1 "
+                              f"(got {self.min_token_strength!r}).")
+        if self.min_token_strength > 0 and self.probe_seeds == 0:
+            raise ConfigError("stage 1 min_token_strength needs the token probe: set probe_seeds above 0 "
+                              "(or min_token_strength to 0 to keep every token, the official behaviour).")
         if self.n_iterations < 1:
             raise ConfigError(f"stage 1 n_iterations must be at least 1 (got {self.n_iterations}); "
                               "train without adversarial tokens with method 'recare-no-adv' instead.")

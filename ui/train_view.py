@@ -179,7 +179,8 @@ def poll_run(ctx: AppContext, run_id, stored_key, request=None):
             "error": no_paths(ctx, status["error"]) if status.get("error") else None,
             "resumable": status.get("resumable"), "result": status.get("result"), "note": status.get("note"),
             "stage1_probe": [{"round": r.get("step"), "original": r.get("original"), "erased": r.get("erased"),
-                              "seeds": r.get("seeds"), "norm": r.get("norm")} for r in probes]}
+                              "seeds": r.get("seeds"), "norm": r.get("norm"),
+                              "joins_h": r.get("joins_h", 1.0) != 0} for r in probes]}
     info = json_safe(info)  # a run stored with numbers past 2**53 (before they were bounded) still shows
     active = state in (QUEUED, RUNNING)
     figure = figure_json(loss_figure(rows, title=f"{run.id} · {config.method if config else ''}")) if rows \
@@ -203,11 +204,13 @@ def probe_table(probes: list[dict], config: TrainConfig | None, result: dict) ->
         cells = [f"round {r}", html.escape(round_placeholder(template, r - 1)),
                  *[f"{100 * v:.0f}%" if isinstance(v, (int, float)) else "–" for v in (row.get("original"),
                                                                                         row.get("erased"))],
-                 f"{row.get('norm'):.2f}" if isinstance(row.get("norm"), (int, float)) else "–"]
+                 f"{row.get('norm'):.2f}" if isinstance(row.get("norm"), (int, float)) else "–",
+                 "no (too weak)" if row.get("joins_h") == 0 else "yes"]
         body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     seeds = probes[-1].get("seeds")
     seeds = f"{seeds:.0f}" if isinstance(seeds, (int, float)) else "?"
     return (f'<table id="train-probe" style="margin-top:6px"><caption style="text-align:left">Stage 1 as a search: '
             f'how often each round\'s token draws {html.escape(concept)} ({seeds} seeds per model)</caption>'
-            '<tr><th>round</th><th>token</th><th>original model</th><th>erased model</th><th>norm</th></tr>'
+            '<tr><th>round</th><th>token</th><th>original model</th><th>erased model</th><th>norm</th>'
+            '<th>in stage 2\'s H</th></tr>'
             + "".join(body) + "</table>")

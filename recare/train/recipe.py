@@ -11,7 +11,9 @@ Which stages run is read from the config's values (`TrainConfig`), never from th
                  then textual inversion of a fresh token against the erased UNet on the round's slice
                  of the images.
     stage2 set   ReCARE on a fresh copy of the base UNet, the frozen base as teacher, H = {reference
-                 word} + the stage-1 tokens (just the reference word when stage1 is None).
+                 word} + the stage-1 tokens (just the reference word when stage1 is None); with
+                 `stage1.min_token_strength` set (not official), only the tokens whose probe found them
+                 drawing the target on the original model at least that often (result.json's "erase_set").
     esd set      the ESD baseline: ESD of the reference word on a fresh copy of the base UNet.
 
 Every loop draws from its own CPU generator seeded with `config.seed` (official: `train_erasing`
@@ -380,17 +382,28 @@ class _Recipe:
             self._probe, self.summary["stage1_probe_skipped"] = None, str(e)
             self.progress(ProgressEvent(PROBE_STAGE, r + 1, self.config.stage1.n_iterations, str(e)))
             return
+        threshold = self.config.stage1.min_token_strength
+        strength = dataclasses.replace(strength, joins_h=threshold == 0 or strength.original >= threshold)
         done = [p for p in self.summary.get("stage1_probe", []) if p.get("round") != r + 1]
         self.summary["stage1_probe"] = [*done, strength.to_dict()]
         self.progress(ProgressEvent(PROBE_STAGE, r + 1, self.config.stage1.n_iterations, strength.sentence(),
                                     strength.metrics()))
+
+    def joins_h(self, token) -> bool:
+        """Whether a stage-1 token joins stage 2's H: always, unless `min_token_strength` is set and the
+        token's probe found it weaker than that on the original model (no probe result: it joins)."""
+        for probe in self.summary.get("stage1_probe", []):
+            if probe.get("token") == token.placeholder:
+                return bool(probe.get("joins_h", True))
+        return True
 
     def stage2(self, tokens: Sequence, resume: bool) -> torch.nn.Module:
         """ReCARE on a fresh copy of the base UNet, H = {reference word} + the tokens."""
         anchors, retain = list(self.careset.base_prompts), list(self.careset.retain_prompts)
         if not anchors or not retain:
             raise TrainingError("the CARE-set is empty: stage 2 needs at least one anchor and one retain prompt.")
-        erase_concepts = [self.config.reference_word, *[t.placeholder for t in tokens]]
+        erase_concepts = [self.config.reference_word, *[t.placeholder for t in tokens if self.joins_h(t)]]
+        self.summary["erase_set"] = erase_concepts
         student = self.fresh_student()
         embeddings = self.embeddings(tokens, [*erase_concepts, *anchors, *retain])
         trainer = Stage2Trainer(student, self.base, self.sampler(), embeddings, erase_concepts, anchors, retain,

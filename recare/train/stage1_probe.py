@@ -46,6 +46,8 @@ class TokenStrength:
         seeds: images per model.
         norm: the token embedding's L2 norm (trained words of the mini world sit at <= 0.53).
         seconds: the probe's wall time.
+        joins_h: whether the token joins stage 2's erase set H (`Stage1Config.min_token_strength`: a token
+            that does not draw the target on the original model is not an adversarial concept of it).
     """
 
     round: int
@@ -56,6 +58,7 @@ class TokenStrength:
     seeds: int
     norm: float
     seconds: float = 0.0
+    joins_h: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -63,12 +66,13 @@ class TokenStrength:
     def metrics(self) -> dict[str, float]:
         """The numbers of a metrics.jsonl line (a ProgressEvent's metrics are numbers only)."""
         return {"original": self.original, "erased": self.erased, "seeds": float(self.seeds), "norm": self.norm,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "joins_h": float(self.joins_h)}
 
     def sentence(self) -> str:
         """ "round 1: <v1*> draws the target in 56% on the original, 12% on the erased model". """
+        left_out = "" if self.joins_h else "; too weak to join stage 2's erase set"
         return (f"round {self.round}: {self.token} draws the target in {self.original:.0%} of images on the "
-                f"original, {self.erased:.0%} on the erased model")
+                f"original, {self.erased:.0%} on the erased model{left_out}")
 
 
 def probe_prompt(placeholder: str, style: str) -> str:
