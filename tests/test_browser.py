@@ -237,6 +237,9 @@ def test_train_start_watch_cancel_resume_finish(train_app, tmp_path):
                 .read_text().splitlines()]
         recorded = [[f"{100 * r[k]:.0f}%" for k in ("original", "erased")] for r in rows if r["stage"] == "stage1.probe"]
         assert shown == recorded, (shown, recorded)
+        in_h = [page.locator("#train-probe tr").nth(r).locator("td").all_inner_texts()[5] for r in (1, 2)]
+        assert in_h == ["yes" if r.get("joins_h", 1.0) else "no (too weak)" for r in rows
+                        if r["stage"] == "stage1.probe"], in_h   # the world's min_token_strength decides
         assert not errors, f"page errors: {errors}"
         browser.close()
 

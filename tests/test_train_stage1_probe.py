@@ -153,3 +153,70 @@ def test_a_detector_that_cannot_load_skips_the_probe_and_says_why(pipe, tmp_path
     result = json.loads((tmp_path / "result.json").read_text())
     assert "weights are not on this machine" in result["stage1_probe_skipped"] and "stage1_probe" not in result
     assert not probe_rows([json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()])
+
+
+def test_min_token_strength_is_a_bounded_fraction_that_needs_the_probe():
+    assert Stage1Config().min_token_strength == 0.0      # official: every token joins H
+    for bad in (-0.1, 1.5, float("nan"), True, "0.5"):
+        with pytest.raises(ConfigError, match="min_token_strength"):
+            Stage1Config(min_token_strength=bad)
+    with pytest.raises(ConfigError, match="probe_seeds above 0"):
+        Stage1Config(min_token_strength=0.5, probe_seeds=0)
+
+
+def rounds_judge(original_hits: list[bool]):
+    """Round r's token draws the target in every original-model image when original_hits[r], never on the
+    erased model (calls alternate: round 1 original, round 1 erased, round 2 original, ...)."""
+    calls = []
+
+    def judge(images):
+        calls.append(1)
+        n = len(calls)
+        return [n % 2 == 1 and original_hits[(n - 1) // 2]] * len(images)
+
+    return judge
+
+
+def test_a_token_weaker_than_min_token_strength_stays_out_of_stage_twos_erase_set(pipe, tmp_path):
+    images = [Image.new("RGB", (16, 16), (40 * i, 100, 200 - 30 * i)) for i in range(4)]
+    careset = parse_official(CARESET)
+    config = tiny(min_token_strength=0.5)
+    mixed = train(config, pipe, images, careset, tmp_path / "mixed", probe=Stage1Probe(pipe, rounds_judge([True, False]), GEN))
+    result = json.loads((tmp_path / "mixed" / "result.json").read_text())
+    assert result["erase_set"] == ["tench", "<v1*>"] and result["tokens"] == ["<v1*>", "<v2*>"]   # both saved
+    assert [p["joins_h"] for p in result["stage1_probe"]] == [True, False]
+    rows = probe_rows([json.loads(line) for line in (tmp_path / "mixed" / "metrics.jsonl").read_text().splitlines()])
+    assert [r["joins_h"] for r in rows] == [1.0, 0.0]
+    every = train(tiny(), pipe, images, careset, tmp_path / "every", probe=Stage1Probe(pipe, rounds_judge([True, False]), GEN))
+    assert json.loads((tmp_path / "every" / "result.json").read_text())["erase_set"] == ["tench", "<v1*>", "<v2*>"]
+    assert not all(torch.equal(a, b) for a, b in zip(mixed.unet.state_dict().values(), every.unet.state_dict().values()))
+
+    # no strong token at all: stage 2 is exactly the no-adversarial ablation (its generator is its own)
+    weak = train(config, pipe, images, careset, tmp_path / "weak", probe=Stage1Probe(pipe, rounds_judge([False, False]), GEN))
+    assert json.loads((tmp_path / "weak" / "result.json").read_text())["erase_set"] == ["tench"]
+    no_adv = train(dataclasses.replace(config, method="recare-no-adv", stage1=None), pipe, images, careset,
+                   tmp_path / "no-adv", probe=None)
+    assert all(torch.equal(a, b) for a, b in zip(weak.unet.state_dict().values(), no_adv.unet.state_dict().values()))
+
+
+def test_without_a_judge_every_token_joins_and_the_result_says_why(pipe, tmp_path):
+    images = [Image.new("RGB", (16, 16), (40 * i, 100, 200 - 30 * i)) for i in range(4)]
+
+    def no_detector():
+        raise EvaluationError("the classifier's weights are not on this machine")
+
+    train(tiny(min_token_strength=0.5), pipe, images, parse_official(CARESET), tmp_path,
+          probe=Stage1Probe(pipe, no_detector, GEN, lazy=True))
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["erase_set"] == ["tench", "<v1*>", "<v2*>"] and "not on this machine" in result["stage1_probe_skipped"]
+
+
+def test_trains_probe_table_says_which_tokens_join_h():
+    from ui.train_view import probe_table
+
+    rows = [{"stage": PROBE_STAGE, "step": 1, "original": 0.94, "erased": 0.75, "seeds": 16, "norm": 1.6, "joins_h": 1.0},
+            {"stage": PROBE_STAGE, "step": 2, "original": 0.0, "erased": 0.06, "seeds": 16, "norm": 1.5, "joins_h": 0.0}]
+    html = probe_table(rows, TrainConfig.for_method("recare", reference_word="tench"), {})
+    cells = [row.split("</tr>")[0] for row in html.split("<tr>")[2:]]
+    assert "94%" in cells[0] and "<td>yes</td>" in cells[0]
+    assert "0%" in cells[1] and "<td>no (too weak)</td>" in cells[1] and "in stage 2's H" in html
