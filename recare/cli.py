@@ -224,6 +224,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage1-iterations", type=int, help=f"erase iterations of every stage-1 round (default: "
                                                                f"--iterations, else {s1.esd.iterations})")
     parser.add_argument("--ti-steps", type=int, help=f"textual-inversion steps per stage-1 round (default {s1.textual_inversion.steps})")
+    parser.add_argument("--min-token-strength", type=float, metavar="FRACTION",
+                        help=f"not official: a stage-1 token joins stage 2's H only if it draws the target in at least "
+                             f"this fraction of the probe's images on the original model (default {s1.min_token_strength} "
+                             f"= every token; --task tench: the world's 0.5)")
     parser.add_argument("--lr", type=float, help=f"learning rate of the final stage: stage 2 (default {s2.learning_rate}) "
                                                  "or the ESD baseline (default 1e-5)")
     parser.add_argument("--train-method", choices=TRAIN_METHODS, help=f"trainable UNet parameters (default {d.train_method})")
@@ -257,7 +261,8 @@ def _train_config(args: argparse.Namespace, task: dict | None):
         if value is not None:
             fields[name] = str(Path(value).expanduser().resolve())
     return training_config(task, args.method, iterations=args.iterations, stage1_iterations=args.stage1_iterations,
-                           ti_steps=args.ti_steps, lr=args.lr, rollout_batch=args.rollout_batch, **fields)
+                           ti_steps=args.ti_steps, lr=args.lr, rollout_batch=args.rollout_batch,
+                           min_token_strength=args.min_token_strength, **fields)
 
 
 def _run_train_job(run, listener) -> Path:

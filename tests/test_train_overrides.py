@@ -62,3 +62,18 @@ def test_step_overrides_by_hand():
     task = mini_world_task("tench")
     assert training_config(task, "recare").to_dict() == task_train_config(task, "recare").to_dict()
     assert training_config(None, "recare").to_dict() == preset.to_dict()
+
+
+def test_stage1_token_filter_official_default_world_setting_and_override():
+    """Official CARE keeps every stage-1 token (0); the mini world's recommended ReCARE keeps tokens drawing the
+    target in >= 50% of the probe's images; --min-token-strength overrides either, bounded like any number."""
+    assert TrainConfig.for_method("recare").stage1.min_token_strength == 0.0
+    assert training_config(mini_world_task("tench"), "recare").stage1.min_token_strength == 0.5
+    assert _cli_config("tench", "recare").stage1.min_token_strength == 0.5
+    assert _cli_config("tench", "recare", "--min-token-strength", "0").stage1.min_token_strength == 0.0
+    assert _cli_config(None, "recare", "--min-token-strength", "0.25").stage1.min_token_strength == 0.25
+    assert _cli_config(None, "recare-no-adv", "--min-token-strength", "0.25").stage1 is None
+    from recare.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="min_token_strength"):
+        _cli_config(None, "recare", "--min-token-strength", "2")
