@@ -1,7 +1,7 @@
 """How thoroughly does stage 1 search? Its round-1 token's strength by images, TI steps and erase strength.
 
     python -m benchmarks.stage1_search [--task tench] [--images 30] [--steps 500,1000,2000]
-        [--erase 100:4e-4] [--seeds 32] [--out DIR]
+        [--erase 100:4e-4] [--seeds 32] [--train-seed 42] [--ti-seeds 42,43,44] [--out DIR]
 
 For each erase strength (stage-1 ESD "iterations:lr"), the base mini-world UNet is erased as round 1
 of stage 1 does it (the reference word, the world's recipe otherwise). For each number of images per
@@ -12,6 +12,9 @@ is the token an s-step run makes). Each token is probed with `recare.train.stage
 seeds: the fraction of images of "a photo of <v1*>" the bundled oracle calls the target, on the
 original model and on the erased one. Erased UNets, tokens and probes are cached in --out, so a
 second call with more settings only computes what is new. Wall times are those of this machine.
+--train-seed is the training's `--seed` (the erase's roll-outs); --ti-seeds are textual-inversion seeds
+(`TextualInversionConfig.seed`, 42 by default as the official code), one inversion each: several of them
+against the same erased model show how much of a round's strength is the inversion's own draw.
 """
 from __future__ import annotations
 
@@ -83,6 +86,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", default="500,1000,2000", help="TI step counts, comma-separated (one run, snapshots)")
     parser.add_argument("--erase", default="100:4e-4", help="stage-1 ESD strengths 'iterations:lr', comma-separated")
     parser.add_argument("--seeds", type=int, default=32, help="probe images per model (default 32)")
+    parser.add_argument("--train-seed", type=int, help="the training seed of the erase (default: the task's, 42)")
+    parser.add_argument("--ti-seeds", help="textual-inversion seeds, comma-separated (default: the config's, 42)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"cache folder (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -94,6 +99,11 @@ def main(argv=None) -> int:
 
     task = mini_world_task(args.task)
     config = task_train_config(task, "recare")
+    if args.train_seed is not None:
+        config = dataclasses.replace(config, seed=args.train_seed)
+    ti_seeds = [int(x) for x in args.ti_seeds.split(",")] if args.ti_seeds else [config.stage1.textual_inversion.seed]
+    # the cache names of the default seeds stay as they were, so earlier sweeps are reused
+    erase_tag = "" if config.seed == 42 else f"-seed{config.seed}"
     out = args.out.expanduser() / task["name"]
     out.mkdir(parents=True, exist_ok=True)
     base = load_pipeline("mini-world", device="cpu", dtype="fp32")
@@ -107,7 +117,7 @@ def main(argv=None) -> int:
     rows = []
     for erase in args.erase.split(","):
         iterations, lr = int(erase.split(":")[0]), float(erase.split(":")[1])
-        path = out / f"erased-{iterations}-{lr:g}.pt"
+        path = out / f"erased-{iterations}-{lr:g}{erase_tag}.pt"
         if path.is_file():
             saved = torch.load(path, weights_only=True)
         else:
@@ -115,12 +125,13 @@ def main(argv=None) -> int:
             saved = {"tensors": _erase(base, config, iterations, lr), "seconds": time.perf_counter() - t}
             torch.save(saved, path)
         erased = _unet_with(base, saved["tensors"])
-        word_rate = _cached(out / f"word-{iterations}-{lr:g}-{args.seeds}.json", lambda: {"erased": _word_rate(
+        word_rate = _cached(out / f"word-{iterations}-{lr:g}{erase_tag}-{args.seeds}.json", lambda: {"erased": _word_rate(
             base, erased, task, judge, generation)})["erased"]
         print(f"erase {iterations} it at lr {lr:g}: {saved['seconds']:.0f} s; '{task['target_prompt']}' -> "
               f"{word_rate:.0%} on the erased model", flush=True)
-        for n_images in image_counts:
-            key = f"{iterations}-{lr:g}-{n_images}img-{max(step_counts)}"
+        for n_images, ti_seed in [(n, t) for n in image_counts for t in ti_seeds]:
+            ti_tag = "" if ti_seed == 42 else f"-ti{ti_seed}"
+            key = f"{iterations}-{lr:g}{erase_tag}-{n_images}img-{max(step_counts)}{ti_tag}"
             tok_path = out / f"tokens-{key}.pt"
             if tok_path.is_file():
                 tokens = torch.load(tok_path, weights_only=True)
@@ -133,7 +144,7 @@ def main(argv=None) -> int:
                         snaps[event.step] = {"embedding": state.embedding.clone(),
                                              "seconds": time.perf_counter() - started,
                                              "loss100": sum(state.losses[-100:]) / min(100, len(state.losses))}
-                ti = dataclasses.replace(config.stage1.textual_inversion, steps=max(step_counts))
+                ti = dataclasses.replace(config.stage1.textual_inversion, steps=max(step_counts), seed=ti_seed)
                 learn_token((erased, base.vae, base.text_encoder, base.tokenizer, base.scheduler), images_all[:n_images],
                             placeholder="<v1*>", config=ti, progress=keep, state=state)
                 tokens = snaps
@@ -143,7 +154,8 @@ def main(argv=None) -> int:
                 token = LearnedToken("<v1*>", config.initializer_token, snap["embedding"])
                 probe = _cached(out / f"probe-{key}-{steps}-{args.seeds}.json",
                                 lambda token=token: _strength(probe_base(0, token, erased)))
-                row = {"erase_it": iterations, "erase_lr": lr, "erase_s": saved["seconds"], "word_erased": word_rate,
+                row = {"train_seed": config.seed, "ti_seed": ti_seed,
+                       "erase_it": iterations, "erase_lr": lr, "erase_s": saved["seconds"], "word_erased": word_rate,
                        "images": n_images, "steps": steps, "ti_s": snap["seconds"], "loss100": snap["loss100"], **probe}
                 rows.append(row)
                 print(_line(row), flush=True)
@@ -176,7 +188,7 @@ def _cached(path: Path, make) -> dict:
 
 
 def _line(r: dict) -> str:
-    return (f"erase {r['erase_it']:>4} it {r['erase_lr']:<7g} word {r['word_erased']:>4.0%} | {r['images']:>3} img "
+    return (f"seed {r['train_seed']} ti {r['ti_seed']} | erase {r['erase_it']:>4} it {r['erase_lr']:<7g} word {r['word_erased']:>4.0%} | {r['images']:>3} img "
             f"{r['steps']:>5} steps {r['ti_s']:>6.0f} s loss {r['loss100']:.4f} | <v1*> original {r['original']:>4.0%} "
             f"erased {r['erased']:>4.0%} norm {r['norm']:.3f}")
 
@@ -184,9 +196,9 @@ def _line(r: dict) -> str:
 def _table(rows: list[dict], args) -> str:
     head = (f"stage-1 round 1, task {args.task}, {args.seeds} probe seeds, bundled oracle "
             f"(load {os.getloadavg()[0]:.1f} at the end)\n"
-            "| erase it | erase lr | ESD s | target word on erased | images | TI steps | TI s | <v1*> original | "
-            "<v1*> erased | norm |\n|---|---|---|---|---|---|---|---|---|---|")
-    body = [f"| {r['erase_it']} | {r['erase_lr']:g} | {r['erase_s']:.0f} | {r['word_erased']:.0%} | {r['images']} | "
+            "| training seed | TI seed | erase it | erase lr | ESD s | target word on erased | images | TI steps | TI s | "
+            "<v1*> original | <v1*> erased | norm |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    body = [f"| {r['train_seed']} | {r['ti_seed']} | {r['erase_it']} | {r['erase_lr']:g} | {r['erase_s']:.0f} | {r['word_erased']:.0%} | {r['images']} | "
             f"{r['steps']} | {r['ti_s']:.0f} | {r['original']:.0%} | {r['erased']:.0%} | {r['norm']:.3f} |" for r in rows]
     return "\n".join([head, *body])
 

@@ -186,6 +186,7 @@ class CareSetConfig(JsonConfig):
 MAX_SEED = 2**63 - 1            # torch.Generator.manual_seed takes a signed 64-bit seed
 MAX_SKLEARN_SEED = 2**32 - 1    # numpy's RandomState (sklearn, UMAP) takes 0 .. 2**32 - 1
 MAX_PROBE_SEEDS = 256           # stage 1's token probe: images per model and round
+MAX_STAGE1_ATTEMPTS = 8         # stage 1: textual inversions per round
 
 
 def careset_key(reference_word: str) -> str:
@@ -379,6 +380,9 @@ class Stage1Config(JsonConfig):
     min_token_strength: float = 0.0  # not official: a round's token joins stage 2's H only when the probe finds it
     #                                  drawing the target in at least this fraction of images on the original model;
     #                                  0 = every token (official). Needs probe_seeds > 0.
+    attempts: int = 1                # not official: textual inversions per round (TI seed + a for the a-th), each
+    #                                  probed; the round keeps the one strongest on the original model and stops at
+    #                                  the first that reaches min_token_strength. 1 = one inversion (official).
 
     def validate(self) -> None:
         _check_int("stage 1 probe_seeds", self.probe_seeds)
@@ -388,6 +392,12 @@ class Stage1Config(JsonConfig):
                 and 0.0 <= self.min_token_strength <= 1.0):
             raise ConfigError(f"stage 1 min_token_strength must be a fraction between 0 and 1 "
                               f"(got {self.min_token_strength!r}).")
+        _check_int("stage 1 attempts", self.attempts)
+        if not 1 <= self.attempts <= MAX_STAGE1_ATTEMPTS:
+            raise ConfigError(f"stage 1 attempts must be between 1 and {MAX_STAGE1_ATTEMPTS} (got {self.attempts}).")
+        if self.attempts > 1 and self.probe_seeds == 0:
+            raise ConfigError("stage 1 attempts above 1 need the token probe to choose among them: set probe_seeds "
+                              "above 0.")
         if self.min_token_strength > 0 and self.probe_seeds == 0:
             raise ConfigError("stage 1 min_token_strength needs the token probe: set probe_seeds above 0 "
                               "(or min_token_strength to 0 to keep every token, the official behaviour).")

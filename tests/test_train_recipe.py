@@ -183,7 +183,7 @@ def test_same_config_and_seed_give_identical_weights(straight, pipe, images, tmp
 
 
 # event numbers: 1-3 erase round 1, 4-6 inversion round 1, 7-9 erase round 2, 10-12 inversion 2, 13-15 stage 2
-@pytest.mark.parametrize("stop_after", [1, 5, 8, 12, 14])
+@pytest.mark.parametrize("stop_after", [1, 5, 8, 10, 12, 14])  # 10: inside round 2's inversion
 def test_resume_after_cancel_is_bit_identical(straight, pipe, images, tmp_path, stop_after):
     token, seen = CancelToken(), []
     cancel_at = cancel_after(token, stop_after, seen)

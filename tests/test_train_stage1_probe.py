@@ -220,3 +220,88 @@ def test_trains_probe_table_says_which_tokens_join_h():
     cells = [row.split("</tr>")[0] for row in html.split("<tr>")[2:]]
     assert "94%" in cells[0] and "<td>yes</td>" in cells[0]
     assert "0%" in cells[1] and "<td>no (too weak)</td>" in cells[1] and "in stage 2's H" in html
+
+
+def sequence_judge(original_hits: list[bool]):
+    """The i-th probed inversion draws the target in every original-model image when original_hits[i], never on
+    the erased model (each probe judges the original model's images, then the erased model's)."""
+    calls = []
+
+    def judge(images):
+        calls.append(1)
+        n = len(calls)
+        return [n % 2 == 1 and original_hits[(n - 1) // 2]] * len(images)
+
+    return judge
+
+
+def searching(**stage1) -> TrainConfig:
+    return tiny(min_token_strength=0.5, attempts=3, **stage1)
+
+
+def test_attempts_bounded_and_need_the_probe():
+    assert Stage1Config().attempts == 1
+    for bad in (0, 9, 1.5, True):
+        with pytest.raises(ConfigError, match="attempts"):
+            Stage1Config(attempts=bad)
+    with pytest.raises(ConfigError, match="attempts above 1 need the token probe"):
+        Stage1Config(attempts=2, probe_seeds=0)
+
+
+def test_a_round_searches_until_a_token_is_strong_enough_and_keeps_the_strongest(pipe, tmp_path):
+    images = [Image.new("RGB", (16, 16), (40 * i, 100, 200 - 30 * i)) for i in range(4)]
+    # round 1: the 1st inversion is weak, the 2nd strong (the search stops); round 2: three weak ones
+    hits = [False, True, False, False, False]
+    searched = train(searching(), pipe, images, parse_official(CARESET), tmp_path / "search",
+                     probe=Stage1Probe(pipe, sequence_judge(hits), GEN))
+    result = json.loads((tmp_path / "search" / "result.json").read_text())
+    first, second = result["stage1_probe"]
+    assert (first["attempt"], first["joins_h"], [t["attempt"] for t in first["attempts"]]) == (2, True, [1, 2])
+    assert (second["attempt"], second["joins_h"], [t["attempt"] for t in second["attempts"]]) == (1, False, [1, 2, 3])
+    assert result["erase_set"] == ["tench", "<v1*>"]
+    rows = [json.loads(line) for line in (tmp_path / "search" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["attempt"] for r in rows if r["stage"] == PROBE_STAGE] == [1, 2, 1, 2, 3]
+    assert [(r["step"], r["attempt"], r["inversions"]) for r in probe_rows(rows)] == [(1, 2, 2), (2, 1, 3)]
+    # the kept round-1 token is the second inversion's (TI seed + 1), not the one a single inversion learns
+    single = train(tiny(min_token_strength=0.5), pipe, images, parse_official(CARESET), tmp_path / "single",
+                   probe=Stage1Probe(pipe, sequence_judge([True, False]), GEN))
+    assert not torch.equal(searched.tokens[0].embedding, single.tokens[0].embedding)
+    ti = dataclasses.replace(searching().stage1.textual_inversion, seed=searching().stage1.textual_inversion.seed + 1)
+    assert ti.seed == 43
+
+
+# events: 1-2 erase r1, 3-4 TI a1, 5 probe, 6-7 TI a2, 8 probe (strong: round 1 ends), 9-10 erase r2, 11-12 TI a1,
+# 13 probe, 14-15 TI a2, 16 probe, 17-18 TI a3, 19 probe, 20-21 stage 2
+@pytest.mark.parametrize("stop_after", [4, 5, 6, 8, 14, 18])
+def test_a_search_cancelled_anywhere_resumes_to_the_same_tokens_and_weights(pipe, tmp_path, stop_after):
+    from recare.errors import Cancelled
+    from recare.progress import CancelToken
+    from tests.helpers_tiny import cancel_after
+
+    images = [Image.new("RGB", (16, 16), (40 * i, 100, 200 - 30 * i)) for i in range(4)]
+    hits = [False, True, False, False, False]
+    straight = train(searching(), pipe, images, parse_official(CARESET), tmp_path / "straight",
+                     probe=Stage1Probe(pipe, sequence_judge(hits), GEN))
+    token, seen, judge = CancelToken(), [], sequence_judge(hits)   # one judge: a resumed run repeats no probe
+    with pytest.raises(Cancelled):
+        train(searching(), pipe, images, parse_official(CARESET), tmp_path / "cut", progress=cancel_after(token, stop_after, seen),
+              cancel=token, probe=Stage1Probe(pipe, judge, GEN))
+    rest = []
+    resumed = train(searching(), pipe, images, parse_official(CARESET), tmp_path / "cut", progress=rest.append,
+                    probe=Stage1Probe(pipe, judge, GEN))
+    assert len(seen) + len(rest) == 21   # nothing done twice or skipped
+    assert all(torch.equal(a.embedding, b.embedding) for a, b in zip(resumed.tokens, straight.tokens))
+    assert all(torch.equal(a, b) for a, b in zip(resumed.unet.state_dict().values(), straight.unet.state_dict().values()))
+    kept = [(p["round"], p["attempt"], len(p["attempts"])) for p in
+            json.loads((tmp_path / "cut" / "result.json").read_text())["stage1_probe"]]
+    assert kept == [(1, 2, 2), (2, 1, 3)]
+
+
+def test_trains_probe_table_names_a_search_with_several_inversions():
+    from ui.train_view import probe_table
+
+    rows = probe_rows([{"stage": PROBE_STAGE, "step": 1, "original": o, "erased": 0.1, "seeds": 16, "norm": 1.5,
+                        "joins_h": float(o >= 0.5), "attempt": a} for a, o in ((1, 0.1), (2, 0.6))])
+    assert [(r["attempt"], r["original"], r["inversions"]) for r in rows] == [(2, 0.6, 2)]
+    html = probe_table(rows, TrainConfig.for_method("recare", reference_word="tench"), {})
+    assert "strongest of 2 inversions" in html and "60%" in html and "<td>yes</td>" in html

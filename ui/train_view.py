@@ -201,7 +201,9 @@ def probe_table(probes: list[dict], config: TrainConfig | None, result: dict) ->
     body = []
     for row in probes:
         r = int(row.get("step") or 0)
-        cells = [f"round {r}", html.escape(round_placeholder(template, r - 1)),
+        tries = int(row.get("inversions") or 1)
+        best_of = f" (strongest of {tries} inversions)" if tries > 1 else ""
+        cells = [f"round {r}", html.escape(round_placeholder(template, r - 1)) + best_of,
                  *[f"{100 * v:.0f}%" if isinstance(v, (int, float)) else "–" for v in (row.get("original"),
                                                                                         row.get("erased"))],
                  f"{row.get('norm'):.2f}" if isinstance(row.get("norm"), (int, float)) else "–",

@@ -56,7 +56,7 @@ from recare.metrics_io import METRICS_LINES, append_metrics
 from recare.train.esd import ErasureTrainer, ESDTrainer
 from recare.train.outputs import write_config, write_outputs
 from recare.train.params import trainable_parameter_names
-from recare.train.rollout import XtSampler, autocast_factory, encode_prompts
+from recare.train.rollout import XtSampler, amp_dtype, autocast_factory, encode_prompts
 from recare.train.stage2 import Stage2Trainer
 from recare.train.state import (STATE_DIR, STATE_FORMAT, STATE_VERSION, StateFolder, load_tensors, token_dict,
                                 token_of, trained_tensors)
@@ -116,20 +116,6 @@ def round_placeholder(template: str, round_index: int) -> str:
     """Round r's placeholder from the textual-inversion config's: "<v*>" -> "<v1*>", "<v2*>"; "<x>" -> "<x>1"."""
     n = str(round_index + 1)
     return template.replace("*", n + "*", 1) if "*" in template else template + n
-
-
-def amp_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of `TrainConfig.dtype` on `device` (None = full fp32, the official precision).
-
-    Args:
-        dtype: "auto" (bf16 on CUDA when supported, else fp16 there; fp32 elsewhere), "fp32", "bf16", "fp16".
-        device: the training device.
-    """
-    if dtype == "fp32" or (dtype == "auto" and device.type != "cuda"):
-        return None
-    if dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,10 +217,12 @@ class _Recipe:
 
     # ---- state ------------------------------------------------------------------------------
 
-    def small_state(self, phase: str, round_index: int, tokens: Sequence, ti_state: dict | None = None) -> dict:
+    def small_state(self, phase: str, round_index: int, tokens: Sequence, ti_state: dict | None = None,
+                    **search: Any) -> dict:
+        """state.pt's content; `search` is a stage-1 round's search position (attempt, best token so far)."""
         return {"format": STATE_FORMAT, "version": STATE_VERSION, "config": self.config.to_dict(),
                 "phase": phase, "round": round_index, "tokens": [token_dict(t) for t in tokens],
-                "ti": ti_state, "summary": {**copy.deepcopy(self.summary), "seconds": self.elapsed()}}
+                "ti": ti_state, "summary": {**copy.deepcopy(self.summary), "seconds": self.elapsed()}, **search}
 
     def load_position(self) -> None:
         """Read `state.pt` when resuming; refuse a state made by another config."""
@@ -300,20 +288,18 @@ class _Recipe:
         erased: dict[int, dict[str, torch.Tensor]] = {}   # round -> trained tensors after its erasure
         for r in range(first, s1.n_iterations):
             resumed = position is not None and r == first
-            if resumed and r > 0:      # the UNet as the previous round left it
-                erased[r - 1] = self.state.load(f"erased-{r - 1}.pt")
-                load_tensors(student, erased[r - 1])
-            if resumed and position["phase"] == STAGE1_TI:
+            if resumed and position["phase"] == STAGE1_TI:   # the UNet as this round's erasure left it
                 erased[r] = self.state.load(f"erased-{r}.pt")
                 load_tensors(student, erased[r])
             else:
+                if resumed and r > 0:      # the UNet as the previous round left it
+                    erased[r - 1] = self.state.load(f"erased-{r - 1}.pt")
+                    load_tensors(student, erased[r - 1])
                 self.erase_round(student, r, tokens, erased, resume=resumed)
                 erased[r] = trained_tensors(student, self.trained_names)
             erased.pop(r - 1, None)
-            ti_state = position.get("ti") if resumed and position["phase"] == STAGE1_TI else None
-            tokens.append(self.inversion_round(student, r, tokens, erased[r], ti_state))
-            if self._probe is not None:
-                self.probe_round(student, r, tokens[-1])
+            search = position if resumed and position["phase"] == STAGE1_TI else None
+            tokens.append(self.search_round(student, r, tokens, erased[r], search))
             if r + 1 < s1.n_iterations:   # round r + 1 starts from this round's erased UNet
                 self.state.save(self.small_state(STAGE1_ERASE, r + 1, tokens), {},
                                 {f"erased-{r}.pt": lambda t=erased[r]: t})
@@ -336,8 +322,34 @@ class _Recipe:
         self.run_loop(trainer, STAGE1_ERASE, r, tokens[:r], fixed,
                       f"round {r + 1} of {s1.n_iterations}: erase {concept!r}", resume)
 
-    def inversion_round(self, student, r: int, tokens: Sequence, erased_r: dict, ti_state: dict | None):
-        """Round r's textual inversion of a fresh token against the erased `student` on the round's images."""
+    def search_round(self, student, r: int, tokens: Sequence, erased_r: dict, position: dict | None):
+        """Round r's search: up to `stage1.attempts` textual inversions against the erased `student` (the a-th
+        with TI seed + a), each probed. Returns the one strongest on the original model, stopping at the first
+        that reaches `min_token_strength`; with one attempt, or no probe or judge, the first inversion.
+
+        Args:
+            position: the saved state when resuming inside this round's inversions, else None.
+        """
+        s1 = self.config.stage1
+        attempt = int(position.get("attempt") or 0) if position else 0
+        best = token_of(position["best"]) if position and position.get("best") else None
+        ti_state = position.get("ti") if position else None
+        while True:
+            token = self.inversion_round(student, r, tokens, erased_r, ti_state, attempt, best)
+            ti_state = None
+            strength = self.probe_round(student, r, token, attempt) if self._probe is not None else None
+            if strength is None:             # nothing to choose with: the inversion in hand is the round's token
+                return token
+            best = token if strength.kept or best is None else best
+            attempt += 1
+            if attempt >= s1.attempts or (s1.min_token_strength > 0 and strength.joins_h):
+                return best
+
+    def inversion_round(self, student, r: int, tokens: Sequence, erased_r: dict, ti_state: dict | None,
+                        attempt: int = 0, best=None):
+        """Round r's textual inversion of a fresh token against the erased `student` on the round's images
+        (`attempt` a of the round's search uses TI seed + a; `best` is the search's strongest so far, saved
+        with every checkpoint)."""
         from recare.train.textual_inversion import TextualInversionState, learn_token
 
         s1 = self.config.stage1
@@ -345,9 +357,11 @@ class _Recipe:
         tokenizer, encoder = self.text_models(tokens[:r])
         fixed = {f"erased-{r}.pt": lambda: erased_r}
         done = list(tokens[:r])
+        ti = dataclasses.replace(s1.textual_inversion, seed=s1.textual_inversion.seed + attempt)
+        search = {"attempt": attempt, "best": token_dict(best) if best is not None else None}
 
         def checkpoint() -> None:
-            self.state.save(self.small_state(STAGE1_TI, r, done, state.state_dict()), {}, fixed)
+            self.state.save(self.small_state(STAGE1_TI, r, done, state.state_dict(), **search), {}, fixed)
 
         def progress(event: ProgressEvent) -> None:
             self.progress(event)
@@ -364,45 +378,40 @@ class _Recipe:
                     (student, self.pipe.vae, encoder, tokenizer, self.pipe.scheduler),
                     round_images(self.images, r, s1.n_iterations),
                     placeholder=round_placeholder(s1.textual_inversion.placeholder, r),
-                    config=s1.textual_inversion, progress=progress, cancel=self.cancel, state=state, stage=STAGE1_TI))
+                    config=ti, progress=progress, cancel=self.cancel, state=state, stage=STAGE1_TI))
         except Cancelled:
             checkpoint()
             raise
 
-    def probe_round(self, student, r: int, token) -> None:
-        """How strongly round r's token draws the target on the original and on the erased `student`: one
-        metrics line (stage "stage1.probe", step r + 1) and an entry of the result's "stage1_probe"."""
-        from recare.train.stage1_probe import PROBE_STAGE, JudgeUnavailable
+    def probe_round(self, student, r: int, token, attempt: int = 0):
+        """How strongly round r's token (inversion `attempt` of the round's search) draws the target on the
+        original and on the erased `student`: one metrics line (stage "stage1.probe", step r + 1) and the round's
+        entry of the result's "stage1_probe" (the strongest inversion so far, with every inversion under
+        "attempts"). Returns the TokenStrength (`kept`: the round's strongest so far), or None without a judge."""
+        from recare.train.stage1_probe import PROBE_STAGE, JudgeUnavailable, record_strength
 
+        s1 = self.config.stage1
         self.begin(f"{PROBE_STAGE}[{r + 1}]")
         try:
             with self.autocast():
                 strength = self._probe(r, token, student)
         except JudgeUnavailable as e:      # a measurement only: the training goes on, the result says why
             self._probe, self.summary["stage1_probe_skipped"] = None, str(e)
-            self.progress(ProgressEvent(PROBE_STAGE, r + 1, self.config.stage1.n_iterations, str(e)))
-            return
-        threshold = self.config.stage1.min_token_strength
-        strength = dataclasses.replace(strength, joins_h=threshold == 0 or strength.original >= threshold)
-        done = [p for p in self.summary.get("stage1_probe", []) if p.get("round") != r + 1]
-        self.summary["stage1_probe"] = [*done, strength.to_dict()]
-        self.progress(ProgressEvent(PROBE_STAGE, r + 1, self.config.stage1.n_iterations, strength.sentence(),
-                                    strength.metrics()))
-
-    def joins_h(self, token) -> bool:
-        """Whether a stage-1 token joins stage 2's H: always, unless `min_token_strength` is set and the
-        token's probe found it weaker than that on the original model (no probe result: it joins)."""
-        for probe in self.summary.get("stage1_probe", []):
-            if probe.get("token") == token.placeholder:
-                return bool(probe.get("joins_h", True))
-        return True
+            self.progress(ProgressEvent(PROBE_STAGE, r + 1, s1.n_iterations, str(e)))
+            return None
+        strength = record_strength(self.summary, strength, attempt, s1.min_token_strength)
+        self.progress(ProgressEvent(PROBE_STAGE, r + 1, s1.n_iterations,
+                                    strength.sentence(s1.attempts), strength.metrics()))
+        return strength
 
     def stage2(self, tokens: Sequence, resume: bool) -> torch.nn.Module:
         """ReCARE on a fresh copy of the base UNet, H = {reference word} + the tokens."""
         anchors, retain = list(self.careset.base_prompts), list(self.careset.retain_prompts)
         if not anchors or not retain:
             raise TrainingError("the CARE-set is empty: stage 2 needs at least one anchor and one retain prompt.")
-        erase_concepts = [self.config.reference_word, *[t.placeholder for t in tokens if self.joins_h(t)]]
+        from recare.train.stage1_probe import joins_h
+
+        erase_concepts = [self.config.reference_word, *[t.placeholder for t in tokens if joins_h(self.summary, t)]]
         self.summary["erase_set"] = erase_concepts
         student = self.fresh_student()
         embeddings = self.embeddings(tokens, [*erase_concepts, *anchors, *retain])

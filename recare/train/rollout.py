@@ -49,6 +49,20 @@ class Rollout:
     timestep: int
 
 
+def amp_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `TrainConfig.dtype` on `device` (None = full fp32, the official precision).
+
+    Args:
+        dtype: "auto" (bf16 on CUDA when supported, else fp16 there; fp32 elsewhere), "fp32", "bf16", "fp16".
+        device: the training device.
+    """
+    if dtype == "fp32" or (dtype == "auto" and device.type != "cuda"):
+        return None
+    if dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+
+
 def no_autocast() -> ContextManager:
     return contextlib.nullcontext()
 

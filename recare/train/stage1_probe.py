@@ -48,6 +48,8 @@ class TokenStrength:
         seconds: the probe's wall time.
         joins_h: whether the token joins stage 2's erase set H (`Stage1Config.min_token_strength`: a token
             that does not draw the target on the original model is not an adversarial concept of it).
+        attempt: which textual inversion of the round's search (`Stage1Config.attempts`), from 1.
+        kept: whether it is the round's strongest so far on the original model (the one the round keeps).
     """
 
     round: int
@@ -59,6 +61,8 @@ class TokenStrength:
     norm: float
     seconds: float = 0.0
     joins_h: bool = True
+    attempt: int = 1
+    kept: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -66,12 +70,15 @@ class TokenStrength:
     def metrics(self) -> dict[str, float]:
         """The numbers of a metrics.jsonl line (a ProgressEvent's metrics are numbers only)."""
         return {"original": self.original, "erased": self.erased, "seeds": float(self.seeds), "norm": self.norm,
-                "seconds": self.seconds, "joins_h": float(self.joins_h)}
+                "seconds": self.seconds, "joins_h": float(self.joins_h), "attempt": float(self.attempt),
+                "kept": float(self.kept)}
 
-    def sentence(self) -> str:
-        """ "round 1: <v1*> draws the target in 56% on the original, 12% on the erased model". """
+    def sentence(self, attempts: int = 1) -> str:
+        """ "round 1: <v1*> draws the target in 56% on the original, 12% on the erased model" (with the
+        inversion's number when the round searches with several). """
+        which = f", inversion {self.attempt} of up to {attempts}" if attempts > 1 else ""
         left_out = "" if self.joins_h else "; too weak to join stage 2's erase set"
-        return (f"round {self.round}: {self.token} draws the target in {self.original:.0%} of images on the "
+        return (f"round {self.round}{which}: {self.token} draws the target in {self.original:.0%} of images on the "
                 f"original, {self.erased:.0%} on the erased model{left_out}")
 
 
@@ -191,10 +198,50 @@ def build_probe(config, pipe, judge: Judge | None = None) -> Stage1Probe | None:
                        lazy=True)
 
 
+def record_strength(summary: dict, strength: TokenStrength, attempt: int, min_token_strength: float) -> TokenStrength:
+    """Record one probed inversion of a round's search in a training summary's "stage1_probe" (one entry per
+    round: the strongest inversion so far on the original model, the earliest on a tie, with every inversion
+    under "attempts"). Returns `strength` with its attempt (from 1), `kept` and `joins_h` set.
+
+    Args:
+        summary: the recipe's summary (result.json's fields); changed in place.
+        strength: the probe's measurement of the inversion.
+        attempt: the inversion's index in the round's search, from 0.
+        min_token_strength: `Stage1Config.min_token_strength` (0: every token joins H).
+    """
+    entries = {p.get("round"): p for p in summary.get("stage1_probe", [])}
+    round_entry = entries.get(strength.round)
+    previous = round_entry if round_entry is not None and round_entry.get("attempt", 1) != attempt + 1 else None
+    kept = previous is None or strength.original > previous["original"]
+    strength = dataclasses.replace(strength, attempt=attempt + 1, kept=kept,
+                                   joins_h=min_token_strength == 0 or strength.original >= min_token_strength)
+    tries = [t for t in (round_entry or {}).get("attempts", []) if t.get("attempt", 1) < attempt + 1]
+    tries.append({k: v for k, v in strength.to_dict().items() if k in ("attempt", "original", "erased", "norm", "seconds")})
+    entries[strength.round] = {**(strength.to_dict() if kept else previous), "attempts": tries}
+    summary["stage1_probe"] = [entries[k] for k in sorted(entries)]
+    return strength
+
+
+def joins_h(summary: dict, token) -> bool:
+    """Whether a stage-1 token joins stage 2's H: as its round's probe entry says (`record_strength`); a token
+    without one (no probe, no judge) joins, as the official code keeps every token."""
+    for probe in summary.get("stage1_probe", []):
+        if probe.get("token") == token.placeholder:
+            return bool(probe.get("joins_h", True))
+    return True
+
+
 def probe_rows(rows: Sequence[dict]) -> list[dict]:
-    """The stage-1 probe records among metrics.jsonl rows (last one per round), in round order."""
+    """The stage-1 probe records among metrics.jsonl rows, one per round in round order: the round's kept token
+    (its strongest inversion on the original model; the earliest on a tie), with "inversions", how many were
+    probed."""
     found: dict[int, dict] = {}
+    tried: dict[int, set] = {}
     for row in rows:
-        if row.get("stage") == PROBE_STAGE:
-            found[int(row.get("step") or 0)] = row
-    return [found[k] for k in sorted(found)]
+        if row.get("stage") != PROBE_STAGE:
+            continue
+        r = int(row.get("step") or 0)
+        tried.setdefault(r, set()).add(row.get("attempt", 1.0))
+        if row.get("attempt", 1.0) == 1.0 or r not in found or (row.get("original") or 0) > (found[r].get("original") or 0):
+            found[r] = row   # a round's first inversion starts it again (a resumed run repeats nothing else)
+    return [{**found[k], "inversions": len(tried[k])} for k in sorted(found)]
