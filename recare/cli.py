@@ -228,6 +228,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"not official: a stage-1 token joins stage 2's H only if it draws the target in at least "
                              f"this fraction of the probe's images on the original model (default {s1.min_token_strength} "
                              f"= every token; --task tench: the world's 0.5)")
+    parser.add_argument("--stage1-attempts", type=int, metavar="N",
+                        help=f"not official: textual inversions per stage-1 round, the strongest kept (default {s1.attempts})")
+    parser.add_argument("--search-original", action="store_const", const=True,
+                        help="not official: when no inversion of a round reaches --min-token-strength, one more against "
+                             "the original UNet (default off)")
     parser.add_argument("--lr", type=float, help=f"learning rate of the final stage: stage 2 (default {s2.learning_rate}) "
                                                  "or the ESD baseline (default 1e-5)")
     parser.add_argument("--train-method", choices=TRAIN_METHODS, help=f"trainable UNet parameters (default {d.train_method})")
@@ -262,7 +267,8 @@ def _train_config(args: argparse.Namespace, task: dict | None):
             fields[name] = str(Path(value).expanduser().resolve())
     return training_config(task, args.method, iterations=args.iterations, stage1_iterations=args.stage1_iterations,
                            ti_steps=args.ti_steps, lr=args.lr, rollout_batch=args.rollout_batch,
-                           min_token_strength=args.min_token_strength, **fields)
+                           min_token_strength=args.min_token_strength, stage1_attempts=args.stage1_attempts,
+                           search_original=args.search_original, **fields)
 
 
 def _run_train_job(run, listener) -> Path:

@@ -383,6 +383,8 @@ class Stage1Config(JsonConfig):
     attempts: int = 1                # not official: textual inversions per round (TI seed + a for the a-th), each
     #                                  probed; the round keeps the one strongest on the original model and stops at
     #                                  the first that reaches min_token_strength. 1 = one inversion (official).
+    search_original: bool = False    # not official: when no inversion of a round reaches min_token_strength, one more
+    #                                  against the original UNet (TI seed + attempts), probed like the others.
 
     def validate(self) -> None:
         _check_int("stage 1 probe_seeds", self.probe_seeds)
@@ -398,6 +400,11 @@ class Stage1Config(JsonConfig):
         if self.attempts > 1 and self.probe_seeds == 0:
             raise ConfigError("stage 1 attempts above 1 need the token probe to choose among them: set probe_seeds "
                               "above 0.")
+        if not isinstance(self.search_original, bool):
+            raise ConfigError(f"stage 1 search_original must be true or false (got {self.search_original!r}).")
+        if self.search_original and self.min_token_strength == 0:
+            raise ConfigError("stage 1 search_original needs min_token_strength above 0 (it runs when no inversion "
+                              "reaches it).")
         if self.min_token_strength > 0 and self.probe_seeds == 0:
             raise ConfigError("stage 1 min_token_strength needs the token probe: set probe_seeds above 0 "
                               "(or min_token_strength to 0 to keep every token, the official behaviour).")

@@ -123,6 +123,7 @@ def task_train_config(task: dict, method: str = "recare", spec: dict | None = No
 def training_config(task: dict | None, method: str = "recare", *, iterations: int | None = None,
                     stage1_iterations: int | None = None, ti_steps: int | None = None, lr: float | None = None,
                     rollout_batch: int | None = None, min_token_strength: float | None = None,
+                    stage1_attempts: int | None = None, search_original: bool | None = None,
                     **fields: Any) -> TrainConfig:
     """The TrainConfig a user asks for, the same from the command line (`python -m recare train`) and the
     app's Train workspace: the method's preset (with a mini-world task's recommended settings,
@@ -137,7 +138,8 @@ def training_config(task: dict | None, method: str = "recare", *, iterations: in
         ti_steps: textual-inversion steps per stage-1 round (--ti-steps).
         lr: the final stage's learning rate (--lr).
         rollout_batch: iterations rolled out at once (--rollout-batch).
-        min_token_strength: stage 1's token filter (--min-token-strength; `Stage1Config.min_token_strength`).
+        min_token_strength, stage1_attempts, search_original: stage 1's search (--min-token-strength,
+            --stage1-attempts, --search-original; `Stage1Config`).
         **fields: TrainConfig fields (model, device, seed, target_prompt, ...).
     """
     config = task_train_config(task, method, **fields) if task else TrainConfig.for_method(method, **fields)
@@ -151,8 +153,10 @@ def training_config(task: dict | None, method: str = "recare", *, iterations: in
         stage1["esd"]["iterations"] = stage1_iterations
     if stage1 is not None and ti_steps is not None:
         stage1["textual_inversion"]["steps"] = ti_steps
-    if stage1 is not None and min_token_strength is not None:
-        stage1["min_token_strength"] = min_token_strength
+    for key, value in (("min_token_strength", min_token_strength), ("attempts", stage1_attempts),
+                       ("search_original", search_original)):
+        if stage1 is not None and value is not None:
+            stage1[key] = value
     if lr is not None:
         final["learning_rate"] = lr
     if rollout_batch is not None:

@@ -77,3 +77,7 @@ def test_stage1_token_filter_official_default_world_setting_and_override():
 
     with pytest.raises(ConfigError, match="min_token_strength"):
         _cli_config(None, "recare", "--min-token-strength", "2")
+    searched = _cli_config("tench", "recare", "--stage1-attempts", "3", "--search-original").stage1
+    assert (searched.attempts, searched.search_original, searched.min_token_strength) == (3, True, 0.5)
+    with pytest.raises(ConfigError, match="attempts"):
+        _cli_config("tench", "recare", "--stage1-attempts", "99")

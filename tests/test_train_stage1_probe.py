@@ -305,3 +305,25 @@ def test_trains_probe_table_names_a_search_with_several_inversions():
     assert [(r["attempt"], r["original"], r["inversions"]) for r in rows] == [(2, 0.6, 2)]
     html = probe_table(rows, TrainConfig.for_method("recare", reference_word="tench"), {})
     assert "strongest of 2 inversions" in html and "60%" in html and "<td>yes</td>" in html
+
+
+def test_search_original_inverts_against_the_original_unet_when_no_attempt_is_strong(pipe, tmp_path):
+    from recare.train.recipe import round_images
+    from recare.train.textual_inversion import learn_token
+
+    with pytest.raises(ConfigError, match="search_original needs min_token_strength"):
+        Stage1Config(search_original=True)
+    images = [Image.new("RGB", (16, 16), (40 * i, 100, 200 - 30 * i)) for i in range(4)]
+    config = tiny(min_token_strength=0.5, attempts=2, search_original=True)
+    # round 1: two weak inversions against the erased UNet, then a strong one against the original;
+    # round 2: nothing is strong (three inversions, the first kept)
+    hits = [False, False, True, False, False, False]
+    result = train(config, pipe, images, parse_official(CARESET), tmp_path, probe=Stage1Probe(pipe, sequence_judge(hits), GEN))
+    first, second = result.summary["stage1_probe"]
+    assert (first["attempt"], len(first["attempts"]), first["joins_h"]) == (3, 3, True)
+    assert (second["attempt"], len(second["attempts"]), second["joins_h"]) == (1, 3, False)
+    assert result.summary["erase_set"] == ["tench", "<v1*>"]
+    ti = dataclasses.replace(config.stage1.textual_inversion, seed=config.stage1.textual_inversion.seed + 2)
+    direct = learn_token((pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler),
+                         round_images(images, 0, 2), placeholder="<v1*>", config=ti)
+    assert torch.equal(direct.embedding, result.tokens[0].embedding)   # inverted against the original UNet

@@ -324,8 +324,9 @@ class _Recipe:
 
     def search_round(self, student, r: int, tokens: Sequence, erased_r: dict, position: dict | None):
         """Round r's search: up to `stage1.attempts` textual inversions against the erased `student` (the a-th
-        with TI seed + a), each probed. Returns the one strongest on the original model, stopping at the first
-        that reaches `min_token_strength`; with one attempt, or no probe or judge, the first inversion.
+        with TI seed + a), each probed, then (`search_original`, when none reached `min_token_strength`) one
+        against the original UNet. Returns the one strongest on the original model, stopping at the first that
+        reaches `min_token_strength`; with one attempt, or no probe or judge, the first inversion.
 
         Args:
             position: the saved state when resuming inside this round's inversions, else None.
@@ -334,22 +335,24 @@ class _Recipe:
         attempt = int(position.get("attempt") or 0) if position else 0
         best = token_of(position["best"]) if position and position.get("best") else None
         ti_state = position.get("ti") if position else None
+        total = s1.attempts + (1 if s1.search_original else 0)
         while True:
-            token = self.inversion_round(student, r, tokens, erased_r, ti_state, attempt, best)
+            against = self.base if attempt >= s1.attempts else student   # the last resort: the original UNet
+            token = self.inversion_round(against, r, tokens, erased_r, ti_state, attempt, best)
             ti_state = None
             strength = self.probe_round(student, r, token, attempt) if self._probe is not None else None
             if strength is None:             # nothing to choose with: the inversion in hand is the round's token
                 return token
             best = token if strength.kept or best is None else best
             attempt += 1
-            if attempt >= s1.attempts or (s1.min_token_strength > 0 and strength.joins_h):
+            if attempt >= total or (s1.min_token_strength > 0 and strength.joins_h):
                 return best
 
-    def inversion_round(self, student, r: int, tokens: Sequence, erased_r: dict, ti_state: dict | None,
+    def inversion_round(self, unet, r: int, tokens: Sequence, erased_r: dict, ti_state: dict | None,
                         attempt: int = 0, best=None):
-        """Round r's textual inversion of a fresh token against the erased `student` on the round's images
-        (`attempt` a of the round's search uses TI seed + a; `best` is the search's strongest so far, saved
-        with every checkpoint)."""
+        """Round r's textual inversion of a fresh token against `unet` (the erased student; the original UNet for
+        `search_original`) on the round's images (`attempt` a of the round's search uses TI seed + a; `best` is
+        the search's strongest so far; each checkpoint saves both and round r's erased tensors)."""
         from recare.train.textual_inversion import TextualInversionState, learn_token
 
         s1 = self.config.stage1
@@ -368,14 +371,14 @@ class _Recipe:
             if event.step % self.config.save_every == 0 and event.step < event.total:
                 checkpoint()
 
-        student.requires_grad_(False)  # textual inversion trains the new row only
+        unet.requires_grad_(False)     # textual inversion trains the new row only
         self._student = None           # no previews while the UNet does not change
         checkpoint()                   # the erased UNet is saved before the long inversion starts
         self.begin(f"{STAGE1_TI}[{r + 1}]")
         try:
             with self.autocast():
                 return self.guard(STAGE1_TI, checkpoint, lambda: learn_token(
-                    (student, self.pipe.vae, encoder, tokenizer, self.pipe.scheduler),
+                    (unet, self.pipe.vae, encoder, tokenizer, self.pipe.scheduler),
                     round_images(self.images, r, s1.n_iterations),
                     placeholder=round_placeholder(s1.textual_inversion.placeholder, r),
                     config=ti, progress=progress, cancel=self.cancel, state=state, stage=STAGE1_TI))
