@@ -164,9 +164,9 @@ def test_min_token_strength_is_a_bounded_fraction_that_needs_the_probe():
         Stage1Config(min_token_strength=0.5, probe_seeds=0)
 
 
-def rounds_judge(original_hits: list[bool]):
-    """Round r's token draws the target in every original-model image when original_hits[r], never on the
-    erased model (calls alternate: round 1 original, round 1 erased, round 2 original, ...)."""
+def sequence_judge(original_hits: list[bool]):
+    """The i-th probed inversion draws the target in every original-model image when original_hits[i], never on
+    the erased model (each probe judges the original model's images, then the erased model's)."""
     calls = []
 
     def judge(images):
@@ -181,18 +181,18 @@ def test_a_token_weaker_than_min_token_strength_stays_out_of_stage_twos_erase_se
     images = [Image.new("RGB", (16, 16), (40 * i, 100, 200 - 30 * i)) for i in range(4)]
     careset = parse_official(CARESET)
     config = tiny(min_token_strength=0.5)
-    mixed = train(config, pipe, images, careset, tmp_path / "mixed", probe=Stage1Probe(pipe, rounds_judge([True, False]), GEN))
+    mixed = train(config, pipe, images, careset, tmp_path / "mixed", probe=Stage1Probe(pipe, sequence_judge([True, False]), GEN))
     result = json.loads((tmp_path / "mixed" / "result.json").read_text())
     assert result["erase_set"] == ["tench", "<v1*>"] and result["tokens"] == ["<v1*>", "<v2*>"]   # both saved
     assert [p["joins_h"] for p in result["stage1_probe"]] == [True, False]
     rows = probe_rows([json.loads(line) for line in (tmp_path / "mixed" / "metrics.jsonl").read_text().splitlines()])
     assert [r["joins_h"] for r in rows] == [1.0, 0.0]
-    every = train(tiny(), pipe, images, careset, tmp_path / "every", probe=Stage1Probe(pipe, rounds_judge([True, False]), GEN))
+    every = train(tiny(), pipe, images, careset, tmp_path / "every", probe=Stage1Probe(pipe, sequence_judge([True, False]), GEN))
     assert json.loads((tmp_path / "every" / "result.json").read_text())["erase_set"] == ["tench", "<v1*>", "<v2*>"]
     assert not all(torch.equal(a, b) for a, b in zip(mixed.unet.state_dict().values(), every.unet.state_dict().values()))
 
     # no strong token at all: stage 2 is exactly the no-adversarial ablation (its generator is its own)
-    weak = train(config, pipe, images, careset, tmp_path / "weak", probe=Stage1Probe(pipe, rounds_judge([False, False]), GEN))
+    weak = train(config, pipe, images, careset, tmp_path / "weak", probe=Stage1Probe(pipe, sequence_judge([False, False]), GEN))
     assert json.loads((tmp_path / "weak" / "result.json").read_text())["erase_set"] == ["tench"]
     no_adv = train(dataclasses.replace(config, method="recare-no-adv", stage1=None), pipe, images, careset,
                    tmp_path / "no-adv", probe=None)
@@ -220,19 +220,6 @@ def test_trains_probe_table_says_which_tokens_join_h():
     cells = [row.split("</tr>")[0] for row in html.split("<tr>")[2:]]
     assert "94%" in cells[0] and "<td>yes</td>" in cells[0]
     assert "0%" in cells[1] and "<td>no (too weak)</td>" in cells[1] and "in stage 2's H" in html
-
-
-def sequence_judge(original_hits: list[bool]):
-    """The i-th probed inversion draws the target in every original-model image when original_hits[i], never on
-    the erased model (each probe judges the original model's images, then the erased model's)."""
-    calls = []
-
-    def judge(images):
-        calls.append(1)
-        n = len(calls)
-        return [n % 2 == 1 and original_hits[(n - 1) // 2]] * len(images)
-
-    return judge
 
 
 def searching(**stage1) -> TrainConfig:
