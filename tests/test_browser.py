@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from recare.train.stage1_probe import probe_rows
 from tests.test_app_fixtures import write_words
 from tests.test_app_train import train_app  # noqa: F401  (fixture: an app with its own run store)
 
@@ -235,11 +236,11 @@ def test_train_start_watch_cancel_resume_finish(train_app, tmp_path):
         shown = [page.locator("#train-probe tr").nth(r).locator("td").all_inner_texts()[2:4] for r in (1, 2)]
         rows = [json.loads(line) for line in next(Path(train_app["runs"]).rglob(f"{run_id}/metrics.jsonl"))
                 .read_text().splitlines()]
-        recorded = [[f"{100 * r[k]:.0f}%" for k in ("original", "erased")] for r in rows if r["stage"] == "stage1.probe"]
+        kept = probe_rows(rows)   # per round, the inversion the round kept (the world searches with several)
+        recorded = [[f"{100 * r[k]:.0f}%" for k in ("original", "erased")] for r in kept]
         assert shown == recorded, (shown, recorded)
         in_h = [page.locator("#train-probe tr").nth(r).locator("td").all_inner_texts()[5] for r in (1, 2)]
-        assert in_h == ["yes" if r.get("joins_h", 1.0) else "no (too weak)" for r in rows
-                        if r["stage"] == "stage1.probe"], in_h   # the world's min_token_strength decides
+        assert in_h == ["yes" if r.get("joins_h", 1.0) else "no (too weak)" for r in kept], in_h
         assert not errors, f"page errors: {errors}"
         browser.close()
 

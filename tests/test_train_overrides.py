@@ -69,6 +69,8 @@ def test_stage1_token_filter_official_default_world_setting_and_override():
     target in >= 50% of the probe's images; --min-token-strength overrides either, bounded like any number."""
     assert TrainConfig.for_method("recare").stage1.min_token_strength == 0.0
     assert training_config(mini_world_task("tench"), "recare").stage1.min_token_strength == 0.5
+    assert training_config(mini_world_task("tench"), "recare").stage1.search_original is True
+    assert TrainConfig.for_method("recare").stage1.search_original is False     # official: no such inversion
     assert _cli_config("tench", "recare").stage1.min_token_strength == 0.5
     assert _cli_config("tench", "recare", "--min-token-strength", "0").stage1.min_token_strength == 0.0
     assert _cli_config(None, "recare", "--min-token-strength", "0.25").stage1.min_token_strength == 0.25
@@ -77,7 +79,7 @@ def test_stage1_token_filter_official_default_world_setting_and_override():
 
     with pytest.raises(ConfigError, match="min_token_strength"):
         _cli_config(None, "recare", "--min-token-strength", "2")
-    searched = _cli_config("tench", "recare", "--stage1-attempts", "3", "--search-original").stage1
+    searched = _cli_config(None, "recare", "--stage1-attempts", "3", "--search-original", "--min-token-strength", "0.5").stage1
     assert (searched.attempts, searched.search_original, searched.min_token_strength) == (3, True, 0.5)
     with pytest.raises(ConfigError, match="attempts"):
         _cli_config("tench", "recare", "--stage1-attempts", "99")
