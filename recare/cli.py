@@ -230,9 +230,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              f"= every token; --task tench: the world's 0.5)")
     parser.add_argument("--stage1-attempts", type=int, metavar="N",
                         help=f"not official: textual inversions per stage-1 round, the strongest kept (default {s1.attempts})")
-    parser.add_argument("--search-original", action="store_const", const=True,
+    parser.add_argument("--search-original", action=argparse.BooleanOptionalAction, default=None,
                         help="not official: when no inversion of a round reaches --min-token-strength, one more against "
-                             "the original UNet (default off)")
+                             "the original UNet (default off; --task tench: the world's on)")
     parser.add_argument("--lr", type=float, help=f"learning rate of the final stage: stage 2 (default {s2.learning_rate}) "
                                                  "or the ESD baseline (default 1e-5)")
     parser.add_argument("--train-method", choices=TRAIN_METHODS, help=f"trainable UNet parameters (default {d.train_method})")

@@ -9,6 +9,7 @@ import pytest
 
 from recare import cli, models
 from recare.config import TrainConfig
+from recare.errors import ConfigError
 from recare.workflows import mini_world_task, training_config
 
 PROMPT, WORD, INIT = "a photo of a tench", "tench", "fish"
@@ -72,11 +73,12 @@ def test_stage1_token_filter_official_default_world_setting_and_override():
     assert training_config(mini_world_task("tench"), "recare").stage1.search_original is True
     assert TrainConfig.for_method("recare").stage1.search_original is False     # official: no such inversion
     assert _cli_config("tench", "recare").stage1.min_token_strength == 0.5
-    assert _cli_config("tench", "recare", "--min-token-strength", "0").stage1.min_token_strength == 0.0
+    official = _cli_config("tench", "recare", "--min-token-strength", "0", "--no-search-original").stage1
+    assert (official.min_token_strength, official.search_original) == (0.0, False)   # every token, as CARE's code
+    with pytest.raises(ConfigError, match="search_original needs min_token_strength"):
+        _cli_config("tench", "recare", "--min-token-strength", "0")
     assert _cli_config(None, "recare", "--min-token-strength", "0.25").stage1.min_token_strength == 0.25
     assert _cli_config(None, "recare-no-adv", "--min-token-strength", "0.25").stage1 is None
-    from recare.errors import ConfigError
-
     with pytest.raises(ConfigError, match="min_token_strength"):
         _cli_config(None, "recare", "--min-token-strength", "2")
     searched = _cli_config(None, "recare", "--stage1-attempts", "3", "--search-original", "--min-token-strength", "0.5").stage1
