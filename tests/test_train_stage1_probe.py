@@ -314,3 +314,18 @@ def test_search_original_inverts_against_the_original_unet_when_no_attempt_is_st
     direct = learn_token((pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler),
                          round_images(images, 0, 2), placeholder="<v1*>", config=ti)
     assert torch.equal(direct.embedding, result.tokens[0].embedding)   # inverted against the original UNet
+
+
+def test_trains_progress_waits_while_a_round_runs_another_inversion():
+    from ui.train_view import current_phase
+
+    plan = [("stage1.erase[1]", 2), ("stage1.textual_inversion[1]", 3), ("stage1.erase[2]", 2),
+            ("stage1.textual_inversion[2]", 3), ("stage2", 2)]
+    rows = [{"stage": "stage1.erase", "step": s} for s in (1, 2)] + \
+        [{"stage": "stage1.textual_inversion", "step": s} for s in (1, 2, 3)]
+    extra = [{"stage": "stage1.textual_inversion", "step": s} for s in (1, 2)]   # the search's second inversion
+    assert current_phase(rows, plan, {}) == ("stage1.erase[2]", 5)
+    assert current_phase(rows + extra, plan, {"progress": {"stage": "stage1.textual_inversion", "step": 2}}) == \
+        ("stage1.erase[2]", 5)
+    later = rows + extra + [{"stage": "stage1.textual_inversion", "step": 3}, {"stage": "stage1.erase", "step": 1}]
+    assert current_phase(later, plan, {"progress": {"stage": "stage1.erase", "step": 1}}) == ("stage1.erase[2]", 6)

@@ -83,10 +83,14 @@ def duration(seconds: float) -> str:
 
 
 def current_phase(rows: list[dict], plan: list[tuple[str, int]], status: dict) -> tuple[str, int]:
-    """(phase, steps done in the whole plan) from the metrics rows: each loop's rows end at its last step."""
+    """(phase, steps done in the whole plan) from the metrics rows: each loop's rows end at its last step. A
+    loop that repeats the one just finished (another inversion of a stage-1 round's search, which the plan
+    cannot foresee) moves nothing: the bar waits there instead of jumping into the next phase."""
     done, index = 0, 0
     stage_of = [p.split("[")[0] for p, _ in plan]
     for row in rows:
+        if 0 < index < len(plan) and row.get("stage") == stage_of[index - 1] != stage_of[index]:
+            continue
         while index < len(plan) and row.get("stage") != stage_of[index]:
             done += plan[index][1]
             index += 1
