@@ -383,9 +383,8 @@ class Stage1Config(JsonConfig):
     attempts: int = 1                # not official: textual inversions per round (TI seed + a for the a-th), each
     #                                  probed; the round keeps the one strongest on the original model and stops at
     #                                  the first that reaches min_token_strength. 1 = one inversion (official).
-    search_original: bool = False    # not official: when no inversion of a round reaches min_token_strength and no
-    #                                  earlier round's token joined H, one more against the original UNet (TI seed +
-    #                                  attempts), probed like the others.
+    search_original: bool = False    # not official: when no inversion of a round reaches min_token_strength, one more
+    #                                  against the original UNet (TI seed + attempts), probed like the others.
 
     def validate(self) -> None:
         _check_int("stage 1 probe_seeds", self.probe_seeds)

@@ -303,19 +303,13 @@ def test_search_original_inverts_against_the_original_unet_when_no_attempt_is_st
     images = [Image.new("RGB", (16, 16), (40 * i, 100, 200 - 30 * i)) for i in range(4)]
     config = tiny(min_token_strength=0.5, attempts=2, search_original=True)
     # round 1: two weak inversions against the erased UNet, then a strong one against the original;
-    # round 2: two weak ones and no last resort (H has a strong token already), the first kept
-    hits = [False, False, True, False, False]
+    # round 2: nothing is strong (three inversions, the first kept)
+    hits = [False, False, True, False, False, False]
     result = train(config, pipe, images, parse_official(CARESET), tmp_path, probe=Stage1Probe(pipe, sequence_judge(hits), GEN))
     first, second = result.summary["stage1_probe"]
     assert (first["attempt"], len(first["attempts"]), first["joins_h"]) == (3, 3, True)
-    assert (second["attempt"], len(second["attempts"]), second["joins_h"]) == (1, 2, False)
+    assert (second["attempt"], len(second["attempts"]), second["joins_h"]) == (1, 3, False)
     assert result.summary["erase_set"] == ["tench", "<v1*>"]
-    # nothing strong in round 1 or 2's own inversions: round 2 runs the last resort as round 1 did
-    late = train(config, pipe, images, parse_official(CARESET), tmp_path / "late",
-                 probe=Stage1Probe(pipe, sequence_judge([False, False, False, False, False, True]), GEN))
-    assert [(p["attempt"], len(p["attempts"]), p["joins_h"]) for p in late.summary["stage1_probe"]] == \
-        [(1, 3, False), (3, 3, True)]
-    assert late.summary["erase_set"] == ["tench", "<v2*>"]
     ti = dataclasses.replace(config.stage1.textual_inversion, seed=config.stage1.textual_inversion.seed + 2)
     direct = learn_token((pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler),
                          round_images(images, 0, 2), placeholder="<v1*>", config=ti)

@@ -324,8 +324,8 @@ class _Recipe:
 
     def search_round(self, student, r: int, tokens: Sequence, erased_r: dict, position: dict | None):
         """Round r's search: up to `stage1.attempts` textual inversions against the erased `student` (the a-th
-        with TI seed + a), each probed, then (`search_original`, when none reached `min_token_strength` and no
-        earlier round's token joined H) one against the original UNet. Returns the one strongest on the original model, stopping at the first that
+        with TI seed + a), each probed, then (`search_original`, when none reached `min_token_strength`) one
+        against the original UNet. Returns the one strongest on the original model, stopping at the first that
         reaches `min_token_strength`; with one attempt, or no probe or judge, the first inversion.
 
         Args:
@@ -335,12 +335,7 @@ class _Recipe:
         attempt = int(position.get("attempt") or 0) if position else 0
         best = token_of(position["best"]) if position and position.get("best") else None
         ti_state = position.get("ti") if position else None
-        from recare.train.stage1_probe import joins_h
-
-        # the last resort runs only while H has no stage-1 token: one strong token is what H needs, and every
-        # further member dilutes Eq. 13's mean direction (measured on tench, docs/results.md)
-        has_strong = any(joins_h(self.summary, t) for t in tokens[:r]) and s1.min_token_strength > 0
-        total = s1.attempts + (1 if s1.search_original and not has_strong else 0)
+        total = s1.attempts + (1 if s1.search_original else 0)
         while True:
             against = self.base if attempt >= s1.attempts else student   # the last resort: the original UNet
             token = self.inversion_round(against, r, tokens, erased_r, ti_state, attempt, best)
