@@ -386,12 +386,17 @@ class Stage1Config(JsonConfig):
     search_original: bool = False    # not official: when no inversion of a round reaches min_token_strength, one more
     #                                  against the original UNet (TI seed + attempts), probed like the others.
 
+    @property
+    def max_inversions(self) -> int:
+        """The most textual inversions one round's search runs: `attempts`, plus the last resort."""
+        return self.attempts + (1 if self.search_original else 0)
+
     def validate(self) -> None:
         _check_int("stage 1 probe_seeds", self.probe_seeds)
         if not 0 <= self.probe_seeds <= MAX_PROBE_SEEDS:
             raise ConfigError(f"stage 1 probe_seeds must be between 0 and {MAX_PROBE_SEEDS} (got {self.probe_seeds}).")
-        if not (isinstance(self.min_token_strength, (int, float)) and not isinstance(self.min_token_strength, bool)
-                and 0.0 <= self.min_token_strength <= 1.0):
+        _check_number("stage 1 min_token_strength", self.min_token_strength)
+        if not 0.0 <= self.min_token_strength <= 1.0:
             raise ConfigError(f"stage 1 min_token_strength must be a fraction between 0 and 1 "
                               f"(got {self.min_token_strength!r}).")
         _check_int("stage 1 attempts", self.attempts)

@@ -305,7 +305,11 @@ def test_search_original_inverts_against_the_original_unet_when_no_attempt_is_st
     # round 1: two weak inversions against the erased UNet, then a strong one against the original;
     # round 2: nothing is strong (three inversions, the first kept)
     hits = [False, False, True, False, False, False]
-    result = train(config, pipe, images, parse_official(CARESET), tmp_path, probe=Stage1Probe(pipe, sequence_judge(hits), GEN))
+    events = []
+    result = train(config, pipe, images, parse_official(CARESET), tmp_path, progress=events.append,
+                   probe=Stage1Probe(pipe, sequence_judge(hits), GEN))
+    said = [e.message for e in events if e.stage == PROBE_STAGE]
+    assert said[2].startswith("round 1, inversion 3 of up to 3:") and "too weak" not in said[2]
     first, second = result.summary["stage1_probe"]
     assert (first["attempt"], len(first["attempts"]), first["joins_h"]) == (3, 3, True)
     assert (second["attempt"], len(second["attempts"]), second["joins_h"]) == (1, 3, False)

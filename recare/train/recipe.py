@@ -335,7 +335,6 @@ class _Recipe:
         attempt = int(position.get("attempt") or 0) if position else 0
         best = token_of(position["best"]) if position and position.get("best") else None
         ti_state = position.get("ti") if position else None
-        total = s1.attempts + (1 if s1.search_original else 0)
         while True:
             against = self.base if attempt >= s1.attempts else student   # the last resort: the original UNet
             token = self.inversion_round(against, r, tokens, erased_r, ti_state, attempt, best)
@@ -345,7 +344,7 @@ class _Recipe:
                 return token
             best = token if strength.kept or best is None else best
             attempt += 1
-            if attempt >= total or (s1.min_token_strength > 0 and strength.joins_h):
+            if attempt >= s1.max_inversions or (s1.min_token_strength > 0 and strength.joins_h):
                 return best
 
     def inversion_round(self, unet, r: int, tokens: Sequence, erased_r: dict, ti_state: dict | None,
@@ -404,7 +403,7 @@ class _Recipe:
             return None
         strength = record_strength(self.summary, strength, attempt, s1.min_token_strength)
         self.progress(ProgressEvent(PROBE_STAGE, r + 1, s1.n_iterations,
-                                    strength.sentence(s1.attempts), strength.metrics()))
+                                    strength.sentence(s1.max_inversions), strength.metrics()))
         return strength
 
     def stage2(self, tokens: Sequence, resume: bool) -> torch.nn.Module:

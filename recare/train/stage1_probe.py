@@ -242,6 +242,6 @@ def probe_rows(rows: Sequence[dict]) -> list[dict]:
             continue
         r = int(row.get("step") or 0)
         tried.setdefault(r, set()).add(row.get("attempt", 1.0))
-        if row.get("attempt", 1.0) == 1.0 or r not in found or (row.get("original") or 0) > (found[r].get("original") or 0):
-            found[r] = row   # a round's first inversion starts it again (a resumed run repeats nothing else)
+        if row.get("kept", 1.0):   # `record_strength` decided it: the round's strongest so far (older lines: each)
+            found[r] = row
     return [{**found[k], "inversions": len(tried[k])} for k in sorted(found)]
