@@ -309,6 +309,15 @@ def _cases(gen: Client, cs: Client, public: Client, url: str, session_folder: Pa
         Case("CLI careset", "200,000-word --vocab",
              lambda: _cli("careset", "--images", images, "--vocab", str(f["words-200k.txt"]), "--out", out),
              "exit 2: error: .*RECARE_MAX_WORD_LIST_WORDS"),
+        Case("CLI train", "--stage1-attempts 10^9",
+             lambda: _cli("train", "--task", "tench", "--stage1-attempts", str(10**9), "--out", out),
+             "exit 2: error: stage 1 attempts must be between 1 and 8"),
+        Case("CLI train", "--min-token-strength nan",
+             lambda: _cli("train", "--task", "tench", "--min-token-strength", "nan", "--out", out),
+             "exit 2: error: stage 1 min_token_strength must be a finite number"),
+        Case("CLI train", "--min-token-strength 10^30",
+             lambda: _cli("train", "--task", "tench", "--min-token-strength", "1e30", "--out", out),
+             "exit 2: error: stage 1 min_token_strength must be a fraction between 0 and 1"),
     ]
     return cases
 

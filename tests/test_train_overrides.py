@@ -85,3 +85,6 @@ def test_stage1_token_filter_official_default_world_setting_and_override():
     assert (searched.attempts, searched.search_original, searched.min_token_strength) == (3, True, 0.5)
     with pytest.raises(ConfigError, match="attempts"):
         _cli_config("tench", "recare", "--stage1-attempts", "99")
+    for option, value in (("--stage1-attempts", "three"), ("--min-token-strength", "/etc/passwd")):
+        with pytest.raises(SystemExit):   # argparse refuses a wrong type before any work starts
+            _cli_config("tench", "recare", option, value)
