@@ -176,3 +176,48 @@ def test_estimate_and_plan_for_each_method(method):
     assert estimate_seconds(recare, {"erase": 1.0, "textual_inversion": 0.25, "stage2": 2.0}) == expected
     assert [p for p, _ in training_plan(recare)] == ["stage1.erase[1]", "stage1.textual_inversion[1]", "stage1.erase[2]",
                                                       "stage1.textual_inversion[2]", "stage2"]
+
+
+def test_estimate_counts_stage1_search_inversions_only_when_asked_for_the_longest():
+    import dataclasses
+
+    from recare.config import TrainConfig
+    from recare.train.speed import estimate_seconds
+
+    speed = {"erase": 1.0, "textual_inversion": 0.25, "stage2": 2.0}
+    recare = TrainConfig.for_method("recare")
+    s1 = recare.stage1
+    one = s1.n_iterations * (s1.esd.iterations + s1.textual_inversion.steps * 0.25) + recare.stage2.iterations * 2.0
+    assert estimate_seconds(recare, speed, longest=True) == estimate_seconds(recare, speed) == one
+    searching = dataclasses.replace(recare, stage1=dataclasses.replace(s1, probe_seeds=16, min_token_strength=0.5,
+                                                                       attempts=3, search_original=True))
+    assert searching.stage1.max_inversions == 4
+    assert estimate_seconds(searching, speed) == one
+    assert estimate_seconds(searching, speed, longest=True) == one + s1.n_iterations * 3 * s1.textual_inversion.steps * 0.25
+
+
+def test_train_estimate_says_how_long_the_stage1_search_may_run(tmp_path):
+    """The world's tench ReCARE may run a second inversion per round (search_original): the Train
+    workspace's estimate gives the one-inversion time and the longest beside it."""
+    import types
+
+    from recare.atomic import atomic_write_json
+    from recare.models.policy import ModelPolicy
+    from recare.runs import RunStore
+    from recare.train.speed import SPEED_FILE
+    from ui.common import AppContext
+    from ui.train_tab import _estimate
+
+    store = RunStore(tmp_path / "runs")
+    atomic_write_json(Path(store.root) / SPEED_FILE,
+                      {"mini-world|cpu": {"erase": 0.5, "stage2": 1.0, "textual_inversion": 0.03, "runs": 1}})
+    ctx = AppContext(models=types.SimpleNamespace(policy=ModelPolicy(), device="cpu"), session=None,
+                     model_name=None, runs=store)
+    args = ("tench", "recare", "a photo of a tench", "tench", "fish", None, 200, 5e-5, 100, 1000, "noxattn", 42,
+            60, 0, "mini-world")
+    text = _estimate(ctx, *args)
+    # 2 rounds x (100 x 0.5 s + 1000 x 0.03 s) + 200 x 1 s = 360 s; the longest adds 2 x 30 s
+    assert "about **6 min" in text and "up to **7 min" in text and "all 2 inversions" in text, text
+    esd = _estimate(ctx, "tench", "esd", "a photo of a tench", "tench", "fish", None, 250, 1e-4, 100, 1000,
+                    "noxattn", 42, 60, 0, "mini-world")
+    assert "about **" in esd and "up to" not in esd, esd

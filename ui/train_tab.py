@@ -283,8 +283,11 @@ def _estimate(ctx: AppContext, task, method, target_prompt, reference_word, init
     if seconds is None:
         return (f"**Plan:** {steps}.  \nEstimate on **{md(config.device)}**: not measured yet for {md(config.model)} "
                 "here; the first run measures it (the live ETA shows meanwhile).")
-    return (f"**Plan:** {steps}.  \nEstimate on **{md(config.device)}**: about **{duration(seconds)}** of training "
-            f"({md(speed['source'])}; model loading, image making and previews not counted).")
+    longest = train_speed.estimate_seconds(config, speed, longest=True)
+    search = (f" (up to **{duration(longest)}** if stage 1's search runs all {config.stage1.max_inversions} "
+              "inversions of every round)" if longest and longest > seconds else "")
+    return (f"**Plan:** {steps}.  \nEstimate on **{md(config.device)}**: about **{duration(seconds)}** of training"
+            f"{search} ({md(speed['source'])}; model loading, image making, probes and previews not counted).")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -121,12 +121,17 @@ def training_plan(config) -> list[tuple[str, int]]:
     return plan
 
 
-def estimate_seconds(config, speed: dict | None) -> float | None:
+def estimate_seconds(config, speed: dict | None, *, longest: bool = False) -> float | None:
     """Seconds the training loops of `config` take at `speed` (model loading and image generation not counted).
+
+    Stage 1's search stops at the first inversion of a round that draws the target strongly enough, so a
+    round runs between one and `stage1.max_inversions` textual inversions: the estimate counts one, and
+    `longest=True` counts them all (the probes between them are not counted).
 
     Args:
         config: a `recare.config.TrainConfig`.
         speed: `measured_speed`'s result.
+        longest: count every inversion stage 1's search may run.
 
     Returns:
         The estimate, or None when a needed kind of step has not been measured.
@@ -135,8 +140,10 @@ def estimate_seconds(config, speed: dict | None) -> float | None:
         return None
     need: dict[str, int] = {}
     if config.stage1 is not None:
-        need["erase"] = config.stage1.n_iterations * config.stage1.esd.iterations
-        need["textual_inversion"] = config.stage1.n_iterations * config.stage1.textual_inversion.steps
+        s1 = config.stage1
+        need["erase"] = s1.n_iterations * s1.esd.iterations
+        need["textual_inversion"] = (s1.n_iterations * (s1.max_inversions if longest else 1)
+                                     * s1.textual_inversion.steps)
     if config.stage2 is not None:
         need["stage2"] = config.stage2.iterations
     if config.esd is not None:
