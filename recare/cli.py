@@ -233,6 +233,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--search-original", action=argparse.BooleanOptionalAction, default=None,
                         help="not official: when no inversion of a round reaches --min-token-strength, one more against "
                              "the original UNet (default off; --task tench: the world's on)")
+    parser.add_argument("--closing-rounds", type=int, metavar="N",
+                        help=f"not official: after stage 2, up to N rounds of the attacker's own search (textual "
+                             f"inversion) against the trained UNet; a token that still draws the target joins H and "
+                             f"stage 2 goes on (default {s2.closing_rounds} = off; 0 turns a task's setting off)")
     parser.add_argument("--lr", type=float, help=f"learning rate of the final stage: stage 2 (default {s2.learning_rate}) "
                                                  "or the ESD baseline (default 1e-5)")
     parser.add_argument("--train-method", choices=TRAIN_METHODS, help=f"trainable UNet parameters (default {d.train_method})")
@@ -268,7 +272,7 @@ def _train_config(args: argparse.Namespace, task: dict | None):
     return training_config(task, args.method, iterations=args.iterations, stage1_iterations=args.stage1_iterations,
                            ti_steps=args.ti_steps, lr=args.lr, rollout_batch=args.rollout_batch,
                            min_token_strength=args.min_token_strength, stage1_attempts=args.stage1_attempts,
-                           search_original=args.search_original, **fields)
+                           search_original=args.search_original, closing_rounds=args.closing_rounds, **fields)
 
 
 def _run_train_job(run, listener) -> Path:

@@ -187,6 +187,7 @@ MAX_SEED = 2**63 - 1            # torch.Generator.manual_seed takes a signed 64-
 MAX_SKLEARN_SEED = 2**32 - 1    # numpy's RandomState (sklearn, UMAP) takes 0 .. 2**32 - 1
 MAX_PROBE_SEEDS = 256           # stage 1's token probe: images per model and round
 MAX_STAGE1_ATTEMPTS = 8         # stage 1: textual inversions per round
+MAX_CLOSING_ROUNDS = 4          # stage 2's closing search: rounds (each up to closing_attempts inversions)
 
 
 def careset_key(reference_word: str) -> str:
@@ -428,10 +429,28 @@ class Stage2Config(JsonConfig):
     guidance_scale: float = 2.0      # s in Eq. 13 (official --compositional_guidance_scale 2)
     projection_weight: float = 1.0   # w in N(d; p) (official 1.0)
     weight_decay: float = 1e-2       # AdamW weight decay (official: torch's default 1e-2)
+    closing_rounds: int = 0          # not official: after stage 2, up to this many rounds of the attacker's own search
+    #                                  against the trained UNet (recare.train.recipe, "closing search"): a token that
+    #                                  still draws the target there joins H and stage 2 goes on; 0 = off (official).
+    #                                  Needs stage 1 (its textual-inversion settings, probe and images).
+    closing_attempts: int = 3        # textual inversions per closing round (the attack's 3 runs)
+    closing_iterations: int = 100    # stage-2 iterations after each closing round whose token joins H
+    closing_ti_steps: int | None = None  # steps of each closing inversion; None = stage 1's textual-inversion steps
 
     def validate(self) -> None:
         if self.iterations < 1:
             raise ConfigError(f"stage 2 iterations must be at least 1 (got {self.iterations}).")
+        for name, low, high in (("closing_rounds", 0, MAX_CLOSING_ROUNDS), ("closing_attempts", 1, MAX_STAGE1_ATTEMPTS)):
+            _check_int(f"stage 2 {name}", getattr(self, name))
+            if not low <= getattr(self, name) <= high:
+                raise ConfigError(f"stage 2 {name} must be between {low} and {high} (got {getattr(self, name)}).")
+        _check_int("stage 2 closing_iterations", self.closing_iterations)
+        if self.closing_iterations < 1:
+            raise ConfigError(f"stage 2 closing_iterations must be at least 1 (got {self.closing_iterations}).")
+        if self.closing_ti_steps is not None:
+            _check_int("stage 2 closing_ti_steps", self.closing_ti_steps)
+            if self.closing_ti_steps < 1:
+                raise ConfigError(f"stage 2 closing_ti_steps must be at least 1 (got {self.closing_ti_steps}).")
         if not self.learning_rate > 0:
             raise ConfigError(f"stage 2 learning_rate must be > 0 (got {self.learning_rate}).")
         if self.retain_weight < 0:
@@ -516,6 +535,9 @@ class TrainConfig(JsonConfig):
                               "makes it); TrainConfig.for_method fills a consistent pair.")
         if self.stage1 is not None and self.stage2 is None:
             raise ConfigError("stage1 learns adversarial tokens for stage 2: it needs stage2 set.")
+        if self.stage2 is not None and self.stage2.closing_rounds > 0 and self.stage1 is None:
+            raise ConfigError("stage 2's closing_rounds search with stage 1's textual inversion, probe and images: "
+                              "they need stage1 set (method 'recare'), or closing_rounds 0.")
         if self.stage1 is not None and self.num_images < self.stage1.n_iterations:
             raise ConfigError(f"num_images ({self.num_images}) must be at least stage1.n_iterations "
                               f"({self.stage1.n_iterations}): each round learns from its own slice of the images.")

@@ -124,7 +124,7 @@ def training_config(task: dict | None, method: str = "recare", *, iterations: in
                     stage1_iterations: int | None = None, ti_steps: int | None = None, lr: float | None = None,
                     rollout_batch: int | None = None, min_token_strength: float | None = None,
                     stage1_attempts: int | None = None, search_original: bool | None = None,
-                    **fields: Any) -> TrainConfig:
+                    closing_rounds: int | None = None, **fields: Any) -> TrainConfig:
     """The TrainConfig a user asks for, the same from the command line (`python -m recare train`) and the
     app's Train workspace: the method's preset (with a mini-world task's recommended settings,
     `task_train_config`), then `fields`, then the step overrides. An override left None keeps the preset's.
@@ -140,6 +140,7 @@ def training_config(task: dict | None, method: str = "recare", *, iterations: in
         rollout_batch: iterations rolled out at once (--rollout-batch).
         min_token_strength, stage1_attempts, search_original: stage 1's search (--min-token-strength,
             --stage1-attempts, --search-original; `Stage1Config`).
+        closing_rounds: stage 2's closing search (--closing-rounds; `Stage2Config.closing_rounds`).
         **fields: TrainConfig fields (model, device, seed, target_prompt, ...).
     """
     config = task_train_config(task, method, **fields) if task else TrainConfig.for_method(method, **fields)
@@ -157,6 +158,8 @@ def training_config(task: dict | None, method: str = "recare", *, iterations: in
                        ("search_original", search_original)):
         if stage1 is not None and value is not None:
             stage1[key] = value
+    if closing_rounds is not None and data.get("stage2") is not None:
+        data["stage2"]["closing_rounds"] = closing_rounds
     if lr is not None:
         final["learning_rate"] = lr
     if rollout_batch is not None:

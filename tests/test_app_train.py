@@ -216,8 +216,11 @@ def test_train_estimate_says_how_long_the_stage1_search_may_run(tmp_path):
     args = ("tench", "recare", "a photo of a tench", "tench", "fish", None, 200, 5e-5, 100, 1000, "noxattn", 42,
             60, 0, "mini-world")
     text = _estimate(ctx, *args)
-    # 2 rounds x (100 x 0.5 s + 1000 x 0.03 s) + 200 x 1 s = 360 s; the longest adds 2 x 30 s
-    assert "about **6 min" in text and "up to **7 min" in text and "all 2 inversions" in text, text
+    # 2 rounds x (100 x 0.5 s + 1000 x 0.03 s) + 200 x 1 s = 360 s, and tench's closing search: one round of one
+    # 250-step inversion and 100 stage-2 iterations = 107.5 s; the longest adds 2 x 30 s for stage 1's search and
+    # a second closing round and two more inversions per round (2 x 100 + 6 x 7.5 - 107.5 = 137.5 s)
+    assert "about **8 min" in text and "up to **11 min" in text and "all 2 inversions" in text, text
+    assert "closing search all 2 rounds of 3 inversions" in text and "250 TI steps (closing 1)" in text, text
     esd = _estimate(ctx, "tench", "esd", "a photo of a tench", "tench", "fish", None, 250, 1e-4, 100, 1000,
                     "noxattn", 42, 60, 0, "mini-world")
     assert "about **" in esd and "up to" not in esd, esd

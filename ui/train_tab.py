@@ -284,8 +284,11 @@ def _estimate(ctx: AppContext, task, method, target_prompt, reference_word, init
         return (f"**Plan:** {steps}.  \nEstimate on **{md(config.device)}**: not measured yet for {md(config.model)} "
                 "here; the first run measures it (the live ETA shows meanwhile).")
     longest = train_speed.estimate_seconds(config, speed, longest=True)
+    s2 = config.stage2
+    closing = (f" and the closing search all {s2.closing_rounds} rounds of {s2.closing_attempts} inversions"
+               if config.stage1 is not None and s2 is not None and s2.closing_rounds else "")
     search = (f" (up to **{duration(longest)}** if stage 1's search runs all {config.stage1.max_inversions} "
-              "inversions of every round)" if longest and longest > seconds else "")
+              f"inversions of every round{closing})" if longest and longest > seconds else "")
     return (f"**Plan:** {steps}.  \nEstimate on **{md(config.device)}**: about **{duration(seconds)}** of training"
             f"{search} ({md(speed['source'])}; model loading, image making, probes and previews not counted).")
 

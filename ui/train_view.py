@@ -66,6 +66,11 @@ def phase_label(phase: str, short: bool = False) -> str:
         what = "erase" if m.group(1) == "erase" else "textual inversion"
         return (f"{'erase it' if what == 'erase' else 'TI steps'} (round {m.group(2)})" if short
                 else f"stage 1 round {m.group(2)}: {what}")
+    m = re.fullmatch(r"closing\.(erase|textual_inversion)\[(\d+)\]", phase)
+    if m:
+        what = "stage 2 goes on" if m.group(1) == "erase" else "textual inversion against the trained UNet"
+        return (f"{'stage-2 it' if m.group(1) == 'erase' else 'TI steps'} (closing {m.group(2)})" if short
+                else f"closing round {m.group(2)}: {what}")
     if phase == "stage2":
         return "stage-2 it" if short else "stage 2 (ReCARE)"
     if phase == "esd":
@@ -207,16 +212,20 @@ def probe_table(probes: list[dict], config: TrainConfig | None, result: dict) ->
         r = int(row.get("step") or 0)
         tries = int(row.get("inversions") or 1)
         best_of = f" (strongest of {tries} inversions)" if tries > 1 else ""
-        cells = [f"round {r}", html.escape(round_placeholder(template, r - 1)) + best_of,
+        closing = int(row.get("closing") or 0)   # a closing round: its "erased" model is stage 2's trained UNet
+        label = f"closing round {closing} (the trained model)" if closing else f"round {r}"
+        cells = [label, html.escape(round_placeholder(template, r - 1)) + best_of,
                  *[f"{100 * v:.0f}%" if isinstance(v, (int, float)) else "–" for v in (row.get("original"),
                                                                                         row.get("erased"))],
                  f"{row.get('norm'):.2f}" if isinstance(row.get("norm"), (int, float)) else "–",
-                 "no (too weak)" if row.get("joins_h") == 0 else "yes"]
+                 ("no: the search ends" if closing else "no (too weak)") if row.get("joins_h") == 0 else "yes"]
         body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    closing_note = ("; a closing round searches against the model stage 2 trained"
+                    if any(row.get("closing") for row in probes) else "")
     seeds = probes[-1].get("seeds")
     seeds = f"{seeds:.0f}" if isinstance(seeds, (int, float)) else "?"
     return (f'<table id="train-probe" style="margin-top:6px"><caption style="text-align:left">Stage 1 as a search: '
-            f'how often each round\'s token draws {html.escape(concept)} ({seeds} seeds per model)</caption>'
+            f'how often each round\'s token draws {html.escape(concept)} ({seeds} seeds per model{closing_note})</caption>'
             '<tr><th>round</th><th>token</th><th>original model</th><th>erased model</th><th>norm</th>'
             '<th>in stage 2\'s H</th></tr>'
             + "".join(body) + "</table>")

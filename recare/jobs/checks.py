@@ -228,6 +228,10 @@ def check_train(config: TrainConfig, submitter: Submitter, roots: list[str | Pat
     for section, what in ((config.stage2, "stage-2 iterations"), (config.esd, "ESD iterations")):
         if section is not None:
             check_bound(limits, "train_iterations", section.iterations, what)
+    if config.stage2 is not None and config.stage2.closing_rounds > 0:
+        check_bound(limits, "train_iterations", config.stage2.closing_iterations,
+                    "stage-2 iterations after each closing round")
+        check_bound(limits, "ti_steps", config.stage2.closing_ti_steps, "textual-inversion steps per closing inversion")
     if config.stage1 is not None:
         check_bound(limits, "stage1_iterations", config.stage1.esd.iterations, "stage-1 erase iterations per round")
         check_bound(limits, "ti_steps", config.stage1.textual_inversion.steps, "textual-inversion steps per round")

@@ -58,6 +58,7 @@ from recare.train.outputs import write_config, write_outputs
 from recare.train.params import trainable_parameter_names
 from recare.train.rollout import XtSampler, amp_dtype, autocast_factory, encode_prompts
 from recare.train.stage2 import Stage2Trainer
+from recare.train.stage1_probe import PROBE_STAGE
 from recare.train.state import (STATE_DIR, STATE_FORMAT, STATE_VERSION, StateFolder, load_tensors, token_dict,
                                 token_of, trained_tensors)
 
@@ -66,6 +67,12 @@ METRICS_FILE = METRICS_LINES
 TARGET_IMAGES_DIR = "target_images"
 
 STAGE1_ERASE, STAGE1_TI, STAGE2, ESD = "stage1.erase", "stage1.textual_inversion", "stage2", "esd"
+CLOSING_TI, CLOSING_ERASE = "closing.textual_inversion", "closing.erase"
+# the closing search's draws are fresh: its k-th round's a-th inversion uses TI seed + 100 + 10 k + a (stage 1's
+# attempts use TI seed + a, a < 9), and the stage-2 iterations after it generator seed + 1000 + k
+CLOSING_TI_SEED, CLOSING_TI_SEED_STEP, CLOSING_SEED = 100, 10, 1000
+# a closing round stops searching at an inversion that draws the target this often on the trained UNet
+CLOSING_EARLY_STOP = 0.25
 OOM_ADVICE = ("CUDA ran out of memory during {stage}. What lowers the peak most is train_method 'xattn' (fewer "
               "trained tensors and optimizer states: an SD v1.4 model at 512 px peaked at 11-14 GB instead of "
               "20 GB with 'noxattn'); then dtype 'bf16' or 'fp16', gradient_checkpointing true, a smaller "
@@ -337,7 +344,10 @@ class _Recipe:
         ti_state = position.get("ti") if position else None
         while True:
             against = self.base if attempt >= s1.attempts else student   # the last resort: the original UNet
-            token = self.inversion_round(against, r, tokens, erased_r, ti_state, attempt, best)
+            token = self.inversion(against, tokens[:r], STAGE1_TI, r, round_images(self.images, r, s1.n_iterations),
+                                   dataclasses.replace(s1.textual_inversion, seed=s1.textual_inversion.seed + attempt),
+                                   {f"erased-{r}.pt": lambda: erased_r},
+                                   ti_state, {"attempt": attempt, "best": token_dict(best) if best is not None else None})
             ti_state = None
             strength = self.probe_round(student, r, token, attempt) if self._probe is not None else None
             if strength is None:             # nothing to choose with: the inversion in hand is the round's token
@@ -347,23 +357,26 @@ class _Recipe:
             if attempt >= s1.max_inversions or (s1.min_token_strength > 0 and strength.joins_h):
                 return best
 
-    def inversion_round(self, unet, r: int, tokens: Sequence, erased_r: dict, ti_state: dict | None,
-                        attempt: int = 0, best=None):
-        """Round r's textual inversion of a fresh token against `unet` (the erased student; the original UNet for
-        `search_original`) on the round's images (`attempt` a of the round's search uses TI seed + a; `best` is
-        the search's strongest so far; each checkpoint saves both and round r's erased tensors)."""
+    def inversion(self, unet, known: Sequence, phase: str, round_index: int, images: Sequence, ti,
+                  fixed: dict[str, Callable[[], Any]], ti_state: dict | None, search: dict):
+        """A textual inversion of a fresh token (the `len(known)`-th placeholder) against `unet` (stage 1: the
+        erased student, or the original UNet for `search_original`; the closing search: the trained UNet) on
+        `images` with the TextualInversionConfig `ti`. Each checkpoint saves its state as `phase`/`round_index` with `search`
+        (where the round's search stands) and the `fixed` tensors (the UNet the round started from).
+
+        Args:
+            known: the tokens learned before it (the text encoder knows them).
+            ti_state: a saved inversion to continue, else None.
+        """
         from recare.train.textual_inversion import TextualInversionState, learn_token
 
         s1 = self.config.stage1
         state = TextualInversionState.from_state_dict(ti_state) if ti_state else TextualInversionState()
-        tokenizer, encoder = self.text_models(tokens[:r])
-        fixed = {f"erased-{r}.pt": lambda: erased_r}
-        done = list(tokens[:r])
-        ti = dataclasses.replace(s1.textual_inversion, seed=s1.textual_inversion.seed + attempt)
-        search = {"attempt": attempt, "best": token_dict(best) if best is not None else None}
+        tokenizer, encoder = self.text_models(known)
+        done = list(known)
 
         def checkpoint() -> None:
-            self.state.save(self.small_state(STAGE1_TI, r, done, state.state_dict(), **search), {}, fixed)
+            self.state.save(self.small_state(phase, round_index, done, state.state_dict(), **search), {}, fixed)
 
         def progress(event: ProgressEvent) -> None:
             self.progress(event)
@@ -372,15 +385,14 @@ class _Recipe:
 
         unet.requires_grad_(False)     # textual inversion trains the new row only
         self._student = None           # no previews while the UNet does not change
-        checkpoint()                   # the erased UNet is saved before the long inversion starts
-        self.begin(f"{STAGE1_TI}[{r + 1}]")
+        checkpoint()                   # the UNet is saved before the long inversion starts
+        self.begin(f"{phase}[{round_index + 1}]")
         try:
             with self.autocast():
-                return self.guard(STAGE1_TI, checkpoint, lambda: learn_token(
-                    (unet, self.pipe.vae, encoder, tokenizer, self.pipe.scheduler),
-                    round_images(self.images, r, s1.n_iterations),
-                    placeholder=round_placeholder(s1.textual_inversion.placeholder, r),
-                    config=ti, progress=progress, cancel=self.cancel, state=state, stage=STAGE1_TI))
+                return self.guard(phase, checkpoint, lambda: learn_token(
+                    (unet, self.pipe.vae, encoder, tokenizer, self.pipe.scheduler), images,
+                    placeholder=round_placeholder(s1.textual_inversion.placeholder, len(known)),
+                    config=ti, progress=progress, cancel=self.cancel, state=state, stage=phase))
         except Cancelled:
             checkpoint()
             raise
@@ -390,39 +402,141 @@ class _Recipe:
         original and on the erased `student`: one metrics line (stage "stage1.probe", step r + 1) and the round's
         entry of the result's "stage1_probe" (the strongest inversion so far, with every inversion under
         "attempts"). Returns the TokenStrength (`kept`: the round's strongest so far), or None without a judge."""
-        from recare.train.stage1_probe import PROBE_STAGE, JudgeUnavailable, record_strength
+        from recare.train.stage1_probe import record_strength
 
         s1 = self.config.stage1
-        self.begin(f"{PROBE_STAGE}[{r + 1}]")
-        try:
-            with self.autocast():
-                strength = self._probe(r, token, student)
-        except JudgeUnavailable as e:      # a measurement only: the training goes on, the result says why
-            self._probe, self.summary["stage1_probe_skipped"] = None, str(e)
-            self.progress(ProgressEvent(PROBE_STAGE, r + 1, s1.n_iterations, str(e)))
+        strength = self.probe_token(student, r, token)
+        if strength is None:
             return None
         strength = record_strength(self.summary, strength, attempt, s1.min_token_strength)
         self.progress(ProgressEvent(PROBE_STAGE, r + 1, s1.n_iterations,
                                     strength.sentence(s1.max_inversions), strength.metrics()))
         return strength
 
-    def stage2(self, tokens: Sequence, resume: bool) -> torch.nn.Module:
-        """ReCARE on a fresh copy of the base UNet, H = {reference word} + the tokens."""
+    def probe_token(self, unet, r: int, token):
+        """The probe of the r-th token on the original model and `unet` (a TokenStrength, round r + 1), or None
+        without a judge (the first time, a metrics line and the result say why)."""
+        from recare.train.stage1_probe import JudgeUnavailable
+
+        if self._probe is None:
+            return None
+        self.begin(f"{PROBE_STAGE}[{r + 1}]")
+        try:
+            with self.autocast():
+                return self._probe(r, token, unet)
+        except JudgeUnavailable as e:      # a measurement only: the training goes on, the result says why
+            self._probe, self.summary["stage1_probe_skipped"] = None, str(e)
+            self.progress(ProgressEvent(PROBE_STAGE, r + 1, r + 1, str(e)))
+            return None
+
+    def stage2(self, tokens: Sequence, position: dict | None) -> tuple[torch.nn.Module, list]:
+        """ReCARE on a fresh copy of the base UNet, H = {reference word} + the tokens; then the closing search
+        (`stage2.closing_rounds`). Returns the trained UNet and every token (stage 1's, then the closing ones).
+
+        Args:
+            position: the saved state when resuming inside stage 2 or its closing search, else None.
+        """
         anchors, retain = list(self.careset.base_prompts), list(self.careset.retain_prompts)
         if not anchors or not retain:
             raise TrainingError("the CARE-set is empty: stage 2 needs at least one anchor and one retain prompt.")
-        from recare.train.stage1_probe import joins_h
-
-        erase_concepts = [self.config.reference_word, *[t.placeholder for t in tokens if joins_h(self.summary, t)]]
-        self.summary["erase_set"] = erase_concepts
         student = self.fresh_student()
+        phase = position["phase"] if position else None
+        if phase not in (CLOSING_TI, CLOSING_ERASE):
+            from recare.train.stage1_probe import joins_h
+
+            erase_concepts = [self.config.reference_word,
+                              *[t.placeholder for t in tokens if joins_h(self.summary, t)]]
+            self.summary["erase_set"] = erase_concepts
+            self.erase_loop(student, tokens, erase_concepts, STAGE2, 0, self.config.stage2, self.config.seed,
+                            resume=phase == STAGE2)
+            position = None
+        return student, self.closing(student, list(tokens), position)
+
+    def erase_loop(self, student, tokens: Sequence, erase_concepts: Sequence[str], phase: str, round_index: int,
+                   config, seed: int, resume: bool, fixed: dict | None = None) -> None:
+        """Stage 2's loop (Eqs. 11-13) on `student`, the frozen base as teacher: `config.iterations` iterations
+        with H = `erase_concepts`, the CARE-set's anchors and retain prompts, generator `seed`."""
+        anchors, retain = list(self.careset.base_prompts), list(self.careset.retain_prompts)
         embeddings = self.embeddings(tokens, [*erase_concepts, *anchors, *retain])
         trainer = Stage2Trainer(student, self.base, self.sampler(), embeddings, erase_concepts, anchors, retain,
-                                self.config.stage2, **self.trainer_kwargs())
-        self.begin(STAGE2)
+                                config, **{**self.trainer_kwargs(), "seed": seed}, stage=phase)
+        self.begin(phase if phase == STAGE2 else f"{phase}[{round_index + 1}]")
         self._student = student
-        self.run_loop(trainer, STAGE2, 0, tokens, {}, f"H = {erase_concepts}", resume)
-        return student
+        self.run_loop(trainer, phase, round_index, tokens, fixed or {}, f"H = {list(erase_concepts)}", resume)
+
+    def closing(self, student, tokens: list, position: dict | None) -> list:
+        """The closing search (not official; `stage2.closing_rounds`): the attacker's own search against the
+        trained UNet. Round k runs up to `closing_attempts` textual inversions of a fresh token against `student`
+        on round k's slice of the target images, each probed; the one that draws the target most often on the
+        trained UNet is kept. It joins H when it draws the target there at all and on the original model at least
+        `stage1.min_token_strength` (stage 1's rule; it is Eq. 13's teacher), and stage 2 goes on for
+        `closing_iterations` iterations with the larger H. The first round whose token does not join ends the
+        search: the trained UNet passed its own attack. Without a judge each round's first inversion joins.
+
+        Args:
+            student: stage 2's trained UNet (changed in place).
+            tokens: every token so far; the joined closing tokens are appended.
+            position: the saved state when resuming inside the closing search, else None.
+
+        Returns:
+            `tokens` with the closing tokens that joined H.
+        """
+        s1, s2 = self.config.stage1, self.config.stage2
+        if s1 is None or s2.closing_rounds == 0:
+            return tokens
+        first = position["round"] if position else 0
+        if position:
+            tokens = [token_of(t) for t in position["tokens"]]
+        for k in range(first, s2.closing_rounds):
+            resumed = position is not None and k == first
+            if resumed:     # the trained UNet as it stood before round k
+                load_tensors(student, self.state.load(f"closed-{k}.pt"))
+            before = trained_tensors(student, self.trained_names)
+            fixed = {f"closed-{k}.pt": lambda t=before: t}
+            if not (resumed and position["phase"] == CLOSING_ERASE):
+                token = self.closing_search(student, k, tokens, fixed, position if resumed else None)
+                if token is None:
+                    break
+                tokens = [*tokens, token]
+                self.summary["erase_set"] = [*self.summary["erase_set"], token.placeholder]
+                self.state.save(self.small_state(CLOSING_ERASE, k, tokens), {}, fixed)
+            self.erase_loop(student, tokens, self.summary["erase_set"], CLOSING_ERASE, k,
+                            dataclasses.replace(s2, iterations=s2.closing_iterations),
+                            self.config.seed + CLOSING_SEED + k, resume=resumed, fixed=fixed)
+            if k + 1 < s2.closing_rounds:
+                self.state.save(self.small_state(CLOSING_TI, k + 1, tokens), {},
+                                {f"closed-{k + 1}.pt": lambda t=trained_tensors(student, self.trained_names): t})
+        return tokens
+
+    def closing_search(self, student, k: int, tokens: Sequence, fixed: dict, position: dict | None):
+        """Closing round k's inversions (see `closing`); returns the token that joins H, or None."""
+        from recare.train.stage1_probe import record_closing
+
+        s1, s2 = self.config.stage1, self.config.stage2
+        attempt = int(position.get("attempt") or 0) if position else 0
+        best = token_of(position["best"]) if position and position.get("best") else None
+        ti_state = position.get("ti") if position else None
+        images = round_images(self.images, k, s1.n_iterations)
+        while attempt < s2.closing_attempts:
+            ti = dataclasses.replace(
+                s1.textual_inversion, seed=s1.textual_inversion.seed + CLOSING_TI_SEED + CLOSING_TI_SEED_STEP * k + attempt,
+                steps=s2.closing_ti_steps or s1.textual_inversion.steps)
+            token = self.inversion(student, tokens, CLOSING_TI, k, images, ti, fixed, ti_state,
+                                   {"attempt": attempt, "best": token_dict(best) if best is not None else None})
+            ti_state = None
+            strength = self.probe_token(student, len(tokens), token)
+            if strength is None:     # no judge: the round's first inversion joins, as stage 1 keeps every token
+                return token
+            strength = record_closing(self.summary, k, strength, attempt, s1.min_token_strength)
+            self.progress(ProgressEvent(PROBE_STAGE, len(tokens) + 1, s1.n_iterations + s2.closing_rounds,
+                                        strength.closing_sentence(k, s2.closing_attempts),
+                                        {**strength.metrics(), "closing": float(k + 1)}))
+            best = token if strength.kept or best is None else best
+            attempt += 1
+            if strength.joins_h and strength.erased >= CLOSING_EARLY_STOP:
+                break
+        entry = self.summary["closing_probe"][-1]
+        return best if entry.get("joins_h") else None
 
     def esd_baseline(self, resume: bool) -> torch.nn.Module:
         """The ESD baseline: ESD of the reference word on a fresh copy of the base UNet."""
@@ -443,13 +557,13 @@ class _Recipe:
         phase = position["phase"] if position else None
         tokens: list = []
         if self.config.stage1 is not None:
-            if phase == STAGE2:
+            if phase in (STAGE2, CLOSING_TI, CLOSING_ERASE):
                 tokens = [token_of(t) for t in position["tokens"]]
             else:
                 tokens = self.stage1(position if phase in (STAGE1_ERASE, STAGE1_TI) else None)
                 self.state.save(self.small_state(STAGE2, 0, tokens), {}, {})  # stage 1 is done
         if self.config.stage2 is not None:
-            unet = self.stage2(tokens, resume=phase == STAGE2)
+            unet, tokens = self.stage2(tokens, position if phase in (STAGE2, CLOSING_TI, CLOSING_ERASE) else None)
         else:
             unet = self.esd_baseline(resume=phase == ESD)
         self.summary["seconds"] = self.elapsed()

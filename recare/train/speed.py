@@ -103,6 +103,11 @@ def measured_speed(store, model: str, device: str) -> dict | None:
     return None
 
 
+def closing_ti_steps(config) -> int:
+    """Steps of one inversion of the closing search (`stage2.closing_ti_steps`, else stage 1's)."""
+    return config.stage2.closing_ti_steps or config.stage1.textual_inversion.steps
+
+
 def training_plan(config) -> list[tuple[str, int]]:
     """The loops `config` runs, in order, with their steps: [("stage1.erase[1]", 100), ("stage1.textual_inversion[1]", 1000), ...].
 
@@ -116,6 +121,10 @@ def training_plan(config) -> list[tuple[str, int]]:
                      (f"stage1.textual_inversion[{r}]", config.stage1.textual_inversion.steps)]
     if config.stage2 is not None:
         plan.append(("stage2", config.stage2.iterations))
+        if config.stage1 is not None:   # the closing search: each round's first inversion and the iterations after it
+            for k in range(1, config.stage2.closing_rounds + 1):
+                plan += [(f"closing.textual_inversion[{k}]", closing_ti_steps(config)),
+                         (f"closing.erase[{k}]", config.stage2.closing_iterations)]
     if config.esd is not None:
         plan.append(("esd", config.esd.iterations))
     return plan
@@ -126,7 +135,9 @@ def estimate_seconds(config, speed: dict | None, *, longest: bool = False) -> fl
 
     Stage 1's search stops at the first inversion of a round that draws the target strongly enough, so a
     round runs between one and `stage1.max_inversions` textual inversions: the estimate counts one, and
-    `longest=True` counts them all (the probes between them are not counted).
+    `longest=True` counts them all (the probes between them are not counted). Likewise the closing search
+    (`stage2.closing_rounds`) may end after its first inversion: the estimate counts one closing round (one
+    inversion and its stage-2 iterations), `longest=True` every round with all its inversions.
 
     Args:
         config: a `recare.config.TrainConfig`.
@@ -146,6 +157,11 @@ def estimate_seconds(config, speed: dict | None, *, longest: bool = False) -> fl
                                      * s1.textual_inversion.steps)
     if config.stage2 is not None:
         need["stage2"] = config.stage2.iterations
+        s2 = config.stage2
+        if config.stage1 is not None and s2.closing_rounds > 0:
+            rounds = s2.closing_rounds if longest else 1
+            need["stage2"] += rounds * s2.closing_iterations
+            need["textual_inversion"] += rounds * (s2.closing_attempts if longest else 1) * closing_ti_steps(config)
     if config.esd is not None:
         need["erase"] = need.get("erase", 0) + config.esd.iterations
     if any(not isinstance(speed.get(kind), (int, float)) for kind in need):

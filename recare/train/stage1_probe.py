@@ -82,6 +82,14 @@ class TokenStrength:
                 f"original, {self.erased:.0%} on the erased model{left_out}")
 
 
+    def closing_sentence(self, k: int, attempts: int) -> str:
+        """ "closing round 1, inversion 2 of up to 3: <v3*> draws the target in 100% of images on the original,
+        38% on the trained model; joins H" """
+        verdict = "joins H" if self.joins_h else "stays out of H"
+        return (f"closing round {k + 1}, inversion {self.attempt} of up to {attempts}: {self.token} draws the target "
+                f"in {self.original:.0%} of images on the original, {self.erased:.0%} on the trained model; {verdict}")
+
+
 def probe_prompt(placeholder: str, style: str) -> str:
     """The probe's prompt: "a photo of <v1*>", or "a painting in the style of <v1*>" for the painting style."""
     return f"a painting in the style of {placeholder}" if style == "painting" else f"a photo of {placeholder}"
@@ -219,6 +227,27 @@ def record_strength(summary: dict, strength: TokenStrength, attempt: int, min_to
     tries.append({k: v for k, v in strength.to_dict().items() if k in ("attempt", "original", "erased", "norm", "seconds")})
     entries[strength.round] = {**(strength.to_dict() if kept else previous), "attempts": tries}
     summary["stage1_probe"] = [entries[k] for k in sorted(entries)]
+    return strength
+
+
+def record_closing(summary: dict, k: int, strength: TokenStrength, attempt: int,
+                   min_token_strength: float) -> TokenStrength:
+    """Record one probed inversion of the closing search's round k (from 0) in a training summary's
+    "closing_probe" (one entry per round: the inversion that draws the target most often on the trained UNet,
+    `erased` here, then on the original; the earliest on a tie; every inversion under "attempts"). Returns
+    `strength` with its attempt (from 1), `kept` and `joins_h` (it draws the target on the trained UNet at all
+    and on the original at least `min_token_strength`) set."""
+    entries = {p.get("closing_round"): p for p in summary.get("closing_probe", [])}
+    round_entry = entries.get(k + 1)
+    previous = round_entry if round_entry is not None and round_entry.get("attempt", 1) != attempt + 1 else None
+    kept = previous is None or (strength.erased, strength.original) > (previous["erased"], previous["original"])
+    strength = dataclasses.replace(strength, attempt=attempt + 1, kept=kept,
+                                   joins_h=strength.erased > 0 and strength.original >= min_token_strength)
+    tries = [t for t in (round_entry or {}).get("attempts", []) if t.get("attempt", 1) < attempt + 1]
+    tries.append({k_: v for k_, v in strength.to_dict().items()
+                  if k_ in ("attempt", "original", "erased", "norm", "seconds")})
+    entries[k + 1] = {**(strength.to_dict() if kept else previous), "closing_round": k + 1, "attempts": tries}
+    summary["closing_probe"] = [entries[i] for i in sorted(entries)]
     return strength
 
 

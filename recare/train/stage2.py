@@ -67,8 +67,10 @@ class Stage2Trainer(ErasureTrainer):
     def __init__(self, student, teacher, sampler, embeddings, erase_concepts: Sequence[str],
                  anchors: Sequence[str], retain_prompts: Sequence[str], config: Stage2Config | None = None,
                  *, train_method: str = "noxattn", seed: int = 42, rollout_batch: int = 1,
-                 amp_dtype: torch.dtype | None = None):
+                 amp_dtype: torch.dtype | None = None, stage: str | None = None):
         self.config = config or Stage2Config()
+        if stage is not None:     # the closing search's loops report as "closing.erase"
+            self.stage = stage
         self.erase_concepts = list(erase_concepts)
         if not self.erase_concepts or not list(anchors) or not list(retain_prompts):
             raise TrainingError("stage 2 needs at least one erase concept, one anchor prompt and one retain prompt "
