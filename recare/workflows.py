@@ -140,7 +140,8 @@ def training_config(task: dict | None, method: str = "recare", *, iterations: in
         rollout_batch: iterations rolled out at once (--rollout-batch).
         min_token_strength, stage1_attempts, search_original: stage 1's search (--min-token-strength,
             --stage1-attempts, --search-original; `Stage1Config`).
-        closing_rounds: stage 2's closing search (--closing-rounds; `Stage2Config.closing_rounds`).
+        closing_rounds: stage 2's closing search (--closing-rounds; `Stage2Config.closing_rounds`). `iterations` and
+            `ti_steps` also cap its stage-2 iterations and inversion steps (a short run is short everywhere).
         **fields: TrainConfig fields (model, device, seed, target_prompt, ...).
     """
     config = task_train_config(task, method, **fields) if task else TrainConfig.for_method(method, **fields)
@@ -158,8 +159,14 @@ def training_config(task: dict | None, method: str = "recare", *, iterations: in
                        ("search_original", search_original)):
         if stage1 is not None and value is not None:
             stage1[key] = value
-    if closing_rounds is not None and data.get("stage2") is not None:
-        data["stage2"]["closing_rounds"] = closing_rounds
+    stage2 = data.get("stage2")
+    if closing_rounds is not None and stage2 is not None:
+        stage2["closing_rounds"] = closing_rounds
+    # a shorter run asked for is short everywhere: the step overrides also cap the closing search's
+    if stage2 is not None and iterations is not None:
+        stage2["closing_iterations"] = min(stage2.get("closing_iterations") or iterations, iterations)
+    if stage2 is not None and ti_steps is not None and stage2.get("closing_ti_steps") is not None:
+        stage2["closing_ti_steps"] = min(stage2["closing_ti_steps"], ti_steps)
     if lr is not None:
         final["learning_rate"] = lr
     if rollout_batch is not None:

@@ -231,16 +231,19 @@ def test_train_start_watch_cancel_resume_finish(train_app, tmp_path):
         expect(page.locator("#train-status")).to_contain_text("done", timeout=600_000)
         expect(page.locator("#train-progress")).to_contain_text("100%")
         expect(page.locator("#train-runs")).to_contain_text("done")
-        # the finished run's two rounds, as recorded in its metrics.jsonl
-        expect(page.locator("#train-probe tr")).to_have_count(3)
-        shown = [page.locator("#train-probe tr").nth(r).locator("td").all_inner_texts()[2:4] for r in (1, 2)]
+        # the finished run's two stage-1 rounds and tench's closing rounds, as recorded in its metrics.jsonl
         rows = [json.loads(line) for line in next(Path(train_app["runs"]).rglob(f"{run_id}/metrics.jsonl"))
                 .read_text().splitlines()]
         kept = probe_rows(rows)   # per round, the inversion the round kept (the world searches with several)
+        assert [int(r["step"]) for r in kept if not r.get("closing")] == [1, 2] and kept[-1].get("closing"), kept
+        expect(page.locator("#train-probe tr")).to_have_count(1 + len(kept))
+        cells = [page.locator("#train-probe tr").nth(r).locator("td").all_inner_texts() for r in range(1, 1 + len(kept))]
         recorded = [[f"{100 * r[k]:.0f}%" for k in ("original", "erased")] for r in kept]
-        assert shown == recorded, (shown, recorded)
-        in_h = [page.locator("#train-probe tr").nth(r).locator("td").all_inner_texts()[5] for r in (1, 2)]
-        assert in_h == ["yes" if r.get("joins_h", 1.0) else "no (too weak)" for r in kept], in_h
+        assert [c[2:4] for c in cells] == recorded, (cells, recorded)
+        assert [c[0] for c in cells] == [f"closing round {int(r['closing'])} (the trained model)" if r.get("closing")
+                                         else f"round {int(r['step'])}" for r in kept], cells
+        assert [c[5] for c in cells] == ["yes" if r.get("joins_h", 1.0) else
+                                         "no: the search ends" if r.get("closing") else "no (too weak)" for r in kept]
         assert not errors, f"page errors: {errors}"
         browser.close()
 

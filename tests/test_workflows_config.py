@@ -35,3 +35,16 @@ def test_world_settings_then_task_settings_then_fields_win_in_that_order():
     assert tench.stage2.learning_rate == 9e-5 and tench.num_images == 16
     explicit = task_train_config(TASK, "recare", _spec(tasks), num_images=4)
     assert explicit.num_images == 4
+
+
+def test_short_run_overrides_also_cap_the_closing_search():
+    from recare.workflows import mini_world_task, training_config
+
+    tench = mini_world_task("tench")
+    world = training_config(tench, "recare")
+    assert (world.stage2.closing_rounds, world.stage2.closing_ti_steps, world.stage2.closing_iterations) == (2, 250, 100)
+    short = training_config(tench, "recare", iterations=4, ti_steps=3)
+    assert (short.stage2.iterations, short.stage2.closing_iterations, short.stage2.closing_ti_steps) == (4, 4, 3)
+    assert training_config(tench, "recare", iterations=500, ti_steps=2000).stage2.closing_ti_steps == 250   # a cap only
+    assert training_config(tench, "recare", closing_rounds=0).stage2.closing_rounds == 0
+    assert training_config(mini_world_task("van_gogh"), "recare").stage2.closing_rounds == 0   # measured on tench only
