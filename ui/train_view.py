@@ -203,7 +203,7 @@ def probe_table(probes: list[dict], config: TrainConfig | None, result: dict) ->
     if not probes:
         skipped = result.get("stage1_probe_skipped")
         return f'<p id="train-probe-skipped">{html.escape(str(skipped))}</p>' if skipped else ""
-    from recare.train.recipe import round_placeholder
+    from recare.train.search import round_placeholder
 
     template = config.stage1.textual_inversion.placeholder if config and config.stage1 else "<v*>"
     concept = config.reference_word if config else "the target"
