@@ -185,6 +185,17 @@ def test_loss_axis_leaves_off_a_numerically_zero_first_retain_loss():
     assert loss_axis_range([0.5, 0.4, 0.3]) is None  # nothing near zero: plotly chooses
 
 
+def test_loss_plot_draws_the_closing_search_as_textual_inversion_and_erase():
+    from ui.figures import loss_figure
+
+    rows = [{"stage": "stage2", "step": 1, "total": 1, "loss": 0.3, "erase": 0.2, "retain": 0.1},
+            {"stage": "closing.textual_inversion", "step": 1, "total": 1, "loss": 0.05},
+            {"stage": "stage1.probe", "step": 3, "total": 4, "original": 1.0},
+            {"stage": "closing.erase", "step": 1, "total": 1, "loss": 0.4, "erase": 0.35, "retain": 0.05}]
+    traces = {t.name: list(t.x) for t in loss_figure(rows).data}
+    assert traces["textual inversion loss"] == [2] and traces["erase loss"] == [1, 4] and traces["retain loss"] == [1, 4]
+
+
 @needs_demo
 def test_report_draws_the_spread_of_a_metrics_json_with_several_attack_runs(tmp_path):
     """A fixture evaluation whose metrics.json has "asr_runs" / "asr_worst" (several CCE runs; "asr" the mean):

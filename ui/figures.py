@@ -164,7 +164,10 @@ def placeholder_json(message: str) -> str:
 
 # Training stages whose metrics rows carry an erase loss (and stage 2 also a retain loss).
 _LOSS_STAGE_NAMES = MappingProxyType({"stage1.erase": "stage 1 erase", "stage1.textual_inversion": "textual inversion",
-                                      "stage2": "stage 2", "esd": "ESD"})
+                                      "stage2": "stage 2", "esd": "ESD",
+                                      "closing.textual_inversion": "closing search: textual inversion",
+                                      "closing.erase": "closing search: stage 2"})
+_TI_STAGES = ("stage1.textual_inversion", "closing.textual_inversion")
 
 
 def loss_figure(rows: list[dict], title: str = "", height: int = 360) -> go.Figure:
@@ -192,7 +195,7 @@ def loss_figure(rows: list[dict], title: str = "", height: int = 360) -> go.Figu
             starts.append((x, _LOSS_STAGE_NAMES[stage]))
         previous = stage
         label = f"{_LOSS_STAGE_NAMES[stage]} step {row.get('step')}/{row.get('total')}"
-        if stage == "stage1.textual_inversion":
+        if stage in _TI_STAGES:
             parts = {"textual inversion": row.get("loss")}
         else:
             parts = {"erase": row.get("erase", row.get("loss")), "retain": row.get("retain")}

@@ -141,6 +141,8 @@ def poll_run(ctx: AppContext, run_id, stored_key, request=None):
         config, plan = None, []
     phase, done = current_phase(rows, plan, status)
     total = sum(n for _, n in plan) or 1
+    if state == DONE:   # a search that ended early (the closing search, stage 1's) skips planned loops
+        done = total
     progress = status.get("progress") or {}
     position = ctx.jobs.queue_position(run.id)
     if state == QUEUED:
