@@ -549,6 +549,11 @@ class TrainConfig(JsonConfig):
             raise ConfigError(f"outputs must be a non-empty list of {OUTPUT_FORMATS} (got {self.outputs!r}).")
 
     @property
+    def closing_ti_steps(self) -> int:
+        """Steps of one inversion of stage 2's closing search (`stage2.closing_ti_steps`, else stage 1's)."""
+        return self.stage2.closing_ti_steps or self.stage1.textual_inversion.steps
+
+    @property
     def n_adversarial_tokens(self) -> int:
         """How many adversarial tokens stage 1 adds to H (0 when stage 1 is off)."""
         return self.stage1.n_iterations if self.stage1 is not None else 0

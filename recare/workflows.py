@@ -164,7 +164,7 @@ def training_config(task: dict | None, method: str = "recare", *, iterations: in
         stage2["closing_rounds"] = closing_rounds
     # a shorter run asked for is short everywhere: the step overrides also cap the closing search's
     if stage2 is not None and iterations is not None:
-        stage2["closing_iterations"] = min(stage2.get("closing_iterations") or iterations, iterations)
+        stage2["closing_iterations"] = min(stage2["closing_iterations"], iterations)
     if stage2 is not None and ti_steps is not None and stage2.get("closing_ti_steps") is not None:
         stage2["closing_ti_steps"] = min(stage2["closing_ti_steps"], ti_steps)
     if lr is not None:

@@ -14,7 +14,8 @@ from PIL import Image
 
 from recare.careset_io import parse_official
 from recare.config import ConfigError, Stage2Config, TrainConfig
-from recare.train.recipe import (CLOSING_ERASE, CLOSING_SEED, CLOSING_TI, CLOSING_TI_SEED, round_images, train)
+from recare.train.recipe import train
+from recare.train.search import CLOSING_ERASE, CLOSING_SEED, CLOSING_TI, CLOSING_TI_SEED, round_images
 from recare.train.stage1_probe import PROBE_STAGE, Stage1Probe, probe_rows
 from tests.test_train_stage1_probe import CARESET, GEN, tiny
 

@@ -63,9 +63,8 @@ from recare.train.outputs import write_config, write_outputs
 from recare.train.params import trainable_parameter_names
 from recare.train.rollout import XtSampler, amp_dtype, autocast_factory, encode_prompts
 from recare.train.stage2 import Stage2Trainer
-from recare.train.search import (CLOSING_EARLY_STOP, CLOSING_ERASE, CLOSING_SEED, CLOSING_TI,  # noqa: F401 (API)
-                                 CLOSING_TI_SEED, CLOSING_TI_SEED_STEP, STAGE1_ERASE, STAGE1_TI, TokenSearch,
-                                 round_images, round_placeholder)
+from recare.train.search import CLOSING_ERASE, CLOSING_TI, STAGE1_ERASE, STAGE1_TI, TokenSearch
+from recare.train.search import round_images, round_placeholder  # noqa: F401 (where tests and benchmarks find them)
 from recare.train.state import STATE_DIR, STATE_FORMAT, STATE_VERSION, StateFolder, token_dict, token_of
 
 RESULT_FILE = "result.json"
@@ -260,8 +259,7 @@ class _Recipe(TokenSearch):
         Args:
             position: the saved state when resuming inside stage 2 or its closing search, else None.
         """
-        anchors, retain = list(self.careset.base_prompts), list(self.careset.retain_prompts)
-        if not anchors or not retain:
+        if not self.careset.base_prompts or not self.careset.retain_prompts:
             raise TrainingError("the CARE-set is empty: stage 2 needs at least one anchor and one retain prompt.")
         student = self.fresh_student()
         phase = position["phase"] if position else None

@@ -264,7 +264,7 @@ class TokenSearch:
         while attempt < s2.closing_attempts:
             ti = dataclasses.replace(
                 s1.textual_inversion, seed=s1.textual_inversion.seed + CLOSING_TI_SEED + CLOSING_TI_SEED_STEP * k + attempt,
-                steps=s2.closing_ti_steps or s1.textual_inversion.steps)
+                steps=self.config.closing_ti_steps)
             token = self.inversion(student, tokens, CLOSING_TI, k, images, ti, fixed, ti_state,
                                    {"attempt": attempt, "best": token_dict(best) if best is not None else None})
             ti_state = None

@@ -103,11 +103,6 @@ def measured_speed(store, model: str, device: str) -> dict | None:
     return None
 
 
-def closing_ti_steps(config) -> int:
-    """Steps of one inversion of the closing search (`stage2.closing_ti_steps`, else stage 1's)."""
-    return config.stage2.closing_ti_steps or config.stage1.textual_inversion.steps
-
-
 def training_plan(config) -> list[tuple[str, int]]:
     """The loops `config` runs, in order, with their steps: [("stage1.erase[1]", 100), ("stage1.textual_inversion[1]", 1000), ...].
 
@@ -123,7 +118,7 @@ def training_plan(config) -> list[tuple[str, int]]:
         plan.append(("stage2", config.stage2.iterations))
         if config.stage1 is not None:   # the closing search: each round's first inversion and the iterations after it
             for k in range(1, config.stage2.closing_rounds + 1):
-                plan += [(f"closing.textual_inversion[{k}]", closing_ti_steps(config)),
+                plan += [(f"closing.textual_inversion[{k}]", config.closing_ti_steps),
                          (f"closing.erase[{k}]", config.stage2.closing_iterations)]
     if config.esd is not None:
         plan.append(("esd", config.esd.iterations))
@@ -161,7 +156,7 @@ def estimate_seconds(config, speed: dict | None, *, longest: bool = False) -> fl
         if config.stage1 is not None and s2.closing_rounds > 0:
             rounds = s2.closing_rounds if longest else 1
             need["stage2"] += rounds * s2.closing_iterations
-            need["textual_inversion"] += rounds * (s2.closing_attempts if longest else 1) * closing_ti_steps(config)
+            need["textual_inversion"] += rounds * (s2.closing_attempts if longest else 1) * config.closing_ti_steps
     if config.esd is not None:
         need["erase"] = need.get("erase", 0) + config.esd.iterations
     if any(not isinstance(speed.get(kind), (int, float)) for kind in need):

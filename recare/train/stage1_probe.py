@@ -81,7 +81,6 @@ class TokenStrength:
         return (f"round {self.round}{which}: {self.token} draws the target in {self.original:.0%} of images on the "
                 f"original, {self.erased:.0%} on the erased model{left_out}")
 
-
     def closing_sentence(self, k: int, attempts: int) -> str:
         """ "closing round 1, inversion 2 of up to 3: <v3*> draws the target in 100% of images on the original,
         38% on the trained model; joins H" """
@@ -217,17 +216,9 @@ def record_strength(summary: dict, strength: TokenStrength, attempt: int, min_to
         attempt: the inversion's index in the round's search, from 0.
         min_token_strength: `Stage1Config.min_token_strength` (0: every token joins H).
     """
-    entries = {p.get("round"): p for p in summary.get("stage1_probe", [])}
-    round_entry = entries.get(strength.round)
-    previous = round_entry if round_entry is not None and round_entry.get("attempt", 1) != attempt + 1 else None
-    kept = previous is None or strength.original > previous["original"]
-    strength = dataclasses.replace(strength, attempt=attempt + 1, kept=kept,
-                                   joins_h=min_token_strength == 0 or strength.original >= min_token_strength)
-    tries = [t for t in (round_entry or {}).get("attempts", []) if t.get("attempt", 1) < attempt + 1]
-    tries.append({k: v for k, v in strength.to_dict().items() if k in ("attempt", "original", "erased", "norm", "seconds")})
-    entries[strength.round] = {**(strength.to_dict() if kept else previous), "attempts": tries}
-    summary["stage1_probe"] = [entries[k] for k in sorted(entries)]
-    return strength
+    joins = min_token_strength == 0 or strength.original >= min_token_strength
+    return _record_inversion(summary, "stage1_probe", "round", strength.round, strength, attempt, joins,
+                             rank=lambda entry: entry["original"])
 
 
 def record_closing(summary: dict, k: int, strength: TokenStrength, attempt: int,
@@ -237,17 +228,25 @@ def record_closing(summary: dict, k: int, strength: TokenStrength, attempt: int,
     `erased` here, then on the original; the earliest on a tie; every inversion under "attempts"). Returns
     `strength` with its attempt (from 1), `kept` and `joins_h` (it draws the target on the trained UNet at all
     and on the original at least `min_token_strength`) set."""
-    entries = {p.get("closing_round"): p for p in summary.get("closing_probe", [])}
-    round_entry = entries.get(k + 1)
+    joins = strength.erased > 0 and strength.original >= min_token_strength
+    return _record_inversion(summary, "closing_probe", "closing_round", k + 1, strength, attempt, joins,
+                             rank=lambda entry: (entry["erased"], entry["original"]))
+
+
+def _record_inversion(summary: dict, key: str, round_field: str, round_number: int, strength: TokenStrength,
+                      attempt: int, joins: bool, rank: Callable[[dict], Any]) -> TokenStrength:
+    """One search's bookkeeping for `record_strength` and `record_closing`: `summary[key]` holds one entry per
+    round (`round_field` = `round_number`), the inversion ranked highest by `rank` so far (the earliest on a tie),
+    with every inversion of the round under "attempts"."""
+    entries = {p.get(round_field): p for p in summary.get(key, [])}
+    round_entry = entries.get(round_number)
     previous = round_entry if round_entry is not None and round_entry.get("attempt", 1) != attempt + 1 else None
-    kept = previous is None or (strength.erased, strength.original) > (previous["erased"], previous["original"])
-    strength = dataclasses.replace(strength, attempt=attempt + 1, kept=kept,
-                                   joins_h=strength.erased > 0 and strength.original >= min_token_strength)
+    kept = previous is None or rank(strength.to_dict()) > rank(previous)
+    strength = dataclasses.replace(strength, attempt=attempt + 1, kept=kept, joins_h=joins)
     tries = [t for t in (round_entry or {}).get("attempts", []) if t.get("attempt", 1) < attempt + 1]
-    tries.append({k_: v for k_, v in strength.to_dict().items()
-                  if k_ in ("attempt", "original", "erased", "norm", "seconds")})
-    entries[k + 1] = {**(strength.to_dict() if kept else previous), "closing_round": k + 1, "attempts": tries}
-    summary["closing_probe"] = [entries[i] for i in sorted(entries)]
+    tries.append({k: v for k, v in strength.to_dict().items() if k in ("attempt", "original", "erased", "norm", "seconds")})
+    entries[round_number] = {**(strength.to_dict() if kept else previous), round_field: round_number, "attempts": tries}
+    summary[key] = [entries[k] for k in sorted(entries)]
     return strength
 
 
