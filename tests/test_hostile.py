@@ -111,7 +111,10 @@ def _cli(*argv: str) -> str:
     """`python -m recare ...` in this process: 'exit N: <last stderr line>' (a traceback fails the case)."""
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = cli.main(list(argv))
+        try:
+            code = cli.main(list(argv))
+        except SystemExit as e:   # argparse refuses a wrong type before main's own checks, as a shell sees it
+            code = e.code
     lines = err.getvalue().strip().splitlines()
     return f"exit {code}: {lines[-1] if lines else ''}"
 
@@ -315,6 +318,9 @@ def _cases(gen: Client, cs: Client, public: Client, url: str, session_folder: Pa
         Case("CLI train", "--closing-rounds 10^9",
              lambda: _cli("train", "--task", "tench", "--closing-rounds", str(10**9), "--out", out),
              "exit 2: error: stage 2 closing_rounds must be between 0 and 4"),
+        Case("CLI train", "--closing-rounds two",
+             lambda: _cli("train", "--task", "tench", "--closing-rounds", "two", "--out", out),
+             "exit 2: .*argument --closing-rounds: invalid int value: 'two'"),
         Case("CLI train", "--closing-rounds 2 --method recare-no-adv",
              lambda: _cli("train", "--task", "tench", "--method", "recare-no-adv", "--closing-rounds", "2", "--out", out),
              "exit 2: error: stage 2's closing_rounds search with stage 1's"),

@@ -88,6 +88,10 @@ def test_train_request_bounds_every_number_and_refuses_server_inputs(tmp_path):
         "RECARE_MAX_STAGE1_ROUNDS": TrainConfig.from_dict({**TrainConfig.for_method("recare").to_dict(), "stage1": {
             "n_iterations": 11}, "num_images": 11}),
         "RECARE_MAX_IMAGES": _train(num_images=10**9),
+        "stage-2 iterations after each closing round": TrainConfig.from_dict({**TrainConfig.for_method(
+            "recare").to_dict(), "stage2": {"closing_rounds": 1, "closing_iterations": 10**12}}),
+        "textual-inversion steps per closing inversion": TrainConfig.from_dict({**TrainConfig.for_method(
+            "recare").to_dict(), "stage2": {"closing_rounds": 1, "closing_ti_steps": limits.ti_steps + 1}}),
         "seed must be between 0 and": _train(seed=10**30),
         "this public app loads only": _train(model="/etc"),
         "names a file on the server": _train(images=str(tmp_path)),
