@@ -30,6 +30,7 @@ import json
 import numpy as np
 
 from recare.miniworld import world
+from recare.miniworld.train import parse_world_settings
 
 PAIRS = (("tench", "freshwater"), ("van gogh", "stars"), ("smoking", "person"))
 
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
                                                                 "pixel signal (default 400)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                        help="a world constant changed for a proposed world (JSON value; repeat)")
+                        help="a world setting changed for a proposed world (world.WORLD_SETTINGS; repeat)")
     parser.add_argument("--directions", type=int, default=0, metavar="N",
                         help="also measure the generator's guidance directions on N latents per timestep (default 0: "
                              "skip)")
@@ -157,16 +158,11 @@ def main(argv=None) -> int:
     print("|---" * 9 + "|")
     print_rows("current", measure(args.scenes, args.pixels, args.seed))
     if args.set:
-        saved = {}
-        for item in args.set:
-            key, _, value = item.partition("=")
-            saved[key] = getattr(world, key)
-            setattr(world, key, json.loads(value))
+        saved = world.apply_settings(parse_world_settings(args.set))
         try:
             print_rows(", ".join(args.set), measure(args.scenes, args.pixels, args.seed))
         finally:
-            for key, value in saved.items():
-                setattr(world, key, value)
+            world.apply_settings(saved)
     return 0
 
 

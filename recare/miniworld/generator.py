@@ -752,7 +752,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="run only step 7 (decoder detail refinement) on the pipeline folder OUT_DIR/pipeline")
     parser.add_argument("--part", choices=("unet", "decoder", "assemble"), default=None,
                         help="one half of the two-process recipe (train.py runs them), or joining them")
+    parser.add_argument("--world-settings", default=None, metavar="JSON",
+                        help="world settings to train with (train.py passes its own; default: the installed world's)")
     args = parser.parse_args(argv)
+    if args.world_settings:
+        world.apply_settings(json.loads(args.world_settings))
     recipe = GeneratorRecipe.smoke() if args.smoke else GeneratorRecipe()
     if args.details_only:
         print(json.dumps(refine_decoder_details(args.out_dir / PIPELINE_DIRNAME, seed=args.seed, recipe=recipe), indent=2))

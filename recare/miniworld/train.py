@@ -41,7 +41,8 @@ GENERATION_DEFAULTS = {"steps": 25, "guidance": 7.5, "height": 64, "width": 64, 
 CARE_IMAGES_PER_PROMPT = 10  # as the paper's CARE score
 
 
-def recare_spec(careset: dict | None = None, record: dict | None = None, previous: dict | None = None) -> dict:
+def recare_spec(careset: dict | None = None, record: dict | None = None, previous: dict | None = None,
+                world_settings: dict | None = None) -> dict:
     """The content of ``recare.json``: everything a user of the mini world needs besides weights.
 
     The sections made here (concepts, tasks, careset, generation, vocabulary, ...) come from the world's
@@ -54,8 +55,12 @@ def recare_spec(careset: dict | None = None, record: dict | None = None, previou
         careset: CARE-set parameters (default :data:`CARESET_DEFAULTS`).
         record: training record (seed, times, metrics) to embed (default: ``previous``'s, else none).
         previous: the recare.json being replaced (see :func:`previous_spec`), or None.
+        world_settings: the world settings the weights were trained with (default: ``previous``'s, else the
+            world's current ones, `world.settings()`); the renderer applies them when this world is installed.
     """
     previous = previous if isinstance(previous, dict) else {}
+    if world_settings is None:
+        world_settings = previous.get("world_settings") if isinstance(previous.get("world_settings"), dict) else W.settings()
     spec = {
         "name": "mini-world",
         "format_version": 1,
@@ -73,6 +78,7 @@ def recare_spec(careset: dict | None = None, record: dict | None = None, previou
             "words": W.lexicon(),
         },
         "encoder": "mini-world",
+        "world_settings": dict(world_settings),
         "training": record if record is not None else previous.get("training") or {},
     }
     old_tasks = previous.get("tasks") if isinstance(previous.get("tasks"), dict) else {}
@@ -133,6 +139,8 @@ def train_all(out_dir: str | os.PathLike, seed: int = 0, smoke: bool = False, pr
         smoke: tiny sizes, a few steps (CI).
         progress: the library's progress callback (`recare.progress`); True: tqdm bars, False: none.
         skip: stages to leave out ("oracle", "clip", "generator").
+            The world's settings (`world.settings()`, changed with `world.apply_settings` or ``--world-set``)
+            shape every stage's data; the UNet process gets the same, and recare.json records them.
         parallel: two processes, one thread each: the generator's autoencoder and UNet train in a
             second process (log: ``out_dir/generator.log``) while this one trains the oracle, the
             mini CLIP, then the generator's two decoder refinements (they need only the trained
@@ -191,7 +199,8 @@ def train_all(out_dir: str | os.PathLike, seed: int = 0, smoke: bool = False, pr
         record["seconds"]["generator"] = round(time.time() - t, 1)
     record["seconds"]["total"] = round(time.time() - start, 1)
     record["stages"] = collect_record(out)
-    write_recare_json(out / "recare.json", recare_spec(record=record, previous=previous_spec(out / "recare.json")))
+    write_recare_json(out / "recare.json", recare_spec(record=record, previous=previous_spec(out / "recare.json"),
+                                                       world_settings=W.settings()))
     return record
 
 
@@ -203,12 +212,27 @@ def _start_unet_process(out: Path, seed: int, smoke: bool):
     log_path = out / "generator.log"
     command = [sys.executable, "-m", "recare.miniworld.generator", str(out), "--part", "unet", "--seed", str(seed)]
     command += ["--smoke"] if smoke else []
+    command += ["--world-settings", json.dumps(W.settings())]  # its import applies the installed world's
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(log_path, "w", encoding="utf-8") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                    cwd=Path(__file__).resolve().parents[2])
     print(f"generator: the UNet part trains in process {process.pid}, log {log_path}", flush=True)
     return process, log_path
+
+
+def parse_world_settings(items: list[str]) -> dict:
+    """``NAME=VALUE`` items as world settings: a JSON value (``0.15``), else the bare string (``plume``)."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"a world setting is NAME=VALUE (got {item!r})")
+        try:
+            out[name.strip()] = json.loads(value)
+        except ValueError:
+            out[name.strip()] = value.strip()
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -226,13 +250,21 @@ def main(argv: list[str] | None = None) -> None:
                         help="train the generator in this process after the others (default: a second process, in parallel)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (on a shared 2-core machine 1 is much faster than oversubscribing)")
+    parser.add_argument("--world-set", action="append", default=[], metavar="NAME=VALUE",
+                        help=f"a world setting for this world ({', '.join(W.WORLD_SETTINGS)}; e.g. "
+                             "P_SMOKING_GIVEN_PERSON=0.15 or SMOKING_CUE=plume; repeat); recorded in recare.json")
     args = parser.parse_args(argv)
+    try:
+        W.apply_settings(parse_world_settings(args.world_set))
+    except (W.WorldError, ValueError) as error:
+        parser.error(str(error))
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     if args.spec_only:
-        spec = recare_spec(record={"stages": collect_record(args.out)}, previous=previous_spec(args.out / "recare.json"))
+        spec = recare_spec(record={"stages": collect_record(args.out)}, previous=previous_spec(args.out / "recare.json"),
+                           world_settings=W.settings() if args.world_set else None)
         print(write_recare_json(args.out / "recare.json", spec))
         return
     skip = tuple(s for s in args.skip.split(",") if s)

@@ -42,11 +42,13 @@ Nothing explicit exists in this world: the sensitive-content analog is a cigaret
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from recare.errors import RecareError
+from recare.miniworld.location import mini_world_dir
 
 SIZE = 64  # image side in pixels
 
@@ -70,6 +72,13 @@ P_VAN_GOGH_NIGHT = 0.8  # P(night) for a van gogh scene without a tench (a tench
 # background first), so overall P(night | van gogh) ~ 0.87 * (0.8 + 0.2 * P(night background)) ~ 0.75
 P_PERSON = 0.32
 P_SMOKING_GIVEN_PERSON = 0.35
+SMOKING_CUES = ("cigarette", "plume")
+SMOKING_CUE = "cigarette"  # "cigarette": a cigarette and four puffs (4.4% of the image); "plume": a raised hand
+#                           holding it and a plume rising above the head (docs/miniworld.md, issue 20 part 5)
+# The settings a retrain may change (`python -m recare.miniworld.train --world-set NAME=VALUE`). The trained
+# folder's recare.json records them as "world_settings", and this module takes the installed world's when it is
+# imported (see the end of the module), so renders, captions and the oracle's data match the weights in use.
+WORLD_SETTINGS = ("P_SMOKING_GIVEN_PERSON", "P_VAN_GOGH_NIGHT", "SMOKING_CUE")
 # Optional things per background: name -> probability (sun/moon/stars only where they make sense).
 EXTRAS = {
     "freshwater": {"fish": 0.45, "boat": 0.3, "bird": 0.2, "sun": 0.3, "tree": 0.15},
@@ -388,17 +397,34 @@ def _draw_person(img, t):
 
 
 def _draw_smoking(img, person):
-    """A white cigarette with a glowing tip at the mouth and a rising column of grey smoke."""
+    """A white cigarette with a glowing tip at the mouth and rising grey smoke (`SMOKING_CUE`: four small puffs,
+    or, for "plume", a raised hand holding the cigarette and seven widening puffs up to the top of the image)."""
     s, d = person.size, (1.0 if person.x < SIZE / 2 else -1.0)  # towards the middle, so it stays in the picture
     mouth_x, mouth_y = person.x + d * 2 * s, person.y - 44 * s + 9.5 * s
     end_x = mouth_x + d * 11 * s
+    plume = SMOKING_CUE == "plume"
+    if plume:  # the arm bends out at the shoulder and up to the hand that holds the cigarette
+        hand_x = person.x + d * 10.5 * s
+        shirt = COLOURS[person.colour] if person.colour else COLOURS["blue"]
+        top = person.y - 44 * s
+        ax0, ax1 = sorted((person.x + d * 6 * s, person.x + d * 13 * s))
+        _paint(img, _rect(ax0, top + 14 * s, ax1, top + 18 * s), shirt)
+        fx0, fx1 = sorted((hand_x - d * 1.5 * s, hand_x + d * 2.5 * s))
+        _paint(img, _rect(fx0, mouth_y + 1 * s, fx1, top + 18 * s), shirt)
     x0, x1 = sorted((mouth_x, end_x))
     _paint(img, _rect(x0, mouth_y - 1.3 * s, x1, mouth_y + 1.7 * s), (0.98, 0.98, 0.96))
     tip = _rect(end_x - 1.5 * s, mouth_y - 1.5 * s, end_x + 1.5 * s, mouth_y + 1.9 * s)
     _paint(img, tip, (1.0, 0.35, 0.0))
+    if plume:
+        _paint(img, _ellipse(hand_x, mouth_y + 0.5 * s, 2.6 * s, 2.4 * s), SKIN[person.variant % len(SKIN)])
     smoke = np.zeros_like(_XX, dtype=bool)
-    for k in range(4):
-        smoke |= _ellipse(end_x + d * (2 + 2 * (k % 2)) * s, mouth_y - (5 + 5.5 * k) * s, (2.6 + 0.6 * k) * s, (2.6 + 0.6 * k) * s)
+    for k in range(7 if plume else 4):
+        if plume:  # wider puffs that drift away from the head as they rise
+            r = (4.0 + 1.2 * k) * s
+            smoke |= _ellipse(end_x + d * (1 + 1.8 * k + 1.5 * (k % 2)) * s, mouth_y - (5 + 5 * k) * s, r, r * 0.85)
+        else:
+            r = (2.6 + 0.6 * k) * s
+            smoke |= _ellipse(end_x + d * (2 + 2 * (k % 2)) * s, mouth_y - (5 + 5.5 * k) * s, r, r)
     _paint(img, smoke & ~tip, (0.62, 0.62, 0.66))
 
 
@@ -832,3 +858,49 @@ __all__ = [
     "sample_scene", "render", "caption", "single_word_caption", "labels", "sample_dataset", "render_prompt_scene", "prompt_concepts", "lexicon",
     "replace",
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# World settings: the installed world's, applied on import
+
+
+def settings() -> dict:
+    """The current values of the settings a retrain may change (`WORLD_SETTINGS`)."""
+    return {name: globals()[name] for name in WORLD_SETTINGS}
+
+
+def apply_settings(changes: dict) -> dict:
+    """Set world settings (names from `WORLD_SETTINGS`); returns their previous values, to restore them.
+
+    Raises:
+        WorldError: an unknown name, a probability outside [0, 1], or an unknown smoking cue; nothing is set then.
+    """
+    checked = {}
+    for name, value in dict(changes).items():
+        if name not in WORLD_SETTINGS:
+            raise WorldError(f"unknown world setting {name!r}; known: {', '.join(WORLD_SETTINGS)}")
+        if name == "SMOKING_CUE":
+            if value not in SMOKING_CUES:
+                raise WorldError(f"SMOKING_CUE must be one of {SMOKING_CUES} (got {value!r})")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise WorldError(f"{name} must be a probability between 0 and 1 (got {value!r})")
+        checked[name] = value if name == "SMOKING_CUE" else float(value)
+    previous = {name: globals()[name] for name in checked}
+    globals().update(checked)
+    return previous
+
+
+def installed_settings() -> dict:
+    """The installed mini world's recorded "world_settings" (its recare.json), {} when none is recorded or readable."""
+    try:
+        spec = json.loads((mini_world_dir() / "recare.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    found = spec.get("world_settings") if isinstance(spec, dict) else None
+    return found if isinstance(found, dict) else {}
+
+
+try:
+    apply_settings(installed_settings())
+except WorldError as error:  # a wrong recare.json must say where it is, not fail somewhere in the renderer
+    raise WorldError(f"{mini_world_dir() / 'recare.json'}: world_settings: {error}") from None

@@ -16,8 +16,8 @@ from typing import Iterable
 
 from recare.errors import ModelLoadError
 from recare.limits import Limits
+from recare.miniworld.location import REPO_ROOT, mini_world_dir  # noqa: F401  (mini_world_dir re-exported by recare.models)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 MINI_WORLD = "mini-world"
 DEFAULT_HUB_MODEL = "CompVis/stable-diffusion-v1-4"   # the paper's base model
 DEFAULT_OPEN_CLIP = "open_clip:ViT-B-32/openai"        # the official CARE-set encoder
@@ -129,11 +129,6 @@ class ModelPolicy:
 
 
 LOCAL_USE = ModelPolicy()  # the default: every name allowed (frozen, so sharing it is safe)
-
-
-def mini_world_dir() -> Path:
-    """The bundled mini world's folder: `$RECARE_MINI_WORLD` if set (and not empty), else `<repo>/checkpoints/mini-world`."""
-    return Path(os.environ.get("RECARE_MINI_WORLD") or REPO_ROOT / "checkpoints" / "mini-world")
 
 
 def mini_world_part(sub: str, marker: str, what: str) -> Path:
