@@ -33,6 +33,16 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("RECARE_HOME", str(tmp_path / "recare-home"))  # the run store
 
 
+@pytest.fixture
+def restore_world_settings():
+    """The mini world's settings (`world.apply_settings`) as they were before the test, after it."""
+    from recare.miniworld import world
+
+    before = world.settings()
+    yield before
+    world.apply_settings(before)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One intra-op torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`):

@@ -85,9 +85,10 @@ def test_training_is_deterministic_for_a_seed(tmp_path):
     assert np.array_equal(a.predict(images), b.predict(images))
 
 
-def test_smoke_recipe_runs_every_stage(tmp_path, capsys):
+def test_smoke_recipe_runs_every_stage(tmp_path, capsys, restore_world_settings):
     """The whole recipe through its CLI at tiny sizes (CI keeps it working): the generator in a second
-    process; the oracle and the mini CLIP it writes load and run."""
+    process, a world setting passed to both; the oracle and the mini CLIP it writes load and run."""
+    defaults = W.settings()
     from recare.miniworld.clip import load_mini_clip
     from recare.miniworld.oracle import load_oracle
     from recare.miniworld.train import main
@@ -95,7 +96,7 @@ def test_smoke_recipe_runs_every_stage(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "none"), "--smoke", "--skip", "generator,gpu"])
     assert "unknown stage(s) in --skip: ['gpu']" in capsys.readouterr().err
-    main(["--out", str(tmp_path / "mw"), "--smoke"])
+    main(["--out", str(tmp_path / "mw"), "--smoke", "--world-set", "SMOKING_CUE=plume"])
     out = capsys.readouterr().out
     assert "the UNet part trains in process" in out
     record = json.loads(out[out.index("{"):])  # printed last
@@ -105,6 +106,9 @@ def test_smoke_recipe_runs_every_stage(tmp_path, capsys):
     spec = json.loads((tmp_path / "mw" / "recare.json").read_text())
     assert spec["training"]["smoke"] is True and "oracle" in spec["training"]["seconds"]
     assert spec["training"]["stages"]["generator"]["seed"] == 0 and set(spec["tasks"]) == {"tench", "van_gogh", "smoking"}
+    # the world setting reached both processes and is recorded for whoever installs this world
+    assert spec["world_settings"] == {**defaults, "SMOKING_CUE": "plume"}
+    assert f"world settings: {json.dumps(spec['world_settings'])}" in (tmp_path / "mw" / "generator.log").read_text()
     oracle = load_oracle(tmp_path / "mw" / "oracle")
     assert oracle.predict(W.sample_dataset(4, seed=0)[0]).shape == (4, len(W.CONCEPTS))
     clip = load_mini_clip(tmp_path / "mw" / "clip")

@@ -757,6 +757,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.world_settings:
         world.apply_settings(json.loads(args.world_settings))
+    print(f"world settings: {json.dumps(world.settings())}", flush=True)  # the log says which world it trained
     recipe = GeneratorRecipe.smoke() if args.smoke else GeneratorRecipe()
     if args.details_only:
         print(json.dumps(refine_decoder_details(args.out_dir / PIPELINE_DIRNAME, seed=args.seed, recipe=recipe), indent=2))
