@@ -856,7 +856,7 @@ def lexicon() -> list[str]:
 __all__ = [
     "CONCEPTS", "BACKGROUNDS", "THINGS", "STYLES", "TASKS", "CARE_LABELS", "Scene", "Thing", "TaskSpec", "WorldError",
     "sample_scene", "render", "caption", "single_word_caption", "labels", "sample_dataset", "render_prompt_scene", "prompt_concepts", "lexicon",
-    "replace",
+    "replace", "WORLD_SETTINGS", "SMOKING_CUES", "settings", "apply_settings", "installed_settings",
 ]
 
 
