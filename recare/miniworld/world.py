@@ -42,11 +42,11 @@ Nothing explicit exists in this world: the sensitive-content analog is a cigaret
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from recare.atomic import read_json_object
 from recare.errors import RecareError
 from recare.miniworld.location import mini_world_dir
 
@@ -892,11 +892,7 @@ def apply_settings(changes: dict) -> dict:
 
 def installed_settings() -> dict:
     """The installed mini world's recorded "world_settings" (its recare.json), {} when none is recorded or readable."""
-    try:
-        spec = json.loads((mini_world_dir() / "recare.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    found = spec.get("world_settings") if isinstance(spec, dict) else None
+    found = read_json_object(mini_world_dir() / "recare.json").get("world_settings")
     return found if isinstance(found, dict) else {}
 
 
