@@ -436,6 +436,8 @@ class Stage2Config(JsonConfig):
     closing_attempts: int = 3        # textual inversions per closing round (the attack's 3 runs)
     closing_iterations: int = 100    # stage-2 iterations after each closing round whose token joins H
     closing_ti_steps: int | None = None  # steps of each closing inversion; None = stage 1's textual-inversion steps
+    closing_probe_steps: int | None = None  # also probe each closing inversion after this many steps, then let it go
+    #                                  on to closing_ti_steps: one inversion, two candidates (None = at its end only)
 
     def validate(self) -> None:
         if self.iterations < 1:
@@ -451,6 +453,10 @@ class Stage2Config(JsonConfig):
             _check_int("stage 2 closing_ti_steps", self.closing_ti_steps)
             if self.closing_ti_steps < 1:
                 raise ConfigError(f"stage 2 closing_ti_steps must be at least 1 (got {self.closing_ti_steps}).")
+        if self.closing_probe_steps is not None:
+            _check_int("stage 2 closing_probe_steps", self.closing_probe_steps)
+            if self.closing_probe_steps < 1:
+                raise ConfigError(f"stage 2 closing_probe_steps must be at least 1 (got {self.closing_probe_steps}).")
         if not self.learning_rate > 0:
             raise ConfigError(f"stage 2 learning_rate must be > 0 (got {self.learning_rate}).")
         if self.retain_weight < 0:
@@ -538,6 +544,10 @@ class TrainConfig(JsonConfig):
         if self.stage2 is not None and self.stage2.closing_rounds > 0 and self.stage1 is None:
             raise ConfigError("stage 2's closing_rounds search with stage 1's textual inversion, probe and images: "
                               "they need stage1 set (method 'recare'), or closing_rounds 0.")
+        if (self.stage2 is not None and self.stage1 is not None and self.stage2.closing_probe_steps is not None
+                and self.stage2.closing_probe_steps >= self.closing_ti_steps):
+            raise ConfigError(f"stage 2 closing_probe_steps ({self.stage2.closing_probe_steps}) must be below the "
+                              f"closing inversions' {self.closing_ti_steps} steps: it is a probe on the way.")
         if self.stage1 is not None and self.num_images < self.stage1.n_iterations:
             raise ConfigError(f"num_images ({self.num_images}) must be at least stage1.n_iterations "
                               f"({self.stage1.n_iterations}): each round learns from its own slice of the images.")
@@ -552,6 +562,13 @@ class TrainConfig(JsonConfig):
     def closing_ti_steps(self) -> int:
         """Steps of one inversion of stage 2's closing search (`stage2.closing_ti_steps`, else stage 1's)."""
         return self.stage2.closing_ti_steps or self.stage1.textual_inversion.steps
+
+    @property
+    def closing_checkpoints(self) -> tuple[int, ...]:
+        """The steps at which each closing inversion is probed: (`closing_probe_steps`, `closing_ti_steps`), or
+        the last alone."""
+        probe_at = self.stage2.closing_probe_steps
+        return (probe_at, self.closing_ti_steps) if probe_at else (self.closing_ti_steps,)
 
     @property
     def n_adversarial_tokens(self) -> int:

@@ -141,7 +141,8 @@ def training_config(task: dict | None, method: str = "recare", *, iterations: in
         min_token_strength, stage1_attempts, search_original: stage 1's search (--min-token-strength,
             --stage1-attempts, --search-original; `Stage1Config`).
         closing_rounds: stage 2's closing search (--closing-rounds; `Stage2Config.closing_rounds`). `iterations` and
-            `ti_steps` also cap its stage-2 iterations and inversion steps (a short run is short everywhere).
+            `ti_steps` also cap its stage-2 iterations and inversion steps (a short run is short everywhere; a
+            probe on the way, `closing_probe_steps`, is dropped when the inversion is no longer than it).
         **fields: TrainConfig fields (model, device, seed, target_prompt, ...).
     """
     config = task_train_config(task, method, **fields) if task else TrainConfig.for_method(method, **fields)
@@ -167,6 +168,10 @@ def training_config(task: dict | None, method: str = "recare", *, iterations: in
         stage2["closing_iterations"] = min(stage2["closing_iterations"], iterations)
     if stage2 is not None and ti_steps is not None and stage2.get("closing_ti_steps") is not None:
         stage2["closing_ti_steps"] = min(stage2["closing_ti_steps"], ti_steps)
+    if stage2 is not None and stage1 is not None and stage2.get("closing_probe_steps") is not None:
+        closing_steps = stage2.get("closing_ti_steps") or stage1["textual_inversion"]["steps"]
+        if stage2["closing_probe_steps"] >= closing_steps:   # a run that short has no probe on the way
+            stage2["closing_probe_steps"] = None
     if lr is not None:
         final["learning_rate"] = lr
     if rollout_batch is not None:

@@ -157,15 +157,82 @@ def test_a_closing_search_cancelled_anywhere_resumes_to_the_same_tokens_and_weig
     assert untimed(resumed.summary["closing_probe"]) == untimed(straight.summary["closing_probe"])
 
 
+# stage 1 as HITS; closing round 1: the first inversion's candidate after 1 step (a) or after its 3 (b) still
+# draws the target on the trained UNet; closing round 2: no candidate does
+ON_THE_WAY = [(True, False), (True, False), (True, True), *[(True, False)] * 4]
+AT_THE_END = [(True, False), (True, False), (True, False), (True, True), *[(True, False)] * 4]
+
+
+@pytest.mark.parametrize("hits, steps", [(ON_THE_WAY, 1), (AT_THE_END, 3)])
+def test_a_closing_inversion_probed_on_the_way_offers_both_candidates_and_goes_on_bit_for_bit(pipe, tmp_path,
+                                                                                              hits, steps):
+    from recare.train.textual_inversion import learn_token, with_learned_tokens
+
+    careset = parse_official(CARESET)
+    config = closing_config(closing_ti_steps=3, closing_probe_steps=1)
+    assert config.closing_checkpoints == (1, 3)
+    plain = train(closing_config(rounds=0), pipe, IMAGES, careset, tmp_path / "plain",
+                  probe=Stage1Probe(pipe, pair_judge(hits), GEN))
+    closed = train(config, pipe, IMAGES, careset, tmp_path / "closed", probe=Stage1Probe(pipe, pair_judge(hits), GEN))
+    first, second = closed.summary["closing_probe"]
+    assert (first["steps"], first["erased"], first["joins_h"]) == (steps, 1.0, True)   # strong: the round stops
+    assert [t["steps"] for t in first["attempts"]] == [1, 3][:1 + (steps == 3)]
+    assert [(t["attempt"], t["steps"]) for t in second["attempts"]] == [(1, 1), (2, 3), (3, 1), (4, 3)]
+    assert second["joins_h"] is False and closed.summary["erase_set"][-1] == "<v3*>"
+    # the kept candidate is the inversion stopped after `steps` (TI seed + 100), against stage 2's UNet
+    ti = dataclasses.replace(config.stage1.textual_inversion, seed=config.stage1.textual_inversion.seed + CLOSING_TI_SEED,
+                             steps=steps)
+    tokenizer, encoder = with_learned_tokens(pipe.tokenizer, pipe.text_encoder, plain.tokens)
+    token = learn_token((plain.unet.requires_grad_(False), pipe.vae, encoder, tokenizer, pipe.scheduler),
+                        round_images(IMAGES, 0, 2), placeholder="<v3*>", config=ti)
+    assert torch.equal(token.embedding, closed.tokens[2].embedding)
+    rows = [json.loads(line) for line in (tmp_path / "closed" / "metrics.jsonl").read_text().splitlines()]
+    sentences = [r for r in rows if r["stage"] == PROBE_STAGE and r.get("closing")]
+    assert [r["steps"] for r in sentences] == [1, 3][:1 + (steps == 3)] + [1, 3, 1, 3]
+
+
+def test_a_closing_search_probed_on_the_way_resumes_from_any_cut_to_the_same_run(pipe, tmp_path):
+    from recare.errors import Cancelled
+    from recare.progress import CancelToken
+    from tests.helpers_tiny import cancel_after
+
+    careset = parse_official(CARESET)
+    config = closing_config(closing_ti_steps=3, closing_probe_steps=1)
+    events = []
+    straight = train(config, pipe, IMAGES, careset, tmp_path / "straight", progress=events.append,
+                     probe=Stage1Probe(pipe, pair_judge(AT_THE_END), GEN))
+    stages = [e.stage for e in events]
+    first_probe = next(i for i, e in enumerate(events) if e.stage == PROBE_STAGE and "closing" in e.metrics)
+    # cut: at the on-the-way probe, at the continued inversion's first step, and inside the next round's inversion
+    cuts = [first_probe + 1, first_probe + 2, len(stages) - stages[::-1].index(CLOSING_TI) - 1]
+    assert stages[first_probe + 1] == CLOSING_TI and events[first_probe + 1].step == 2
+    for n, stop_after in enumerate(cuts):
+        token, seen, judge = CancelToken(), [], pair_judge(AT_THE_END)
+        with pytest.raises(Cancelled):
+            train(config, pipe, IMAGES, careset, tmp_path / f"cut{n}", progress=cancel_after(token, stop_after, seen),
+                  cancel=token, probe=Stage1Probe(pipe, judge, GEN))
+        rest = []
+        resumed = train(config, pipe, IMAGES, careset, tmp_path / f"cut{n}", progress=rest.append,
+                        probe=Stage1Probe(pipe, judge, GEN))
+        assert len(seen) + len(rest) == len(events), stop_after
+        assert all(torch.equal(a.embedding, b.embedding) for a, b in zip(resumed.tokens, straight.tokens))
+        assert all(torch.equal(a, b) for a, b in zip(resumed.unet.state_dict().values(),
+                                                     straight.unet.state_dict().values()))
+
+
 def test_closing_settings_are_bounded_and_need_stage_one():
     assert (Stage2Config().closing_rounds, Stage2Config().closing_attempts) == (0, 3)   # off: the official stage 2
     for field, bad in (("closing_rounds", 5), ("closing_rounds", -1), ("closing_attempts", 0),
                        ("closing_attempts", 9), ("closing_iterations", 0), ("closing_rounds", 1.5),
-                       ("closing_ti_steps", 0), ("closing_ti_steps", 2.5)):
+                       ("closing_ti_steps", 0), ("closing_ti_steps", 2.5), ("closing_probe_steps", 0),
+                       ("closing_probe_steps", 2.5)):
         with pytest.raises(ConfigError, match=field):
             Stage2Config(**{field: bad})
     with pytest.raises(ConfigError, match="need stage1 set"):
         TrainConfig.for_method("recare-no-adv", stage2=Stage2Config(closing_rounds=1))
+    with pytest.raises(ConfigError, match="closing_probe_steps .3. must be below"):
+        closing_config(closing_ti_steps=3, closing_probe_steps=3).validate()
+    assert closing_config(closing_ti_steps=3).closing_checkpoints == (3,)
 
 
 def test_train_shows_closing_rounds_in_its_plan_estimate_and_probe_table():

@@ -48,3 +48,15 @@ def test_short_run_overrides_also_cap_the_closing_search():
     assert training_config(tench, "recare", iterations=500, ti_steps=2000).stage2.closing_ti_steps == 250   # a cap only
     assert training_config(tench, "recare", closing_rounds=0).stage2.closing_rounds == 0
     assert training_config(mini_world_task("van_gogh"), "recare").stage2.closing_rounds == 0   # measured on tench only
+
+
+def test_a_short_run_drops_a_closing_probe_its_inversions_no_longer_reach():
+    from recare.config import Stage2Config
+    from recare.workflows import training_config
+
+    stage2 = Stage2Config(closing_rounds=1, closing_probe_steps=250)
+    official = training_config(None, "recare", stage2=stage2)
+    assert (official.stage2.closing_probe_steps, official.closing_checkpoints) == (250, (250, 3000))
+    assert training_config(None, "recare", stage2=stage2, ti_steps=500).closing_checkpoints == (250, 500)
+    short = training_config(None, "recare", stage2=stage2, ti_steps=200)
+    assert (short.stage2.closing_probe_steps, short.closing_checkpoints) == (None, (200,))

@@ -125,8 +125,8 @@ class TokenSearch:
             against = self.base if attempt >= s1.attempts else student   # the last resort: the original UNet
             token = self.inversion(against, tokens[:r], STAGE1_TI, r, round_images(self.images, r, s1.n_iterations),
                                    dataclasses.replace(s1.textual_inversion, seed=s1.textual_inversion.seed + attempt),
-                                   {f"erased-{r}.pt": lambda: erased_r},
-                                   ti_state, {"attempt": attempt, "best": token_dict(best) if best is not None else None})
+                                   {f"erased-{r}.pt": lambda: erased_r}, ti_state_of(ti_state),
+                                   {"attempt": attempt, "best": token_dict(best) if best is not None else None})
             ti_state = None
             strength = self.probe_round(student, r, token, attempt) if self._probe is not None else None
             if strength is None:             # nothing to choose with: the inversion in hand is the round's token
@@ -137,7 +137,7 @@ class TokenSearch:
                 return best
 
     def inversion(self, unet, known: Sequence, phase: str, round_index: int, images: Sequence, ti,
-                  fixed: dict[str, Callable[[], Any]], ti_state: dict | None, search: dict):
+                  fixed: dict[str, Callable[[], Any]], state, search: dict):
         """A textual inversion of a fresh token (the `len(known)`-th placeholder) against `unet` (stage 1: the
         erased student, or the original UNet for `search_original`; the closing search: the trained UNet) on
         `images` with the TextualInversionConfig `ti`. Each checkpoint saves its state as `phase`/`round_index` with `search`
@@ -145,12 +145,12 @@ class TokenSearch:
 
         Args:
             known: the tokens learned before it (the text encoder knows them).
-            ti_state: a saved inversion to continue, else None.
+            state: the inversion's `TextualInversionState` (`ti_state`): a fresh one, or one to continue (a
+                saved inversion, or one stopped at an earlier checkpoint); it records every step.
         """
-        from recare.train.textual_inversion import TextualInversionState, learn_token
+        from recare.train.textual_inversion import learn_token
 
         s1 = self.config.stage1
-        state = TextualInversionState.from_state_dict(ti_state) if ti_state else TextualInversionState()
         tokenizer, encoder = self.text_models(known)
         done = list(known)
 
@@ -253,31 +253,48 @@ class TokenSearch:
         return tokens
 
     def closing_search(self, student, k: int, tokens: Sequence, fixed: dict, position: dict | None):
-        """Closing round k's inversions (see `closing`); returns the token that joins H, or None."""
+        """Closing round k's inversions (see `closing`); returns the token that joins H, or None.
+
+        Each inversion is probed at every step of `config.closing_checkpoints` (with `closing_probe_steps`: on
+        the way, then continued, bit for bit, to its end), so one inversion gives one candidate per checkpoint;
+        the summary's "attempt" counts these probes (inversion a's checkpoint c is probe a x checkpoints + c + 1).
+        """
         from recare.train.stage1_probe import record_closing
 
         s1, s2 = self.config.stage1, self.config.stage2
+        checkpoints = self.config.closing_checkpoints
         attempt = int(position.get("attempt") or 0) if position else 0
+        checkpoint = int(position.get("checkpoint") or 0) if position else 0
         best = token_of(position["best"]) if position and position.get("best") else None
-        ti_state = position.get("ti") if position else None
+        state = ti_state_of(position.get("ti") if position else None)
         images = round_images(self.images, k, s1.n_iterations)
         while attempt < s2.closing_attempts:
             ti = dataclasses.replace(
                 s1.textual_inversion, seed=s1.textual_inversion.seed + CLOSING_TI_SEED + CLOSING_TI_SEED_STEP * k + attempt,
-                steps=self.config.closing_ti_steps)
-            token = self.inversion(student, tokens, CLOSING_TI, k, images, ti, fixed, ti_state,
-                                   {"attempt": attempt, "best": token_dict(best) if best is not None else None})
-            ti_state = None
+                steps=checkpoints[checkpoint])
+            token = self.inversion(student, tokens, CLOSING_TI, k, images, ti, fixed, state,
+                                   {"attempt": attempt, "checkpoint": checkpoint,
+                                    "best": token_dict(best) if best is not None else None})
             strength = self.probe_token(student, len(tokens), token)
             if strength is None:     # no judge: the round's first inversion joins, as stage 1 keeps every token
                 return token
-            strength = record_closing(self.summary, k, strength, attempt, s1.min_token_strength)
+            strength = record_closing(self.summary, k, dataclasses.replace(strength, steps=checkpoints[checkpoint]),
+                                      attempt * len(checkpoints) + checkpoint, s1.min_token_strength)
             self.progress(ProgressEvent(PROBE_STAGE, len(tokens) + 1, s1.n_iterations + s2.closing_rounds,
-                                        strength.closing_sentence(k, s2.closing_attempts),
+                                        strength.closing_sentence(k, s2.closing_attempts, len(checkpoints)),
                                         {**strength.metrics(), "closing": float(k + 1)}))
             best = token if strength.kept or best is None else best
-            attempt += 1
             if strength.joins_h and strength.erased >= CLOSING_EARLY_STOP:
                 break
+            checkpoint += 1
+            if checkpoint == len(checkpoints):      # this inversion is done: the next starts from scratch
+                attempt, checkpoint, state = attempt + 1, 0, ti_state_of(None)
         entry = self.summary["closing_probe"][-1]
         return best if entry.get("joins_h") else None
+
+
+def ti_state_of(saved: dict | None):
+    """A textual inversion's state to continue from a saved `state_dict` (a checkpoint's "ti"), or a fresh one."""
+    from recare.train.textual_inversion import TextualInversionState
+
+    return TextualInversionState.from_state_dict(saved) if saved else TextualInversionState()

@@ -50,6 +50,8 @@ class TokenStrength:
             that does not draw the target on the original model is not an adversarial concept of it).
         attempt: which textual inversion of the round's search (`Stage1Config.attempts`), from 1.
         kept: whether it is the round's strongest so far on the original model (the one the round keeps).
+        steps: the inversion's textual-inversion steps when probed (0: not recorded; the closing search probes
+            one inversion on the way and at its end, `Stage2Config.closing_probe_steps`).
     """
 
     round: int
@@ -63,6 +65,7 @@ class TokenStrength:
     joins_h: bool = True
     attempt: int = 1
     kept: bool = True
+    steps: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -71,7 +74,7 @@ class TokenStrength:
         """The numbers of a metrics.jsonl line (a ProgressEvent's metrics are numbers only)."""
         return {"original": self.original, "erased": self.erased, "seeds": float(self.seeds), "norm": self.norm,
                 "seconds": self.seconds, "joins_h": float(self.joins_h), "attempt": float(self.attempt),
-                "kept": float(self.kept)}
+                "kept": float(self.kept), "steps": float(self.steps)}
 
     def sentence(self, attempts: int = 1) -> str:
         """ "round 1: <v1*> draws the target in 56% on the original, 12% on the erased model" (with the
@@ -81,12 +84,14 @@ class TokenStrength:
         return (f"round {self.round}{which}: {self.token} draws the target in {self.original:.0%} of images on the "
                 f"original, {self.erased:.0%} on the erased model{left_out}")
 
-    def closing_sentence(self, k: int, attempts: int) -> str:
-        """ "closing round 1, inversion 2 of up to 3: <v3*> draws the target in 100% of images on the original,
-        38% on the trained model; joins H" """
+    def closing_sentence(self, k: int, attempts: int, checkpoints: int = 1) -> str:
+        """ "closing round 1, inversion 2 of up to 3, after 250 steps: <v3*> draws the target in 100% of images on
+        the original, 38% on the trained model; joins H" (`attempt` counts probes: `checkpoints` per inversion) """
         verdict = "joins H" if self.joins_h else "stays out of H"
-        return (f"closing round {k + 1}, inversion {self.attempt} of up to {attempts}: {self.token} draws the target "
-                f"in {self.original:.0%} of images on the original, {self.erased:.0%} on the trained model; {verdict}")
+        after = f", after {self.steps} steps" if self.steps else ""
+        return (f"closing round {k + 1}, inversion {(self.attempt - 1) // checkpoints + 1} of up to {attempts}{after}: "
+                f"{self.token} draws the target in {self.original:.0%} of images on the original, "
+                f"{self.erased:.0%} on the trained model; {verdict}")
 
 
 def probe_prompt(placeholder: str, style: str) -> str:
@@ -224,10 +229,11 @@ def record_strength(summary: dict, strength: TokenStrength, attempt: int, min_to
 def record_closing(summary: dict, k: int, strength: TokenStrength, attempt: int,
                    min_token_strength: float) -> TokenStrength:
     """Record one probed inversion of the closing search's round k (from 0) in a training summary's
-    "closing_probe" (one entry per round: the inversion that draws the target most often on the trained UNet,
-    `erased` here, then on the original; the earliest on a tie; every inversion under "attempts"). Returns
-    `strength` with its attempt (from 1), `kept` and `joins_h` (it draws the target on the trained UNet at all
-    and on the original at least `min_token_strength`) set."""
+    "closing_probe" (one entry per round: the candidate that draws the target most often on the trained UNet,
+    `erased` here, then on the original; the earliest on a tie; every candidate under "attempts"). `attempt`
+    numbers the round's probes from 0: one per inversion, or one per inversion and checkpoint with
+    `Stage2Config.closing_probe_steps`. Returns `strength` with its attempt (from 1), `kept` and `joins_h` (it
+    draws the target on the trained UNet at all and on the original at least `min_token_strength`) set."""
     joins = strength.erased > 0 and strength.original >= min_token_strength
     return _record_inversion(summary, "closing_probe", "closing_round", k + 1, strength, attempt, joins,
                              rank=lambda entry: (entry["erased"], entry["original"]))
@@ -244,7 +250,8 @@ def _record_inversion(summary: dict, key: str, round_field: str, round_number: i
     kept = previous is None or rank(strength.to_dict()) > rank(previous)
     strength = dataclasses.replace(strength, attempt=attempt + 1, kept=kept, joins_h=joins)
     tries = [t for t in (round_entry or {}).get("attempts", []) if t.get("attempt", 1) < attempt + 1]
-    tries.append({k: v for k, v in strength.to_dict().items() if k in ("attempt", "original", "erased", "norm", "seconds")})
+    tries.append({k: v for k, v in strength.to_dict().items()
+                  if k in ("attempt", "original", "erased", "norm", "seconds") or (k == "steps" and v)})
     entries[round_number] = {**(strength.to_dict() if kept else previous), round_field: round_number, "attempts": tries}
     summary[key] = [entries[k] for k in sorted(entries)]
     return strength
