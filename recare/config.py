@@ -449,14 +449,12 @@ class Stage2Config(JsonConfig):
         _check_int("stage 2 closing_iterations", self.closing_iterations)
         if self.closing_iterations < 1:
             raise ConfigError(f"stage 2 closing_iterations must be at least 1 (got {self.closing_iterations}).")
-        if self.closing_ti_steps is not None:
-            _check_int("stage 2 closing_ti_steps", self.closing_ti_steps)
-            if self.closing_ti_steps < 1:
-                raise ConfigError(f"stage 2 closing_ti_steps must be at least 1 (got {self.closing_ti_steps}).")
-        if self.closing_probe_steps is not None:
-            _check_int("stage 2 closing_probe_steps", self.closing_probe_steps)
-            if self.closing_probe_steps < 1:
-                raise ConfigError(f"stage 2 closing_probe_steps must be at least 1 (got {self.closing_probe_steps}).")
+        for name in ("closing_ti_steps", "closing_probe_steps"):   # None: stage 1's steps / no probe on the way
+            value = getattr(self, name)
+            if value is not None:
+                _check_int(f"stage 2 {name}", value)
+                if value < 1:
+                    raise ConfigError(f"stage 2 {name} must be at least 1 (got {value}).")
         if not self.learning_rate > 0:
             raise ConfigError(f"stage 2 learning_rate must be > 0 (got {self.learning_rate}).")
         if self.retain_weight < 0:
