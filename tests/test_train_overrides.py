@@ -88,3 +88,16 @@ def test_stage1_token_filter_official_default_world_setting_and_override():
     for option, value in (("--stage1-attempts", "three"), ("--min-token-strength", "/etc/passwd")):
         with pytest.raises(SystemExit):   # argparse refuses a wrong type before any work starts
             _cli_config("tench", "recare", option, value)
+
+
+def test_the_measured_longer_closing_search_is_two_options_away():
+    """--closing-ti-steps / --closing-probe-steps reach the closing search docs/results.md measured on tench (not
+    the world's recommended one); a probe no shorter than the inversion is refused with the reason."""
+    world = _cli_config("tench", "recare")
+    assert (world.closing_checkpoints, world.stage2.closing_rounds) == ((250,), 2)
+    longer = _cli_config("tench", "recare", "--closing-ti-steps", "1000", "--closing-probe-steps", "250")
+    assert longer.closing_checkpoints == (250, 1000)
+    assert longer.to_dict() == {**world.to_dict(), "stage2": {**world.to_dict()["stage2"], "closing_ti_steps": 1000,
+                                                              "closing_probe_steps": 250}}
+    with pytest.raises(ConfigError, match=r"closing_probe_steps \(250\) must be below the closing inversions' 250"):
+        _cli_config("tench", "recare", "--closing-probe-steps", "250")
