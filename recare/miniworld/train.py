@@ -20,7 +20,7 @@ from pathlib import Path
 from recare.progress import ProgressCallback
 from recare.errors import ModelLoadError
 from recare.miniworld import world as W
-from recare.atomic import atomic_write_text
+from recare.atomic import atomic_write_text, read_json_object
 
 # Recommended CARE-set parameters for this world's 126-word vocabulary (the paper's K=50 / N=100
 # are for the 49,408-token CLIP vocabulary). Tuned on 200 target images per task with the bundled
@@ -91,12 +91,7 @@ def recare_spec(careset: dict | None = None, record: dict | None = None, previou
 
 def previous_spec(path: str | os.PathLike) -> dict | None:
     """The recare.json at ``path`` when there is a readable one (its measured sections are kept), else None."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    return read_json_object(path) or None
 
 
 def write_recare_json(path: str | os.PathLike, spec: dict) -> Path:
