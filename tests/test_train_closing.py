@@ -16,7 +16,7 @@ from recare.careset_io import parse_official
 from recare.config import ConfigError, Stage2Config, TrainConfig
 from recare.train.recipe import train
 from recare.train.search import CLOSING_ERASE, CLOSING_SEED, CLOSING_TI, CLOSING_TI_SEED, round_images
-from recare.train.stage1_probe import PROBE_STAGE, Stage1Probe, probe_rows
+from recare.train.stage1_probe import PROBE_STAGE, PROBED, Stage1Probe, probe_rows
 from tests.test_train_stage1_probe import CARESET, GEN, tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -39,13 +39,15 @@ def closing_config(rounds: int = 2, **stage2) -> TrainConfig:
 
 def pair_judge(hits: list[tuple[bool, bool]]):
     """The i-th probe finds the target in every image of the original model when hits[i][0], of the probed
-    (erased or trained) model when hits[i][1]; each probe judges the original's images first."""
-    calls = []
+    (erased or trained) model when hits[i][1]. Each probe judges the probed model's images first, then the
+    original's when it needs them; every image says which model drew it (`info["probe_model"]`)."""
+    probes = []
 
     def judge(images):
-        calls.append(1)
-        n = len(calls) - 1
-        return [hits[n // 2][n % 2]] * len(images)
+        probed = images[0].info["probe_model"] == PROBED
+        if probed:
+            probes.append(1)
+        return [hits[len(probes) - 1][1 if probed else 0]] * len(images)
 
     return judge
 
@@ -189,6 +191,60 @@ def test_a_closing_inversion_probed_on_the_way_offers_both_candidates_and_goes_o
     rows = [json.loads(line) for line in (tmp_path / "closed" / "metrics.jsonl").read_text().splitlines()]
     sentences = [r for r in rows if r["stage"] == PROBE_STAGE and r.get("closing")]
     assert [r["steps"] for r in sentences] == [1, 3][:1 + (steps == 3)] + [1, 3, 1, 3]
+
+
+def share_judge(shares: list[tuple[int, int]], judged: list):
+    """The i-th probe finds the target in the first shares[i][0] images of the original model and the first
+    shares[i][1] of the probed one; `judged` collects (probe, model) per call."""
+    probes = []
+
+    def judge(images):
+        model = images[0].info["probe_model"]
+        probes.extend([1] if model == PROBED else [])
+        judged.append((len(probes), model))
+        return [i < shares[len(probes) - 1][0 if model != PROBED else 1] for i in range(len(images))]
+
+    return judge
+
+
+class EveryOriginal(Stage1Probe):
+    """The probe as it was before the closing search could skip the original: it always measures it."""
+
+    def __call__(self, round_index, token, erased_unet, original_if=None):
+        return super().__call__(round_index, token, erased_unet)
+
+
+def test_the_closing_search_skips_the_original_only_where_it_cannot_change_the_search(pipe, tmp_path, monkeypatch):
+    """Closing round 1: the first candidate draws the target in 2 of 4 images on the trained UNet, the second in 1
+    (less: its original is not probed), the third in 2 (a tie: probed, and kept on the original's 4 of 4)."""
+    monkeypatch.setattr("recare.train.search.CLOSING_EARLY_STOP", 1.0)     # no early stop: every candidate runs
+    careset = parse_official(CARESET)
+    config = closing_config(rounds=1, closing_ti_steps=3, closing_probe_steps=1)
+    shares = [(4, 0), (4, 0), (3, 2), (4, 1), (4, 2), (0, 0)]
+    judged, judged_every = [], []
+    events = []
+    lazy = train(config, pipe, IMAGES, careset, tmp_path / "lazy", progress=events.append,
+                 probe=Stage1Probe(pipe, share_judge(shares, judged), GEN))
+    every = train(config, pipe, IMAGES, careset, tmp_path / "every",
+                  probe=EveryOriginal(pipe, share_judge(shares, judged_every), GEN))
+    assert all(torch.equal(a, b) for a, b in zip(lazy.unet.state_dict().values(), every.unet.state_dict().values()))
+    assert lazy.summary["erase_set"] == every.summary["erase_set"] == ["tench", "<v1*>", "<v2*>", "<v3*>"]
+    assert torch.equal(lazy.tokens[2].embedding, every.tokens[2].embedding)
+    (entry,) = lazy.summary["closing_probe"]
+    assert [(t["attempt"], t["original"], t["erased"]) for t in entry["attempts"]] == \
+        [(1, 0.75, 0.5), (2, None, 0.25), (3, 1.0, 0.5), (4, None, 0.0)]
+    assert (entry["attempt"], entry["original"], entry["erased"], entry["joins_h"]) == (3, 1.0, 0.5, True)
+    assert [(t["attempt"], t["original"]) for t in every.summary["closing_probe"][0]["attempts"]] == \
+        [(1, 0.75), (2, 1.0), (3, 1.0), (4, 0.0)]
+    # stage 1's probes and the closing candidates that could matter judge both models, the probed one first
+    assert [m for p, m in judged if p > 2] == ["probed", "original", "probed", "probed", "original", "probed"]
+    rows = [json.loads(line) for line in (tmp_path / "lazy" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["attempt"] for r in rows if r["stage"] == PROBE_STAGE and r.get("closing") and "original" not in r] \
+        == [2.0, 4.0]
+    said = [e.message for e in events if e.stage == PROBE_STAGE and "closing round" in e.message]
+    assert len(said) == 4 and "0.25" not in said[1] and \
+        "draws the target in 25% of images on the trained model, less than the round's kept candidate " \
+        "(the original was not probed); stays out of H" in said[1]
 
 
 def test_a_closing_search_probed_on_the_way_resumes_from_any_cut_to_the_same_run(pipe, tmp_path):

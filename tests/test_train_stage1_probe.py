@@ -20,7 +20,9 @@ from recare.config import (
 )
 from recare.errors import EvaluationError
 from recare.train.recipe import train
-from recare.train.stage1_probe import PROBE_STAGE, Stage1Probe, build_probe, probe_prompt, probe_rows
+from recare.train.stage1_probe import (
+    ORIGINAL, PROBE_STAGE, PROBED, Stage1Probe, build_probe, probe_prompt, probe_rows,
+)
 from recare.train.textual_inversion import LearnedToken
 from tests.helpers_tiny import build_tiny_pipeline
 
@@ -121,9 +123,9 @@ def test_the_recipe_records_each_rounds_strength_in_metrics_and_result_without_c
     images = [Image.new("RGB", (16, 16), (40 * i, 100, 200 - 30 * i)) for i in range(4)]
     calls = []
 
-    def judge(images):   # the original model's images (odd calls) have the target in image 0, the erased ones none
+    def judge(images):   # the original model's images have the target in image 0, the erased ones none
         calls.append(pixels(images))
-        return [len(calls) % 2 == 1 and i == 0 for i in range(len(images))]
+        return [images[0].info["probe_model"] == ORIGINAL and i == 0 for i in range(len(images))]
 
     probed = train(tiny(), pipe, images, parse_official(CARESET), tmp_path / "probed",
                    probe=Stage1Probe(pipe, judge, GEN))
@@ -166,13 +168,14 @@ def test_min_token_strength_is_a_bounded_fraction_that_needs_the_probe():
 
 def sequence_judge(original_hits: list[bool]):
     """The i-th probed inversion draws the target in every original-model image when original_hits[i], never on
-    the erased model (each probe judges the original model's images, then the erased model's)."""
-    calls = []
+    the erased model (each probe judges the erased model's images, then the original model's)."""
+    probes = []
 
     def judge(images):
-        calls.append(1)
-        n = len(calls)
-        return [n % 2 == 1 and original_hits[(n - 1) // 2]] * len(images)
+        if images[0].info["probe_model"] == PROBED:
+            probes.append(1)
+            return [False] * len(images)
+        return [original_hits[len(probes) - 1]] * len(images)
 
     return judge
 

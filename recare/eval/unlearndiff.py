@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from recare.errors import ConfigError
+from recare.models.traced_calls import predict_noise
 from recare.progress import CancelToken, ProgressCallback, check_cancel, emit
 
 STAGE_UD = "ud"
@@ -231,7 +232,7 @@ class UnlearnDiff:
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         dtype = next(self.unet.parameters()).dtype
         timestep = torch.tensor([t], device=self.device)
-        prediction = self.unet(noisy.to(dtype), timestep, encoder_hidden_states=hidden.to(dtype)).sample
+        prediction = predict_noise(self.unet, noisy.to(dtype), timestep, hidden.to(dtype))
         return F.mse_loss(prediction.float(), noise.float())
 
     def discrete_prompt(self, probs: torch.Tensor, prompt: str) -> tuple[str, list[str]]:

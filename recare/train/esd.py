@@ -32,6 +32,7 @@ import torch
 
 from recare.config import ESDConfig
 from recare.errors import Cancelled, TrainingError
+from recare.models.traced_calls import predict_noise
 from recare.progress import CancelToken, ProgressCallback, emit
 from recare.train.guidance import esd_target, mse
 from recare.train.params import select_trainable
@@ -111,7 +112,7 @@ class ErasureTrainer:
         latents = rollout.latents.expand(n, -1, -1, -1).to(dtype)
         hidden = torch.cat([self.embeddings[p] for p in prompts]).to(dtype)
         with self.autocast():
-            out = unet(latents, rollout.timestep, encoder_hidden_states=hidden).sample
+            out = predict_noise(unet, latents, rollout.timestep, hidden)
         return out.float()
 
     def step(self) -> dict[str, float]:

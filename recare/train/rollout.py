@@ -32,6 +32,7 @@ from typing import Callable, ContextManager
 import torch
 
 from recare.config import RolloutConfig
+from recare.models.traced_calls import predict_noise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,7 +181,7 @@ class XtSampler:
                 n = sum(k > i for k in ks)               # rows still running: a prefix
                 t, x = self._t_rollout[i], latents[:n]
                 with autocast():
-                    both = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond[:n], cond[:n]])).sample
+                    both = predict_noise(unet, torch.cat([x, x]), t, torch.cat([uncond[:n], cond[:n]]))
                 u, c = both.float().chunk(2)             # official order: uncond first
                 latents[:n] = self.ddim.step(u + guidance * (c - u), t, x).prev_sample
         return latents.clone()  # out of inference mode: autograd may use it as an input

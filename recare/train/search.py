@@ -192,9 +192,10 @@ class TokenSearch:
                                     strength.sentence(s1.max_inversions), strength.metrics()))
         return strength
 
-    def probe_token(self, unet, r: int, token):
+    def probe_token(self, unet, r: int, token, original_if=None):
         """The probe of the r-th token on the original model and `unet` (a TokenStrength, round r + 1), or None
-        without a judge (the first time, a metrics line and the result say why)."""
+        without a judge (the first time, a metrics line and the result say why). `original_if`: see
+        `Stage1Probe.__call__`."""
         from recare.train.stage1_probe import JudgeUnavailable
 
         if self._probe is None:
@@ -202,7 +203,7 @@ class TokenSearch:
         self.begin(f"{PROBE_STAGE}[{r + 1}]")
         try:
             with self.autocast():
-                return self._probe(r, token, unet)
+                return self._probe(r, token, unet, original_if)
         except JudgeUnavailable as e:      # a measurement only: the training goes on, the result says why
             self._probe, self.summary["stage1_probe_skipped"] = None, str(e)
             self.progress(ProgressEvent(PROBE_STAGE, r + 1, r + 1, str(e)))
@@ -259,7 +260,7 @@ class TokenSearch:
         the way, then continued, bit for bit, to its end), so one inversion gives one candidate per checkpoint;
         the summary's "attempt" counts these probes (inversion a's checkpoint c is probe a x checkpoints + c + 1).
         """
-        from recare.train.stage1_probe import record_closing
+        from recare.train.stage1_probe import closing_needs_original, record_closing
 
         s1, s2 = self.config.stage1, self.config.stage2
         checkpoints = self.config.closing_checkpoints
@@ -275,11 +276,13 @@ class TokenSearch:
             token = self.inversion(student, tokens, CLOSING_TI, k, images, ti, fixed, state,
                                    {"attempt": attempt, "checkpoint": checkpoint,
                                     "best": token_dict(best) if best is not None else None})
-            strength = self.probe_token(student, len(tokens), token)
+            probe = attempt * len(checkpoints) + checkpoint
+            strength = self.probe_token(student, len(tokens), token,
+                                        closing_needs_original(self.summary, k, probe, CLOSING_EARLY_STOP))
             if strength is None:     # no judge: the round's first inversion joins, as stage 1 keeps every token
                 return token
             strength = record_closing(self.summary, k, dataclasses.replace(strength, steps=checkpoints[checkpoint]),
-                                      attempt * len(checkpoints) + checkpoint, s1.min_token_strength)
+                                      probe, s1.min_token_strength)
             self.progress(ProgressEvent(PROBE_STAGE, len(tokens) + 1, s1.n_iterations + s2.closing_rounds,
                                         strength.closing_sentence(k, s2.closing_attempts, len(checkpoints)),
                                         {**strength.metrics(), "closing": float(k + 1)}))

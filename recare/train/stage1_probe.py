@@ -2,8 +2,9 @@
 
 After round r's textual inversion, "a photo of <vr*>" ("a painting in the style of <vr*>" for styles,
 the task's prompt style) is generated on a small fixed seed set (`Stage1Config.probe_seeds`, seeds
-base_seed + i of the generation settings) twice: on the original model (the frozen teacher of Eq. 13)
-and on the model as round r's erasure left it. The judge (the mini world's oracle; for another model
+base_seed + i of the generation settings) twice: on the model as round r's erasure left it, then on the
+original model (the frozen teacher of Eq. 13; the closing search skips this one where it cannot change the
+search, `closing_needs_original`). The judge (the mini world's oracle; for another model
 the target detector the evaluation would pick, `recare.eval.config`) says in which images the target
 is. The two fractions tell whether stage 1 found a token that draws the target at all (original) and
 whether it recovers the target from the partly erased model (erased). The probe never changes a
@@ -41,7 +42,8 @@ class TokenStrength:
         round: the round, from 1.
         token: the placeholder ("<v1*>").
         prompt: the generated prompt.
-        original: fraction of images judged as the target on the original model.
+        original: fraction of images judged as the target on the original model; None where the closing search
+            skipped it because it could not change the search's decision (`Stage1Probe.__call__`'s `original_if`).
         erased: the same on the round's erased model.
         seeds: images per model.
         norm: the token embedding's L2 norm (trained words of the mini world sit at <= 0.53).
@@ -57,7 +59,7 @@ class TokenStrength:
     round: int
     token: str
     prompt: str
-    original: float
+    original: float | None
     erased: float
     seeds: int
     norm: float
@@ -72,9 +74,10 @@ class TokenStrength:
 
     def metrics(self) -> dict[str, float]:
         """The numbers of a metrics.jsonl line (a ProgressEvent's metrics are numbers only)."""
-        return {"original": self.original, "erased": self.erased, "seeds": float(self.seeds), "norm": self.norm,
-                "seconds": self.seconds, "joins_h": float(self.joins_h), "attempt": float(self.attempt),
-                "kept": float(self.kept), "steps": float(self.steps)}
+        numbers = {"original": self.original, "erased": self.erased, "seeds": float(self.seeds), "norm": self.norm,
+                   "seconds": self.seconds, "joins_h": float(self.joins_h), "attempt": float(self.attempt),
+                   "kept": float(self.kept), "steps": float(self.steps)}
+        return {k: v for k, v in numbers.items() if v is not None}
 
     def sentence(self, attempts: int = 1) -> str:
         """ "round 1: <v1*> draws the target in 56% on the original, 12% on the erased model" (with the
@@ -89,9 +92,11 @@ class TokenStrength:
         the original, 38% on the trained model; joins H" (`attempt` counts probes: `checkpoints` per inversion) """
         verdict = "joins H" if self.joins_h else "stays out of H"
         after = f", after {self.steps} steps" if self.steps else ""
+        where = (f"{self.erased:.0%} of images on the trained model, less than the round's kept candidate (the original "
+                 "was not probed)" if self.original is None else
+                 f"{self.original:.0%} of images on the original, {self.erased:.0%} on the trained model")
         return (f"closing round {k + 1}, inversion {(self.attempt - 1) // checkpoints + 1} of up to {attempts}{after}: "
-                f"{self.token} draws the target in {self.original:.0%} of images on the original, "
-                f"{self.erased:.0%} on the trained model; {verdict}")
+                f"{self.token} draws the target in {where}; {verdict}")
 
 
 def probe_prompt(placeholder: str, style: str) -> str:
@@ -122,7 +127,11 @@ def detector_judge(model: str, concept: str, style: str) -> Judge:
     return lambda images: [r.positive for r in detector.detect(list(images))]
 
 
-def draw_rate(pipe, unet: torch.nn.Module, token, prompt: str, judge: Judge, generation) -> float:
+PROBED, ORIGINAL = "probed", "original"    # each judged image's `info["probe_model"]`: which model drew it
+
+
+def draw_rate(pipe, unet: torch.nn.Module, token, prompt: str, judge: Judge, generation, text=None,
+              model: str = PROBED) -> float:
     """Fraction of `generation`'s seeds whose image of `prompt` (with `token` known) the judge calls the target.
 
     Args:
@@ -132,11 +141,15 @@ def draw_rate(pipe, unet: torch.nn.Module, token, prompt: str, judge: Judge, gen
         prompt: the prompt, naming token.placeholder.
         judge: images -> bools.
         generation: a GenerateConfig (its prompt is replaced).
+        text: `with_learned_tokens(pipe.tokenizer, pipe.text_encoder, [token])` when the caller has it already
+            (copying the tokenizer takes about 0.5 s on the mini world).
+        model: written into each image's `info["probe_model"]` before it is judged (a planted judge in a test
+            reads it; a detector ignores it).
     """
     from recare.generate import generate_images
     from recare.train.textual_inversion import with_learned_tokens
 
-    tokenizer, encoder = with_learned_tokens(pipe.tokenizer, pipe.text_encoder, [token])
+    tokenizer, encoder = text if text is not None else with_learned_tokens(pipe.tokenizer, pipe.text_encoder, [token])
     components = {**pipe.components, "unet": unet, "tokenizer": tokenizer, "text_encoder": encoder,
                   "scheduler": type(pipe.scheduler).from_config(pipe.scheduler.config)}
     if "requires_safety_checker" in inspect.signature(type(pipe).__init__).parameters:
@@ -144,6 +157,8 @@ def draw_rate(pipe, unet: torch.nn.Module, token, prompt: str, judge: Judge, gen
     probe_pipe = type(pipe)(**components)
     probe_pipe.set_progress_bar_config(disable=True)
     images = generate_images(probe_pipe, dataclasses.replace(generation, prompt=prompt)).images
+    for image in images:
+        image.info["probe_model"] = model
     hits = [bool(h) for h in judge(images)]
     return sum(hits) / len(hits) if hits else 0.0
 
@@ -176,14 +191,28 @@ class Stage1Probe:
                     from e
         return self._judge
 
-    def __call__(self, round_index: int, token, erased_unet: torch.nn.Module) -> TokenStrength:
+    def __call__(self, round_index: int, token, erased_unet: torch.nn.Module,
+                 original_if: Callable[[float], bool] | None = None) -> TokenStrength:
+        """Probe `token` on the erased model, then on the original one (the images are judged in that order).
+
+        Args:
+            round_index: the round, from 0.
+            token: the LearnedToken.
+            erased_unet: the erased (or trained) UNet.
+            original_if: given the erased model's fraction, whether the original model is probed too (the closing
+                search skips it where it cannot change the search's decision); None: always.
+        """
         import time
+
+        from recare.train.textual_inversion import with_learned_tokens
 
         started = time.perf_counter()
         judge = self.judge
         prompt = probe_prompt(token.placeholder, self.style)
-        original = draw_rate(self.pipe, self.pipe.unet, token, prompt, judge, self.generation)
-        erased = draw_rate(self.pipe, erased_unet, token, prompt, judge, self.generation)
+        text = with_learned_tokens(self.pipe.tokenizer, self.pipe.text_encoder, [token])
+        erased = draw_rate(self.pipe, erased_unet, token, prompt, judge, self.generation, text)
+        original = (draw_rate(self.pipe, self.pipe.unet, token, prompt, judge, self.generation, text, ORIGINAL)
+                    if original_if is None or original_if(erased) else None)
         norm = float(token.embedding.float().norm())
         return TokenStrength(round=round_index + 1, token=token.placeholder, prompt=prompt, original=original,
                              erased=erased, seeds=int(self.generation.num_images),
@@ -233,10 +262,25 @@ def record_closing(summary: dict, k: int, strength: TokenStrength, attempt: int,
     `erased` here, then on the original; the earliest on a tie; every candidate under "attempts"). `attempt`
     numbers the round's probes from 0: one per inversion, or one per inversion and checkpoint with
     `Stage2Config.closing_probe_steps`. Returns `strength` with its attempt (from 1), `kept` and `joins_h` (it
-    draws the target on the trained UNet at all and on the original at least `min_token_strength`) set."""
-    joins = strength.erased > 0 and strength.original >= min_token_strength
+    draws the target on the trained UNet at all and on the original at least `min_token_strength`) set. A candidate
+    whose original was not probed (`closing_needs_original` said no) ranks below the kept one and does not join."""
+    joins = strength.erased > 0 and strength.original is not None and strength.original >= min_token_strength
     return _record_inversion(summary, "closing_probe", "closing_round", k + 1, strength, attempt, joins,
-                             rank=lambda entry: (entry["erased"], entry["original"]))
+                             rank=_closing_rank)
+
+
+def _closing_rank(entry: dict) -> tuple[float, float]:
+    return entry["erased"], -1.0 if entry["original"] is None else entry["original"]
+
+
+def closing_needs_original(summary: dict, k: int, attempt: int, early_stop: float) -> Callable[[float], bool]:
+    """Whether closing round k's probe number `attempt` (from 0) must also probe the original model, given its
+    fraction on the trained UNet: only where that can change the search. The kept candidate is the strongest on
+    the trained UNet (the original breaks ties), joining H needs the original, and the search stops early at
+    `early_stop` on the trained UNet; a candidate below the kept one and below `early_stop` changes nothing."""
+    entry = next((e for e in summary.get("closing_probe", []) if e.get("closing_round") == k + 1), None)
+    kept = entry if entry is not None and entry.get("attempt", 1) != attempt + 1 else None
+    return lambda erased: kept is None or erased >= kept["erased"] or erased >= early_stop
 
 
 def _record_inversion(summary: dict, key: str, round_field: str, round_number: int, strength: TokenStrength,

@@ -45,6 +45,7 @@ from PIL import Image
 from recare.config import TextualInversionConfig
 from recare.errors import ConfigError, TrainingError
 from recare.models.construction import building_modules
+from recare.models.traced_calls import predict_noise
 from recare.progress import CancelToken, ProgressCallback, check_cancel, emit
 
 # The official templates (diffusers' textual-inversion example, copied into damilab/CARE utils/dataset.py).
@@ -504,7 +505,7 @@ def learn_token(
         noise, timesteps = draws.noise.to(device), draws.timestep.to(device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         hidden = encoder(input_ids[draws.template].to(device))[0]
-        prediction = unet(noisy.to(unet_dtype), timesteps, encoder_hidden_states=hidden.to(unet_dtype)).sample
+        prediction = predict_noise(unet, noisy.to(unet_dtype), timesteps, hidden.to(unet_dtype))
         loss = F.mse_loss(prediction.float(), diffusion_target(scheduler, latents, noise, timesteps).float())
         value = float(loss.detach())
         if not math.isfinite(value):
