@@ -8,7 +8,8 @@ guided pair and the student's step each take about a quarter less time.
 
 Bit for bit needs TorchScript's plain interpreter: its optimising executor differentiates some operators with
 formulas of its own (the weights' gradients then differ in the last bit) and caches graphs that refuse a later
-call under `torch.inference_mode`. So every traced call runs under `torch.jit.optimized_execution(False)`.
+call under `torch.inference_mode`. So every traced call runs under `torch.jit.optimized_execution(False)` (a
+per-thread flag: two trainings in two threads of one process do not undo each other's).
 
     eps = predict_noise(unet, latents, timestep, hidden)   # = unet(latents, timestep, encoder_hidden_states=hidden).sample
 
