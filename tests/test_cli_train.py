@@ -121,3 +121,18 @@ def test_help_gives_every_option_a_default(capsys):
                    "--device", "--out", "--outputs", "--save-every", "--model"):
         assert option in text
     assert text.count("default") >= 14
+
+
+@pytest.mark.parametrize("model, env, pinned", [("mini-world", None, True), ("mini-world", "2", False),
+                                                ("CompVis/stable-diffusion-v1-4", None, False)])
+def test_the_cli_trains_the_mini_world_on_one_cpu_thread_unless_told_otherwise(model, env, pinned, monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    if env is not None:
+        monkeypatch.setenv("OMP_NUM_THREADS", env)
+    try:
+        torch.set_num_threads(2)
+        assert cli.one_thread_for_the_mini_world(model, "cpu") is pinned
+        assert torch.get_num_threads() == (1 if pinned else 2)
+    finally:
+        torch.set_num_threads(before)
