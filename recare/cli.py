@@ -361,10 +361,8 @@ def run_train(args: argparse.Namespace) -> Path:
 
     check_folder_arg("--out", args.out)
     if args.resume:
-        from recare.atomic import read_json_object
-
         run = _resume_run(args)
-        trained = read_json_object(run.path / "config.json").get("train") or {}
+        trained = run.config().get("train") or {}
         if one_thread_for_the_mini_world(str(trained.get("model", "")), str(trained.get("device", "auto"))):
             print(ONE_THREAD_NOTE, file=sys.stderr)
         with TqdmProgress() as bar:

@@ -130,26 +130,24 @@ def detector_judge(model: str, concept: str, style: str) -> Judge:
 PROBED, ORIGINAL = "probed", "original"    # each judged image's `info["probe_model"]`: which model drew it
 
 
-def draw_rate(pipe, unet: torch.nn.Module, token, prompt: str, judge: Judge, generation, text=None,
-              model: str = PROBED) -> float:
-    """Fraction of `generation`'s seeds whose image of `prompt` (with `token` known) the judge calls the target.
+def draw_rate(pipe, unet: torch.nn.Module, text, prompt: str, judge: Judge, generation, model: str = PROBED) -> float:
+    """Fraction of `generation`'s seeds whose image of `prompt` the judge calls the target.
 
     Args:
-        pipe: the base pipeline (its VAE, text encoder, tokenizer and scheduler config are used, not changed).
+        pipe: the base pipeline (its VAE and scheduler config are used, not changed).
         unet: the UNet to generate with.
-        token: a LearnedToken.
-        prompt: the prompt, naming token.placeholder.
+        text: (tokenizer, text encoder) that know the token, `with_learned_tokens(pipe.tokenizer,
+            pipe.text_encoder, [token])` (made once per token: copying the tokenizer takes about 0.5 s on the mini
+            world).
+        prompt: the prompt, naming the token's placeholder.
         judge: images -> bools.
         generation: a GenerateConfig (its prompt is replaced).
-        text: `with_learned_tokens(pipe.tokenizer, pipe.text_encoder, [token])` when the caller has it already
-            (copying the tokenizer takes about 0.5 s on the mini world).
         model: written into each image's `info["probe_model"]` before it is judged (a planted judge in a test
             reads it; a detector ignores it).
     """
     from recare.generate import generate_images
-    from recare.train.textual_inversion import with_learned_tokens
 
-    tokenizer, encoder = text if text is not None else with_learned_tokens(pipe.tokenizer, pipe.text_encoder, [token])
+    tokenizer, encoder = text
     components = {**pipe.components, "unet": unet, "tokenizer": tokenizer, "text_encoder": encoder,
                   "scheduler": type(pipe.scheduler).from_config(pipe.scheduler.config)}
     if "requires_safety_checker" in inspect.signature(type(pipe).__init__).parameters:
@@ -210,8 +208,8 @@ class Stage1Probe:
         judge = self.judge
         prompt = probe_prompt(token.placeholder, self.style)
         text = with_learned_tokens(self.pipe.tokenizer, self.pipe.text_encoder, [token])
-        erased = draw_rate(self.pipe, erased_unet, token, prompt, judge, self.generation, text)
-        original = (draw_rate(self.pipe, self.pipe.unet, token, prompt, judge, self.generation, text, ORIGINAL)
+        erased = draw_rate(self.pipe, erased_unet, text, prompt, judge, self.generation)
+        original = (draw_rate(self.pipe, self.pipe.unet, text, prompt, judge, self.generation, ORIGINAL)
                     if original_if is None or original_if(erased) else None)
         norm = float(token.embedding.float().norm())
         return TokenStrength(round=round_index + 1, token=token.placeholder, prompt=prompt, original=original,
@@ -278,9 +276,15 @@ def closing_needs_original(summary: dict, k: int, attempt: int, early_stop: floa
     fraction on the trained UNet: only where that can change the search. The kept candidate is the strongest on
     the trained UNet (the original breaks ties), joining H needs the original, and the search stops early at
     `early_stop` on the trained UNet; a candidate below the kept one and below `early_stop` changes nothing."""
-    entry = next((e for e in summary.get("closing_probe", []) if e.get("closing_round") == k + 1), None)
-    kept = entry if entry is not None and entry.get("attempt", 1) != attempt + 1 else None
+    kept = _kept_before(summary, "closing_probe", "closing_round", k + 1, attempt)
     return lambda erased: kept is None or erased >= kept["erased"] or erased >= early_stop
+
+
+def _kept_before(summary: dict, key: str, round_field: str, round_number: int, attempt: int) -> dict | None:
+    """The round's kept entry from its earlier probes, None before its first (a probe recorded again on resume,
+    the same `attempt`, does not count as earlier)."""
+    entry = next((e for e in summary.get(key, []) if e.get(round_field) == round_number), None)
+    return entry if entry is not None and entry.get("attempt", 1) != attempt + 1 else None
 
 
 def _record_inversion(summary: dict, key: str, round_field: str, round_number: int, strength: TokenStrength,
@@ -290,7 +294,7 @@ def _record_inversion(summary: dict, key: str, round_field: str, round_number: i
     with every inversion of the round under "attempts"."""
     entries = {p.get(round_field): p for p in summary.get(key, [])}
     round_entry = entries.get(round_number)
-    previous = round_entry if round_entry is not None and round_entry.get("attempt", 1) != attempt + 1 else None
+    previous = _kept_before(summary, key, round_field, round_number, attempt)
     kept = previous is None or rank(strength.to_dict()) > rank(previous)
     strength = dataclasses.replace(strength, attempt=attempt + 1, kept=kept, joins_h=joins)
     tries = [t for t in (round_entry or {}).get("attempts", []) if t.get("attempt", 1) < attempt + 1]
