@@ -237,13 +237,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"not official: after stage 2, up to N rounds of the attacker's own search (textual "
                              f"inversion) against the trained UNet; a token that still draws the target joins H and "
                              f"stage 2 goes on (default {s2.closing_rounds} = off; 0 turns a task's setting off)")
+    parser.add_argument("--closing-attempts", type=int, metavar="N",
+                        help=f"not official: textual inversions per closing round (default {s2.closing_attempts}; "
+                             "--task tench: the world's 2)")
     parser.add_argument("--closing-ti-steps", type=int, metavar="N",
                         help="not official: textual-inversion steps of each closing inversion (default: stage 1's; "
-                             "--task tench: the world's 250)")
+                             "--task tench: the world's 1000)")
     parser.add_argument("--closing-probe-steps", type=int, metavar="N",
                         help="not official: also probe each closing inversion after N steps, then let it go on (two "
-                             "candidates an inversion; default off). --task tench --closing-ti-steps 1000 "
-                             "--closing-probe-steps 250 is the search measured in docs/results.md (12 min on 2 cores)")
+                             "candidates an inversion; default off, 0 turns a task's setting off; --task tench: the "
+                             "world's 250). docs/results.md measured tench's earlier searches with --closing-attempts 3 "
+                             "--closing-ti-steps 250 --closing-probe-steps 0 and --closing-attempts 3")
     parser.add_argument("--lr", type=float, help=f"learning rate of the final stage: stage 2 (default {s2.learning_rate}) "
                                                  "or the ESD baseline (default 1e-5)")
     parser.add_argument("--train-method", choices=TRAIN_METHODS, help=f"trainable UNet parameters (default {d.train_method})")
@@ -280,7 +284,8 @@ def _train_config(args: argparse.Namespace, task: dict | None):
                            ti_steps=args.ti_steps, lr=args.lr, rollout_batch=args.rollout_batch,
                            min_token_strength=args.min_token_strength, stage1_attempts=args.stage1_attempts,
                            search_original=args.search_original, closing_rounds=args.closing_rounds,
-                           closing_ti_steps=args.closing_ti_steps, closing_probe_steps=args.closing_probe_steps, **fields)
+                           closing_attempts=args.closing_attempts, closing_ti_steps=args.closing_ti_steps,
+                           closing_probe_steps=args.closing_probe_steps, **fields)
 
 
 def _run_train_job(run, listener) -> Path:

@@ -124,8 +124,9 @@ def training_config(task: dict | None, method: str = "recare", *, iterations: in
                     stage1_iterations: int | None = None, ti_steps: int | None = None, lr: float | None = None,
                     rollout_batch: int | None = None, min_token_strength: float | None = None,
                     stage1_attempts: int | None = None, search_original: bool | None = None,
-                    closing_rounds: int | None = None, closing_ti_steps: int | None = None,
-                    closing_probe_steps: int | None = None, **fields: Any) -> TrainConfig:
+                    closing_rounds: int | None = None, closing_attempts: int | None = None,
+                    closing_ti_steps: int | None = None, closing_probe_steps: int | None = None,
+                    **fields: Any) -> TrainConfig:
     """The TrainConfig a user asks for, the same from the command line (`python -m recare train`) and the
     app's Train workspace: the method's preset (with a mini-world task's recommended settings,
     `task_train_config`), then `fields`, then the step overrides. An override left None keeps the preset's.
@@ -144,8 +145,9 @@ def training_config(task: dict | None, method: str = "recare", *, iterations: in
         closing_rounds: stage 2's closing search (--closing-rounds; `Stage2Config.closing_rounds`). `iterations` and
             `ti_steps` also cap its stage-2 iterations and inversion steps (a short run is short everywhere; a
             probe on the way, `closing_probe_steps`, is dropped when `ti_steps` makes the inversion no longer than it).
-        closing_ti_steps, closing_probe_steps: the closing inversions' steps and the step they are also probed
-            at (--closing-ti-steps, --closing-probe-steps; `Stage2Config`).
+        closing_attempts, closing_ti_steps, closing_probe_steps: the inversions per closing round, their steps and
+            the step they are also probed at, 0 for none (--closing-attempts, --closing-ti-steps,
+            --closing-probe-steps; `Stage2Config`).
         **fields: TrainConfig fields (model, device, seed, target_prompt, ...).
     """
     config = task_train_config(task, method, **fields) if task else TrainConfig.for_method(method, **fields)
@@ -164,10 +166,10 @@ def training_config(task: dict | None, method: str = "recare", *, iterations: in
         if stage1 is not None and value is not None:
             stage1[key] = value
     stage2 = data.get("stage2")
-    for key, value in (("closing_rounds", closing_rounds), ("closing_ti_steps", closing_ti_steps),
-                       ("closing_probe_steps", closing_probe_steps)):
+    for key, value in (("closing_rounds", closing_rounds), ("closing_attempts", closing_attempts),
+                       ("closing_ti_steps", closing_ti_steps), ("closing_probe_steps", closing_probe_steps)):
         if stage2 is not None and value is not None:
-            stage2[key] = value
+            stage2[key] = None if key == "closing_probe_steps" and value == 0 else value   # 0: no probe on the way
     # a shorter run asked for is short everywhere: the step overrides also cap the closing search's
     if stage2 is not None and iterations is not None:
         stage2["closing_iterations"] = min(stage2["closing_iterations"], iterations)

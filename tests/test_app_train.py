@@ -220,10 +220,10 @@ def test_train_estimate_says_how_long_the_stage1_search_may_run(tmp_path):
             60, 0, "mini-world")
     text = _estimate(ctx, *args)
     # 2 rounds x (100 x 0.5 s + 1000 x 0.03 s) + 200 x 1 s = 360 s, and tench's closing search: one round of one
-    # 250-step inversion and 100 stage-2 iterations = 107.5 s; the longest adds 2 x 30 s for stage 1's search and
-    # a second closing round and two more inversions per round (2 x 100 + 6 x 7.5 - 107.5 = 137.5 s)
-    assert "about **8 min" in text and "up to **11 min" in text and "all 2 inversions" in text, text
-    assert "closing search all 2 rounds of 3 inversions" in text and "250 TI steps (closing 1)" in text, text
+    # 1000-step inversion and 100 stage-2 iterations = 130 s (8.2 min); the longest adds 2 x 30 s for stage 1's
+    # search, a second closing round and a second inversion per round (2 x (100 + 2 x 30) - 130 = 190 s: 12.3 min)
+    assert "about **8 min" in text and "up to **12 min" in text and "all 2 inversions" in text, text
+    assert "closing search all 2 rounds of 2 inversions" in text and "1000 TI steps (closing 1)" in text, text
     esd = _estimate(ctx, "tench", "esd", "a photo of a tench", "tench", "fish", None, 250, 1e-4, 100, 1000,
                     "noxattn", 42, 60, 0, "mini-world")
     assert "about **" in esd and "up to" not in esd, esd

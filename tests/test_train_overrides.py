@@ -90,14 +90,20 @@ def test_stage1_token_filter_official_default_world_setting_and_override():
             _cli_config("tench", "recare", option, value)
 
 
-def test_the_measured_longer_closing_search_is_two_options_away():
-    """--closing-ti-steps / --closing-probe-steps reach the closing search docs/results.md measured on tench (not
-    the world's recommended one); a probe no shorter than the inversion is refused with the reason."""
+def test_the_earlier_closing_searches_are_options_away():
+    """--closing-attempts / --closing-ti-steps / --closing-probe-steps reach the closing searches docs/results.md
+    measured on tench before the world's (v3: 3 inversions of 250 steps; v4: 3 of 1000 probed at 250); 0 turns the
+    probe on the way off; a probe no shorter than the inversion is refused with the reason."""
     world = _cli_config("tench", "recare")
-    assert (world.closing_checkpoints, world.stage2.closing_rounds) == ((250,), 2)
-    longer = _cli_config("tench", "recare", "--closing-ti-steps", "1000", "--closing-probe-steps", "250")
-    assert longer.closing_checkpoints == (250, 1000)
-    assert longer.to_dict() == {**world.to_dict(), "stage2": {**world.to_dict()["stage2"], "closing_ti_steps": 1000,
-                                                              "closing_probe_steps": 250}}
+    assert (world.closing_checkpoints, world.stage2.closing_rounds, world.stage2.closing_attempts) == ((250, 1000), 2, 2)
+    v3 = _cli_config("tench", "recare", "--closing-attempts", "3", "--closing-ti-steps", "250",
+                     "--closing-probe-steps", "0")
+    assert v3.closing_checkpoints == (250,)
+    assert v3.to_dict() == {**world.to_dict(), "stage2": {**world.to_dict()["stage2"], "closing_attempts": 3,
+                                                          "closing_ti_steps": 250, "closing_probe_steps": None}}
+    v4 = _cli_config("tench", "recare", "--closing-attempts", "3")
+    assert (v4.closing_checkpoints, v4.stage2.closing_attempts) == ((250, 1000), 3)
     with pytest.raises(ConfigError, match=r"closing_probe_steps \(250\) must be below the closing inversions' 250"):
-        _cli_config("tench", "recare", "--closing-probe-steps", "250")
+        _cli_config("tench", "recare", "--closing-ti-steps", "250")
+    with pytest.raises(ConfigError, match=r"closing_attempts must be between 1 and"):
+        _cli_config("tench", "recare", "--closing-attempts", "99")

@@ -42,10 +42,10 @@ def test_short_run_overrides_also_cap_the_closing_search():
 
     tench = mini_world_task("tench")
     world = training_config(tench, "recare")
-    assert (world.stage2.closing_rounds, world.stage2.closing_ti_steps, world.stage2.closing_iterations) == (2, 250, 100)
+    assert (world.stage2.closing_rounds, world.stage2.closing_ti_steps, world.stage2.closing_iterations) == (2, 1000, 100)
     short = training_config(tench, "recare", iterations=4, ti_steps=3)
     assert (short.stage2.iterations, short.stage2.closing_iterations, short.stage2.closing_ti_steps) == (4, 4, 3)
-    assert training_config(tench, "recare", iterations=500, ti_steps=2000).stage2.closing_ti_steps == 250   # a cap only
+    assert training_config(tench, "recare", iterations=500, ti_steps=2000).stage2.closing_ti_steps == 1000   # a cap only
     assert training_config(tench, "recare", closing_rounds=0).stage2.closing_rounds == 0
     assert training_config(mini_world_task("van_gogh"), "recare").stage2.closing_rounds == 0   # measured on tench only
 
